@@ -1,0 +1,113 @@
+"""The `convflow` command. Heavy imports (Prefect, TensorFlow) wait until a command needs them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+EXIT_BAD_CONFIG = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="convflow", description="Train, evaluate, export and report CNN image classifiers as Prefect flows."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run one pipeline of a pipelines file")
+    run.add_argument("name", help="pipeline name in the pipelines file")
+    run.add_argument("-f", "--file", default="pipelines.yaml", help="pipelines file (default: ./pipelines.yaml)")
+    run.add_argument("--artifacts", default="artifacts", help="artifacts root (default: ./artifacts)")
+    run.add_argument("--json", action="store_true", help="print the run summary as JSON on the last line")
+
+    validate = commands.add_parser("validate", help="check a pipelines file; exit 2 on any mistake")
+    validate.add_argument("file", nargs="?", default="pipelines.yaml")
+
+    runs = commands.add_parser("runs", help="print the runs catalog (artifacts/runs.parquet)")
+    runs.add_argument("pipeline", nargs="?", help="only this pipeline's runs")
+    runs.add_argument("--artifacts", default="artifacts")
+    return parser
+
+
+def _validate(path: str) -> int:
+    from convflow.config import ConfigError, load_pipelines
+
+    try:
+        specs = load_pipelines(path)
+    except ConfigError as error:
+        print(f"{path}: {len(error.problems)} problem(s)", file=sys.stderr)
+        for problem in error.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    print(f"{path}: {len(specs)} pipeline(s) valid: {', '.join(specs)}")
+    return 0
+
+
+def _print_summary(summary, seconds: float) -> None:
+    verdict = "passed" if summary.passed_gate else "NOT PROMOTED"
+    print(f"\n{summary.pipeline} run {summary.run_id}: {summary.status}")
+    print(f"  test accuracy  {summary.test_accuracy:.4f}  (gate {verdict}: {summary.gate_reason})")
+    if summary.resumed_from_epoch:
+        print(f"  resumed from epoch {summary.resumed_from_epoch}")
+    print(f"  SavedModel     {summary.saved_model}")
+    print(f"  report         {summary.report}")
+    print(f"  {'stage':<20}{'seconds':>9}  cache")
+    for stage in summary.stages:
+        print(f"  {stage.name:<20}{stage.seconds:>9.2f}  {'hit' if stage.cached else 'miss'}")
+    print(f"  {'total':<20}{seconds:>9.2f}")
+
+
+def _run(args: argparse.Namespace) -> int:
+    from convflow.config import ConfigError, load_pipeline
+
+    try:
+        load_pipeline(args.file, args.name)  # validate before anything is written
+    except ConfigError as error:
+        print("\n".join(error.problems), file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    artifacts = Path(args.artifacts).resolve()
+    # Prefect's cached results live beside the artifacts they describe.
+    os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(artifacts / ".prefect-results"))
+    started = time.perf_counter()
+    from convflow.flows.train_pipeline import train_pipeline
+
+    try:
+        summary = train_pipeline(args.name, str(Path(args.file).resolve()), str(artifacts))
+    except Exception as error:  # the flow already logged the traceback
+        print(f"convflow run {args.name} failed: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
+    seconds = time.perf_counter() - started
+    _print_summary(summary, seconds)
+    if args.json:
+        payload = summary.model_dump(
+            include={"pipeline", "run_id", "status", "test_accuracy", "saved_model", "report", "resumed_from_epoch"}
+        )
+        payload["stages"] = [stage.model_dump(include={"name", "seconds", "cached"}) for stage in summary.stages]
+        payload["seconds"] = round(seconds, 3)
+        print(json.dumps(payload))
+    return 0
+
+
+def _runs(args: argparse.Namespace) -> int:
+    from convflow import tables
+
+    catalog = tables.read_runs(Path(args.artifacts) / "runs.parquet").to_pandas()
+    if args.pipeline:
+        catalog = catalog[catalog["pipeline"] == args.pipeline]
+    columns = ["pipeline", "run_id", "status", "test_accuracy", "config_hash", "data_fingerprint"]
+    print(catalog[columns].to_string(index=False) if len(catalog) else "no runs yet")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handlers = {"run": _run, "validate": lambda a: _validate(a.file), "runs": _runs}
+    return handlers[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

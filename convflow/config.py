@@ -1,0 +1,311 @@
+"""pipelines.yaml: one pydantic tree, validated at load time with the offending value in each message."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from convflow.model_zoo import get_base_spec
+
+PIPELINE_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+SOURCE_SCHEMES = ("sklearn", "tfds", "folder", "idx")
+SKLEARN_DATASETS = ("digits",)
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SplitFractions(StrictModel):
+    train: float = Field(0.8, gt=0, lt=1, description="Share of examples for training.")
+    validation: float = Field(0.1, ge=0, lt=1, description="Share for validation during training.")
+    test: float = Field(0.1, gt=0, lt=1, description="Share held out for evaluation and the gate.")
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> SplitFractions:
+        total = self.train + self.validation + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"train + validation + test must be 1, got {total:g}")
+        return self
+
+
+class DataConfig(StrictModel):
+    source: str = Field(description="sklearn:digits | tfds:NAME | folder:PATH | idx:PATH")
+    image_size: tuple[int, int] = Field(description="Height, width the model sees.")
+    channels: Literal[1, 3] = Field(3, description="1 for grayscale, 3 for RGB.")
+    split: SplitFractions = SplitFractions()
+    resize: Literal["stretch", "pad"] = Field(
+        "stretch", description="Stretch to image_size, or keep the aspect ratio and pad."
+    )
+    shard_size: int = Field(10_000, ge=1, description="Examples per TFRecord shard.")
+    label_names: list[str] | None = Field(None, description="Class names, in label order.")
+    data_dir: str | None = Field(None, description="Pre-downloaded TFDS directory (tfds sources).")
+
+    @field_validator("image_size")
+    @classmethod
+    def _positive_size(cls, size: tuple[int, int]) -> tuple[int, int]:
+        if min(size) < 1:
+            raise ValueError(f"height and width must be ≥ 1, got {list(size)}")
+        return size
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, source: str, info: ValidationInfo) -> str:
+        scheme, sep, rest = source.partition(":")
+        if not sep or scheme not in SOURCE_SCHEMES or not rest:
+            raise ValueError(f"must look like one of {[s + ':...' for s in SOURCE_SCHEMES]}")
+        if scheme == "sklearn" and rest not in SKLEARN_DATASETS:
+            raise ValueError(f"unknown sklearn dataset {rest!r}; expected one of {list(SKLEARN_DATASETS)}")
+        if scheme in ("folder", "idx"):
+            return f"{scheme}:{_resolve(rest, info)}"
+        return source
+
+    @field_validator("data_dir")
+    @classmethod
+    def _resolve_data_dir(cls, data_dir: str | None, info: ValidationInfo) -> str | None:
+        return None if data_dir is None else _resolve(data_dir, info)
+
+    @property
+    def scheme(self) -> str:
+        return self.source.partition(":")[0]
+
+    @property
+    def location(self) -> str:
+        return self.source.partition(":")[2]
+
+
+class ModelConfig(StrictModel):
+    base: str = Field(description="A seed CNN (mnist_cnn, ...) or a tf.keras.applications name.")
+    weights: str = Field("none", description="imagenet | none | path to .h5/.keras | run:<pipeline>")
+    alpha: float | None = Field(None, gt=0, description="Width multiplier of MobileNet bases.")
+    pooling: Literal["avg", "max", "flatten"] | None = Field(
+        None, description="How the head pools the base's feature maps; default by base."
+    )
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout before the dense head.")
+    freeze: bool | None = Field(
+        None, description="Freeze the base; default: freeze exactly when weights are pretrained."
+    )
+
+    @field_validator("base")
+    @classmethod
+    def _known_base(cls, base: str) -> str:
+        get_base_spec(base)
+        return base
+
+    @field_validator("weights")
+    @classmethod
+    def _resolve_weights(cls, weights: str, info: ValidationInfo) -> str:
+        if weights in ("imagenet", "none") or weights.startswith("run:"):
+            return weights
+        if not weights.endswith((".h5", ".keras")):
+            raise ValueError("must be imagenet, none, run:<pipeline> or a path ending in .h5 or .keras")
+        return _resolve(weights, info)
+
+    @model_validator(mode="after")
+    def _alpha_only_where_it_applies(self) -> ModelConfig:
+        if self.alpha is not None and not get_base_spec(self.base).takes_alpha:
+            raise ValueError(f"alpha applies to MobileNet bases only, not {self.base!r}")
+        return self
+
+    @property
+    def pretrained(self) -> bool:
+        return self.weights != "none"
+
+    @property
+    def frozen(self) -> bool:
+        return self.pretrained if self.freeze is None else self.freeze
+
+
+class TrainConfig(StrictModel):
+    epochs: int = Field(10, ge=1, description="Passes over the training split.")
+    batch_size: int = Field(64, ge=1, description="Examples per step (per replica on GPUs).")
+    learning_rate: float = Field(1e-3, gt=0, description="Optimizer learning rate.")
+    optimizer: Literal["adam", "sgd", "rmsprop"] = "adam"
+    seed: int = Field(0, ge=0, description="Seeds weights, shuffling and augmentation.")
+    shuffle_buffer: int = Field(10_000, ge=0, description="Examples in the shuffle buffer; 0: no shuffle.")
+    augment: bool = Field(False, description="Random flip, rotation, zoom and contrast on training images.")
+    deterministic: bool = Field(False, description="Deterministic TF ops: identical weights on CPU.")
+
+
+class EvaluateConfig(StrictModel):
+    min_accuracy: float = Field(0.0, ge=0, le=1, description="The gate: lowest test accuracy promoted.")
+    top_k: int = Field(5, ge=1, description="k of the top-k accuracy.")
+
+
+class ScheduleConfig(StrictModel):
+    cron: str | None = Field(None, description="Cron expression, e.g. '0 3 * * 1'.")
+    interval: int | None = Field(None, ge=60, description="Seconds between runs.")
+    timezone: str = "UTC"
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ScheduleConfig:
+        if (self.cron is None) == (self.interval is None):
+            raise ValueError("give exactly one of cron or interval")
+        return self
+
+
+class PipelineSpec(StrictModel):
+    name: str
+    data: DataConfig
+    model: ModelConfig
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    schedule: ScheduleConfig | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, name: str) -> str:
+        if not PIPELINE_NAME.match(name):
+            raise ValueError("must be 1-64 of a-z 0-9 _ . - and start with a letter or digit")
+        return name
+
+    @model_validator(mode="after")
+    def _fits_base(self) -> PipelineSpec:
+        spec = get_base_spec(self.model.base)
+        if min(self.data.image_size) < spec.min_size:
+            raise ValueError(
+                f"data.image_size {list(self.data.image_size)} is below {self.model.base}'s minimum "
+                f"of {spec.min_size}x{spec.min_size}"
+            )
+        if self.model.weights == "imagenet" and self.data.channels != spec.imagenet_channels:
+            raise ValueError(
+                f"data.channels {self.data.channels} does not match imagenet weights, "
+                f"which take {spec.imagenet_channels} channels"
+            )
+        return self
+
+    def config_hash(self) -> str:
+        """Hash of everything that shapes the model; the schedule is left out."""
+        payload = self.model_dump(mode="json", exclude={"schedule", "name"})
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class ConfigError(ValueError):
+    """A pipelines file that cannot be used; `problems` holds one line per mistake."""
+
+    def __init__(self, path: Path, problems: list[str]):
+        self.path = path
+        self.problems = problems
+        super().__init__(f"{path}: {len(problems)} problem(s)\n" + "\n".join(problems))
+
+
+def _resolve(path: str, info: ValidationInfo) -> str:
+    base_dir = (info.context or {}).get("base_dir")
+    resolved = Path(path).expanduser()
+    if base_dir is not None and not resolved.is_absolute():
+        resolved = Path(base_dir) / resolved
+    return str(resolved.resolve()) if base_dir is not None else str(resolved)
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _describe(error: dict[str, Any]) -> str:
+    context = error.get("ctx") or {}
+    kind = error["type"]
+    if kind == "greater_than_equal":
+        return f"must be ≥ {context['ge']}"
+    if kind == "greater_than":
+        return f"must be > {context['gt']}"
+    if kind == "less_than_equal":
+        return f"must be ≤ {context['le']}"
+    if kind == "less_than":
+        return f"must be < {context['lt']}"
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "required"
+    if kind == "literal_error":
+        return f"must be one of {context['expected']}"
+    if kind == "value_error":
+        return str(context.get("error", error["msg"]))
+    return error["msg"]
+
+
+def _format_error(prefix: str, error: dict[str, Any]) -> str:
+    path = ".".join([prefix, *(str(part) for part in error["loc"])])
+    message = _describe(error)
+    if error["type"] in ("missing",) or "input" not in error:
+        return f"{path}: {message}"
+    value = error["input"]
+    shown = json.dumps(value, default=str)
+    return f"{path}: {shown} — {message}"
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(path, [f"{path}: file not found"]) from None
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(path, [f"{path}: not valid YAML: {error}"]) from None
+    if not isinstance(document, dict) or not isinstance(document.get("pipelines"), dict):
+        raise ConfigError(path, [f"{path}: must be a mapping with a 'pipelines:' mapping"])
+    unknown = sorted(set(document) - {"defaults", "pipelines"})
+    if unknown:
+        raise ConfigError(path, [f"{key}: unknown key; expected defaults or pipelines" for key in unknown])
+    return document
+
+
+def load_pipelines(path: str | Path) -> dict[str, PipelineSpec]:
+    """Load and validate every pipeline of a pipelines file.
+
+    Raises:
+        ConfigError: listing every problem found, each with its path and bad value.
+    """
+    path = Path(path)
+    document = _read_yaml(path)
+    defaults = document.get("defaults") or {}
+    if not isinstance(defaults, dict):
+        raise ConfigError(path, ["defaults: must be a mapping"])
+    specs: dict[str, PipelineSpec] = {}
+    problems: list[str] = []
+    context = {"base_dir": str(path.resolve().parent)}
+    for name, body in document["pipelines"].items():
+        prefix = f"pipelines.{name}"
+        if not isinstance(body, dict):
+            problems.append(f"{prefix}: must be a mapping")
+            continue
+        merged = _deep_merge(defaults, body)
+        try:
+            specs[name] = PipelineSpec.model_validate({**merged, "name": str(name)}, context=context)
+        except ValidationError as error:
+            problems.extend(_format_error(prefix, item) for item in error.errors())
+    if problems:
+        raise ConfigError(path, problems)
+    return specs
+
+
+def load_pipeline(path: str | Path, name: str) -> PipelineSpec:
+    """Load one pipeline by name; the whole file must be valid.
+
+    Raises:
+        ConfigError: the file is invalid or has no pipeline `name`.
+    """
+    specs = load_pipelines(path)
+    if name not in specs:
+        raise ConfigError(Path(path), [f"pipelines.{name}: no such pipeline; expected one of {sorted(specs)}"])
+    return specs[name]

@@ -1,0 +1,54 @@
+"""The training flow: one pipeline of pipelines.yaml through the eight stages."""
+
+from __future__ import annotations
+
+import datetime
+import uuid
+from pathlib import Path
+
+from prefect import flow
+
+from convflow import tables
+from convflow.config import load_pipeline
+from convflow.flows.stage_log import StageLog
+from convflow.sources import source_stamp
+from convflow.tasks.build_base import build_base
+from convflow.tasks.download_and_split import download_and_split
+from convflow.tasks.evaluate import evaluate
+from convflow.tasks.export_savedmodel import export_savedmodel
+from convflow.tasks.freeze_and_wrap import freeze_and_wrap
+from convflow.tasks.records import RunSummary
+from convflow.tasks.stage import RunContext
+from convflow.tasks.to_tfrecords import to_tfrecords
+from convflow.tasks.train import train
+from convflow.tasks.write_report import write_report
+
+
+def new_run_id(now: datetime.datetime) -> str:
+    return f"{now:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
+
+
+@flow(name="convflow-train", flow_run_name="{pipeline}")
+def train_pipeline(pipeline: str, pipelines_file: str = "pipelines.yaml", artifacts: str = "artifacts") -> RunSummary:
+    """Download, preprocess, build, wrap, train, evaluate, export and report one pipeline."""
+    started = datetime.datetime.now(datetime.timezone.utc)
+    spec = load_pipeline(pipelines_file, pipeline)
+    run = RunContext(pipeline=pipeline, run_id=new_run_id(started), artifacts_root=str(Path(artifacts).resolve()))
+    log = StageLog()
+    split_set = log.run(download_and_split, spec.data, source_stamp(spec.data), run)
+    tfrecords = log.run(to_tfrecords, split_set, spec.data, run)
+    base = log.run(build_base, spec.model, tfrecords, spec.train.seed, run)
+    wrapped = log.run(freeze_and_wrap, base, spec.model, len(tfrecords.label_names), spec.train.seed, run)
+    trained = log.run(train, wrapped, tfrecords, spec.train, run)
+    evaluation = log.run(evaluate, trained, tfrecords, spec.evaluate, run)
+    exported = log.run(export_savedmodel, trained, evaluation, tfrecords, run)
+    report = log.run(write_report, spec.config_hash(), split_set, trained, evaluation, exported, log.stages, run)
+    summary = RunSummary(
+        pipeline=pipeline, run_id=run.run_id, status="completed" if evaluation.passed_gate else "not-promoted",
+        started=started.isoformat(), config_hash=spec.config_hash(), data_fingerprint=split_set.data_fingerprint,
+        test_accuracy=evaluation.test_accuracy, passed_gate=evaluation.passed_gate,
+        gate_reason=evaluation.gate_reason, saved_model=exported.saved_model, report=report.report_html,
+        resumed_from_epoch=trained.resumed_from_epoch, stages=log.stages,
+    )
+    tables.append_run(Path(run.artifacts_root) / "runs.parquet", tables.catalog_row(summary, run.run_dir))
+    return summary

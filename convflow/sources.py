@@ -1,0 +1,296 @@
+"""Readers for each `data.source` scheme: sklearn:digits, idx:PATH, folder:PATH, tfds:NAME.
+
+Each reader returns a `LoadedSource`: either one uint8 array of equally sized images, or a list of
+image files; plus labels, label names and any predefined split (idx train/t10k, train/ test/
+folders, TFDS splits).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import socket
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from convflow.config import DataConfig
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+SPLIT_NAMES = ("train", "validation", "test")
+# A header claiming more pixels than this is refused before decoding (a decompression bomb).
+MAX_PIXELS = 50_000_000
+NETWORK_PROBE = ("storage.googleapis.com", 443)
+
+
+class DataError(ValueError):
+    """The data itself is unusable: the message names the file, folder or value."""
+
+
+@dataclass
+class LoadedSource:
+    """Examples of one source, before splitting.
+
+    Exactly one of `images` (N x H x W x C uint8) and `files` is set.
+    """
+
+    labels: np.ndarray
+    label_names: list[str]
+    example_ids: list[str]
+    images: np.ndarray | None = None
+    files: list[str] | None = None
+    predefined_split: list[str | None] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+def source_stamp(data: DataConfig) -> str:
+    """A cheap fingerprint of the source as it is on disk now (names, sizes, mtimes).
+
+    It joins the download stage's cache key, so new or changed files re-run that stage.
+    """
+    digest = hashlib.sha256(data.source.encode())
+    if data.scheme in ("folder", "idx"):
+        root = Path(data.location)
+        if root.exists():
+            for path in sorted(root.rglob("*")):
+                if path.is_file():
+                    stat = path.stat()
+                    digest.update(f"{path.relative_to(root)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    if data.scheme == "tfds" and data.data_dir:
+        digest.update(data.data_dir.encode())
+    return digest.hexdigest()[:24]
+
+
+def load_source(data: DataConfig, scratch_dir: Path) -> LoadedSource:
+    """Read the examples of `data.source`; sources that need files of their own (tfds) write
+    them under `scratch_dir`.
+
+    Raises:
+        DataError: the source is missing, empty, has one class, or a file is unusable.
+    """
+    readers = {"sklearn": _load_sklearn, "idx": _load_idx, "folder": _load_folder, "tfds": _load_tfds}
+    loaded = readers[data.scheme](data, scratch_dir)
+    if len(loaded.labels) == 0:
+        raise DataError(f"{data.source}: no usable examples")
+    present = np.unique(loaded.labels)
+    if len(present) < 2:
+        raise DataError(f"{data.source}: only one class ({loaded.label_names[present[0]]!r}); need at least two")
+    if data.label_names is not None:
+        if len(data.label_names) != len(loaded.label_names):
+            raise DataError(
+                f"data.label_names has {len(data.label_names)} names but {data.source} has "
+                f"{len(loaded.label_names)} classes"
+            )
+        loaded.label_names = list(data.label_names)
+    return loaded
+
+
+def _load_sklearn(data: DataConfig, scratch_dir: Path) -> LoadedSource:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    # 0..16 intensities, scaled to the 0..255 of every other source.
+    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., np.newaxis]
+    labels = digits.target.astype(np.int64)
+    return LoadedSource(
+        labels=labels,
+        label_names=[str(name) for name in digits.target_names],
+        example_ids=[f"digits-{index:05d}" for index in range(len(labels))],
+        images=images,
+        predefined_split=[None] * len(labels),
+    )
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read one IDX file (optionally gzipped) into an array.
+
+    Raises:
+        DataError: the file is not an IDX file or is truncated.
+    """
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as handle:
+            payload = handle.read()
+    except (OSError, EOFError) as error:
+        raise DataError(f"{path}: cannot read IDX file: {error}") from error
+    if len(payload) < 4 or payload[:2] != b"\x00\x00" or payload[2] != 0x08:
+        raise DataError(f"{path}: not an unsigned-byte IDX file (bad magic number)")
+    ndim = payload[3]
+    dims = struct.unpack(f">{ndim}I", payload[4 : 4 + 4 * ndim])
+    body = np.frombuffer(payload, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(dims)):
+        raise DataError(f"{path}: truncated: header says {dims}, found {body.size} bytes of data")
+    return body.reshape(dims)
+
+
+def _find_idx(root: Path, prefix: str, kind: str) -> Path | None:
+    for suffix in (".gz", ""):
+        for name in (f"{prefix}-{kind}-ubyte{suffix}", f"{prefix}-{kind.replace('-', '.')}-ubyte{suffix}"):
+            if (root / name).exists():
+                return root / name
+    return None
+
+
+def _load_idx(data: DataConfig, scratch_dir: Path) -> LoadedSource:
+    root = Path(data.location)
+    if not root.is_dir():
+        raise DataError(f"idx source folder {root} does not exist")
+    images, labels, splits, ids = [], [], [], []
+    for prefix, split in (("train", "train"), ("t10k", "test")):
+        image_file = _find_idx(root, prefix, "images-idx3")
+        label_file = _find_idx(root, prefix, "labels-idx1")
+        if image_file is None and label_file is None:
+            continue
+        if image_file is None or label_file is None:
+            raise DataError(f"{root}: {prefix} images and labels must both be present")
+        part_images, part_labels = read_idx(image_file), read_idx(label_file)
+        if len(part_images) != len(part_labels):
+            raise DataError(f"{image_file}: {len(part_images)} images but {len(part_labels)} labels in {label_file}")
+        images.append(part_images)
+        labels.append(part_labels.astype(np.int64))
+        splits += [split] * len(part_labels)
+        ids += [f"{prefix}-{index:05d}" for index in range(len(part_labels))]
+    if not images:
+        raise DataError(f"{root}: no train-images-idx3-ubyte(.gz) or t10k-images-idx3-ubyte(.gz) found")
+    all_labels = np.concatenate(labels)
+    num_classes = int(all_labels.max()) + 1
+    return LoadedSource(
+        labels=all_labels,
+        label_names=[str(index) for index in range(num_classes)],
+        example_ids=ids,
+        images=np.concatenate(images)[..., np.newaxis],
+        predefined_split=splits,
+    )
+
+
+def check_image_file(path: Path) -> str | None:
+    """Return why an image file is unusable, or None if it decodes."""
+    from PIL import Image
+
+    if path.stat().st_size == 0:
+        return "empty file"
+    try:
+        with Image.open(path) as image:
+            if image.width * image.height > MAX_PIXELS:
+                return f"{image.width}x{image.height} exceeds {MAX_PIXELS} pixels"
+            image.load()
+    except Exception as error:  # PIL raises many types for bad files
+        return f"cannot decode: {error}"
+    return None
+
+
+def _class_folders(root: Path) -> list[Path]:
+    return sorted(path for path in root.iterdir() if path.is_dir() and not path.name.startswith("."))
+
+
+def _load_folder(data: DataConfig, scratch_dir: Path) -> LoadedSource:
+    root = Path(data.location)
+    if not root.is_dir():
+        raise DataError(f"folder source {root} does not exist")
+    split_dirs = {name: root / name for name in SPLIT_NAMES if (root / name).is_dir()}
+    layout = split_dirs or {None: root}
+    class_names = sorted({folder.name for split_root in layout.values() for folder in _class_folders(split_root)})
+    if not class_names:
+        raise DataError(f"{root}: no class sub-folders found")
+    loaded = LoadedSource(labels=np.zeros(0, np.int64), label_names=class_names, example_ids=[], files=[])
+    labels: list[int] = []
+    for split, split_root in layout.items():
+        for label, class_name in enumerate(class_names):
+            labels += _scan_class_folder(split_root / class_name, root, label, split, loaded)
+    loaded.labels = np.asarray(labels, np.int64)
+    return loaded
+
+
+def _scan_class_folder(folder: Path, root: Path, label: int, split: str | None, loaded: LoadedSource) -> list[int]:
+    if not folder.is_dir():
+        return []
+    usable = 0
+    for path in sorted(folder.iterdir()):
+        if not path.is_file() or path.name.startswith("."):
+            continue
+        problem = (
+            "not an image file" if path.suffix.lower() not in IMAGE_SUFFIXES else check_image_file(path)
+        )
+        if problem:
+            loaded.skipped.append(f"{path}: {problem}")
+            continue
+        loaded.files.append(str(path))
+        loaded.example_ids.append(str(path.relative_to(root)))
+        loaded.predefined_split.append(split)
+        usable += 1
+    if usable == 0:
+        raise DataError(f"class folder {folder} has no usable image")
+    return [label] * usable
+
+
+def _network_available(timeout: float = 3.0) -> bool:
+    try:
+        with socket.create_connection(NETWORK_PROBE, timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _load_tfds(data: DataConfig, scratch_dir: Path) -> LoadedSource:
+    import tensorflow_datasets as tfds
+
+    name = data.location
+    try:
+        builder = tfds.builder(name, data_dir=data.data_dir)
+    except Exception as error:  # tfds raises DatasetNotFoundError and friends
+        raise DataError(f"tfds dataset {name!r} not found in the TFDS catalog: {error}") from None
+    if not builder.is_prepared():
+        if not _network_available():
+            raise DataError(
+                f"tfds dataset {name!r} is not in {builder.data_dir} and this machine is offline. "
+                f"Pre-download it on a machine with network: "
+                f"`python -c \"import tensorflow_datasets as tfds; tfds.builder('{name}', data_dir='DIR')"
+                f".download_and_prepare()\"`, copy DIR here and set data.data_dir: DIR"
+            )
+        builder.download_and_prepare()
+    return _read_tfds_splits(builder, scratch_dir / "images")
+
+
+def _tfds_keys(builder) -> tuple[str, str]:
+    import tensorflow_datasets as tfds
+
+    features = builder.info.features
+    image_key = next((key for key, feature in features.items() if isinstance(feature, tfds.features.Image)), None)
+    label_key = next(
+        (key for key, feature in features.items() if isinstance(feature, tfds.features.ClassLabel)), None
+    )
+    if image_key is None or label_key is None:
+        raise DataError(f"tfds dataset {builder.name!r} has no Image and ClassLabel features: {list(features)}")
+    return image_key, label_key
+
+
+def _read_tfds_splits(builder, images_dir: Path) -> LoadedSource:
+    import tensorflow_datasets as tfds
+
+    image_key, label_key = _tfds_keys(builder)
+    label_names = list(builder.info.features[label_key].names)
+    predefined = {"train": "train", "validation": "validation", "test": "test"}
+    images_dir.mkdir(parents=True, exist_ok=True)
+    loaded = LoadedSource(labels=np.zeros(0, np.int64), label_names=label_names, example_ids=[], files=[])
+    labels: list[int] = []
+    for split_name in builder.info.splits:
+        split = predefined.get(split_name, None)
+        for index, example in enumerate(tfds.as_numpy(builder.as_dataset(split=split_name))):
+            example_id = f"{split_name}-{index:06d}"
+            path = images_dir / f"{example_id}.png"
+            _save_png(example[image_key], path)
+            loaded.files.append(str(path))
+            loaded.example_ids.append(example_id)
+            loaded.predefined_split.append(split)
+            labels.append(int(example[label_key]))
+    loaded.labels = np.asarray(labels, np.int64)
+    return loaded
+
+
+def _save_png(image: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    pixels = image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image
+    Image.fromarray(pixels.astype(np.uint8)).save(path)

@@ -1,0 +1,152 @@
+"""Stage 3, build_base: a seed CNN or a tf.keras.applications base, with its preprocessing inside."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+from convflow.config import ModelConfig
+from convflow.model_zoo import BaseSpec, get_base_spec
+from convflow.tasks.records import BaseModel, TFRecordSet
+from convflow.tasks.stage import RunContext, hash_json, sha256_file, stage_task, staged_output
+
+IMAGENET_MEANS_BGR = (103.939, 116.779, 123.68)
+IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)
+IMAGENET_STD_RGB = (0.229, 0.224, 0.225)
+WEIGHTS_HOST = ("storage.googleapis.com", 443)
+
+
+class WeightsError(ValueError):
+    """Weights that cannot be loaded: a missing or wrong file, or imagenet while offline."""
+
+
+def _seed_cnn(name: str, inputs):
+    """The tutorials' CNNs, up to (not including) their classification layer."""
+    import keras
+    from keras import layers
+
+    x = layers.Rescaling(1.0 / 255, name="rescale")(inputs)
+    if name == "mnist_cnn":
+        x = layers.Conv2D(32, 5, padding="same", activation="relu")(x)
+        x = layers.MaxPooling2D(2)(x)
+        x = layers.Conv2D(64, 5, padding="same", activation="relu")(x)
+        x = layers.MaxPooling2D(2)(x)
+        x = layers.Flatten()(x)
+        return layers.Dense(1024, activation="relu")(x)
+    if name == "convnet":
+        x = layers.Conv2D(32, 5, activation="relu", padding="same")(x)
+        x = layers.MaxPooling2D(2)(x)
+        x = layers.Conv2D(64, 3, activation="relu", padding="same")(x)
+        x = layers.MaxPooling2D(2)(x)
+        x = layers.Flatten()(x)
+        return layers.Dense(1024, activation="relu")(x)
+    if name == "augment_cnn":
+        for filters in (16, 32, 64):
+            x = layers.Conv2D(filters, 3, padding="same", activation="relu")(x)
+            x = layers.MaxPooling2D(2)(x)
+        x = layers.Dropout(0.2)(x)
+        x = layers.Flatten()(x)
+        return layers.Dense(128, activation="relu")(x)
+    if name == "cifar_cnn":
+        max_norm = keras.constraints.MaxNorm(3)
+        x = layers.Conv2D(32, 3, padding="same", activation="relu", kernel_constraint=max_norm)(x)
+        x = layers.Dropout(0.3)(x)
+        x = layers.Conv2D(32, 3, padding="same", activation="relu", kernel_constraint=max_norm)(x)
+        x = layers.MaxPooling2D(2)(x)
+        x = layers.Flatten()(x)
+        return layers.Dense(512, activation="relu", kernel_constraint=max_norm)(x)
+    raise ValueError(f"unknown seed CNN {name!r}")
+
+
+def _preprocess(spec: BaseSpec, inputs):
+    """The application's own `preprocess_input`, as layers, so the saved model takes raw pixels."""
+    from keras import layers
+
+    from convflow.tasks.layers import ReverseChannels
+
+    if spec.preprocessing == "tf":
+        return layers.Rescaling(1.0 / 127.5, offset=-1.0, name="preprocess")(inputs)
+    if spec.preprocessing == "torch":
+        x = layers.Rescaling(1.0 / 255)(inputs)
+        variance = [std**2 for std in IMAGENET_STD_RGB]
+        return layers.Normalization(mean=IMAGENET_MEAN_RGB, variance=variance, name="preprocess")(x)
+    if spec.preprocessing == "caffe":
+        x = ReverseChannels()(inputs)
+        return layers.Normalization(mean=IMAGENET_MEANS_BGR, variance=(1.0, 1.0, 1.0), name="preprocess")(x)
+    return inputs
+
+
+def _check_weights_reachable(model: ModelConfig) -> None:
+    if model.weights.startswith("run:"):
+        raise WeightsError(f"model.weights: {model.weights!r}: transfer from a convflow run is not built yet")
+    if model.weights == "imagenet":
+        try:
+            with socket.create_connection(WEIGHTS_HOST, timeout=3):
+                return
+        except OSError:
+            raise WeightsError(
+                f"model.weights: imagenet needs to download {model.base} weights and this machine is "
+                f"offline; put the .h5 file in ~/.keras/models/ or set model.weights to its path"
+            ) from None
+    elif model.weights != "none" and not Path(model.weights).is_file():
+        raise WeightsError(f"model.weights: file {model.weights} does not exist")
+
+
+def _application(spec: BaseSpec, model: ModelConfig, input_shape: tuple[int, int, int]):
+    import keras
+
+    constructor = getattr(keras.applications, spec.application)
+    weights = None if model.weights == "none" else model.weights
+    kwargs = {"alpha": model.alpha} if model.alpha is not None else {}
+    try:
+        return constructor(include_top=False, weights=weights, input_shape=input_shape, **kwargs)
+    except (ValueError, OSError) as error:
+        raise WeightsError(f"model.weights: cannot load {model.weights} into {spec.name}: {error}") from error
+
+
+def make_base(model: ModelConfig, input_shape: tuple[int, int, int], seed: int):
+    """Build the base network as a Keras model named "base" taking float 0..255 images.
+
+    Raises:
+        WeightsError: imagenet offline, or a weights file that is missing or does not fit.
+    """
+    import keras
+
+    spec = get_base_spec(model.base)
+    _check_weights_reachable(model)
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input(shape=input_shape, name="image")
+    if spec.kind == "seed":
+        outputs = _seed_cnn(spec.name, inputs)
+    else:
+        outputs = _application(spec, model, input_shape)(_preprocess(spec, inputs))
+    base = keras.Model(inputs, outputs, name="base")
+    if spec.kind == "seed" and model.pretrained:
+        try:
+            base.load_weights(model.weights)
+        except (ValueError, OSError) as error:
+            raise WeightsError(f"model.weights: cannot load {model.weights} into {spec.name}: {error}") from error
+    return base
+
+
+def build_base_model(model: ModelConfig, tfrecords: TFRecordSet, seed: int, output_dir: Path) -> BaseModel:
+    """Build and save the base network for images of `tfrecords`' size and channels."""
+    input_shape = (*tfrecords.image_size, tfrecords.channels)
+    base = make_base(model, input_shape, seed)
+    with staged_output(output_dir) as staging:
+        base.save(staging / "base.keras")
+    weights_hash = sha256_file(model.weights) if Path(model.weights).is_file() else model.weights
+    return BaseModel(
+        output_dir=str(output_dir),
+        model_path=str(output_dir / "base.keras"),
+        base=model.base,
+        input_shape=input_shape,
+        pretrained=model.pretrained,
+        fingerprint=hash_json([model, input_shape, seed, weights_hash])[:24],
+    )
+
+
+@stage_task(retries=2, retry_delay_seconds=[10, 60])
+def build_base(model: ModelConfig, tfrecords: TFRecordSet, seed: int, run: RunContext) -> BaseModel:
+    """Prefect task over build_base_model."""
+    return build_base_model(model, tfrecords, seed, run.stage_dir("build_base"))

@@ -1,0 +1,100 @@
+"""Stage 1, download_and_split: read the source, hash every example, assign it a split."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from convflow import tables
+from convflow.config import DataConfig
+from convflow.sources import SPLIT_NAMES, DataError, LoadedSource, load_source
+from convflow.tasks.records import SplitSet
+from convflow.tasks.stage import RunContext, hash_json, stage_task, staged_output
+
+
+def _example_hashes(loaded: LoadedSource) -> list[str]:
+    if loaded.images is not None:
+        return [hashlib.sha256(image.tobytes()).hexdigest() for image in loaded.images]
+    return [hashlib.sha256(Path(path).read_bytes()).hexdigest() for path in loaded.files]
+
+
+def _split_by_hash(sha256: str, predefined: str | None, carved: list[str], data: DataConfig) -> str:
+    """The split of one example, from its content hash alone.
+
+    The same image always lands in the same split, so a grown dataset never moves a test
+    example into training, and exact duplicates never straddle splits. Splits the source
+    defines are kept; `carved` (the ones it lacks, plus train) share its training examples
+    by the config's fractions.
+    """
+    if predefined is not None and predefined not in carved:
+        return predefined
+    fractions = data.split.model_dump()
+    position = int(sha256[:15], 16) / 16**15 * sum(fractions[name] for name in carved)
+    for name in carved:
+        position -= fractions[name]
+        if position < 0:
+            return name
+    return carved[-1]
+
+
+def _carved_splits(predefined: list[str | None]) -> list[str]:
+    defined = {split for split in predefined if split is not None}
+    return [name for name in SPLIT_NAMES if name == "train" or name not in defined]
+
+
+def _check_classes_in_splits(splits: list[str], labels: np.ndarray, label_names: list[str]) -> None:
+    for split in ("train", "test"):
+        present = {int(label) for label, name in zip(labels, splits) if name == split}
+        missing = [label_names[label] for label in range(len(label_names)) if label not in present]
+        if missing:
+            raise DataError(
+                f"split {split!r} has no example of class(es) {missing}: add examples or change data.split"
+            )
+
+
+def split_dataset(data: DataConfig, output_dir: Path) -> SplitSet:
+    """Read `data.source`, assign each example a split, write splits.parquet (+ images.npy).
+
+    Raises:
+        DataError: unusable data (missing folder, one class, a class missing from a split).
+    """
+    with staged_output(output_dir) as staging:
+        loaded = load_source(data, staging)
+        hashes = _example_hashes(loaded)
+        carved = _carved_splits(loaded.predefined_split)
+        splits = [_split_by_hash(h, p, carved, data) for h, p in zip(hashes, loaded.predefined_split)]
+        _check_classes_in_splits(splits, loaded.labels, loaded.label_names)
+        files = [path.replace(str(staging), str(output_dir)) for path in loaded.files or []]
+        table = pa.table(
+            {
+                "example_id": loaded.example_ids,
+                "label": loaded.labels,
+                "label_name": [loaded.label_names[label] for label in loaded.labels],
+                "split": splits,
+                "sha256": hashes,
+                "path": files if files else [None] * len(hashes),
+            },
+            schema=tables.SPLITS_SCHEMA,
+        )
+        tables.write_parquet(table, staging / "splits.parquet")
+        if loaded.images is not None:
+            np.save(staging / "images.npy", loaded.images)
+    return SplitSet(
+        output_dir=str(output_dir),
+        splits_parquet=str(output_dir / "splits.parquet"),
+        images_npy=str(output_dir / "images.npy") if loaded.images is not None else None,
+        label_names=loaded.label_names,
+        counts={name: splits.count(name) for name in SPLIT_NAMES},
+        data_fingerprint=hash_json(sorted(zip(hashes, loaded.labels.tolist(), splits)))[:24],
+        skipped=loaded.skipped,
+        duplicates=len(hashes) - len(set(hashes)),
+    )
+
+
+@stage_task(retries=3, retry_delay_seconds=[5, 30, 120])
+def download_and_split(data: DataConfig, source_stamp: str, run: RunContext) -> SplitSet:
+    """Prefect task over split_dataset; `source_stamp` keys the cache on the source's files."""
+    return split_dataset(data, run.stage_dir("download_and_split"))

@@ -1,0 +1,85 @@
+"""Stage 7, export_savedmodel: a TF-Serving SavedModel whose signature takes raw uint8 images.
+
+The signature resizes and rescales inside the graph, so clients send images as they have them.
+Before the stage returns, the SavedModel is reloaded and must agree with the Keras model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from convflow.tasks.evaluate import predict_split
+from convflow.tasks.records import Evaluation, ExportedModel, TFRecordSet, TrainedModel
+from convflow.tasks.stage import RunContext, stage_task, staged_output
+
+TOLERANCE = 1e-5
+MODEL_VERSION = 1
+
+
+class ExportMismatch(RuntimeError):
+    """The reloaded SavedModel does not reproduce the Keras model's predictions."""
+
+
+def _serving_archive(model, tfrecords: TFRecordSet):
+    import keras
+    import tensorflow as tf
+
+    height, width = tfrecords.image_size
+    label_names = tf.constant(tfrecords.label_names)
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+
+    def serve(images):
+        pixels = tf.cast(images, tf.float32)
+        same_size = tf.logical_and(tf.shape(pixels)[1] == height, tf.shape(pixels)[2] == width)
+        pixels = tf.cond(same_size, lambda: pixels, lambda: tf.image.resize(pixels, [height, width]))
+        pixels = tf.ensure_shape(pixels, [None, height, width, tfrecords.channels])
+        probabilities = tf.nn.softmax(tf.cast(model(pixels, training=False), tf.float32))
+        return {"probabilities": probabilities, "classes": tf.gather(label_names, tf.argmax(probabilities, axis=1))}
+
+    signature = [tf.TensorSpec([None, None, None, tfrecords.channels], tf.uint8, name="images")]
+    archive.add_endpoint(name="serving_default", fn=serve, input_signature=signature)
+    return archive
+
+
+def verify_saved_model(saved_model: Path, images: np.ndarray, expected: np.ndarray) -> float:
+    """Largest |SavedModel - expected| probability over `images`.
+
+    Raises:
+        ExportMismatch: above TOLERANCE.
+    """
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(str(saved_model))  # keep referenced while calling its signature
+    serve = loaded.signatures["serving_default"]
+    outputs = [serve(images=tf.constant(images[start : start + 512]))["probabilities"].numpy()
+               for start in range(0, len(images), 512)]
+    difference = float(np.abs(np.concatenate(outputs) - expected).max())
+    if difference > TOLERANCE:
+        raise ExportMismatch(f"{saved_model}: SavedModel probabilities differ from Keras by {difference:.2e}")
+    return difference
+
+
+def export_model(trained: TrainedModel, tfrecords: TFRecordSet, name: str, output_dir: Path) -> ExportedModel:
+    """Export `trained` as output_dir/<name>/1/ and check it against the Keras model on the test split."""
+    import keras
+    import tensorflow as tf
+
+    images, _, _, logits = predict_split(trained.model_path, tfrecords, "test")
+    expected = tf.nn.softmax(logits).numpy()
+    model = keras.models.load_model(trained.model_path, compile=False)
+    relative = Path(name) / str(MODEL_VERSION)
+    with staged_output(output_dir) as staging:
+        _serving_archive(model, tfrecords).write_out(str(staging / relative), verbose=False)
+        difference = verify_saved_model(staging / relative, images, expected)
+    return ExportedModel(
+        output_dir=str(output_dir), saved_model=str(output_dir / relative), max_abs_difference=difference
+    )
+
+
+@stage_task()
+def export_savedmodel(trained: TrainedModel, evaluation: Evaluation, tfrecords: TFRecordSet, run: RunContext) -> ExportedModel:
+    """Prefect task over export_model; runs after evaluate so the export's lineage includes it."""
+    return export_model(trained, tfrecords, run.pipeline, run.stage_dir("export_savedmodel"))

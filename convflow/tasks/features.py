@@ -1,0 +1,101 @@
+"""The TFRecord feature spec: one definition, used by the writer (to_tfrecords) and every reader.
+
+Images are stored as raw uint8 bytes at the model's size: decoding costs a reshape, not a JPEG
+decode, on every epoch.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
+    import tensorflow as tf
+
+COMPRESSION = "GZIP"
+IMAGE = "image"
+LABEL = "label"
+EXAMPLE_ID = "example_id"
+
+
+def encode_example(image: np.ndarray, label: int, example_id: str) -> bytes:
+    """Serialize one image (uint8, H x W x C) as a tf.train.Example."""
+    import tensorflow as tf
+
+    feature = {
+        IMAGE: tf.train.Feature(bytes_list=tf.train.BytesList(value=[image.tobytes()])),
+        LABEL: tf.train.Feature(int64_list=tf.train.Int64List(value=[int(label)])),
+        EXAMPLE_ID: tf.train.Feature(bytes_list=tf.train.BytesList(value=[example_id.encode()])),
+    }
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def feature_spec() -> dict[str, tf.io.FixedLenFeature]:
+    import tensorflow as tf
+
+    return {
+        IMAGE: tf.io.FixedLenFeature([], tf.string),
+        LABEL: tf.io.FixedLenFeature([], tf.int64),
+        EXAMPLE_ID: tf.io.FixedLenFeature([], tf.string),
+    }
+
+
+def make_parser(height: int, width: int, channels: int):
+    """Return a batched parser: serialized Examples -> {image uint8 [B,H,W,C], label, example_id}."""
+    import tensorflow as tf
+
+    spec = feature_spec()
+
+    def parse(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
+        parsed = tf.io.parse_example(serialized, spec)
+        images = tf.io.decode_raw(parsed[IMAGE], tf.uint8)
+        parsed[IMAGE] = tf.reshape(images, [-1, height, width, channels])
+        return parsed
+
+    return parse
+
+
+def read_dataset(
+    shards: list[str],
+    image_size: tuple[int, int],
+    channels: int,
+    batch_size: int,
+    *,
+    shuffle_buffer: int = 0,
+    seed: int = 0,
+    augment=None,
+    cache: bool = True,
+    with_ids: bool = False,
+):
+    """Batches of (float32 images 0..255, int64 labels[, example ids]) from TFRecord shards.
+
+    Shards are interleaved and parsed in parallel; parsed batches are cached in memory
+    (`cache`), shuffled per epoch, then augmented (training only) and prefetched.
+    """
+    import tensorflow as tf
+
+    files = tf.data.Dataset.from_tensor_slices(shards)
+    records = files.interleave(
+        lambda path: tf.data.TFRecordDataset(path, compression_type=COMPRESSION),
+        cycle_length=min(len(shards), 4),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    )
+    parse = make_parser(*image_size, channels)
+    examples = records.batch(1024).map(parse, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
+    if with_ids:
+        examples = examples.map(lambda example: (example[IMAGE], example[LABEL], example[EXAMPLE_ID]))
+    else:
+        examples = examples.map(lambda example: (example[IMAGE], example[LABEL]))
+    if cache:
+        examples = examples.cache()
+    if shuffle_buffer:
+        examples = examples.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    batches = examples.batch(batch_size).map(
+        lambda images, *rest: (tf.cast(images, tf.float32), *rest), num_parallel_calls=tf.data.AUTOTUNE
+    )
+    if augment is not None:
+        batches = batches.map(
+            lambda images, labels: (augment(images, training=True), labels), num_parallel_calls=tf.data.AUTOTUNE
+        )
+    return batches.prefetch(tf.data.AUTOTUNE)

@@ -1,0 +1,156 @@
+"""The typed records that stages pass to each other: small, frozen, and pointing at files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydantic
+from pydantic import ConfigDict, Field
+
+
+class StageRecord(pydantic.BaseModel):
+    """A stage's output: the folder it wrote and the files a later stage will open."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    output_dir: str = Field(description="The stage's folder under artifacts/<pipeline>/<run-id>/.")
+
+    def required_files(self) -> list[str]:
+        """Files that must exist for this record to be usable (a cache hit checks them)."""
+        return [self.output_dir]
+
+    def missing_files(self) -> list[str]:
+        return [path for path in self.required_files() if not Path(path).exists()]
+
+
+class SplitSet(StageRecord):
+    """download_and_split: the examples, their labels and the split each one belongs to."""
+
+    splits_parquet: str
+    images_npy: str | None = Field(None, description="uint8 images for in-memory sources.")
+    label_names: list[str]
+    counts: dict[str, int] = Field(description="Examples per split.")
+    data_fingerprint: str = Field(description="Hash over example hashes, labels and splits.")
+    skipped: list[str] = Field(default_factory=list, description="Unusable source files, with why.")
+    duplicates: int = Field(0, description="Examples whose bytes equal an earlier example's.")
+
+    def required_files(self) -> list[str]:
+        return [self.splits_parquet, *([self.images_npy] if self.images_npy else [])]
+
+
+class TFRecordSet(StageRecord):
+    """to_tfrecords: sharded, GZIP-compressed TFRecords per split, images at the model's size."""
+
+    shards: dict[str, list[str]] = Field(description="Shard paths per split.")
+    counts: dict[str, int]
+    image_size: tuple[int, int]
+    channels: int
+    label_names: list[str]
+    data_fingerprint: str
+    fingerprint: str = Field(description="sha256 over the shards' bytes.")
+
+    def required_files(self) -> list[str]:
+        return [path for paths in self.shards.values() for path in paths]
+
+
+class BaseModel(StageRecord):
+    """build_base: the base network, saved as a .keras file."""
+
+    model_path: str
+    base: str
+    input_shape: tuple[int, int, int]
+    pretrained: bool
+    fingerprint: str
+
+    def required_files(self) -> list[str]:
+        return [self.model_path]
+
+
+class WrappedModel(StageRecord):
+    """freeze_and_wrap: base (frozen when pretrained) + pooling + dropout + dense head, untrained."""
+
+    model_path: str
+    base_frozen: bool
+    trainable_params: int
+    total_params: int
+    fingerprint: str
+
+    def required_files(self) -> list[str]:
+        return [self.model_path]
+
+
+class TrainedModel(StageRecord):
+    """train: the trained Keras model and its per-epoch history."""
+
+    model_path: str
+    history_parquet: str
+    epochs: int
+    resumed_from_epoch: int = Field(0, description="Epochs restored from a checkpoint, not retrained.")
+    train_seconds: float
+    images_per_second: float
+    fingerprint: str
+
+    def required_files(self) -> list[str]:
+        return [self.model_path, self.history_parquet]
+
+
+class Evaluation(StageRecord):
+    """evaluate: test-split metrics, predictions and the gate's verdict."""
+
+    metrics_parquet: str
+    predictions_parquet: str
+    confusion_json: str
+    samples_npz: str = Field(description="Sample test images and worst mistakes for the report.")
+    test_accuracy: float
+    test_loss: float
+    passed_gate: bool
+    gate_reason: str
+
+    def required_files(self) -> list[str]:
+        return [self.metrics_parquet, self.predictions_parquet, self.confusion_json, self.samples_npz]
+
+
+class ExportedModel(StageRecord):
+    """export_savedmodel: a TF-Serving layout <name>/<version>/ whose signature takes raw images."""
+
+    saved_model: str
+    max_abs_difference: float = Field(description="SavedModel vs Keras probabilities on the test split.")
+
+    def required_files(self) -> list[str]:
+        return [str(Path(self.saved_model) / "saved_model.pb")]
+
+
+class Report(StageRecord):
+    """write_report: one self-contained HTML page."""
+
+    report_html: str
+
+    def required_files(self) -> list[str]:
+        return [self.report_html]
+
+
+class StageRun(pydantic.BaseModel):
+    """How one stage went in one run."""
+
+    name: str
+    seconds: float
+    cached: bool
+    cache_key: str | None = None
+
+
+class RunSummary(pydantic.BaseModel):
+    """What `convflow run` reports; also the source of the run's row in runs.parquet."""
+
+    pipeline: str
+    run_id: str
+    status: str
+    started: str
+    config_hash: str
+    data_fingerprint: str
+    test_accuracy: float
+    passed_gate: bool
+    gate_reason: str
+    saved_model: str
+    report: str
+    resumed_from_epoch: int
+    stages: list[StageRun]

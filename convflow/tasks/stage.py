@@ -1,0 +1,169 @@
+"""What every stage shares: where it writes, how it writes atomically, its cache key and retries."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import shutil
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pydantic
+from prefect import Task, task
+from prefect.cache_policies import CachePolicy
+from prefect.client.schemas.objects import State, TaskRun
+
+from convflow.tasks.records import StageRecord
+
+# Errors that say the input is wrong: retrying cannot help, so the task fails at once.
+_PERMANENT_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+# Modules whose code shapes every stage's output; a change to any of them invalidates caches.
+_SHARED_MODULES = ("convflow.tasks.records", "convflow.tasks.features", "convflow.model_zoo")
+MAX_CACHE_GENERATIONS = 100
+
+
+class RunContext(pydantic.BaseModel):
+    """Where one run writes. Not part of any cache key except the artifacts root."""
+
+    model_config = pydantic.ConfigDict(frozen=True)
+
+    pipeline: str
+    run_id: str
+    artifacts_root: str
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.artifacts_root) / self.pipeline / self.run_id
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.run_dir / stage
+
+
+def hash_json(value: Any) -> str:
+    """A stable sha256 of a JSON-able value (pydantic models are dumped first)."""
+    return hashlib.sha256(json.dumps(_jsonable(value), sort_keys=True).encode()).hexdigest()
+
+
+def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, pydantic.BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, dict):
+        return {str(key): _jsonable(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(item) for item in value]
+    return value
+
+
+def _module_source_hash(module_names: tuple[str, ...]) -> str:
+    digest = hashlib.sha256()
+    for name in module_names:
+        module = sys.modules.get(name)
+        source_file = getattr(module, "__file__", None)
+        if source_file:
+            digest.update(Path(source_file).read_bytes())
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def staged_output(final_dir: Path) -> Iterator[Path]:
+    """Yield a temporary folder beside `final_dir`; rename it into place only on success.
+
+    A stage killed half-way leaves a `.tmp-*` folder that nothing reads, never a
+    complete-looking `final_dir`.
+    """
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    temporary = final_dir.parent / f".{final_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    temporary.mkdir()
+    try:
+        yield temporary
+        if final_dir.exists():
+            shutil.rmtree(final_dir)
+        temporary.rename(final_dir)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+
+
+@dataclass
+class StageCachePolicy(CachePolicy):
+    """Cache key = the stage's inputs (records carry content fingerprints), its config slice,
+    the artifacts root and the source of the stage's module and the shared modules.
+
+    A cached result whose files are gone is not a hit: the key moves on to the next
+    generation (`<key>.1`, `<key>.2`, ...), so the stage runs again and stores its new result there.
+    """
+
+    def compute_key(self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any) -> str:
+        context = inputs.get("run")
+        payload = {name: value for name, value in inputs.items() if name != "run"}
+        payload["artifacts_root"] = context.artifacts_root if context else None
+        payload["code"] = _module_source_hash((task_ctx.task.fn.__module__, *_SHARED_MODULES))
+        base_key = f"{task_ctx.task.name}-{hash_json(payload)[:24]}"
+        return _first_usable_generation(task_ctx.result_store, base_key)
+
+
+def _first_usable_generation(result_store: Any, base_key: str) -> str:
+    for generation in range(MAX_CACHE_GENERATIONS):
+        key = base_key if generation == 0 else f"{base_key}.{generation}"
+        if not result_store.exists(key):
+            return key
+        try:
+            record = result_store.read(key).result
+        except Exception:  # an unreadable cache entry is a miss, never a failed run
+            continue
+        if isinstance(record, StageRecord) and not record.missing_files():
+            return key
+    return f"{base_key}.{uuid.uuid4().hex[:8]}"
+
+
+def is_transient(error: BaseException | None) -> bool:
+    """True for failures that a retry can fix: I/O hiccups, a full disk, a lost connection."""
+    if isinstance(error, _PERMANENT_OS_ERRORS):
+        return False
+    return isinstance(error, OSError | TimeoutError | ConnectionError)
+
+
+def retry_on_transient_error(task_: Task, task_run: TaskRun, state: State) -> bool:
+    """Prefect retry_condition_fn: retry transient errors; bad input fails at once."""
+    try:
+        state.result()
+    except Exception as error:  # the task's own exception, re-raised by Prefect
+        return is_transient(error)
+    return False
+
+
+def stage_task(retries: int = 2, retry_delay_seconds: list[float] | None = None) -> Callable[[Callable], Task]:
+    """The @task every stage uses: content-keyed cache, JSON results, retries on transient errors."""
+
+    def decorate(fn: Callable) -> Task:
+        return task(
+            fn,
+            name=fn.__name__,
+            retries=retries,
+            retry_delay_seconds=retry_delay_seconds or [2, 10],
+            retry_condition_fn=retry_on_transient_error,
+            cache_policy=StageCachePolicy(),
+            persist_result=True,
+            result_serializer="json",
+        )
+
+    return decorate
+
+
+def describe_os_error(error: OSError, path: Path | str) -> str:
+    if error.errno == errno.ENOSPC:
+        return f"no space left on device while writing {path}"
+    return f"{error.strerror or error} while writing {path}"

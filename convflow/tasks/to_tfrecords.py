@@ -1,0 +1,97 @@
+"""Stage 2, to_tfrecords: resize every example once and write sharded, compressed TFRecords."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import multiprocessing
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from convflow import imaging
+from convflow.config import DataConfig
+from convflow.sources import SPLIT_NAMES
+from convflow.tasks import features
+from convflow.tasks.records import SplitSet, TFRecordSet
+from convflow.tasks.stage import RunContext, hash_json, sha256_file, stage_task, staged_output
+
+# Below this many files, starting worker processes costs more than decoding in one.
+PARALLEL_DECODE_MIN_FILES = 2_000
+
+
+def _load_images(split_set: SplitSet, rows: dict, data: DataConfig) -> np.ndarray:
+    """All examples at the model's size, in splits.parquet order."""
+    size, channels, resize = tuple(data.image_size), data.channels, data.resize
+    if split_set.images_npy is not None:
+        source = np.load(split_set.images_npy, mmap_mode="r")
+        if source.shape[1:3] == size and source.shape[3] == channels:
+            return np.asarray(source)
+        return np.stack([imaging.load_array(np.asarray(image), size, channels, resize) for image in source])
+    load = functools.partial(imaging.load_file, size=size, channels=channels, resize=resize)
+    paths = rows["path"]
+    if len(paths) < PARALLEL_DECODE_MIN_FILES:
+        return np.stack([load(path) for path in paths])
+    # spawn, not fork: the flow process may already hold TensorFlow's threads.
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(os.cpu_count(), mp_context=context) as pool:
+        return np.stack(list(pool.map(load, paths, chunksize=256)))
+
+
+def _write_shard(path: Path, images: np.ndarray, labels: np.ndarray, example_ids: list[str]) -> None:
+    import tensorflow as tf
+
+    options = tf.io.TFRecordOptions(compression_type=features.COMPRESSION)
+    with tf.io.TFRecordWriter(str(path), options) as writer:
+        for image, label, example_id in zip(images, labels, example_ids):
+            writer.write(features.encode_example(image, label, example_id))
+
+
+def _shard_plan(split: str, indices: np.ndarray, shard_size: int) -> list[tuple[str, np.ndarray]]:
+    chunks = [indices[start : start + shard_size] for start in range(0, len(indices), shard_size)]
+    return [
+        (f"{split}-{number:05d}-of-{len(chunks):05d}.n{len(chunk)}.tfrecord.gz", chunk)
+        for number, chunk in enumerate(chunks)
+    ]
+
+
+def write_tfrecords(split_set: SplitSet, data: DataConfig, output_dir: Path) -> TFRecordSet:
+    """Resize each example of `split_set` to `data.image_size` and write GZIP TFRecord shards.
+
+    Shards are written in parallel threads (TF's writer releases the GIL while compressing).
+    """
+    rows = pq.read_table(split_set.splits_parquet).to_pydict()
+    images = _load_images(split_set, rows, data)
+    labels = np.asarray(rows["label"])
+    splits = np.asarray(rows["split"])
+    shards: dict[str, list[str]] = {}
+    with staged_output(output_dir) as staging:
+        jobs = []
+        with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
+            for split in SPLIT_NAMES:
+                plan = _shard_plan(split, np.flatnonzero(splits == split), data.shard_size)
+                shards[split] = [str(output_dir / name) for name, _ in plan]
+                for name, chunk in plan:
+                    ids = [rows["example_id"][index] for index in chunk]
+                    jobs.append(pool.submit(_write_shard, staging / name, images[chunk], labels[chunk], ids))
+            for job in jobs:
+                job.result()
+        digests = {path.name: sha256_file(path) for path in sorted(staging.iterdir())}
+    return TFRecordSet(
+        output_dir=str(output_dir),
+        shards=shards,
+        counts={split: int((splits == split).sum()) for split in SPLIT_NAMES},
+        image_size=tuple(data.image_size),
+        channels=data.channels,
+        label_names=split_set.label_names,
+        data_fingerprint=split_set.data_fingerprint,
+        fingerprint=hash_json(digests)[:24],
+    )
+
+
+@stage_task()
+def to_tfrecords(split_set: SplitSet, data: DataConfig, run: RunContext) -> TFRecordSet:
+    """Prefect task over write_tfrecords."""
+    return write_tfrecords(split_set, data, run.stage_dir("to_tfrecords"))

@@ -1,0 +1,199 @@
+"""Stage 8, write_report: one self-contained report.html, and the key facts as Prefect artifacts."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import platform
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from convflow.tasks.records import Evaluation, ExportedModel, Report, SplitSet, StageRun, TrainedModel
+from convflow.tasks.stage import RunContext, stage_task, staged_output
+
+PACKAGES = ("convflow", "tensorflow", "keras", "prefect", "pyarrow", "scikit-learn")
+
+STYLE = """
+body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
+table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
+th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
+.pass{color:#176d2c;font-weight:bold}.fail{color:#a61b1b;font-weight:bold}img{max-width:100%}
+"""
+
+
+def _figure_tag(figure) -> str:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    plt.close(figure)
+    return f'<img alt="figure" src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    head = "".join(f"<th>{html.escape(str(cell))}</th>" for cell in header)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(_fmt(cell))}</td>" for cell in row) + "</tr>" for row in rows
+    )
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _fmt(value) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _curves(history_parquet: str) -> str:
+    import matplotlib.pyplot as plt
+
+    history = pq.read_table(history_parquet).to_pydict()
+    figure, axes = plt.subplots(1, 2, figsize=(10, 3.2))
+    for axis, metric in zip(axes, ("loss", "accuracy")):
+        axis.plot(history["epoch"], history[metric], marker="o", label=f"train {metric}")
+        if any(value is not None for value in history[f"val_{metric}"]):
+            axis.plot(history["epoch"], history[f"val_{metric}"], marker="o", label=f"validation {metric}")
+        axis.set_xlabel("epoch")
+        axis.set_title(metric)
+        axis.legend()
+    return _figure_tag(figure)
+
+
+def _confusion(confusion_json: str) -> str:
+    import matplotlib.pyplot as plt
+
+    confusion = json.loads(Path(confusion_json).read_text())
+    matrix = np.asarray(confusion["matrix"])
+    size = max(4, 0.45 * len(matrix))
+    figure, axis = plt.subplots(figsize=(size, size))
+    axis.imshow(matrix, cmap="Blues")
+    for (row, column), count in np.ndenumerate(matrix):
+        axis.text(column, row, count, ha="center", va="center", fontsize=8)
+    ticks = range(len(matrix))
+    axis.set_xticks(ticks, confusion["labels"], rotation=90)
+    axis.set_yticks(ticks, confusion["labels"])
+    axis.set_xlabel("predicted")
+    axis.set_ylabel("true")
+    return _figure_tag(figure)
+
+
+def _image_grid(images: np.ndarray, titles: list[str]) -> str:
+    import matplotlib.pyplot as plt
+
+    if len(images) == 0:
+        return "<p>None.</p>"
+    columns = 8
+    rows = -(-len(images) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(columns * 1.4, rows * 1.6), squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    for axis, image, title in zip(axes.flat, images, titles):
+        axis.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray")
+        axis.set_title(title, fontsize=7)
+    return _figure_tag(figure)
+
+
+def _per_class_rows(metrics_parquet: str) -> list[list]:
+    metrics = pq.read_table(metrics_parquet).to_pandas()
+    per_class = metrics.dropna(subset=["class_name"]).pivot(index="class_name", columns="metric", values="value")
+    order = metrics.dropna(subset=["class_name"])["class_name"].drop_duplicates()
+    return [
+        [name, *(float(per_class.loc[name, column]) for column in ("precision", "recall", "f1")),
+         int(per_class.loc[name, "support"])]
+        for name in order
+    ]
+
+
+def _lineage(config_hash: str, data_fingerprint: str) -> list[list]:
+    rows = [["config hash", config_hash], ["data fingerprint", data_fingerprint], ["python", platform.python_version()]]
+    for package in PACKAGES:
+        try:
+            rows.append([package, metadata.version(package)])
+        except metadata.PackageNotFoundError:
+            rows.append([package, "not installed"])
+    return rows
+
+
+def render_report(
+    pipeline: str, run_id: str, config_hash: str, split_set: SplitSet, trained: TrainedModel,
+    evaluation: Evaluation, exported: ExportedModel, stages: list[StageRun],
+) -> str:
+    """The report's HTML: every figure embedded, no external file needed."""
+    samples = np.load(evaluation.samples_npz)
+    names = split_set.label_names
+    verdict = "pass" if evaluation.passed_gate else "fail"
+    sections = [
+        f"<h1>convflow report: {html.escape(pipeline)}</h1><p>run <code>{html.escape(run_id)}</code></p>",
+        f'<h2 id="summary">Summary</h2><p>Test accuracy <b>{evaluation.test_accuracy:.4f}</b>, '
+        f'loss {evaluation.test_loss:.4f}. Gate: <span class="{verdict}">{verdict}</span> '
+        f"({html.escape(evaluation.gate_reason)}). SavedModel: <code>{html.escape(exported.saved_model)}</code></p>",
+        '<h2 id="dataset">Dataset</h2>' + _table(["split", "examples"], [[k, v] for k, v in split_set.counts.items()])
+        + f"<p>{len(names)} classes; {split_set.duplicates} exact duplicates; "
+        f"{len(split_set.skipped)} unusable files skipped.</p>"
+        + "".join(f"<p><code>{html.escape(line)}</code></p>" for line in split_set.skipped[:50]),
+        f'<h2 id="training">Training curves</h2><p>{trained.epochs} epochs'
+        f"{f', resumed from epoch {trained.resumed_from_epoch}' if trained.resumed_from_epoch else ''}; "
+        f"{trained.images_per_second:.0f} images/s.</p>" + _curves(trained.history_parquet),
+        '<h2 id="confusion">Confusion matrix</h2>' + _confusion(evaluation.confusion_json),
+        '<h2 id="per-class">Per-class metrics</h2>'
+        + _table(["class", "precision", "recall", "f1", "support"], _per_class_rows(evaluation.metrics_parquet)),
+        '<h2 id="samples">Sample predictions</h2>' + _image_grid(
+            samples["sample_images"],
+            [f"{names[p]} ({names[t]})" for t, p in zip(samples["sample_labels"], samples["sample_predicted"])],
+        ),
+        '<h2 id="mistakes">Worst mistakes</h2>' + _image_grid(
+            samples["mistake_images"],
+            [f"{names[p]} {c:.2f}, true {names[t]}" for t, p, c in
+             zip(samples["mistake_labels"], samples["mistake_predicted"], samples["mistake_confidence"])],
+        ),
+        '<h2 id="stages">Stages</h2>' + _table(
+            ["stage", "seconds", "cache hit", "cache key"],
+            [[s.name, round(s.seconds, 2), "yes" if s.cached else "no", s.cache_key or ""] for s in stages],
+        ),
+        '<h2 id="lineage">Lineage</h2>' + _table(["what", "value"], _lineage(config_hash, split_set.data_fingerprint)),
+    ]
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>convflow {html.escape(pipeline)}</title>" \
+           f"<style>{STYLE}</style></head><body>{''.join(sections)}</body></html>"
+
+
+def write_report_html(output_dir: Path, **parts) -> Report:
+    """Render the report into output_dir/report.html."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    with staged_output(output_dir) as staging:
+        (staging / "report.html").write_text(render_report(**parts))
+    return Report(output_dir=str(output_dir), report_html=str(output_dir / "report.html"))
+
+
+def _publish_artifacts(report: Report, evaluation: Evaluation, pipeline: str) -> None:
+    from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+
+    key = "".join(ch if ch.isalnum() else "-" for ch in pipeline.lower())
+    verdict = "passed" if evaluation.passed_gate else "NOT PROMOTED"
+    create_markdown_artifact(
+        key=f"{key}-summary",
+        markdown=f"# {pipeline}\n\nTest accuracy **{evaluation.test_accuracy:.4f}** — gate {verdict}: "
+                 f"{evaluation.gate_reason}\n\nReport: `{report.report_html}`",
+        description="convflow run summary",
+    )
+    metrics = pq.read_table(evaluation.metrics_parquet).to_pylist()
+    create_table_artifact(key=f"{key}-metrics", table=metrics, description="Test-split metrics")
+    create_link_artifact(key=f"{key}-report", link=Path(report.report_html).resolve().as_uri(), link_text="report.html")
+
+
+@stage_task()
+def write_report(
+    config_hash: str, split_set: SplitSet, trained: TrainedModel, evaluation: Evaluation,
+    exported: ExportedModel, stages: list[StageRun], run: RunContext,
+) -> Report:
+    """Prefect task over write_report_html; also publishes summary, metrics and link artifacts."""
+    report = write_report_html(
+        run.stage_dir("write_report"), pipeline=run.pipeline, run_id=run.run_id, config_hash=config_hash,
+        split_set=split_set, trained=trained, evaluation=evaluation, exported=exported, stages=stages,
+    )
+    _publish_artifacts(report, evaluation, run.pipeline)
+    return report
