@@ -55,9 +55,9 @@ def _print_summary(summary, seconds: float) -> None:
         print(f"  resumed from epoch {summary.resumed_from_epoch}")
     print(f"  SavedModel     {summary.saved_model}")
     print(f"  report         {summary.report}")
-    print(f"  {'stage':<20}{'seconds':>9}  cache")
+    print(f"  {'stage':<20}{'seconds':>9}  cache  key")
     for stage in summary.stages:
-        print(f"  {stage.name:<20}{stage.seconds:>9.2f}  {'hit' if stage.cached else 'miss'}")
+        print(f"  {stage.name:<20}{stage.seconds:>9.2f}  {'hit ' if stage.cached else 'miss'}   {stage.cache_key or ''}")
     print(f"  {'total':<20}{seconds:>9.2f}")
 
 
@@ -72,6 +72,8 @@ def _run(args: argparse.Namespace) -> int:
     artifacts = Path(args.artifacts).resolve()
     # Prefect's cached results live beside the artifacts they describe.
     os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(artifacts / ".prefect-results"))
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF's C++ start-up chatter, not errors
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry calls offline
     started = time.perf_counter()
     from convflow.flows.train_pipeline import train_pipeline
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import pyarrow as pa
@@ -126,7 +127,11 @@ def train_model(
     history_log = _history_logger(checkpoint_dir / "history.jsonl")
     callbacks = [keras.callbacks.BackupAndRestore(str(checkpoint_dir / "backup")), history_log]
     started = time.perf_counter()
-    model.fit(training, validation_data=validation, epochs=train.epochs, callbacks=callbacks, verbose=2)
+    with warnings.catch_warnings():
+        # tf.data input: Keras' notes about `shuffle` and unknown dataset length do not apply.
+        warnings.filterwarnings("ignore", message=".*shuffle=True.*")
+        warnings.filterwarnings("ignore", message=".*ran out of data.*")
+        model.fit(training, validation_data=validation, epochs=train.epochs, callbacks=callbacks, verbose=2)
     seconds = time.perf_counter() - started
     resumed_from = history_log.first_epoch if history_log.first_epoch is not None else train.epochs
     trained_epochs = train.epochs - resumed_from
