@@ -75,13 +75,18 @@ def _run(args: argparse.Namespace) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF's C++ start-up chatter, not errors
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry calls offline
     started = time.perf_counter()
-    from convflow.flows.train_pipeline import train_pipeline
+    from convflow.local_server import prefect_api
 
-    try:
-        summary = train_pipeline(args.name, str(Path(args.file).resolve()), str(artifacts))
-    except Exception as error:  # the flow already logged the traceback
-        print(f"convflow run {args.name} failed: {type(error).__name__}: {error}", file=sys.stderr)
-        return 1
+    with prefect_api() as server:
+        from convflow.flows.train_pipeline import train_pipeline  # imports while the server starts
+
+        if server is not None:
+            server.wait_until_ready()
+        try:
+            summary = train_pipeline(args.name, str(Path(args.file).resolve()), str(artifacts))
+        except Exception as error:  # the flow already logged the traceback
+            print(f"convflow run {args.name} failed: {type(error).__name__}: {error}", file=sys.stderr)
+            return 1
     seconds = time.perf_counter() - started
     _print_summary(summary, seconds)
     if args.json:
