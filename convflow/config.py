@@ -54,6 +54,11 @@ class DataConfig(StrictModel):
     shard_size: int = Field(10_000, ge=1, description="Examples per TFRecord shard.")
     label_names: list[str] | None = Field(None, description="Class names, in label order.")
     data_dir: str | None = Field(None, description="Pre-downloaded TFDS directory (tfds sources).")
+    tfds_split: dict[Literal["train", "validation", "test"], str] | None = Field(
+        None,
+        description="tfds sources: TFDS split or slice per split, e.g. {train: 'train[:80%]', test: "
+        "'train[80%:]'}; default: the dataset's own splits, missing ones carved from train.",
+    )
 
     @field_validator("image_size")
     @classmethod
@@ -88,6 +93,21 @@ class DataConfig(StrictModel):
         return self.source.partition(":")[2]
 
 
+class FineTuneConfig(StrictModel):
+    """After the head has trained: unfreeze the base's top layers and train on at a lower rate."""
+
+    epochs: int = Field(ge=1, description="Epochs of fine-tuning after train.epochs.")
+    learning_rate: float = Field(1e-5, gt=0, description="Learning rate while fine-tuning.")
+    unfreeze_top: int | None = Field(None, ge=1, description="Unfreeze this many of the base's top layers.")
+    from_layer: str | None = Field(None, description="Unfreeze from this named base layer to the top.")
+
+    @model_validator(mode="after")
+    def _one_boundary(self) -> FineTuneConfig:
+        if (self.unfreeze_top is None) == (self.from_layer is None):
+            raise ValueError("give exactly one of unfreeze_top or from_layer")
+        return self
+
+
 class ModelConfig(StrictModel):
     base: str = Field(description="A seed CNN (mnist_cnn, ...) or a tf.keras.applications name.")
     weights: str = Field("none", description="imagenet | none | path to .h5/.keras | run:<pipeline>")
@@ -99,6 +119,7 @@ class ModelConfig(StrictModel):
     freeze: bool | None = Field(
         None, description="Freeze the base; default: freeze exactly when weights are pretrained."
     )
+    fine_tune: FineTuneConfig | None = Field(None, description="Optional fine-tuning phase.")
 
     @field_validator("base")
     @classmethod
@@ -119,6 +140,12 @@ class ModelConfig(StrictModel):
     def _alpha_only_where_it_applies(self) -> ModelConfig:
         if self.alpha is not None and not get_base_spec(self.base).takes_alpha:
             raise ValueError(f"alpha applies to MobileNet bases only, not {self.base!r}")
+        return self
+
+    @model_validator(mode="after")
+    def _fine_tune_needs_frozen_base(self) -> ModelConfig:
+        if self.fine_tune is not None and not self.frozen:
+            raise ValueError("fine_tune applies to a frozen base: set freeze: true or pretrained weights")
         return self
 
     @property

@@ -242,6 +242,7 @@ def _load_tfds(data: DataConfig, scratch_dir: Path) -> LoadedSource:
     except Exception as error:  # tfds raises DatasetNotFoundError and friends
         raise DataError(f"tfds dataset {name!r} not found in the TFDS catalog: {error}") from None
     if not builder.is_prepared():
+        # Offline, download_and_prepare retries for minutes before failing: ask the network first.
         if not _network_available():
             raise DataError(
                 f"tfds dataset {name!r} is not in {builder.data_dir} and this machine is offline. "
@@ -250,7 +251,7 @@ def _load_tfds(data: DataConfig, scratch_dir: Path) -> LoadedSource:
                 f".download_and_prepare()\"`, copy DIR here and set data.data_dir: DIR"
             )
         builder.download_and_prepare()
-    return _read_tfds_splits(builder, scratch_dir / "images")
+    return _read_tfds_splits(builder, data, scratch_dir / "images")
 
 
 def _tfds_keys(builder) -> tuple[str, str]:
@@ -266,23 +267,31 @@ def _tfds_keys(builder) -> tuple[str, str]:
     return image_key, label_key
 
 
-def _read_tfds_splits(builder, images_dir: Path) -> LoadedSource:
+def _tfds_split_plan(builder, data: DataConfig) -> dict[str, str | None]:
+    """TFDS split expression -> convflow split (None: carve it by the config's fractions)."""
+    if data.tfds_split:
+        return {expression: split for split, expression in data.tfds_split.items()}
+    names = list(builder.info.splits) or ["train", "test"]  # no split metadata under tfds mock_data
+    return {name: name if name in SPLIT_NAMES else None for name in names}
+
+
+def _read_tfds_splits(builder, data: DataConfig, images_dir: Path) -> LoadedSource:
     import tensorflow_datasets as tfds
 
     image_key, label_key = _tfds_keys(builder)
-    label_names = list(builder.info.features[label_key].names)
-    predefined = {"train": "train", "validation": "validation", "test": "test"}
     images_dir.mkdir(parents=True, exist_ok=True)
-    loaded = LoadedSource(labels=np.zeros(0, np.int64), label_names=label_names, example_ids=[], files=[])
+    loaded = LoadedSource(
+        labels=np.zeros(0, np.int64), label_names=list(builder.info.features[label_key].names),
+        example_ids=[], files=[],
+    )
     labels: list[int] = []
-    for split_name in builder.info.splits:
-        split = predefined.get(split_name, None)
-        for index, example in enumerate(tfds.as_numpy(builder.as_dataset(split=split_name))):
-            example_id = f"{split_name}-{index:06d}"
-            path = images_dir / f"{example_id}.png"
+    for expression, split in _tfds_split_plan(builder, data).items():
+        stem = "".join(ch if ch.isalnum() else "_" for ch in expression)
+        for index, example in enumerate(tfds.as_numpy(builder.as_dataset(split=expression))):
+            path = images_dir / f"{stem}-{index:06d}.png"
             _save_png(example[image_key], path)
             loaded.files.append(str(path))
-            loaded.example_ids.append(example_id)
+            loaded.example_ids.append(f"{expression}/{index}")
             loaded.predefined_split.append(split)
             labels.append(int(example[label_key]))
     loaded.labels = np.asarray(labels, np.int64)

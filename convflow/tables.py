@@ -49,6 +49,7 @@ PREDICTIONS_SCHEMA = _schema(
 
 HISTORY_SCHEMA = _schema(
     ("epoch", pa.int64(), "1-based epoch number."),
+    ("phase", pa.string(), "head (base frozen) or fine_tune (top of the base unfrozen)."),
     ("loss", pa.float64(), "Training loss."),
     ("accuracy", pa.float64(), "Training accuracy."),
     ("val_loss", pa.float64(), "Validation loss; null without a validation split."),

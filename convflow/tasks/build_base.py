@@ -92,14 +92,19 @@ def _check_weights_reachable(model: ModelConfig) -> None:
         raise WeightsError(f"model.weights: file {model.weights} does not exist")
 
 
-def _application(spec: BaseSpec, model: ModelConfig, input_shape: tuple[int, int, int]):
+def _application(spec: BaseSpec, model: ModelConfig, inputs):
+    """The application built on `inputs` after its preprocessing, so its layers sit directly in
+    the base (fine-tuning unfreezes "the top N layers" of this one flat list)."""
     import keras
 
     constructor = getattr(keras.applications, spec.application)
     weights = None if model.weights == "none" else model.weights
     kwargs = {"alpha": model.alpha} if model.alpha is not None else {}
     try:
-        return constructor(include_top=False, weights=weights, input_shape=input_shape, **kwargs)
+        return constructor(
+            include_top=False, weights=weights, input_tensor=_preprocess(spec, inputs),
+            input_shape=tuple(inputs.shape[1:]), **kwargs,
+        ).output
     except (ValueError, OSError) as error:
         raise WeightsError(f"model.weights: cannot load {model.weights} into {spec.name}: {error}") from error
 
@@ -119,7 +124,7 @@ def make_base(model: ModelConfig, input_shape: tuple[int, int, int], seed: int):
     if spec.kind == "seed":
         outputs = _seed_cnn(spec.name, inputs)
     else:
-        outputs = _application(spec, model, input_shape)(_preprocess(spec, inputs))
+        outputs = _application(spec, model, inputs)
     base = keras.Model(inputs, outputs, name="base")
     if spec.kind == "seed" and model.pretrained:
         try:

@@ -11,15 +11,17 @@ from pathlib import Path
 import pyarrow as pa
 
 from convflow import tables
-from convflow.config import TrainConfig
+from convflow.config import FineTuneConfig, TrainConfig
 from convflow.tasks import features
 from convflow.tasks.records import TFRecordSet, TrainedModel, WrappedModel
 from convflow.tasks.stage import RunContext, hash_json, stage_task, staged_output
 
 
-def checkpoint_key(wrapped: WrappedModel, tfrecords: TFRecordSet, train: TrainConfig) -> str:
+def checkpoint_key(
+    wrapped: WrappedModel, tfrecords: TFRecordSet, train: TrainConfig, fine_tune: FineTuneConfig | None = None
+) -> str:
     """Names the checkpoint folder: the same model, data and settings resume the same training."""
-    return hash_json([wrapped.fingerprint, tfrecords.fingerprint, train])[:24]
+    return hash_json([wrapped.fingerprint, tfrecords.fingerprint, train, fine_tune])[:24]
 
 
 def _history_logger(path: Path):
@@ -38,8 +40,10 @@ def _history_logger(path: Path):
                 self.first_epoch = epoch
             self._started = time.perf_counter()
 
+        phase = "head"
+
         def on_epoch_end(self, epoch, logs=None):
-            row = {"epoch": epoch + 1, "seconds": time.perf_counter() - self._started}
+            row = {"epoch": epoch + 1, "phase": self.phase, "seconds": time.perf_counter() - self._started}
             row.update({key: float(value) for key, value in (logs or {}).items()})
             with open(path, "a") as handle:
                 handle.write(json.dumps(row) + "\n")
@@ -48,6 +52,7 @@ def _history_logger(path: Path):
 
 
 def _read_history(path: Path, epochs: int) -> pa.Table:
+    """Each epoch once: a resumed epoch's last record wins."""
     by_epoch: dict[int, dict] = {}
     for line in path.read_text().splitlines():
         if line.strip():
@@ -65,11 +70,11 @@ def _strategy():
     return tf.distribute.MirroredStrategy() if gpus else tf.distribute.get_strategy()
 
 
-def _optimizer(train: TrainConfig):
+def _optimizer(train: TrainConfig, learning_rate: float):
     import keras
 
     optimizers = {"adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD, "rmsprop": keras.optimizers.RMSprop}
-    return optimizers[train.optimizer](learning_rate=train.learning_rate)
+    return optimizers[train.optimizer](learning_rate=learning_rate)
 
 
 def _augmentation(seed: int):
@@ -102,10 +107,69 @@ def _datasets(tfrecords: TFRecordSet, train: TrainConfig, global_batch: int):
     return training, validation
 
 
+def _compile(model, train: TrainConfig, learning_rate: float) -> None:
+    import keras
+
+    model.compile(
+        optimizer=_optimizer(train, learning_rate),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+
+
+def unfreeze_top(model, fine_tune: FineTuneConfig) -> None:
+    """Make the base's top layers trainable (from `from_layer`, or the last `unfreeze_top`).
+
+    BatchNormalization layers stay frozen: a frozen BN layer runs in inference mode in Keras 3,
+    so its moving statistics, learnt on the base's original data, are never overwritten by
+    small fine-tuning batches (the `training=False` of the wrapper's call does not survive
+    saving and loading the model).
+
+    Raises:
+        ValueError: `from_layer` is not a layer of the base.
+    """
+    base = model.get_layer("base")
+    names = [layer.name for layer in base.layers]
+    if fine_tune.from_layer is not None:
+        if fine_tune.from_layer not in names:
+            raise ValueError(f"model.fine_tune.from_layer {fine_tune.from_layer!r} is not a layer of the base")
+        boundary = names.index(fine_tune.from_layer)
+    else:
+        boundary = max(0, len(names) - fine_tune.unfreeze_top)
+    import keras
+
+    base.trainable = True
+    for index, layer in enumerate(base.layers):
+        layer.trainable = index >= boundary and not isinstance(layer, keras.layers.BatchNormalization)
+
+
+def _fit(model, training, validation, callbacks, backup_dir: Path, initial_epoch: int, epochs: int) -> None:
+    import keras
+
+    with warnings.catch_warnings():
+        # tf.data input: Keras' notes about `shuffle` and unknown dataset length do not apply.
+        warnings.filterwarnings("ignore", message=".*shuffle=True.*")
+        warnings.filterwarnings("ignore", message=".*ran out of data.*")
+        model.fit(
+            training, validation_data=validation, initial_epoch=initial_epoch, epochs=epochs, verbose=2,
+            callbacks=[keras.callbacks.BackupAndRestore(str(backup_dir)), *callbacks],
+        )
+
+
 def train_model(
-    wrapped: WrappedModel, tfrecords: TFRecordSet, train: TrainConfig, checkpoint_dir: Path, output_dir: Path
+    wrapped: WrappedModel,
+    tfrecords: TFRecordSet,
+    train: TrainConfig,
+    checkpoint_dir: Path,
+    output_dir: Path,
+    fine_tune: FineTuneConfig | None = None,
 ) -> TrainedModel:
-    """Fit the wrapped model; checkpoint every epoch under `checkpoint_dir` and resume from it."""
+    """Fit the head (and then fine-tune the base's top layers, when asked).
+
+    Every epoch is checkpointed under `checkpoint_dir`; a rerun after a crash resumes from the
+    last completed epoch, and a finished head phase is kept as head.keras so fine-tuning
+    resumes without redoing it.
+    """
     import keras
     import tensorflow as tf
 
@@ -115,44 +179,49 @@ def train_model(
     if train.deterministic:
         tf.config.experimental.enable_op_determinism()
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    head_model = checkpoint_dir / "head.keras"
     strategy = _strategy()
-    with strategy.scope():
-        model = keras.models.load_model(wrapped.model_path, compile=False)
-        model.compile(
-            optimizer=_optimizer(train),
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            metrics=["accuracy"],
-        )
     training, validation = _datasets(tfrecords, train, train.batch_size * strategy.num_replicas_in_sync)
     history_log = _history_logger(checkpoint_dir / "history.jsonl")
-    callbacks = [keras.callbacks.BackupAndRestore(str(checkpoint_dir / "backup")), history_log]
+    total_epochs = train.epochs + (fine_tune.epochs if fine_tune else 0)
     started = time.perf_counter()
-    with warnings.catch_warnings():
-        # tf.data input: Keras' notes about `shuffle` and unknown dataset length do not apply.
-        warnings.filterwarnings("ignore", message=".*shuffle=True.*")
-        warnings.filterwarnings("ignore", message=".*ran out of data.*")
-        model.fit(training, validation_data=validation, epochs=train.epochs, callbacks=callbacks, verbose=2)
+    with strategy.scope():
+        model = keras.models.load_model(head_model if head_model.exists() else wrapped.model_path, compile=False)
+        if not head_model.exists():
+            _compile(model, train, train.learning_rate)
+            _fit(model, training, validation, [history_log], checkpoint_dir / "backup", 0, train.epochs)
+            if fine_tune:
+                model.save(head_model)
+        if fine_tune:
+            unfreeze_top(model, fine_tune)
+            _compile(model, train, fine_tune.learning_rate)
+            history_log.phase = "fine_tune"
+            _fit(model, training, validation, [history_log], checkpoint_dir / "backup-fine-tune",
+                 train.epochs, total_epochs)
     seconds = time.perf_counter() - started
-    resumed_from = history_log.first_epoch if history_log.first_epoch is not None else train.epochs
-    trained_epochs = train.epochs - resumed_from
+    resumed_from = history_log.first_epoch if history_log.first_epoch is not None else total_epochs
+    trained_epochs = total_epochs - resumed_from
     with staged_output(output_dir) as staging:
         model.save(staging / "model.keras")
-        tables.write_parquet(_read_history(checkpoint_dir / "history.jsonl", train.epochs), staging / "history.parquet")
+        tables.write_parquet(_read_history(checkpoint_dir / "history.jsonl", total_epochs), staging / "history.parquet")
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return TrainedModel(
         output_dir=str(output_dir),
         model_path=str(output_dir / "model.keras"),
         history_parquet=str(output_dir / "history.parquet"),
-        epochs=train.epochs,
+        epochs=total_epochs,
         resumed_from_epoch=resumed_from,
         train_seconds=seconds,
         images_per_second=tfrecords.counts["train"] * trained_epochs / seconds if trained_epochs else 0.0,
-        fingerprint=checkpoint_key(wrapped, tfrecords, train),
+        fingerprint=checkpoint_key(wrapped, tfrecords, train, fine_tune),
     )
 
 
 @stage_task(retries=2, retry_delay_seconds=[10, 60])
-def train(wrapped: WrappedModel, tfrecords: TFRecordSet, train: TrainConfig, run: RunContext) -> TrainedModel:
+def train(
+    wrapped: WrappedModel, tfrecords: TFRecordSet, train: TrainConfig, fine_tune: FineTuneConfig | None, run: RunContext
+) -> TrainedModel:
     """Prefect task over train_model; a retry resumes from the last completed epoch."""
-    checkpoint_dir = Path(run.artifacts_root) / run.pipeline / "checkpoints" / checkpoint_key(wrapped, tfrecords, train)
-    return train_model(wrapped, tfrecords, train, checkpoint_dir, run.stage_dir("train"))
+    key = checkpoint_key(wrapped, tfrecords, train, fine_tune)
+    checkpoint_dir = Path(run.artifacts_root) / run.pipeline / "checkpoints" / key
+    return train_model(wrapped, tfrecords, train, checkpoint_dir, run.stage_dir("train"), fine_tune)
