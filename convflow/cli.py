@@ -27,6 +27,14 @@ def _parser() -> argparse.ArgumentParser:
     validate = commands.add_parser("validate", help="check a pipelines file; exit 2 on any mistake")
     validate.add_argument("file", nargs="?", default="pipelines.yaml")
 
+    promote = commands.add_parser("promote", help="make a finished run's SavedModel the production model")
+    promote.add_argument("run_id")
+    promote.add_argument("--artifacts", default="artifacts")
+
+    rollback = commands.add_parser("rollback", help="point production back at the previous promoted version")
+    rollback.add_argument("pipeline")
+    rollback.add_argument("--artifacts", default="artifacts")
+
     runs = commands.add_parser("runs", help="print the runs catalog (artifacts/runs.parquet)")
     runs.add_argument("pipeline", nargs="?", help="only this pipeline's runs")
     runs.add_argument("--artifacts", default="artifacts")
@@ -54,6 +62,8 @@ def _print_summary(summary, seconds: float) -> None:
     if summary.resumed_from_epoch:
         print(f"  resumed from epoch {summary.resumed_from_epoch}")
     print(f"  SavedModel     {summary.saved_model}")
+    if summary.promoted_version is not None:
+        print(f"  promoted       production version {summary.promoted_version}")
     print(f"  report         {summary.report}")
     print(f"  {'stage':<20}{'seconds':>9}  cache  key")
     for stage in summary.stages:
@@ -91,7 +101,8 @@ def _run(args: argparse.Namespace) -> int:
     _print_summary(summary, seconds)
     if args.json:
         payload = summary.model_dump(
-            include={"pipeline", "run_id", "status", "test_accuracy", "saved_model", "report", "resumed_from_epoch"}
+            include={"pipeline", "run_id", "status", "test_accuracy", "saved_model", "report", "resumed_from_epoch",
+                     "promoted_version", "gate_reason"}
         )
         payload["stages"] = [stage.model_dump(include={"name", "seconds", "cached"}) for stage in summary.stages]
         payload["seconds"] = round(seconds, 3)
@@ -110,9 +121,29 @@ def _runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _registry_command(args: argparse.Namespace) -> int:
+    from convflow import registry
+
+    artifacts = Path(args.artifacts)
+    try:
+        if args.command == "promote":
+            production = registry.promote_run(artifacts, args.run_id)
+        else:
+            production = registry.rollback(artifacts, args.pipeline)
+    except registry.RegistryError as error:
+        print(f"convflow {args.command}: {error}", file=sys.stderr)
+        return 1
+    print(f"{production.pipeline}: production is now version {production.version} "
+          f"(run {production.run_id}, test accuracy {production.test_accuracy:.4f}) at {production.saved_model}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handlers = {"run": _run, "validate": lambda a: _validate(a.file), "runs": _runs}
+    handlers = {
+        "run": _run, "validate": lambda a: _validate(a.file), "runs": _runs,
+        "promote": _registry_command, "rollback": _registry_command,
+    }
     return handlers[args.command](args)
 
 

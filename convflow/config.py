@@ -170,6 +170,9 @@ class TrainConfig(StrictModel):
 
 class EvaluateConfig(StrictModel):
     min_accuracy: float = Field(0.0, ge=0, le=1, description="The gate: lowest test accuracy promoted.")
+    max_regression: float = Field(
+        0.0, ge=0, le=1, description="The gate: how far below production's test accuracy a model may be."
+    )
     top_k: int = Field(5, ge=1, description="k of the top-k accuracy.")
 
 

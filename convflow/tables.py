@@ -58,6 +58,14 @@ HISTORY_SCHEMA = _schema(
     nullable=("val_loss", "val_accuracy"),
 )
 
+MODEL_SUMMARY_SCHEMA = _schema(
+    ("layer", pa.string(), "Layer name; layers inside the base are listed as base/<name>."),
+    ("type", pa.string(), "Keras layer class."),
+    ("output_shape", pa.string(), "Output shape, batch dimension as None."),
+    ("params", pa.int64(), "Number of weights in the layer."),
+    ("trainable", pa.bool_(), "Whether the layer's weights were trainable in the last training phase."),
+)
+
 RUNS_SCHEMA = _schema(
     ("pipeline", pa.string(), "Pipeline name in pipelines.yaml."),
     ("run_id", pa.string(), "Run id; the run's folder is artifacts/<pipeline>/<run_id>/."),
@@ -69,9 +77,12 @@ RUNS_SCHEMA = _schema(
     ("test_accuracy", pa.float64(), "Accuracy on the test split."),
     ("passed_gate", pa.bool_(), "Whether the model passed evaluate.min_accuracy."),
     ("gate_reason", pa.string(), "Why the gate passed or failed."),
+    ("model", pa.string(), "The trained Keras model (.keras) of the run."),
     ("saved_model", pa.string(), "Exported SavedModel folder."),
+    ("promoted_version", pa.int64(), "Registry version the run was promoted to; null if not promoted."),
     ("report", pa.string(), "report.html path."),
     ("run_dir", pa.string(), "The run's folder."),
+    nullable=("promoted_version",),
 )
 
 
@@ -83,7 +94,7 @@ def write_parquet(table: pa.Table, path: Path) -> None:
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def locked(path: Path) -> Iterator[None]:
     with open(path.with_name(path.name + ".lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
@@ -96,7 +107,7 @@ def append_run(catalog: Path, row: dict[str, Any]) -> None:
     """Append one row to runs.parquet; concurrent runs wait on a lock and lose no row."""
     catalog.parent.mkdir(parents=True, exist_ok=True)
     new_row = pa.Table.from_pylist([row], schema=RUNS_SCHEMA)
-    with _locked(catalog):
+    with locked(catalog):
         existing = pq.read_table(catalog, schema=RUNS_SCHEMA) if catalog.exists() else None
         table = new_row if existing is None else pa.concat_tables([existing, new_row])
         write_parquet(table, catalog)
@@ -123,7 +134,9 @@ def catalog_row(summary, run_dir: Path) -> dict[str, Any]:
         "test_accuracy": summary.test_accuracy,
         "passed_gate": summary.passed_gate,
         "gate_reason": summary.gate_reason,
+        "model": summary.model,
         "saved_model": summary.saved_model,
+        "promoted_version": summary.promoted_version,
         "report": summary.report,
         "run_dir": str(run_dir),
     }

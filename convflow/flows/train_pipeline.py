@@ -7,8 +7,9 @@ import uuid
 from pathlib import Path
 
 from prefect import flow
+from prefect.states import Completed
 
-from convflow import tables
+from convflow import registry, tables
 from convflow.config import load_pipeline
 from convflow.flows.stage_log import StageLog
 from convflow.sources import source_stamp
@@ -40,15 +41,18 @@ def train_pipeline(pipeline: str, pipelines_file: str = "pipelines.yaml", artifa
     base = log.run(build_base, spec.model, tfrecords, spec.train.seed, run)
     wrapped = log.run(freeze_and_wrap, base, spec.model, len(tfrecords.label_names), spec.train.seed, run)
     trained = log.run(train, wrapped, tfrecords, spec.train, spec.model.fine_tune, run)
-    evaluation = log.run(evaluate, trained, tfrecords, spec.evaluate, run)
+    production = registry.rival(Path(run.artifacts_root), pipeline, trained.model_path)
+    evaluation = log.run(evaluate, trained, tfrecords, spec.evaluate, production, run)
     exported = log.run(export_savedmodel, trained, evaluation, tfrecords, run)
     report = log.run(write_report, spec.config_hash(), split_set, trained, evaluation, exported, log.stages, run)
     summary = RunSummary(
         pipeline=pipeline, run_id=run.run_id, status="completed" if evaluation.passed_gate else "not-promoted",
         started=started.isoformat(), config_hash=spec.config_hash(), data_fingerprint=split_set.data_fingerprint,
         test_accuracy=evaluation.test_accuracy, passed_gate=evaluation.passed_gate,
-        gate_reason=evaluation.gate_reason, saved_model=exported.saved_model, report=report.report_html,
-        resumed_from_epoch=trained.resumed_from_epoch, stages=log.stages,
+        gate_reason=evaluation.gate_reason, model=trained.model_path, saved_model=exported.saved_model, report=report.report_html,
+        resumed_from_epoch=trained.resumed_from_epoch, promoted_version=exported.promoted_version, stages=log.stages,
     )
     tables.append_run(Path(run.artifacts_root) / "runs.parquet", tables.catalog_row(summary, run.run_dir))
+    if not evaluation.passed_gate:  # a state of its own, so the Prefect UI shows the verdict
+        return Completed(name="Not promoted", message=f"not promoted: {evaluation.gate_reason}", data=summary)
     return summary

@@ -10,6 +10,7 @@ import pyarrow as pa
 
 from convflow import tables
 from convflow.config import EvaluateConfig
+from convflow.registry import Production
 from convflow.tasks import features
 from convflow.tasks.records import Evaluation, TFRecordSet, TrainedModel
 from convflow.tasks.stage import RunContext, stage_task, staged_output
@@ -63,10 +64,42 @@ def _metrics_table(labels, probabilities, loss: float, label_names: list[str], t
     return pa.Table.from_pylist(rows, schema=tables.METRICS_SCHEMA)
 
 
-def _gate(accuracy: float, evaluate: EvaluateConfig) -> tuple[bool, str]:
-    if accuracy >= evaluate.min_accuracy:
-        return True, f"test accuracy {accuracy:.4f} ≥ min_accuracy {evaluate.min_accuracy}"
-    return False, f"test accuracy {accuracy:.4f} < min_accuracy {evaluate.min_accuracy}"
+def _gate(accuracy: float, evaluate: EvaluateConfig, production: Production | None, production_accuracy: float | None) -> tuple[bool, str]:
+    if accuracy < evaluate.min_accuracy:
+        return False, f"test accuracy {accuracy:.4f} < min_accuracy {evaluate.min_accuracy}"
+    if production is None:
+        return True, f"test accuracy {accuracy:.4f} ≥ min_accuracy {evaluate.min_accuracy}; no production model yet"
+    floor = production_accuracy - evaluate.max_regression
+    verdict = f"production v{production.version} scores {production_accuracy:.4f} on the same test split"
+    if accuracy < floor:
+        return False, f"test accuracy {accuracy:.4f} < {floor:.4f} ({verdict}, max_regression {evaluate.max_regression})"
+    return True, f"test accuracy {accuracy:.4f} ≥ min_accuracy {evaluate.min_accuracy} and ≥ {floor:.4f} ({verdict})"
+
+
+def score_saved_model(saved_model: str, images: np.ndarray, labels: np.ndarray) -> float:
+    """Accuracy of a SavedModel's serving signature on raw uint8 images."""
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(saved_model)  # keep referenced while calling its signature
+    serve = loaded.signatures["serving_default"]
+    predicted = np.concatenate([
+        serve(images=tf.constant(images[start : start + 512]))["probabilities"].numpy().argmax(axis=1)
+        for start in range(0, len(images), 512)
+    ])
+    return float((predicted == labels).mean())
+
+
+def first_conv_feature_maps(model_path: str, image: np.ndarray, limit: int = 16) -> np.ndarray:
+    """The first convolution's activations for one image, as the tutorials draw them (H, W, filters)."""
+    import keras
+
+    model = keras.models.load_model(model_path, compile=False)
+    base = model.get_layer("base")
+    conv = next((layer for layer in base.layers if isinstance(layer, keras.layers.Conv2D)), None)
+    if conv is None:
+        return np.zeros((0, 0, 0), np.float32)
+    probe = keras.Model(base.inputs, conv.output)
+    return np.asarray(probe(image[np.newaxis].astype(np.float32), training=False))[0, ..., :limit]
 
 
 def _report_samples(images, labels, probabilities) -> dict[str, np.ndarray]:
@@ -82,8 +115,15 @@ def _report_samples(images, labels, probabilities) -> dict[str, np.ndarray]:
     }
 
 
-def evaluate_model(trained: TrainedModel, tfrecords: TFRecordSet, evaluate: EvaluateConfig, output_dir: Path) -> Evaluation:
-    """Score the trained model on the test split and apply the min_accuracy gate."""
+def evaluate_model(
+    trained: TrainedModel,
+    tfrecords: TFRecordSet,
+    evaluate: EvaluateConfig,
+    output_dir: Path,
+    production: Production | None = None,
+) -> Evaluation:
+    """Score the trained model on the test split; gate on min_accuracy and on the production
+    model's accuracy on the same split (max_regression)."""
     from sklearn.metrics import confusion_matrix, log_loss
 
     images, labels, ids, logits = predict_split(trained.model_path, tfrecords, "test")
@@ -103,14 +143,17 @@ def evaluate_model(trained: TrainedModel, tfrecords: TFRecordSet, evaluate: Eval
         schema=tables.PREDICTIONS_SCHEMA,
     )
     confusion = confusion_matrix(labels, probabilities.argmax(axis=1), labels=classes)
-    passed, reason = _gate(accuracy, evaluate)
+    production_accuracy = score_saved_model(production.saved_model, images, labels) if production else None
+    passed, reason = _gate(accuracy, evaluate, production, production_accuracy)
     with staged_output(output_dir) as staging:
         tables.write_parquet(metrics, staging / "metrics.parquet")
         tables.write_parquet(predictions, staging / "predictions.parquet")
         (staging / "confusion.json").write_text(
             json.dumps({"labels": tfrecords.label_names, "matrix": confusion.tolist()})
         )
-        np.savez_compressed(staging / "samples.npz", **_report_samples(images, labels, probabilities))
+        samples = _report_samples(images, labels, probabilities)
+        samples["feature_maps"] = first_conv_feature_maps(trained.model_path, images[0])
+        np.savez_compressed(staging / "samples.npz", **samples)
     return Evaluation(
         output_dir=str(output_dir),
         metrics_parquet=str(output_dir / "metrics.parquet"),
@@ -121,10 +164,14 @@ def evaluate_model(trained: TrainedModel, tfrecords: TFRecordSet, evaluate: Eval
         test_loss=loss,
         passed_gate=passed,
         gate_reason=reason,
+        production_version=production.version if production else None,
+        production_accuracy=production_accuracy,
     )
 
 
 @stage_task()
-def evaluate(trained: TrainedModel, tfrecords: TFRecordSet, evaluate: EvaluateConfig, run: RunContext) -> Evaluation:
-    """Prefect task over evaluate_model."""
-    return evaluate_model(trained, tfrecords, evaluate, run.stage_dir("evaluate"))
+def evaluate(
+    trained: TrainedModel, tfrecords: TFRecordSet, evaluate: EvaluateConfig, production: Production | None, run: RunContext
+) -> Evaluation:
+    """Prefect task over evaluate_model; `production` (or None) is part of the cache key."""
+    return evaluate_model(trained, tfrecords, evaluate, run.stage_dir("evaluate"), production)

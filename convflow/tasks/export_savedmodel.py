@@ -1,15 +1,22 @@
-"""Stage 7, export_savedmodel: a TF-Serving SavedModel whose signature takes raw uint8 images.
+"""Stage 7, export_savedmodel: a TF-Serving SavedModel whose signature takes raw uint8 images,
+promoted into the registry when the gate passed.
 
 The signature resizes and rescales inside the graph, so clients send images as they have them.
-Before the stage returns, the SavedModel is reloaded and must agree with the Keras model.
+Before promotion, the SavedModel is reloaded in a fresh Python process and must agree with the
+Keras model on the test split.
+
+`python -m convflow.tasks.export_savedmodel SAVED_MODEL CHECK_NPZ` is that fresh process.
 """
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 
+from convflow import registry
 from convflow.tasks.evaluate import predict_split
 from convflow.tasks.records import Evaluation, ExportedModel, TFRecordSet, TrainedModel
 from convflow.tasks.stage import RunContext, stage_task, staged_output
@@ -62,8 +69,28 @@ def verify_saved_model(saved_model: Path, images: np.ndarray, expected: np.ndarr
     return difference
 
 
+def _verify_in_fresh_process(saved_model: Path, images: np.ndarray, expected: np.ndarray) -> float:
+    check = saved_model.parent / "verify.npz"
+    np.savez(check, images=images, expected=expected)
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "convflow.tasks.export_savedmodel", str(saved_model), str(check)],
+            capture_output=True, text=True,
+        )
+    finally:
+        check.unlink()
+    if result.returncode != 0:
+        raise ExportMismatch(result.stderr.strip().splitlines()[-1] if result.stderr.strip() else str(result))
+    return float(result.stdout.strip().splitlines()[-1])
+
+
 def export_model(trained: TrainedModel, tfrecords: TFRecordSet, name: str, output_dir: Path) -> ExportedModel:
-    """Export `trained` as output_dir/<name>/1/ and check it against the Keras model on the test split."""
+    """Export `trained` as output_dir/<name>/1/ and check it, in a fresh process, against the
+    Keras model on the test split.
+
+    Raises:
+        ExportMismatch: the reloaded SavedModel's probabilities differ by more than TOLERANCE.
+    """
     import keras
     import tensorflow as tf
 
@@ -73,13 +100,36 @@ def export_model(trained: TrainedModel, tfrecords: TFRecordSet, name: str, outpu
     relative = Path(name) / str(MODEL_VERSION)
     with staged_output(output_dir) as staging:
         _serving_archive(model, tfrecords).write_out(str(staging / relative), verbose=False)
-        difference = verify_saved_model(staging / relative, images, expected)
+        difference = _verify_in_fresh_process(staging / relative, images, expected)
     return ExportedModel(
         output_dir=str(output_dir), saved_model=str(output_dir / relative), max_abs_difference=difference
     )
 
 
+def promote_if_passed(
+    exported: ExportedModel, trained: TrainedModel, evaluation: Evaluation, run: RunContext
+) -> ExportedModel:
+    """Copy a gate-passing export into the registry as the new production version."""
+    if not evaluation.passed_gate:
+        return exported
+    production = registry.promote(
+        Path(run.artifacts_root), run.pipeline, run.run_id, exported.saved_model, trained.model_path,
+        evaluation.test_accuracy,
+    )
+    return exported.model_copy(update={"promoted_version": production.version})
+
+
 @stage_task()
 def export_savedmodel(trained: TrainedModel, evaluation: Evaluation, tfrecords: TFRecordSet, run: RunContext) -> ExportedModel:
-    """Prefect task over export_model; runs after evaluate so the export's lineage includes it."""
-    return export_model(trained, tfrecords, run.pipeline, run.stage_dir("export_savedmodel"))
+    """Prefect task over export_model, then promotion when the gate passed."""
+    exported = export_model(trained, tfrecords, run.pipeline, run.stage_dir("export_savedmodel"))
+    return promote_if_passed(exported, trained, evaluation, run)
+
+
+def _verify_main(saved_model: str, check_npz: str) -> None:
+    check = np.load(check_npz)
+    print(verify_saved_model(Path(saved_model), check["images"], check["expected"]))
+
+
+if __name__ == "__main__":
+    _verify_main(*sys.argv[1:3])

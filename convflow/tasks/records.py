@@ -84,6 +84,8 @@ class TrainedModel(StageRecord):
 
     model_path: str
     history_parquet: str
+    model_summary_parquet: str
+    augmentation_npy: str | None = Field(None, description="Training images and augmented versions.")
     epochs: int
     resumed_from_epoch: int = Field(0, description="Epochs restored from a checkpoint, not retrained.")
     train_seconds: float
@@ -91,7 +93,7 @@ class TrainedModel(StageRecord):
     fingerprint: str
 
     def required_files(self) -> list[str]:
-        return [self.model_path, self.history_parquet]
+        return [self.model_path, self.history_parquet, self.model_summary_parquet]
 
 
 class Evaluation(StageRecord):
@@ -105,6 +107,8 @@ class Evaluation(StageRecord):
     test_loss: float
     passed_gate: bool
     gate_reason: str
+    production_version: int | None = Field(None, description="The production model compared against.")
+    production_accuracy: float | None = Field(None, description="Its accuracy on the same test split.")
 
     def required_files(self) -> list[str]:
         return [self.metrics_parquet, self.predictions_parquet, self.confusion_json, self.samples_npz]
@@ -115,6 +119,7 @@ class ExportedModel(StageRecord):
 
     saved_model: str
     max_abs_difference: float = Field(description="SavedModel vs Keras probabilities on the test split.")
+    promoted_version: int | None = Field(None, description="Registry version, when the gate passed.")
 
     def required_files(self) -> list[str]:
         return [str(Path(self.saved_model) / "saved_model.pb")]
@@ -150,7 +155,9 @@ class RunSummary(pydantic.BaseModel):
     test_accuracy: float
     passed_gate: bool
     gate_reason: str
+    model: str
     saved_model: str
     report: str
     resumed_from_epoch: int
+    promoted_version: int | None = None
     stages: list[StageRun]

@@ -8,6 +8,7 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 
 from convflow import tables
@@ -107,6 +108,35 @@ def _datasets(tfrecords: TFRecordSet, train: TrainConfig, global_batch: int):
     return training, validation
 
 
+def model_summary(model) -> pa.Table:
+    """The model's layers as data (what Keras' summary() prints), the base's layers expanded."""
+    rows = []
+    for layer in model.layers:
+        inner = layer.layers if layer.name == "base" else [layer]
+        for item in inner:
+            if item.__class__.__name__ == "InputLayer":
+                continue
+            rows.append({
+                "layer": f"base/{item.name}" if item is not layer else item.name,
+                "type": item.__class__.__name__,
+                "output_shape": str(tuple(item.output.shape)) if hasattr(item, "output") else "",
+                "params": int(sum(int(w.numpy().size) for w in item.weights)),
+                "trainable": bool(item.trainable and layer.trainable),
+            })
+    return pa.Table.from_pylist(rows, schema=tables.MODEL_SUMMARY_SCHEMA)
+
+
+def augmentation_preview(tfrecords: TFRecordSet, seed: int, images: int = 4, versions: int = 4):
+    """A few training images, each followed by augmented versions of it (uint8)."""
+    import numpy as np
+
+    first = next(iter(features.read_dataset(tfrecords.shards["train"], tfrecords.image_size,
+                                            tfrecords.channels, images, cache=False)))[0]
+    augment = _augmentation(seed)
+    rows = [first.numpy()] + [augment(first, training=True).numpy() for _ in range(versions)]
+    return np.clip(np.stack(rows, axis=1), 0, 255).astype(np.uint8).reshape(-1, *first.shape[1:])
+
+
 def _compile(model, train: TrainConfig, learning_rate: float) -> None:
     import keras
 
@@ -204,11 +234,16 @@ def train_model(
     with staged_output(output_dir) as staging:
         model.save(staging / "model.keras")
         tables.write_parquet(_read_history(checkpoint_dir / "history.jsonl", total_epochs), staging / "history.parquet")
+        tables.write_parquet(model_summary(model), staging / "model_summary.parquet")
+        if train.augment:
+            np.save(staging / "augmentation.npy", augmentation_preview(tfrecords, train.seed))
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return TrainedModel(
         output_dir=str(output_dir),
         model_path=str(output_dir / "model.keras"),
         history_parquet=str(output_dir / "history.parquet"),
+        model_summary_parquet=str(output_dir / "model_summary.parquet"),
+        augmentation_npy=str(output_dir / "augmentation.npy") if train.augment else None,
         epochs=total_epochs,
         resumed_from_epoch=resumed_from,
         train_seconds=seconds,

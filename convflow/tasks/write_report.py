@@ -80,12 +80,11 @@ def _confusion(confusion_json: str) -> str:
     return _figure_tag(figure)
 
 
-def _image_grid(images: np.ndarray, titles: list[str]) -> str:
+def _image_grid(images: np.ndarray, titles: list[str], columns: int = 8) -> str:
     import matplotlib.pyplot as plt
 
     if len(images) == 0:
         return "<p>None.</p>"
-    columns = 8
     rows = -(-len(images) // columns)
     figure, axes = plt.subplots(rows, columns, figsize=(columns * 1.4, rows * 1.6), squeeze=False)
     for axis in axes.flat:
@@ -105,6 +104,46 @@ def _per_class_rows(metrics_parquet: str) -> list[list]:
          int(per_class.loc[name, "support"])]
         for name in order
     ]
+
+
+def _feature_maps(maps: np.ndarray) -> str:
+    import matplotlib.pyplot as plt
+
+    if maps.size == 0:
+        return "<p>The base has no Conv2D layer.</p>"
+    count = maps.shape[-1]
+    figure, axes = plt.subplots(1, count, figsize=(count * 1.1, 1.3), squeeze=False)
+    for index, axis in enumerate(axes.flat):
+        axis.imshow(maps[..., index], cmap="viridis")
+        axis.axis("off")
+    return _figure_tag(figure)
+
+
+def _model_summary(summary_parquet: str) -> str:
+    rows = pq.read_table(summary_parquet).to_pylist()
+    total = sum(row["params"] for row in rows)
+    trainable = sum(row["params"] for row in rows if row["trainable"])
+    table = _table(["layer", "type", "output shape", "params", "trainable"],
+                   [[r["layer"], r["type"], r["output_shape"], r["params"], "yes" if r["trainable"] else "no"]
+                    for r in rows])
+    return f"<p>{total:,} parameters, {trainable:,} trainable.</p>{table}"
+
+
+def _production(evaluation: Evaluation, exported: ExportedModel) -> str:
+    verdict = "pass" if evaluation.passed_gate else "fail"
+    if evaluation.production_version is None:
+        comparison = "<p>No other production model to compare against.</p>"
+    else:
+        comparison = _table(
+            ["model", "test accuracy"],
+            [[f"production v{evaluation.production_version}", evaluation.production_accuracy],
+             ["this run", evaluation.test_accuracy]],
+        )
+    promoted = (f"Promoted to production version {exported.promoted_version}." if exported.promoted_version
+                else ("Not promoted: " + html.escape(evaluation.gate_reason) if not evaluation.passed_gate
+                      else "Already in production."))
+    return (f'{comparison}<p>Gate: <span class="{verdict}">{verdict}</span> — '
+            f"{html.escape(evaluation.gate_reason)}</p><p>{promoted}</p>")
 
 
 def _lineage(config_hash: str, data_fingerprint: str) -> list[list]:
@@ -134,6 +173,12 @@ def render_report(
         + f"<p>{len(names)} classes; {split_set.duplicates} exact duplicates; "
         f"{len(split_set.skipped)} unusable files skipped.</p>"
         + "".join(f"<p><code>{html.escape(line)}</code></p>" for line in split_set.skipped[:50]),
+        '<h2 id="augmentation">Augmentation preview</h2>' + (
+            _image_grid(np.load(trained.augmentation_npy), [""] * len(np.load(trained.augmentation_npy)), columns=5)
+            + "<p>Each row: a training image, then augmented versions of it.</p>"
+            if trained.augmentation_npy else "<p>Augmentation is off for this pipeline (train.augment).</p>"
+        ),
+        '<h2 id="model">Model summary</h2>' + _model_summary(trained.model_summary_parquet),
         f'<h2 id="training">Training curves</h2><p>{trained.epochs} epochs'
         f"{f', resumed from epoch {trained.resumed_from_epoch}' if trained.resumed_from_epoch else ''}; "
         f"{trained.images_per_second:.0f} images/s.</p>" + _curves(trained.history_parquet),
@@ -149,6 +194,10 @@ def render_report(
             [f"{names[p]} {c:.2f}, true {names[t]}" for t, p, c in
              zip(samples["mistake_labels"], samples["mistake_predicted"], samples["mistake_confidence"])],
         ),
+        '<h2 id="feature-maps">First convolution feature maps</h2>'
+        + _image_grid(samples["sample_images"][:1], [f"test image, true {names[samples['sample_labels'][0]]}"])
+        + _feature_maps(samples["feature_maps"]),
+        '<h2 id="production">Comparison with production and gate</h2>' + _production(evaluation, exported),
         '<h2 id="stages">Stages</h2>' + _table(
             ["stage", "seconds", "cache hit", "cache key"],
             [[s.name, round(s.seconds, 2), "yes" if s.cached else "no", s.cache_key or ""] for s in stages],
