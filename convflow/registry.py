@@ -102,6 +102,8 @@ def rollback(artifacts_root: Path, pipeline: str) -> Production:
         RegistryError: nothing is in production, or no older version is on disk.
     """
     root = models_dir(artifacts_root, pipeline)
+    if not root.is_dir():
+        raise RegistryError(f"pipeline {pipeline!r} has no production model under {root}")
     with tables.locked(root / POINTER):
         production = current(artifacts_root, pipeline)
         if production is None:

@@ -13,7 +13,7 @@ from convflow import registry, tables
 from convflow.config import load_pipeline
 from convflow.flows.stage_log import StageLog
 from convflow.sources import source_stamp
-from convflow.tasks.build_base import build_base
+from convflow.tasks.build_base import build_base, weights_stamp
 from convflow.tasks.download_and_split import download_and_split
 from convflow.tasks.evaluate import evaluate
 from convflow.tasks.export_savedmodel import export_savedmodel
@@ -38,7 +38,8 @@ def train_pipeline(pipeline: str, pipelines_file: str = "pipelines.yaml", artifa
     log = StageLog()
     split_set = log.run(download_and_split, spec.data, source_stamp(spec.data), run)
     tfrecords = log.run(to_tfrecords, split_set, spec.data, run)
-    base = log.run(build_base, spec.model, tfrecords, spec.train.seed, run)
+    weights = weights_stamp(spec.model, Path(run.artifacts_root))
+    base = log.run(build_base, spec.model, weights, tfrecords, spec.train.seed, run)
     wrapped = log.run(freeze_and_wrap, base, spec.model, len(tfrecords.label_names), spec.train.seed, run)
     trained = log.run(train, wrapped, tfrecords, spec.train, spec.model.fine_tune, run)
     production = registry.rival(Path(run.artifacts_root), pipeline, trained.model_path)

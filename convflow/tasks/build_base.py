@@ -76,9 +76,62 @@ def _preprocess(spec: BaseSpec, inputs):
     return inputs
 
 
-def _check_weights_reachable(model: ModelConfig) -> None:
+def resolve_run_weights(weights: str, artifacts_root: Path) -> Path:
+    """The trained Keras model that `run:<pipeline>[@<run-id>]` names: the pipeline's production
+    model, or the given run's.
+
+    Raises:
+        WeightsError: no such production model or run, or its model file is gone.
+    """
+    from convflow import registry, tables
+
+    pipeline, _, run_id = weights.removeprefix("run:").partition("@")
+    if run_id:
+        catalog = artifacts_root / "runs.parquet"
+        rows = [r for r in tables.read_runs(catalog).to_pylist() if r["pipeline"] == pipeline and r["run_id"] == run_id]
+        if not rows:
+            raise WeightsError(f"model.weights: {weights!r}: no run {run_id!r} of pipeline {pipeline!r} in {catalog}")
+        path = Path(rows[-1]["model"])
+    else:
+        production = registry.current(artifacts_root, pipeline)
+        if production is None:
+            raise WeightsError(
+                f"model.weights: {weights!r}: pipeline {pipeline!r} has no production model under "
+                f"{registry.models_dir(artifacts_root, pipeline)}; run it first"
+            )
+        path = Path(production.model)
+    if not path.is_file():
+        raise WeightsError(f"model.weights: {weights!r}: its model file {path} is gone")
+    return path
+
+
+def weights_stamp(model: ModelConfig, artifacts_root: Path) -> str:
+    """What model.weights points at now, for build_base's cache key: a weights file's or a
+    run's model's content hash, or the keyword itself."""
     if model.weights.startswith("run:"):
-        raise WeightsError(f"model.weights: {model.weights!r}: transfer from a convflow run is not built yet")
+        return sha256_file(resolve_run_weights(model.weights, artifacts_root))
+    if model.weights not in ("imagenet", "none") and Path(model.weights).is_file():
+        return sha256_file(model.weights)
+    return model.weights
+
+
+def _base_from_run(model: ModelConfig, input_shape: tuple[int, int, int], artifacts_root: Path):
+    import keras
+
+    import convflow.tasks.layers  # noqa: F401  (registers custom layers for loading)
+
+    source = keras.models.load_model(resolve_run_weights(model.weights, artifacts_root), compile=False)
+    base = source.get_layer("base")
+    if tuple(base.input_shape[1:]) != tuple(input_shape):
+        raise WeightsError(
+            f"model.weights: {model.weights!r} takes images {tuple(base.input_shape[1:])}, "
+            f"this pipeline gives {tuple(input_shape)}: set data.image_size and data.channels to match"
+        )
+    base.trainable = True
+    return base
+
+
+def _check_weights_reachable(model: ModelConfig) -> None:
     if model.weights == "imagenet":
         try:
             with socket.create_connection(WEIGHTS_HOST, timeout=3):
@@ -88,7 +141,7 @@ def _check_weights_reachable(model: ModelConfig) -> None:
                 f"model.weights: imagenet needs to download {model.base} weights and this machine is "
                 f"offline; put the .h5 file in ~/.keras/models/ or set model.weights to its path"
             ) from None
-    elif model.weights != "none" and not Path(model.weights).is_file():
+    elif model.weights != "none" and not model.weights.startswith("run:") and not Path(model.weights).is_file():
         raise WeightsError(f"model.weights: file {model.weights} does not exist")
 
 
@@ -109,17 +162,19 @@ def _application(spec: BaseSpec, model: ModelConfig, inputs):
         raise WeightsError(f"model.weights: cannot load {model.weights} into {spec.name}: {error}") from error
 
 
-def make_base(model: ModelConfig, input_shape: tuple[int, int, int], seed: int):
+def make_base(model: ModelConfig, input_shape: tuple[int, int, int], seed: int, artifacts_root: Path | None = None):
     """Build the base network as a Keras model named "base" taking float 0..255 images.
 
     Raises:
-        WeightsError: imagenet offline, or a weights file that is missing or does not fit.
+        WeightsError: imagenet offline, or weights (file or run) that are missing or do not fit.
     """
     import keras
 
     spec = get_base_spec(model.base)
     _check_weights_reachable(model)
     keras.utils.set_random_seed(seed)
+    if model.weights.startswith("run:"):
+        return _base_from_run(model, input_shape, Path(artifacts_root or "artifacts"))
     inputs = keras.Input(shape=input_shape, name="image")
     if spec.kind == "seed":
         outputs = _seed_cnn(spec.name, inputs)
@@ -134,13 +189,15 @@ def make_base(model: ModelConfig, input_shape: tuple[int, int, int], seed: int):
     return base
 
 
-def build_base_model(model: ModelConfig, tfrecords: TFRecordSet, seed: int, output_dir: Path) -> BaseModel:
+def build_base_model(
+    model: ModelConfig, tfrecords: TFRecordSet, seed: int, output_dir: Path, artifacts_root: Path | None = None
+) -> BaseModel:
     """Build and save the base network for images of `tfrecords`' size and channels."""
     input_shape = (*tfrecords.image_size, tfrecords.channels)
-    base = make_base(model, input_shape, seed)
+    base = make_base(model, input_shape, seed, artifacts_root)
     with staged_output(output_dir) as staging:
         base.save(staging / "base.keras")
-    weights_hash = sha256_file(model.weights) if Path(model.weights).is_file() else model.weights
+    weights_hash = weights_stamp(model, Path(artifacts_root or "artifacts"))
     return BaseModel(
         output_dir=str(output_dir),
         model_path=str(output_dir / "base.keras"),
@@ -152,6 +209,6 @@ def build_base_model(model: ModelConfig, tfrecords: TFRecordSet, seed: int, outp
 
 
 @stage_task(retries=2, retry_delay_seconds=[10, 60])
-def build_base(model: ModelConfig, tfrecords: TFRecordSet, seed: int, run: RunContext) -> BaseModel:
-    """Prefect task over build_base_model."""
-    return build_base_model(model, tfrecords, seed, run.stage_dir("build_base"))
+def build_base(model: ModelConfig, weights: str, tfrecords: TFRecordSet, seed: int, run: RunContext) -> BaseModel:
+    """Prefect task over build_base_model; `weights` (weights_stamp) keys the cache on the weights' content."""
+    return build_base_model(model, tfrecords, seed, run.stage_dir("build_base"), Path(run.artifacts_root))

@@ -1,0 +1,105 @@
+"""The gate and the model registry: promote, refuse a worse model, roll back."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from convflow import registry
+
+CONVFLOW = [sys.executable, "-m", "convflow.cli"]
+
+
+def _fake_saved_model(root: Path, content: bytes) -> Path:
+    (root / "variables").mkdir(parents=True)
+    (root / "saved_model.pb").write_bytes(content)
+    (root / "variables" / "variables.index").write_bytes(content[::-1])
+    return root
+
+
+def _tree_digest(root: Path) -> dict[str, str]:
+    return {
+        str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(root.rglob("*")) if path.is_file() and not path.name.endswith(".lock")
+    }
+
+
+def test_promote_versions_and_rollback(tmp_path):
+    first = _fake_saved_model(tmp_path / "run1", b"model one")
+    second = _fake_saved_model(tmp_path / "run2", b"model two")
+    v1 = registry.promote(tmp_path, "p", "run1", str(first), "run1/model.keras", 0.9)
+    v2 = registry.promote(tmp_path, "p", "run2", str(second), "run2/model.keras", 0.95)
+    assert (v1.version, v2.version) == (1, 2)
+    assert registry.current(tmp_path, "p") == v2
+    assert (Path(v2.saved_model) / "saved_model.pb").read_bytes() == b"model two"
+    assert registry.rollback(tmp_path, "p") == v1
+    assert registry.current(tmp_path, "p").version == 1
+    assert (Path(v2.saved_model) / "saved_model.pb").read_bytes() == b"model two"  # kept on disk
+    with pytest.raises(registry.RegistryError, match="version 1 is the oldest"):
+        registry.rollback(tmp_path, "p")
+
+
+def test_rival_skips_the_model_already_in_production(tmp_path):
+    saved = _fake_saved_model(tmp_path / "run1", b"x")
+    registry.promote(tmp_path, "p", "run1", str(saved), "run1/model.keras", 0.9)
+    assert registry.rival(tmp_path, "p", "run1/model.keras") is None
+    assert registry.rival(tmp_path, "p", "run2/model.keras").version == 1
+    assert registry.rival(tmp_path, "other", "run2/model.keras") is None
+
+
+def test_rollback_without_production_is_a_clear_error(tmp_path):
+    with pytest.raises(registry.RegistryError, match="has no production model"):
+        registry.rollback(tmp_path, "nothing")
+
+
+def _pipelines(path: Path, epochs: int) -> Path:
+    path.write_text(
+        "pipelines:\n  gate:\n"
+        "    data: {source: 'sklearn:digits', image_size: [12, 12], channels: 1}\n"
+        "    model: {base: mnist_cnn}\n"
+        f"    train: {{epochs: {epochs}, batch_size: 128}}\n"
+        "    evaluate: {min_accuracy: 0.5}\n"
+    )
+    return path
+
+
+def _run(tmp_path: Path, epochs: int) -> dict:
+    pipelines = _pipelines(tmp_path / f"pipelines-{epochs}.yaml", epochs)
+    result = subprocess.run(
+        [*CONVFLOW, "run", "gate", "-f", str(pipelines), "--artifacts", str(tmp_path / "artifacts"), "--json"],
+        capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_worse_model_is_not_promoted_better_one_is_and_rollback_restores(tmp_path):
+    models = tmp_path / "artifacts" / "models" / "gate"
+    first = _run(tmp_path, epochs=2)
+    assert first["status"] == "completed" and first["promoted_version"] == 1
+    production_before = _tree_digest(models)
+
+    worse = _run(tmp_path, epochs=1)
+    assert worse["test_accuracy"] < first["test_accuracy"]
+    assert worse["status"] == "not-promoted" and worse["promoted_version"] is None
+    assert "production v1" in worse["gate_reason"]
+    assert _tree_digest(models) == production_before  # production files byte-identical
+
+    better = _run(tmp_path, epochs=4)
+    assert better["test_accuracy"] > first["test_accuracy"]
+    assert better["promoted_version"] == 2
+    assert registry.current(tmp_path / "artifacts", "gate").version == 2
+    assert (models / "1" / "saved_model.pb").exists()  # the old version stays on disk
+
+    rolled = subprocess.run(
+        [*CONVFLOW, "rollback", "gate", "--artifacts", str(tmp_path / "artifacts")], capture_output=True, text=True
+    )
+    assert rolled.returncode == 0, rolled.stderr
+    assert "production is now version 1" in rolled.stdout
+    assert registry.current(tmp_path / "artifacts", "gate").run_id == first["run_id"]
