@@ -82,7 +82,7 @@ RUNS_SCHEMA = _schema(
     ("promoted_version", pa.int64(), "Registry version the run was promoted to; null if not promoted."),
     ("report", pa.string(), "report.html path."),
     ("run_dir", pa.string(), "The run's folder."),
-    nullable=("promoted_version",),
+    nullable=("model", "promoted_version"),
 )
 
 

@@ -1,0 +1,58 @@
+"""Kill `convflow run` during training, run it again: training resumes, no epoch is trained twice."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+EPOCHS = 5
+
+
+def _pipelines(path: Path) -> Path:
+    # 20x20 digits keep each epoch long enough (about a second) to kill inside one.
+    path.write_text(
+        "pipelines:\n  resume:\n"
+        "    data: {source: 'sklearn:digits', image_size: [20, 20], channels: 1}\n"
+        "    model: {base: mnist_cnn}\n"
+        f"    train: {{epochs: {EPOCHS}, batch_size: 32}}\n"
+    )
+    return path
+
+
+def _history_lines(artifacts: Path) -> int:
+    logs = list(artifacts.glob("resume/checkpoints/*/history.jsonl"))
+    return len(logs[0].read_text().splitlines()) if logs else 0
+
+
+def test_killed_run_resumes_from_last_completed_epoch(tmp_path):
+    pipelines, artifacts = _pipelines(tmp_path / "pipelines.yaml"), tmp_path / "artifacts"
+    command = [sys.executable, "-m", "convflow.cli", "run", "resume", "-f", str(pipelines),
+               "--artifacts", str(artifacts), "--json"]
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while _history_lines(artifacts) < 2:  # epochs 1 and 2 are checkpointed: epoch 3 is running
+        assert first.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline, "training never reached epoch 3"
+        time.sleep(0.05)
+    os.killpg(first.pid, signal.SIGKILL)  # the CLI, its flow and its temporary Prefect server
+    first.wait()
+    assert not list(artifacts.glob("resume/*/train/model.keras")), "a killed run left a complete-looking model"
+
+    second = subprocess.run(command, capture_output=True, text=True)
+    assert second.returncode == 0, second.stderr[-3000:]
+    summary = json.loads(second.stdout.strip().splitlines()[-1])
+    resumed = summary["resumed_from_epoch"]
+    assert 2 <= resumed < EPOCHS
+    train_dir = Path(summary["saved_model"]).parents[2] / "train"
+    history = pq.read_table(train_dir / "history.parquet").to_pydict()
+    assert history["epoch"] == list(range(1, EPOCHS + 1))  # every epoch once
+    train_stage = next(stage for stage in summary["stages"] if stage["name"] == "train")
+    assert not train_stage["cached"]
+    assert not list(artifacts.glob("resume/checkpoints/*")), "checkpoints are removed once training is done"
