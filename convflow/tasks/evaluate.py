@@ -98,7 +98,7 @@ def first_conv_feature_maps(model_path: str, image: np.ndarray, limit: int = 16)
     conv = next((layer for layer in base.layers if isinstance(layer, keras.layers.Conv2D)), None)
     if conv is None:
         return np.zeros((0, 0, 0), np.float32)
-    probe = keras.Model(base.inputs, conv.output)
+    probe = keras.Model(base.inputs[0], conv.output)
     return np.asarray(probe(image[np.newaxis].astype(np.float32), training=False))[0, ..., :limit]
 
 

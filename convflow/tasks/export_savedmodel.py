@@ -109,9 +109,13 @@ def export_model(trained: TrainedModel, tfrecords: TFRecordSet, name: str, outpu
 def promote_if_passed(
     exported: ExportedModel, trained: TrainedModel, evaluation: Evaluation, run: RunContext
 ) -> ExportedModel:
-    """Copy a gate-passing export into the registry as the new production version."""
+    """Copy a gate-passing export into the registry as the new production version (unless this
+    very model is production already: a re-export after a code change does not duplicate it)."""
     if not evaluation.passed_gate:
         return exported
+    production = registry.current(Path(run.artifacts_root), run.pipeline)
+    if production is not None and production.model == trained.model_path:
+        return exported.model_copy(update={"promoted_version": production.version})
     production = registry.promote(
         Path(run.artifacts_root), run.pipeline, run.run_id, exported.saved_model, trained.model_path,
         evaluation.test_accuracy,
