@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import fcntl
+import json
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,12 +16,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 
-def _schema(*fields: tuple[str, pa.DataType, str], nullable: tuple[str, ...] = ()) -> pa.Schema:
+def _schema(*fields: tuple[str, pa.DataType, str], nullable: tuple[str, ...] = (), table: str) -> pa.Schema:
+    """A schema whose fields, and the table itself, carry a `description` in their metadata (the
+    table's lands in the Parquet file's key-value metadata, which DuckDB's parquet_kv_metadata reads)."""
     return pa.schema(
         [
             pa.field(name, dtype, nullable=name in nullable, metadata={"description": description})
             for name, dtype, description in fields
-        ]
+        ],
+        metadata={"description": table},
     )
 
 
@@ -30,6 +36,7 @@ SPLITS_SCHEMA = _schema(
     ("sha256", pa.string(), "sha256 of the example's source bytes; decides its split."),
     ("path", pa.string(), "Source image file, or null for in-memory sources."),
     nullable=("path",),
+    table="One row per example of the dataset: its label and the split it belongs to.",
 )
 
 METRICS_SCHEMA = _schema(
@@ -37,6 +44,7 @@ METRICS_SCHEMA = _schema(
     ("class_name", pa.string(), "The class a per-class metric is about; null for overall metrics."),
     ("value", pa.float64(), "The metric's value on the test split."),
     nullable=("class_name",),
+    table="Test-split metrics in long format: overall (class_name null) and per class.",
 )
 
 PREDICTIONS_SCHEMA = _schema(
@@ -45,6 +53,7 @@ PREDICTIONS_SCHEMA = _schema(
     ("predicted", pa.int64(), "Predicted class index (argmax)."),
     ("confidence", pa.float32(), "Probability of the predicted class."),
     ("probabilities", pa.list_(pa.float32()), "Probability per class, in label order."),
+    table="One row per test example: the model's prediction and class probabilities.",
 )
 
 HISTORY_SCHEMA = _schema(
@@ -56,6 +65,7 @@ HISTORY_SCHEMA = _schema(
     ("val_accuracy", pa.float64(), "Validation accuracy; null without a validation split."),
     ("seconds", pa.float64(), "Wall time of the epoch."),
     nullable=("val_loss", "val_accuracy"),
+    table="One row per training epoch: losses, accuracies and time.",
 )
 
 MODEL_SUMMARY_SCHEMA = _schema(
@@ -64,6 +74,7 @@ MODEL_SUMMARY_SCHEMA = _schema(
     ("output_shape", pa.string(), "Output shape, batch dimension as None."),
     ("params", pa.int64(), "Number of weights in the layer."),
     ("trainable", pa.bool_(), "Whether the layer's weights were trainable in the last training phase."),
+    table="One row per layer of the trained model.",
 )
 
 RUNS_SCHEMA = _schema(
@@ -71,18 +82,21 @@ RUNS_SCHEMA = _schema(
     ("run_id", pa.string(), "Run id; the run's folder is artifacts/<pipeline>/<run_id>/."),
     ("started", pa.timestamp("us", tz="UTC"), "When the run started."),
     ("finished", pa.timestamp("us", tz="UTC"), "When the run finished."),
-    ("status", pa.string(), "completed, or not-promoted when the gate failed."),
+    ("status", pa.string(), "completed; not-promoted when the gate failed; unchanged when a scheduled run "
+     "found the production model made from the same config and data, and trained nothing."),
     ("config_hash", pa.string(), "Hash of the pipeline's config (schedule excluded)."),
     ("data_fingerprint", pa.string(), "Hash over example hashes, labels and splits."),
-    ("test_accuracy", pa.float64(), "Accuracy on the test split."),
-    ("passed_gate", pa.bool_(), "Whether the model passed evaluate.min_accuracy."),
-    ("gate_reason", pa.string(), "Why the gate passed or failed."),
-    ("model", pa.string(), "The trained Keras model (.keras) of the run."),
-    ("saved_model", pa.string(), "Exported SavedModel folder."),
+    ("test_accuracy", pa.float64(), "Accuracy on the test split (unchanged runs: the production model's)."),
+    ("passed_gate", pa.bool_(), "Whether the model passed the gate; null when no gate ran (unchanged)."),
+    ("gate_reason", pa.string(), "Why the gate passed or failed, or why nothing was trained."),
+    ("model", pa.string(), "The trained Keras model (.keras) of the run (unchanged runs: production's)."),
+    ("saved_model", pa.string(), "Exported SavedModel folder (unchanged runs: production's)."),
     ("promoted_version", pa.int64(), "Registry version the run was promoted to; null if not promoted."),
-    ("report", pa.string(), "report.html path."),
-    ("run_dir", pa.string(), "The run's folder."),
-    nullable=("model", "promoted_version"),
+    ("report", pa.string(), "report.html path; null when the run wrote no report (unchanged)."),
+    ("run_dir", pa.string(), "The run's folder; null when the run wrote nothing (unchanged)."),
+    ("flow_run_id", pa.string(), "The Prefect flow run (UI page /runs/flow-run/<id>); null when unknown."),
+    nullable=("passed_gate", "model", "promoted_version", "report", "run_dir", "flow_run_id"),
+    table="The runs catalog: one row per finished run of any pipeline, appended under a file lock.",
 )
 
 
@@ -103,26 +117,68 @@ def locked(path: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+RUN_RECORD = "run.json"
+
+
 def append_run(catalog: Path, row: dict[str, Any]) -> None:
-    """Append one row to runs.parquet; concurrent runs wait on a lock and lose no row."""
-    catalog.parent.mkdir(parents=True, exist_ok=True)
+    """Append one row to runs.parquet; concurrent runs wait on a lock and lose no row.
+
+    The row is first written as run.json in the run's folder, so the catalog can always be
+    rebuilt from the run folders.
+    """
+    run_record = None
+    if row.get("run_dir"):  # a run that wrote nothing (unchanged) has no folder to keep it in
+        run_record = Path(row["run_dir"]) / RUN_RECORD
+        run_record.parent.mkdir(parents=True, exist_ok=True)
+        temporary = run_record.with_name(f".{RUN_RECORD}.tmp-{os.getpid()}")
+        temporary.write_text(json.dumps(row, default=str, indent=2))
+        os.replace(temporary, run_record)
     new_row = pa.Table.from_pylist([row], schema=RUNS_SCHEMA)
     with locked(catalog):
-        existing = pq.read_table(catalog, schema=RUNS_SCHEMA) if catalog.exists() else None
-        table = new_row if existing is None else pa.concat_tables([existing, new_row])
-        write_parquet(table, catalog)
+        existing = _read_or_rebuild(catalog, exclude=run_record)
+        write_parquet(pa.concat_tables([existing, new_row]), catalog)
+
+
+def rebuild_runs(artifacts_root: Path, exclude: Path | None = None) -> pa.Table:
+    """The catalog as the run folders tell it: one row per artifacts/<pipeline>/<run-id>/run.json."""
+    rows = []
+    for record in sorted(Path(artifacts_root).glob(f"*/*/{RUN_RECORD}")):
+        if record != exclude:
+            row = json.loads(record.read_text())
+            for column in ("started", "finished"):
+                row[column] = datetime.datetime.fromisoformat(row[column])
+            rows.append(row)
+    rows.sort(key=lambda row: row["started"])
+    return pa.Table.from_pylist(rows, schema=RUNS_SCHEMA)
+
+
+def _read_or_rebuild(catalog: Path, exclude: Path | None = None) -> pa.Table:
+    if not catalog.exists():
+        return rebuild_runs(catalog.parent, exclude)
+    try:
+        return pq.read_table(catalog, schema=RUNS_SCHEMA)
+    except (pa.ArrowException, OSError) as error:
+        damaged = catalog.with_name(f"{catalog.name}.damaged-{datetime.datetime.now():%Y%m%dT%H%M%S}")
+        os.replace(catalog, damaged)
+        logging.getLogger("convflow.catalog").warning(
+            f"{catalog} is damaged ({error}); kept it as {damaged.name} and rebuilt the catalog from the run folders"
+        )
+        return rebuild_runs(catalog.parent, exclude)
 
 
 def read_runs(catalog: Path) -> pa.Table:
-    if not catalog.exists():
+    """The runs catalog; a damaged one is set aside and rebuilt from the run folders."""
+    if not catalog.parent.is_dir():
         return RUNS_SCHEMA.empty_table()
-    return pq.read_table(catalog, schema=RUNS_SCHEMA)
+    with locked(catalog):
+        table = _read_or_rebuild(catalog)
+        if not catalog.exists() and table.num_rows:
+            write_parquet(table, catalog)
+    return table
 
 
-def catalog_row(summary, run_dir: Path) -> dict[str, Any]:
+def catalog_row(summary, run_dir: Path | None, flow_run_id: Any = None) -> dict[str, Any]:
     """The runs.parquet row of one finished run (a RunSummary)."""
-    import datetime
-
     return {
         "pipeline": summary.pipeline,
         "run_id": summary.run_id,
@@ -138,5 +194,6 @@ def catalog_row(summary, run_dir: Path) -> dict[str, Any]:
         "saved_model": summary.saved_model,
         "promoted_version": summary.promoted_version,
         "report": summary.report,
-        "run_dir": str(run_dir),
+        "run_dir": str(run_dir) if run_dir is not None else None,
+        "flow_run_id": str(flow_run_id) if flow_run_id is not None else None,
     }

@@ -9,18 +9,45 @@ from pydantic import ConfigDict, Field
 
 
 class StageRecord(pydantic.BaseModel):
-    """A stage's output: the folder it wrote and the files a later stage will open."""
+    """A stage's output: the folder it wrote and the files a later stage will open.
+
+    `file_sizes` snapshots every required file (all files under a required folder) when the
+    record is made, so a cache hit can tell a deleted or truncated file from an intact one.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     output_dir: str = Field(description="The stage's folder under artifacts/<pipeline>/<run-id>/.")
+    file_sizes: dict[str, int] = Field(default_factory=dict, description="Bytes of each output file.")
+
+    @pydantic.model_validator(mode="after")
+    def _snapshot_sizes(self) -> StageRecord:
+        if not self.file_sizes:
+            object.__setattr__(self, "file_sizes", _sizes(self.required_files()))
+        return self
 
     def required_files(self) -> list[str]:
-        """Files that must exist for this record to be usable (a cache hit checks them)."""
+        """Files (or folders) that must exist for this record to be usable."""
         return [self.output_dir]
 
-    def missing_files(self) -> list[str]:
-        return [path for path in self.required_files() if not Path(path).exists()]
+    def damaged_files(self) -> list[str]:
+        """Output files that are gone or changed size since the stage wrote them, with why."""
+        problems = [f"{path}: missing" for path in self.required_files() if not Path(path).exists()]
+        for path, size in self.file_sizes.items():
+            file = Path(path)
+            if not file.exists():
+                problems.append(f"{path}: missing")
+            elif file.stat().st_size != size:
+                problems.append(f"{path}: {file.stat().st_size} bytes, written as {size}")
+        return sorted(set(problems))
+
+
+def _sizes(paths: list[str]) -> dict[str, int]:
+    sizes: dict[str, int] = {}
+    for path in map(Path, paths):
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else []
+        sizes.update({str(file): file.stat().st_size for file in files})
+    return sizes
 
 
 class SplitSet(StageRecord):
@@ -122,7 +149,7 @@ class ExportedModel(StageRecord):
     promoted_version: int | None = Field(None, description="Registry version, when the gate passed.")
 
     def required_files(self) -> list[str]:
-        return [str(Path(self.saved_model) / "saved_model.pb")]
+        return [self.saved_model]
 
 
 class Report(StageRecord):

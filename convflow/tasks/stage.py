@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
+import logging
+import os
+import time
 import shutil
 import sys
 import uuid
@@ -90,11 +92,23 @@ def staged_output(final_dir: Path) -> Iterator[Path]:
     temporary.mkdir()
     try:
         yield temporary
+        _hold_for_fault_tests(final_dir)
         if final_dir.exists():
             shutil.rmtree(final_dir)
         temporary.rename(final_dir)
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
+
+
+def _hold_for_fault_tests(final_dir: Path) -> None:
+    """Test hook: with CONVFLOW_TEST_HOLD_STAGE=<stage>, that stage stops just before its output
+    is renamed into place (its most fragile moment), says so in a marker file, and waits to be
+    killed. Unset, as always outside the fault tests, it does nothing."""
+    if os.environ.get("CONVFLOW_TEST_HOLD_STAGE") != final_dir.name:
+        return
+    (final_dir.parent / f"{final_dir.name}.held").touch()
+    while True:
+        time.sleep(1)
 
 
 @dataclass
@@ -122,11 +136,24 @@ def _first_usable_generation(result_store: Any, base_key: str) -> str:
             return key
         try:
             record = result_store.read(key).result
-        except Exception:  # an unreadable cache entry is a miss, never a failed run
+        except Exception as error:  # an unreadable cache entry is a miss, never a failed run
+            _log_cache_miss(key, [f"cached result unreadable: {error}"])
             continue
-        if isinstance(record, StageRecord) and not record.missing_files():
+        damaged = record.damaged_files() if isinstance(record, StageRecord) else ["not a stage record"]
+        if not damaged:
             return key
+        _log_cache_miss(key, damaged)
     return f"{base_key}.{uuid.uuid4().hex[:8]}"
+
+
+def _log_cache_miss(key: str, problems: list[str]) -> None:
+    logger = logging.getLogger("convflow.cache")
+    with contextlib.suppress(Exception):
+        from prefect import get_run_logger
+
+        logger = get_run_logger()
+    shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+    logger.warning(f"cache entry {key} is not usable ({shown}): the stage runs again")
 
 
 def is_transient(error: BaseException | None) -> bool:
@@ -163,7 +190,3 @@ def stage_task(retries: int = 2, retry_delay_seconds: list[float] | None = None)
     return decorate
 
 
-def describe_os_error(error: OSError, path: Path | str) -> str:
-    if error.errno == errno.ENOSPC:
-        return f"no space left on device while writing {path}"
-    return f"{error.strerror or error} while writing {path}"

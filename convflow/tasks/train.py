@@ -259,4 +259,8 @@ def train(
     """Prefect task over train_model; a retry resumes from the last completed epoch."""
     key = checkpoint_key(wrapped, tfrecords, train, fine_tune)
     checkpoint_dir = Path(run.artifacts_root) / run.pipeline / "checkpoints" / key
-    return train_model(wrapped, tfrecords, train, checkpoint_dir, run.stage_dir("train"), fine_tune)
+    checkpoint_dir.parent.mkdir(parents=True, exist_ok=True)
+    # The same training started twice at once would share one checkpoint folder: the second
+    # waits here (an fcntl lock, released even if its holder is killed).
+    with tables.locked(checkpoint_dir.parent / f"{key}.lock"):
+        return train_model(wrapped, tfrecords, train, checkpoint_dir, run.stage_dir("train"), fine_tune)
