@@ -48,12 +48,14 @@ def _metrics_table(labels, probabilities, loss: float, label_names: list[str], t
 
     classes = list(range(len(label_names)))
     predicted = probabilities.argmax(axis=1)
-    k = min(top_k, len(classes) - 1) if len(classes) > 2 else 1
+    binary = len(classes) == 2  # scikit-learn takes the positive class's score alone there
+    k = 1 if binary else min(top_k, len(classes) - 1)
+    scores = probabilities[:, 1] if binary else probabilities
     rows = [
         {"metric": "accuracy", "class_name": None, "value": metrics.accuracy_score(labels, predicted)},
         {"metric": "loss", "class_name": None, "value": loss},
         {"metric": f"top_{k}_accuracy", "class_name": None,
-         "value": metrics.top_k_accuracy_score(labels, probabilities, k=k, labels=classes)},
+         "value": metrics.top_k_accuracy_score(labels, scores, k=k, labels=classes)},
     ]
     precision, recall, f1, support = metrics.precision_recall_fscore_support(
         labels, predicted, labels=classes, zero_division=0
