@@ -55,6 +55,15 @@ def _check_classes_in_splits(splits: list[str], labels: np.ndarray, label_names:
             )
 
 
+def _duplicates_across_splits(hashes: list[str], splits: list[str]) -> int:
+    """Distinct images found in more than one split: only sources with predefined splits can
+    have them (hash-assigned splits keep duplicates together), and they inflate test scores."""
+    splits_of: dict[str, set[str]] = {}
+    for sha256, split in zip(hashes, splits):
+        splits_of.setdefault(sha256, set()).add(split)
+    return sum(1 for found_in in splits_of.values() if len(found_in) > 1)
+
+
 def split_dataset(data: DataConfig, output_dir: Path) -> SplitSet:
     """Read `data.source`, assign each example a split, write splits.parquet (+ images.npy).
 
@@ -91,6 +100,7 @@ def split_dataset(data: DataConfig, output_dir: Path) -> SplitSet:
         data_fingerprint=hash_json(sorted(zip(hashes, loaded.labels.tolist(), splits)))[:24],
         skipped=loaded.skipped,
         duplicates=len(hashes) - len(set(hashes)),
+        duplicates_across_splits=_duplicates_across_splits(hashes, splits),
     )
 
 

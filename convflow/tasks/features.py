@@ -55,6 +55,21 @@ def make_parser(height: int, width: int, channels: int):
     return parse
 
 
+# Cache a split in memory only while it takes at most this share of the machine's memory.
+CACHE_MEMORY_SHARE = 0.25
+
+
+def _fits_in_memory(shards: list[str], image_size: tuple[int, int], channels: int) -> bool:
+    """Whether the decoded split fits the cache budget; the record count is in each shard's name."""
+    import os
+    import re
+
+    records = sum(int(match.group(1)) for shard in shards if (match := re.search(r"\.n(\d+)\.", shard)))
+    decoded_bytes = records * image_size[0] * image_size[1] * channels
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return decoded_bytes <= CACHE_MEMORY_SHARE * memory
+
+
 def read_dataset(
     shards: list[str],
     image_size: tuple[int, int],
@@ -87,7 +102,7 @@ def read_dataset(
         examples = examples.map(lambda example: (example[IMAGE], example[LABEL], example[EXAMPLE_ID]))
     else:
         examples = examples.map(lambda example: (example[IMAGE], example[LABEL]))
-    if cache:
+    if cache and _fits_in_memory(shards, image_size, channels):
         examples = examples.cache()
     if shuffle_buffer:
         examples = examples.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)

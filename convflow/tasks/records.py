@@ -60,6 +60,7 @@ class SplitSet(StageRecord):
     data_fingerprint: str = Field(description="Hash over example hashes, labels and splits.")
     skipped: list[str] = Field(default_factory=list, description="Unusable source files, with why.")
     duplicates: int = Field(0, description="Examples whose bytes equal an earlier example's.")
+    duplicates_across_splits: int = Field(0, description="Distinct images present in more than one split.")
 
     def required_files(self) -> list[str]:
         return [self.splits_parquet, *([self.images_npy] if self.images_npy else [])]

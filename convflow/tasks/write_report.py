@@ -170,7 +170,8 @@ def render_report(
         f'loss {evaluation.test_loss:.4f}. Gate: <span class="{verdict}">{verdict}</span> '
         f"({html.escape(evaluation.gate_reason)}). SavedModel: <code>{html.escape(exported.saved_model)}</code></p>",
         '<h2 id="dataset">Dataset</h2>' + _table(["split", "examples"], [[k, v] for k, v in split_set.counts.items()])
-        + f"<p>{len(names)} classes; {split_set.duplicates} exact duplicates; "
+        + f"<p>{len(names)} classes; {split_set.duplicates} exact duplicates "
+        f"({split_set.duplicates_across_splits} across splits); "
         f"{len(split_set.skipped)} unusable files skipped.</p>"
         + "".join(f"<p><code>{html.escape(line)}</code></p>" for line in split_set.skipped[:50]),
         '<h2 id="augmentation">Augmentation preview</h2>' + (
