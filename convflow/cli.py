@@ -38,6 +38,20 @@ def _parser() -> argparse.ArgumentParser:
     runs = commands.add_parser("runs", help="print the runs catalog (artifacts/runs.parquet)")
     runs.add_argument("pipeline", nargs="?", help="only this pipeline's runs")
     runs.add_argument("--artifacts", default="artifacts")
+
+    serve = commands.add_parser(
+        "serve", help="serve every scheduled pipeline from this process until stopped (needs PREFECT_API_URL)"
+    )
+    deploy = commands.add_parser(
+        "deploy", help="register every scheduled pipeline on a work pool for workers (needs PREFECT_API_URL)"
+    )
+    deploy.add_argument("--pool", required=True, help="work pool name; created as a process pool if missing")
+    for command in (serve, deploy):
+        command.add_argument("-f", "--file", default="pipelines.yaml", help="pipelines file (default: ./pipelines.yaml)")
+        command.add_argument("--artifacts", default="artifacts", help="artifacts root (default: ./artifacts)")
+        command.add_argument(
+            "--force", action="store_true", help="scheduled runs train even when data and config are unchanged"
+        )
     return parser
 
 
@@ -113,11 +127,62 @@ def _run(args: argparse.Namespace) -> int:
 def _runs(args: argparse.Namespace) -> int:
     from convflow import tables
 
-    catalog = tables.read_runs(Path(args.artifacts) / "runs.parquet").to_pandas()
+    path = Path(args.artifacts) / "runs.parquet"
+    catalog = tables.read_runs(path).to_pandas()
     if args.pipeline:
         catalog = catalog[catalog["pipeline"] == args.pipeline]
-    columns = ["pipeline", "run_id", "status", "test_accuracy", "config_hash", "data_fingerprint"]
-    print(catalog[columns].to_string(index=False) if len(catalog) else "no runs yet")
+    if not len(catalog):
+        print(f"no runs{f' of {args.pipeline}' if args.pipeline else ''} in {path}")
+        return 0
+    catalog = catalog.sort_values("started")
+    catalog["seconds"] = (catalog["finished"] - catalog["started"]).dt.total_seconds()
+    catalog["started"] = catalog["started"].dt.strftime("%Y-%m-%d %H:%M:%S")
+    catalog["promoted_version"] = catalog["promoted_version"].astype("Int64")
+    columns = ["started", "pipeline", "run_id", "status", "test_accuracy", "promoted_version", "seconds",
+               "config_hash", "data_fingerprint"]
+    formats = {"test_accuracy": "{:.4f}".format, "seconds": "{:.1f}".format}
+    print(catalog[columns].to_string(index=False, na_rep="-", formatters=formats))
+    return 0
+
+
+def _missing_server(command: str) -> str | None:
+    """Why `command` cannot talk to a Prefect server, or None when PREFECT_API_URL is set (in the
+    environment or the active Prefect profile)."""
+    from prefect.settings import get_current_settings
+
+    if get_current_settings().api.url:
+        return None
+    return (
+        f"convflow {command}: PREFECT_API_URL is not set; {command} needs a running Prefect server.\n"
+        "  start one:  prefect server start --host 127.0.0.1 --port 4200\n"
+        "  then:       export PREFECT_API_URL=http://127.0.0.1:4200/api"
+    )
+
+
+def _schedules_command(args: argparse.Namespace) -> int:
+    """`convflow serve` and `convflow deploy`: the file is checked first, then the server."""
+    from convflow.config import ConfigError
+    from convflow.flows import deployments
+
+    try:
+        deployments.scheduled_pipelines(Path(args.file))
+        problem = _missing_server(args.command)
+        if problem:
+            print(problem, file=sys.stderr)
+            return 1
+        if args.command == "serve":
+            deployments.serve_pipelines(Path(args.file), Path(args.artifacts), args.force)
+            return 0
+        created = deployments.deploy_pipelines(Path(args.file), Path(args.artifacts), args.pool, args.force)
+    except ConfigError as error:
+        print("\n".join(error.problems), file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    except deployments.DeploymentError as error:
+        print(f"convflow {args.command}: {error}", file=sys.stderr)
+        return 1
+    for name, deployment_id in created.items():
+        print(f"deployed convflow-train/{name} on work pool {args.pool} ({deployment_id})")
+    print(f"start a worker to run them: prefect worker start --pool {args.pool}")
     return 0
 
 
@@ -143,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {
         "run": _run, "validate": lambda a: _validate(a.file), "runs": _runs,
         "promote": _registry_command, "rollback": _registry_command,
+        "serve": _schedules_command, "deploy": _schedules_command,
     }
     return handlers[args.command](args)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import zoneinfo
 from pathlib import Path
 from typing import Any, Literal
 
@@ -178,8 +179,24 @@ class EvaluateConfig(StrictModel):
 
 class ScheduleConfig(StrictModel):
     cron: str | None = Field(None, description="Cron expression, e.g. '0 3 * * 1'.")
-    interval: int | None = Field(None, ge=60, description="Seconds between runs.")
-    timezone: str = "UTC"
+    interval: int | None = Field(None, ge=60, description="Seconds between runs, counted from 2000-01-01 00:00.")
+    timezone: str = Field("UTC", description="IANA time zone of the cron times and the interval's start.")
+
+    @field_validator("cron")
+    @classmethod
+    def _five_fields(cls, cron: str | None) -> str | None:
+        if cron is not None and len(cron.split()) != 5:
+            raise ValueError("must have 5 fields: minute hour day-of-month month day-of-week")
+        return cron
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, timezone: str) -> str:
+        try:
+            zoneinfo.ZoneInfo(timezone)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError("unknown time zone; use an IANA name such as UTC or Europe/Berlin") from None
+        return timezone
 
     @model_validator(mode="after")
     def _exactly_one(self) -> ScheduleConfig:
@@ -195,6 +212,11 @@ class PipelineSpec(StrictModel):
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     schedule: ScheduleConfig | None = None
+    retrain: Literal["on_change", "always"] = Field(
+        "on_change",
+        description="Scheduled runs: on_change trains only when the data fingerprint or config differs from "
+        "the production model's; always trains every time. `convflow run` always runs the stages.",
+    )
 
     @field_validator("name")
     @classmethod
@@ -219,8 +241,8 @@ class PipelineSpec(StrictModel):
         return self
 
     def config_hash(self) -> str:
-        """Hash of everything that shapes the model; the schedule is left out."""
-        payload = self.model_dump(mode="json", exclude={"schedule", "name"})
+        """Hash of everything that shapes the model; the schedule and retraining policy are left out."""
+        payload = self.model_dump(mode="json", exclude={"schedule", "name", "retrain"})
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -35,6 +35,8 @@ class Production(pydantic.BaseModel):
     model: str = pydantic.Field(description="The run's trained Keras model, for run: transfer.")
     test_accuracy: float
     promoted_at: str
+    config_hash: str | None = pydantic.Field(None, description="Config hash of the pipeline that made the model.")
+    data_fingerprint: str | None = pydantic.Field(None, description="Fingerprint of the data it was trained on.")
 
 
 class RegistryError(ValueError):
@@ -68,17 +70,22 @@ def versions(artifacts_root: Path, pipeline: str) -> list[Production]:
     return sorted(found, key=lambda production: production.version)
 
 
+def _replace_text(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
 def _switch_pointer(production: Production, artifacts_root: Path) -> None:
-    pointer = models_dir(artifacts_root, production.pipeline) / POINTER
-    temporary = pointer.with_name(f".{POINTER}.tmp-{os.getpid()}")
-    temporary.write_text(production.model_dump_json(indent=2))
-    os.replace(temporary, pointer)
+    _replace_text(models_dir(artifacts_root, production.pipeline) / POINTER, production.model_dump_json(indent=2))
 
 
 def promote(
-    artifacts_root: Path, pipeline: str, run_id: str, saved_model: str, model: str, test_accuracy: float
+    artifacts_root: Path, pipeline: str, run_id: str, saved_model: str, model: str, test_accuracy: float,
+    config_hash: str | None = None, data_fingerprint: str | None = None,
 ) -> Production:
-    """Copy `saved_model` in as the next version and make it production."""
+    """Copy `saved_model` in as the next version and make it production; `config_hash` and
+    `data_fingerprint` say what made it (scheduled runs skip training while both are unchanged)."""
     root = models_dir(artifacts_root, pipeline)
     root.mkdir(parents=True, exist_ok=True)
     with tables.locked(root / POINTER):
@@ -86,11 +93,30 @@ def promote(
         production = Production(
             pipeline=pipeline, version=version, run_id=run_id, saved_model=str(root / str(version)), model=model,
             test_accuracy=test_accuracy, promoted_at=datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            config_hash=config_hash, data_fingerprint=data_fingerprint,
         )
         staging = root / f".{version}.tmp-{os.getpid()}"
         shutil.copytree(saved_model, staging)
         (staging / VERSION_RECORD).write_text(production.model_dump_json(indent=2))
         staging.rename(root / str(version))
+        _switch_pointer(production, artifacts_root)
+    return production
+
+
+def record_lineage(
+    artifacts_root: Path, pipeline: str, model: str, config_hash: str, data_fingerprint: str
+) -> Production | None:
+    """Note on the production version which config and data made it, when `model` is production's
+    model; returns the updated record, or None when production is another model (or none)."""
+    root = models_dir(artifacts_root, pipeline)
+    if not (root / POINTER).exists():
+        return None
+    with tables.locked(root / POINTER):
+        production = current(artifacts_root, pipeline)
+        if production is None or production.model != model:
+            return None
+        production = production.model_copy(update={"config_hash": config_hash, "data_fingerprint": data_fingerprint})
+        _replace_text(root / str(production.version) / VERSION_RECORD, production.model_dump_json(indent=2))
         _switch_pointer(production, artifacts_root)
     return production
 
@@ -126,4 +152,7 @@ def promote_run(artifacts_root: Path, run_id: str) -> Production:
     if not rows:
         raise RegistryError(f"run {run_id!r} is not in {catalog}")
     row = rows[-1]
-    return promote(artifacts_root, row["pipeline"], run_id, row["saved_model"], row["model"], row["test_accuracy"])
+    return promote(
+        artifacts_root, row["pipeline"], run_id, row["saved_model"], row["model"], row["test_accuracy"],
+        config_hash=row["config_hash"], data_fingerprint=row["data_fingerprint"],
+    )

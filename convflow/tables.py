@@ -93,7 +93,7 @@ RUNS_SCHEMA = _schema(
     ("saved_model", pa.string(), "Exported SavedModel folder (unchanged runs: production's)."),
     ("promoted_version", pa.int64(), "Registry version the run was promoted to; null if not promoted."),
     ("report", pa.string(), "report.html path; null when the run wrote no report (unchanged)."),
-    ("run_dir", pa.string(), "The run's folder; null when the run wrote nothing (unchanged)."),
+    ("run_dir", pa.string(), "The run's folder, holding its run.json (the catalog can be rebuilt from these)."),
     ("flow_run_id", pa.string(), "The Prefect flow run (UI page /runs/flow-run/<id>); null when unknown."),
     nullable=("passed_gate", "model", "promoted_version", "report", "run_dir", "flow_run_id"),
     table="The runs catalog: one row per finished run of any pipeline, appended under a file lock.",
@@ -127,7 +127,7 @@ def append_run(catalog: Path, row: dict[str, Any]) -> None:
     rebuilt from the run folders.
     """
     run_record = None
-    if row.get("run_dir"):  # a run that wrote nothing (unchanged) has no folder to keep it in
+    if row.get("run_dir"):
         run_record = Path(row["run_dir"]) / RUN_RECORD
         run_record.parent.mkdir(parents=True, exist_ok=True)
         temporary = run_record.with_name(f".{RUN_RECORD}.tmp-{os.getpid()}")

@@ -1,0 +1,134 @@
+"""Scheduled pipelines as Prefect deployments of the training flow: served by one long-running
+process (`convflow serve`) or registered on a work pool for workers (`convflow deploy`).
+
+Each pipeline with a `schedule:` becomes the deployment `convflow-train/<pipeline>`. Deployments
+are upserted by that name, so serving or deploying again updates them and never duplicates one.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import zoneinfo
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+from prefect.deployments.runner import EntrypointType, RunnerDeployment
+from prefect.schedules import Cron, Interval, Schedule
+
+from convflow.config import PipelineSpec, ScheduleConfig, load_pipelines
+from convflow.flows.train_pipeline import train_pipeline
+
+TAGS = ["convflow", "scheduled"]
+# The code the worker runs: this checkout (or install) of convflow, and the flow within it.
+SOURCE_ROOT = Path(__file__).resolve().parents[2]
+ENTRYPOINT = "convflow/flows/train_pipeline.py:train_pipeline"
+# Intervals count from here, in the schedule's time zone, so restarts keep the same run times.
+INTERVAL_ANCHOR = datetime.datetime(2000, 1, 1)
+
+
+class DeploymentError(ValueError):
+    """Deployments that cannot be made; the message says why and what to do."""
+
+
+def scheduled_pipelines(pipelines_file: Path) -> dict[str, PipelineSpec]:
+    """The pipelines of `pipelines_file` that have a schedule.
+
+    Raises:
+        ConfigError: the file is invalid.
+        DeploymentError: no pipeline has a schedule.
+    """
+    scheduled = {name: spec for name, spec in load_pipelines(pipelines_file).items() if spec.schedule}
+    if not scheduled:
+        raise DeploymentError(
+            f"{pipelines_file}: no pipeline has a schedule; add e.g. "
+            "`schedule: {cron: \"0 3 * * 1\", timezone: UTC}` to one"
+        )
+    return scheduled
+
+
+def prefect_schedule(schedule: ScheduleConfig) -> Schedule:
+    if schedule.cron is not None:
+        return Cron(schedule.cron, timezone=schedule.timezone)
+    anchor = INTERVAL_ANCHOR.replace(tzinfo=zoneinfo.ZoneInfo(schedule.timezone))
+    return Interval(schedule.interval, anchor_date=anchor, timezone=schedule.timezone)
+
+
+def run_environment(artifacts: Path) -> dict[str, str]:
+    """What a scheduled run needs in its environment: Prefect's cached task results beside the
+    artifacts (shared with `convflow run`, so its cache hits count), and quiet TensorFlow."""
+    return {"PREFECT_LOCAL_STORAGE_PATH": str(artifacts / ".prefect-results"), "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
+def _deployment_options(spec: PipelineSpec, pipelines_file: Path, artifacts: Path, force: bool) -> dict[str, Any]:
+    return {
+        "name": spec.name,
+        "schedules": [prefect_schedule(spec.schedule)],
+        "parameters": {
+            "pipeline": spec.name, "pipelines_file": str(pipelines_file), "artifacts": str(artifacts),
+            "scheduled": True, "force": force,
+        },
+        "concurrency_limit": 1,  # a pipeline's runs queue; they never train over each other
+        "tags": TAGS,
+        "description": f"Scheduled retraining of pipeline {spec.name!r} of {pipelines_file} (retrain: {spec.retrain}).",
+    }
+
+
+def served_deployments(pipelines_file: Path, artifacts: Path, force: bool = False) -> list[RunnerDeployment]:
+    """One deployment per scheduled pipeline, for `prefect.serve`; the flow is imported by module."""
+    pipelines_file, artifacts = Path(pipelines_file).resolve(), Path(artifacts).resolve()
+    return [
+        train_pipeline.to_deployment(
+            **_deployment_options(spec, pipelines_file, artifacts, force), entrypoint_type=EntrypointType.MODULE_PATH
+        )
+        for spec in scheduled_pipelines(pipelines_file).values()
+    ]
+
+
+def serve_pipelines(pipelines_file: Path, artifacts: Path, force: bool = False) -> None:
+    """Serve every scheduled pipeline from this process until it is stopped; runs are subprocesses."""
+    from prefect import serve
+
+    deployments = served_deployments(pipelines_file, artifacts, force)
+    os.environ.update(run_environment(Path(artifacts).resolve()))
+    serve(*deployments)
+
+
+def ensure_process_pool(pool: str) -> bool:
+    """Create work pool `pool` of type process unless it exists; True when it was created.
+
+    Raises:
+        DeploymentError: a pool of that name exists with another type.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+    from prefect.workers.process import ProcessWorker
+
+    with get_client(sync_client=True) as client:
+        try:
+            existing = client.read_work_pool(pool)
+        except ObjectNotFound:
+            template = ProcessWorker.get_default_base_job_template()
+            client.create_work_pool(WorkPoolCreate(name=pool, type="process", base_job_template=template))
+            return True
+    if existing.type != "process":
+        raise DeploymentError(f"work pool {pool!r} has type {existing.type!r}; convflow deploy needs a process pool")
+    return False
+
+
+def deploy_pipelines(pipelines_file: Path, artifacts: Path, pool: str, force: bool = False) -> dict[str, UUID]:
+    """Register every scheduled pipeline on work pool `pool` (created as a process pool if missing);
+    returns the deployment id per pipeline. Workers run the flow from SOURCE_ROOT."""
+    pipelines_file, artifacts = Path(pipelines_file).resolve(), Path(artifacts).resolve()
+    specs = scheduled_pipelines(pipelines_file)
+    ensure_process_pool(pool)
+    flow = train_pipeline.from_source(source=str(SOURCE_ROOT), entrypoint=ENTRYPOINT)
+    return {
+        name: flow.deploy(
+            **_deployment_options(spec, pipelines_file, artifacts, force), work_pool_name=pool,
+            job_variables={"env": run_environment(artifacts)}, print_next_steps=False, ignore_warnings=True,
+        )
+        for name, spec in specs.items()
+    }
