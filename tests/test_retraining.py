@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import shutil
 
 import pyarrow.parquet as pq
 import pytest
@@ -111,6 +112,8 @@ def test_unchanged_only_when_config_and_data_match(artifacts, tmp_path, spec):
     assert retraining.unchanged_production(artifacts, epochs, FINGERPRINT) is None  # the config changed
     always = spec.model_copy(update={"retrain": "always"})
     assert retraining.unchanged_production(artifacts, always, FINGERPRINT) is None
+    shutil.rmtree(production.saved_model)
+    assert retraining.unchanged_production(artifacts, spec, FINGERPRINT) is None  # production's files are gone
 
 
 def test_unchanged_run_appends_a_catalog_row_and_run_record(artifacts, tmp_path, spec):

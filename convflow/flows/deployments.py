@@ -91,7 +91,8 @@ def serve_pipelines(pipelines_file: Path, artifacts: Path, force: bool = False) 
     from prefect import serve
 
     deployments = served_deployments(pipelines_file, artifacts, force)
-    os.environ.update(run_environment(Path(artifacts).resolve()))
+    for name, value in run_environment(Path(artifacts).resolve()).items():
+        os.environ.setdefault(name, value)  # served runs inherit it, as `convflow run` would set it
     serve(*deployments)
 
 
