@@ -24,6 +24,15 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--artifacts", default="artifacts", help="artifacts root (default: ./artifacts)")
     run.add_argument("--json", action="store_true", help="print the run summary as JSON on the last line")
 
+    compare = commands.add_parser("compare", help="run a pipeline's compare variants side by side and rank them")
+    compare.add_argument("name", help="pipeline name in the pipelines file; it needs a compare section")
+    compare.add_argument("-f", "--file", default="pipelines.yaml", help="pipelines file (default: ./pipelines.yaml)")
+    compare.add_argument("--artifacts", default="artifacts", help="artifacts root (default: ./artifacts)")
+    compare.add_argument("--json", action="store_true", help="print the comparison as JSON on the last line")
+    compare.add_argument(
+        "--dask", type=int, metavar="N", help="run the variants on a local Dask cluster of N worker processes"
+    )
+
     validate = commands.add_parser("validate", help="check a pipelines file; exit 2 on any mistake")
     validate.add_argument("file", nargs="?", default="pipelines.yaml")
 
@@ -66,7 +75,21 @@ def _validate(path: str) -> int:
             print(f"  {problem}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     print(f"{path}: {len(specs)} pipeline(s) valid: {', '.join(specs)}")
+    _warn_invalid_variants(specs, Path(path).resolve().parent)
     return 0
+
+
+def _warn_invalid_variants(specs: dict, base_dir: Path) -> None:
+    """Compare variants whose merged config is invalid: `convflow compare` reports them as failed
+    and runs the others, so they are warnings here, not errors."""
+    from convflow.config import variant_specs
+
+    for spec in specs.values():
+        for name, variant in variant_specs(spec, base_dir).items():
+            if isinstance(variant, list):
+                print(f"warning: compare variant {spec.name}/{name} will fail:", file=sys.stderr)
+                for problem in variant:
+                    print(f"  {problem}", file=sys.stderr)
 
 
 def _print_summary(summary, seconds: float) -> None:
@@ -85,6 +108,16 @@ def _print_summary(summary, seconds: float) -> None:
     print(f"  {'total':<20}{seconds:>9.2f}")
 
 
+def _prepare_environment(artifacts: str) -> Path:
+    """Settings for a flow run from the command line; returns the resolved artifacts root."""
+    root = Path(artifacts).resolve()
+    # Prefect's cached results live beside the artifacts they describe.
+    os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(root / ".prefect-results"))
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF's C++ start-up chatter, not errors
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry calls offline
+    return root
+
+
 def _run(args: argparse.Namespace) -> int:
     from convflow.config import ConfigError, load_pipeline
 
@@ -93,11 +126,7 @@ def _run(args: argparse.Namespace) -> int:
     except ConfigError as error:
         print("\n".join(error.problems), file=sys.stderr)
         return EXIT_BAD_CONFIG
-    artifacts = Path(args.artifacts).resolve()
-    # Prefect's cached results live beside the artifacts they describe.
-    os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(artifacts / ".prefect-results"))
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF's C++ start-up chatter, not errors
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry calls offline
+    artifacts = _prepare_environment(args.artifacts)
     started = time.perf_counter()
     from convflow.local_server import prefect_api
 
@@ -122,6 +151,65 @@ def _run(args: argparse.Namespace) -> int:
         payload["seconds"] = round(seconds, 3)
         print(json.dumps(payload))
     return 0
+
+
+def _print_comparison(comparison, rows: list[dict], seconds: float) -> None:
+    print(f"\n{comparison.pipeline} comparison {comparison.comparison_id} ({comparison.runner}), "
+          f"ranked by {comparison.metric}")
+    print(f"  {'rank':<5}{'variant':<20}{'status':<11}{'initial':>8}{'final':>8}{'loss':>8}{'F1':>8}"
+          f"{'params':>11}{'trainable':>11}{'train s':>9}{'img/s':>7}{'MB':>7}{'ms/img':>8}  pid")
+    for row in rows:
+        def cell(key, spec, width):
+            return f"{row[key]:{width}{spec}}" if row[key] is not None else f"{'-':>{width}}"
+        print(f"  {row['rank'] or '-':<5}{row['variant']:<20}{row['status']:<11}{cell('initial_accuracy', '.4f', 8)}"
+              f"{cell('test_accuracy', '.4f', 8)}{cell('test_loss', '.4f', 8)}{cell('macro_f1', '.4f', 8)}"
+              f"{cell('total_params', ',', 11)}{cell('trainable_params', ',', 11)}{cell('train_seconds', '.1f', 9)}"
+              f"{cell('images_per_second', '.0f', 7)}{cell('saved_model_mb', '.2f', 7)}{cell('latency_ms', '.2f', 8)}"
+              f"  {row['pid'] or '-'}")
+    for row in rows:
+        if row["error"]:
+            print(f"  {row['variant']} failed: {row['error']}")
+    print(f"  {comparison.verdict}")
+    print(f"  report  {comparison.report}")
+    print(f"  total   {seconds:.2f} s")
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from convflow.config import ConfigError, load_pipeline
+
+    try:
+        spec = load_pipeline(args.file, args.name)  # validate before anything is written
+    except ConfigError as error:
+        print("\n".join(error.problems), file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    if spec.compare is None:
+        print(f"pipelines.{args.name}.compare: required by convflow compare (a list of variants)", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    artifacts = _prepare_environment(args.artifacts)
+    started = time.perf_counter()
+    from convflow.local_server import prefect_api
+
+    with prefect_api() as server:
+        from convflow.flows.compare import run_comparison  # imports while the server starts
+        from convflow.tasks.compare_report import variant_rows
+
+        if server is not None:
+            server.wait_until_ready()
+        try:
+            comparison = run_comparison(args.name, str(Path(args.file).resolve()), str(artifacts), args.dask)
+        except Exception as error:  # the flow already logged the traceback
+            print(f"convflow compare {args.name} failed: {type(error).__name__}: {error}", file=sys.stderr)
+            return 1
+    seconds = time.perf_counter() - started
+    rows = variant_rows(comparison)
+    _print_comparison(comparison, rows, seconds)
+    if args.json:
+        payload = comparison.model_dump(include={"pipeline", "comparison_id", "metric", "promote", "runner",
+                                                 "flow_pid", "verdict", "report"})
+        payload.update(winner=comparison.winner.name if comparison.winner else None, variants=rows,
+                       seconds=round(seconds, 3))
+        print(json.dumps(payload))
+    return 0 if comparison.winner else 1
 
 
 def _runs(args: argparse.Namespace) -> int:
@@ -206,7 +294,7 @@ def _registry_command(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handlers = {
-        "run": _run, "validate": lambda a: _validate(a.file), "runs": _runs,
+        "run": _run, "compare": _compare, "validate": lambda a: _validate(a.file), "runs": _runs,
         "promote": _registry_command, "rollback": _registry_command,
         "serve": _schedules_command, "deploy": _schedules_command,
     }

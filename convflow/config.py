@@ -205,6 +205,53 @@ class ScheduleConfig(StrictModel):
         return self
 
 
+class VariantConfig(StrictModel):
+    """One variant of a comparison: overrides deep-merged over its pipeline, validated as a pipeline
+    when the comparison runs (a variant whose merged config is invalid fails alone)."""
+
+    name: str = Field(description="Names the variant in the report and its run id.")
+    model: dict[str, Any] = Field(default_factory=dict, description="Overrides of the pipeline's model section.")
+    train: dict[str, Any] = Field(default_factory=dict, description="Overrides of the pipeline's train section.")
+    evaluate: dict[str, Any] = Field(default_factory=dict, description="Overrides of the pipeline's evaluate section.")
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, name: str) -> str:
+        if not PIPELINE_NAME.match(name):
+            raise ValueError("must be 1-64 of a-z 0-9 _ . - and start with a letter or digit")
+        return name
+
+
+class CompareConfig(StrictModel):
+    """`convflow compare`: the pipeline's variants side by side on shared data stages."""
+
+    variants: list[VariantConfig] = Field(min_length=2, description="The variants; data stages are shared.")
+    metric: Literal["test_accuracy", "test_loss", "macro_f1", "latency_ms"] = Field(
+        "test_accuracy", description="Ranks the variants: accuracy and F1 higher, loss and latency lower is better."
+    )
+    promote: Literal["best", "none"] = Field(
+        "none", description="best: the winner alone goes through the gate and may be promoted; none: nothing is."
+    )
+    runner: Literal["sequential", "threads", "dask"] = Field(
+        "sequential",
+        description="sequential: one variant at a time in the flow's process; threads: at once in its threads "
+        "(they share TensorFlow's global random state, so initial weights are not reproducible); dask: at once "
+        "in the worker processes of a local Dask cluster (needs convflow[dask]).",
+    )
+    workers: int | None = Field(
+        None, ge=1, description="threads: variants at a time; dask: worker processes; default: one per variant."
+    )
+
+    @field_validator("variants")
+    @classmethod
+    def _unique_names(cls, variants: list[VariantConfig]) -> list[VariantConfig]:
+        names = [variant.name for variant in variants]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"variant names must be unique; repeated: {repeated}")
+        return variants
+
+
 class PipelineSpec(StrictModel):
     name: str
     data: DataConfig
@@ -217,6 +264,7 @@ class PipelineSpec(StrictModel):
         description="Scheduled runs: on_change trains only when the data fingerprint or config differs from "
         "the production model's; always trains every time. `convflow run` always runs the stages.",
     )
+    compare: CompareConfig | None = Field(None, description="Variants that `convflow compare` runs side by side.")
 
     @field_validator("name")
     @classmethod
@@ -233,16 +281,24 @@ class PipelineSpec(StrictModel):
                 f"data.image_size {list(self.data.image_size)} is below {self.model.base}'s minimum "
                 f"of {spec.min_size}x{spec.min_size}"
             )
+        if self.model.weights == "imagenet" and spec.kind == "seed":
+            raise ValueError(
+                f"model.weights imagenet exists only for tf.keras.applications bases, not {self.model.base!r}"
+            )
         if self.model.weights == "imagenet" and self.data.channels != spec.imagenet_channels:
             raise ValueError(
                 f"data.channels {self.data.channels} does not match imagenet weights, "
                 f"which take {spec.imagenet_channels} channels"
             )
+        if spec.kind == "application" and self.data.channels != 3:
+            raise ValueError(
+                f"data.channels {self.data.channels}: {self.model.base} takes RGB images; set data.channels: 3"
+            )
         return self
 
     def config_hash(self) -> str:
         """Hash of everything that shapes the model; the schedule and retraining policy are left out."""
-        payload = self.model_dump(mode="json", exclude={"schedule", "name", "retrain"})
+        payload = self.model_dump(mode="json", exclude={"schedule", "name", "retrain", "compare"})
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -361,3 +417,23 @@ def load_pipeline(path: str | Path, name: str) -> PipelineSpec:
     if name not in specs:
         raise ConfigError(Path(path), [f"pipelines.{name}: no such pipeline; expected one of {sorted(specs)}"])
     return specs[name]
+
+
+def variant_specs(spec: PipelineSpec, base_dir: str | Path) -> dict[str, PipelineSpec | list[str]]:
+    """Each compare variant of `spec` as a pipeline of its own (the pipeline deep-merged with the
+    variant's overrides, named like the pipeline, without a compare section), or that variant's
+    problems, one line each; relative paths in overrides resolve against `base_dir`."""
+    if spec.compare is None:
+        return {}
+    body = spec.model_dump(mode="json", exclude={"compare"})
+    results: dict[str, PipelineSpec | list[str]] = {}
+    for variant in spec.compare.variants:
+        overrides = variant.model_dump(include={"model", "train", "evaluate"})
+        try:
+            results[variant.name] = PipelineSpec.model_validate(
+                _deep_merge(body, overrides), context={"base_dir": str(base_dir)}
+            )
+        except ValidationError as error:
+            prefix = f"pipelines.{spec.name}.compare.variants.{variant.name}"
+            results[variant.name] = [_format_error(prefix, item) for item in error.errors()]
+    return results

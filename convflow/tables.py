@@ -95,8 +95,44 @@ RUNS_SCHEMA = _schema(
     ("report", pa.string(), "report.html path; null when the run wrote no report (unchanged)."),
     ("run_dir", pa.string(), "The run's folder, holding its run.json (the catalog can be rebuilt from these)."),
     ("flow_run_id", pa.string(), "The Prefect flow run (UI page /runs/flow-run/<id>); null when unknown."),
-    nullable=("passed_gate", "model", "promoted_version", "report", "run_dir", "flow_run_id"),
+    ("comparison_id", pa.string(), "The `convflow compare` run this variant belonged to (its folder is "
+     "artifacts/<pipeline>/<comparison_id>/); null for plain runs. Only the promoted winner is completed."),
+    ("variant", pa.string(), "The compare variant's name; null for plain runs."),
+    nullable=("passed_gate", "model", "promoted_version", "report", "run_dir", "flow_run_id", "comparison_id",
+              "variant"),
     table="The runs catalog: one row per finished run of any pipeline, appended under a file lock.",
+)
+
+
+COMPARISON_SCHEMA = _schema(
+    ("comparison_id", pa.string(), "The comparison; its folder is artifacts/<pipeline>/<comparison_id>/."),
+    ("pipeline", pa.string(), "The pipeline whose compare variants these are."),
+    ("variant", pa.string(), "Variant name in the pipeline's compare section."),
+    ("status", pa.string(), "completed, or failed (invalid config or an error in one of its stages)."),
+    ("error", pa.string(), "Why the variant failed; null when it completed."),
+    ("rank", pa.int64(), "1 = the winner by the comparison's metric; null for failed variants."),
+    ("metric", pa.string(), "The metric the comparison ranks by."),
+    ("initial_accuracy", pa.float64(), "Test accuracy of the wrapped model before training (about chance)."),
+    ("initial_loss", pa.float64(), "Test loss before training."),
+    ("test_accuracy", pa.float64(), "Test accuracy after training."),
+    ("test_loss", pa.float64(), "Test loss after training."),
+    ("macro_f1", pa.float64(), "F1 averaged over classes, after training."),
+    ("per_class_f1", pa.map_(pa.string(), pa.float64()), "F1 per class name, after training."),
+    ("total_params", pa.int64(), "Parameters of the trained model."),
+    ("trainable_params", pa.int64(), "Parameters trainable in its last training phase."),
+    ("epochs", pa.int64(), "Epochs trained, fine-tuning included."),
+    ("train_seconds", pa.float64(), "Wall time of training (variants may have trained at the same time)."),
+    ("images_per_second", pa.float64(), "Training images per second."),
+    ("saved_model_mb", pa.float64(), "Size of the exported SavedModel folder, MB (10^6 bytes)."),
+    ("latency_ms", pa.float64(), "Median SavedModel latency for one image, ms, measured variant after variant."),
+    ("passed_gate", pa.bool_(), "Whether the variant passed the pipeline's gate."),
+    ("promoted_version", pa.int64(), "Registry version, when this variant was promoted."),
+    ("run_id", pa.string(), "The variant's run id (runs.parquet); its folder is artifacts/<pipeline>/<run_id>/."),
+    ("pid", pa.int64(), "Process that trained the variant."),
+    nullable=("error", "rank", "initial_accuracy", "initial_loss", "test_accuracy", "test_loss", "macro_f1",
+              "per_class_f1", "total_params", "trainable_params", "epochs", "train_seconds", "images_per_second",
+              "saved_model_mb", "latency_ms", "passed_gate", "promoted_version", "run_id", "pid"),
+    table="One comparison (`convflow compare`): one row per variant, failed ones included.",
 )
 
 
@@ -177,8 +213,11 @@ def read_runs(catalog: Path) -> pa.Table:
     return table
 
 
-def catalog_row(summary, run_dir: Path | None, flow_run_id: Any = None) -> dict[str, Any]:
-    """The runs.parquet row of one finished run (a RunSummary)."""
+def catalog_row(
+    summary, run_dir: Path | None, flow_run_id: Any = None, comparison_id: str | None = None,
+    variant: str | None = None,
+) -> dict[str, Any]:
+    """The runs.parquet row of one finished run (a RunSummary), or of one variant of a comparison."""
     return {
         "pipeline": summary.pipeline,
         "run_id": summary.run_id,
@@ -196,4 +235,6 @@ def catalog_row(summary, run_dir: Path | None, flow_run_id: Any = None) -> dict[
         "report": summary.report,
         "run_dir": str(run_dir) if run_dir is not None else None,
         "flow_run_id": str(flow_run_id) if flow_run_id is not None else None,
+        "comparison_id": comparison_id,
+        "variant": variant,
     }

@@ -12,7 +12,7 @@ from convflow import tables
 from convflow.config import EvaluateConfig
 from convflow.registry import Production
 from convflow.tasks import features
-from convflow.tasks.records import Evaluation, TFRecordSet, TrainedModel
+from convflow.tasks.records import Evaluation, TFRecordSet, TrainedModel, WrappedModel
 from convflow.tasks.stage import RunContext, stage_task, staged_output
 
 # Test images kept for the report (sample predictions, worst mistakes, feature maps).
@@ -89,6 +89,17 @@ def score_saved_model(saved_model: str, images: np.ndarray, labels: np.ndarray) 
         for start in range(0, len(images), 512)
     ])
     return float((predicted == labels).mean())
+
+
+def score_untrained(wrapped: WrappedModel, tfrecords: TFRecordSet) -> tuple[float, float]:
+    """The tutorials' "initial accuracy": (test accuracy, test loss) of the wrapped model before
+    training; its head is random, so about chance."""
+    from sklearn.metrics import log_loss
+
+    _, labels, _, logits = predict_split(wrapped.model_path, tfrecords, "test")
+    probabilities = _softmax(logits.astype(np.float64))
+    loss = float(log_loss(labels, probabilities, labels=list(range(len(tfrecords.label_names)))))
+    return float((probabilities.argmax(axis=1) == labels).mean()), loss
 
 
 def first_conv_feature_maps(model_path: str, image: np.ndarray, limit: int = 16) -> np.ndarray:

@@ -1,0 +1,144 @@
+"""The comparison flow: a pipeline's data stages once, then its compare variants side by side."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import uuid
+from pathlib import Path
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import PrefectFuture
+from prefect.runtime import flow_run
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from convflow import registry
+from convflow.config import CompareConfig, ConfigError, PipelineSpec, load_pipeline, variant_specs
+from convflow.flows.stage_log import StageLog
+from convflow.sources import source_stamp
+from convflow.tasks.build_base import build_base, weights_stamp
+from convflow.tasks.compare_report import Comparison, compare_report, record_variant_runs
+from convflow.tasks.compare_variant import (
+    VariantResult, export_candidate, failed_variant, measure_variants, promote_winner, rank_variants,
+    summarize_variant,
+)
+from convflow.tasks.download_and_split import download_and_split
+from convflow.tasks.evaluate import evaluate, score_untrained
+from convflow.tasks.freeze_and_wrap import freeze_and_wrap
+from convflow.tasks.stage import RunContext
+from convflow.tasks.to_tfrecords import to_tfrecords
+from convflow.tasks.train import train
+
+
+def new_comparison_id(now: datetime.datetime) -> str:
+    return f"cmp-{now:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
+
+
+def task_runner(compare: CompareConfig, variants: int, dask_workers: int | None = None):
+    """The task runner the variants fan out on, and its description for the report.
+
+    sequential (the default) is a pool of one thread. Keras seeds through process-wide random
+    state, so variants built and trained at once in threads of one process draw each other's
+    random numbers: the same config then gives different initial weights from run to run.
+    Worker processes (dask, or `dask_workers`) each have their own.
+
+    Raises:
+        ImportError: Dask asked for without the dask extra installed.
+    """
+    if dask_workers is None and compare.runner == "sequential":
+        return ThreadPoolTaskRunner(max_workers=1), "sequential (one variant at a time)"
+    if dask_workers is None and compare.runner == "threads":
+        workers = compare.workers or variants
+        return ThreadPoolTaskRunner(max_workers=workers), f"threads ({workers} at a time)"
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError as error:
+        raise ImportError("the dask runner needs prefect-dask: pip install 'convflow[dask]'") from error
+    workers = dask_workers or compare.workers or min(variants, os.cpu_count() or 1)
+    # One thread per worker: each process trains one variant at a time, with TensorFlow to itself.
+    cluster = {"n_workers": workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None}
+    return DaskTaskRunner(cluster_kwargs=cluster), f"dask ({workers} worker processes)"
+
+
+@task(name="compare_variant", task_run_name="{name}", cache_policy=NO_CACHE, retries=0)
+def compare_variant(name: str, spec: PipelineSpec, tfrecords, run: RunContext) -> VariantResult:
+    """One variant's build_base, freeze_and_wrap, initial score, train, evaluate and export; each
+    stage is a task of its own, cached as in a plain run. Its stages retry transient errors; the
+    variant itself does not retry."""
+    log = StageLog()
+    root = Path(run.artifacts_root)
+    base = log.run(build_base, spec.model, weights_stamp(spec.model, root), tfrecords, spec.train.seed, run)
+    wrapped = log.run(freeze_and_wrap, base, spec.model, len(tfrecords.label_names), spec.train.seed, run)
+    initial = score_untrained(wrapped, tfrecords)
+    trained = log.run(train, wrapped, tfrecords, spec.train, spec.model.fine_tune, run)
+    production = registry.rival(root, run.pipeline, trained.model_path)
+    evaluation = log.run(evaluate, trained, tfrecords, spec.evaluate, production, run)
+    exported = log.run(export_candidate, trained, tfrecords, run)
+    return summarize_variant(name, spec, initial, trained, evaluation, exported, log.stages, run)
+
+
+def _outcome(name: str, spec: PipelineSpec | list[str], future: PrefectFuture | None, run_id: str) -> VariantResult:
+    """A variant's result, or its failure: invalid config (never submitted) or a failed task."""
+    if future is None:
+        return failed_variant(name, spec)
+    future.wait()
+    if future.state.is_completed():
+        return future.result()
+    return failed_variant(name, future.state.result(raise_on_failure=False), run_id)
+
+
+@flow(name="convflow-compare", flow_run_name="{pipeline}", task_runner=ThreadPoolTaskRunner(max_workers=1))
+def compare_pipeline(
+    pipeline: str, pipelines_file: str = "pipelines.yaml", artifacts: str = "artifacts", runner: str = "sequential",
+) -> Comparison:
+    """Run the data stages of `pipeline` once, fan its compare variants out on the flow's task
+    runner, rank them, promote the winner when compare.promote is best, and report.
+
+    Raises:
+        ConfigError: the pipeline is invalid or has no compare section.
+    """
+    started = datetime.datetime.now(datetime.timezone.utc)
+    spec = load_pipeline(pipelines_file, pipeline)
+    if spec.compare is None:
+        raise ConfigError(Path(pipelines_file), [f"pipelines.{pipeline}.compare: required by convflow compare"])
+    root = str(Path(artifacts).resolve())
+    run = RunContext(pipeline=pipeline, run_id=new_comparison_id(started), artifacts_root=root)
+    log = StageLog()
+    split_set = log.run(download_and_split, spec.data, source_stamp(spec.data), run)
+    tfrecords = log.run(to_tfrecords, split_set, spec.data, run)
+    variants = variant_specs(spec, Path(pipelines_file).resolve().parent)
+    runs = {name: run.model_copy(update={"run_id": f"{run.run_id}-{name}"}) for name in variants}
+    futures = {name: compare_variant.submit(name, variant, tfrecords, runs[name])
+               for name, variant in variants.items() if isinstance(variant, PipelineSpec)}
+    results = [_outcome(name, variant, futures.get(name), runs[name].run_id) for name, variant in variants.items()]
+    results = measure_variants(results, tfrecords)
+    ranked, verdict = promote_winner(rank_variants(results, spec.compare.metric), spec.compare.promote, run)
+    comparison = Comparison(
+        pipeline=pipeline, comparison_id=run.run_id, started=started.isoformat(), metric=spec.compare.metric,
+        promote=spec.compare.promote, runner=runner, flow_pid=os.getpid(), data_fingerprint=split_set.data_fingerprint,
+        counts=tfrecords.counts, label_names=tfrecords.label_names, variants=ranked, verdict=verdict, stages=log.stages,
+        overrides={v.name: v.model_dump(include={"model", "train", "evaluate"}) for v in spec.compare.variants},
+    )
+    report = log.run(compare_report, comparison, run)
+    comparison = comparison.model_copy(update={"report": report.report_html, "stages": log.stages})
+    record_variant_runs(comparison, Path(run.artifacts_root), flow_run.id)
+    return comparison
+
+
+def run_comparison(
+    pipeline: str, pipelines_file: str, artifacts: str, dask_workers: int | None = None
+) -> Comparison:
+    """compare_pipeline on the task runner that the pipeline's compare section (or `dask_workers`) asks for.
+
+    Raises:
+        ConfigError: the pipeline is invalid or has no compare section.
+        ImportError: Dask asked for without prefect-dask installed.
+    """
+    spec = load_pipeline(pipelines_file, pipeline)
+    if spec.compare is None:
+        raise ConfigError(Path(pipelines_file), [f"pipelines.{pipeline}.compare: required by convflow compare"])
+    variants = variant_specs(spec, Path(pipelines_file).resolve().parent)
+    valid = [variant for variant in variants.values() if isinstance(variant, PipelineSpec)]
+    runner, description = task_runner(spec.compare, max(1, len(valid)), dask_workers)
+    return compare_pipeline.with_options(task_runner=runner)(pipeline, pipelines_file, artifacts, description)
