@@ -11,6 +11,9 @@ MODES = {1: "L", 3: "RGB"}
 def to_model_size(image: Image.Image, size: tuple[int, int], channels: int, resize: str) -> np.ndarray:
     """Convert to the pipeline's channels, then resize to (height, width) by stretching or padding."""
     height, width = size
+    if image.mode.startswith("I"):
+        # 16-bit (and 32-bit integer) images: Pillow's convert() clips to 255 rather than scaling.
+        image = Image.fromarray(np.round(np.asarray(image, dtype=np.float64) / 257.0).clip(0, 255).astype(np.uint8))
     if image.mode != MODES[channels]:
         # RGBA and palette images are flattened onto black before conversion, so the
         # transparent parts do not show whatever colour happened to be stored under them.

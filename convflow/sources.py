@@ -79,11 +79,21 @@ def load_source(data: DataConfig, scratch_dir: Path) -> LoadedSource:
         raise DataError(f"{data.source}: only one class ({loaded.label_names[present[0]]!r}); need at least two")
     if data.label_names is not None:
         if len(data.label_names) != len(loaded.label_names):
+            out_of_range = (
+                f": label {int(present[-1])} is out of range (0..{len(data.label_names) - 1})"
+                if present[-1] >= len(data.label_names) else ""
+            )
             raise DataError(
                 f"data.label_names has {len(data.label_names)} names but {data.source} has "
-                f"{len(loaded.label_names)} classes"
+                f"{len(loaded.label_names)} classes{out_of_range}"
             )
         loaded.label_names = list(data.label_names)
+    absent = [name for label, name in enumerate(loaded.label_names) if label not in set(present.tolist())]
+    if absent:
+        raise DataError(
+            f"{data.source}: no example of class(es) {absent}; labels must run from 0 to "
+            f"{len(loaded.label_names) - 1} without gaps"
+        )
     return loaded
 
 
@@ -118,6 +128,8 @@ def read_idx(path: Path) -> np.ndarray:
     if len(payload) < 4 or payload[:2] != b"\x00\x00" or payload[2] != 0x08:
         raise DataError(f"{path}: not an unsigned-byte IDX file (bad magic number)")
     ndim = payload[3]
+    if len(payload) < 4 + 4 * ndim:
+        raise DataError(f"{path}: truncated: the header announces {ndim} dimensions but ends early")
     dims = struct.unpack(f">{ndim}I", payload[4 : 4 + 4 * ndim])
     body = np.frombuffer(payload, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(dims)):
@@ -176,6 +188,8 @@ def check_image_file(path: Path) -> str | None:
             if image.width * image.height > MAX_PIXELS:
                 return f"{image.width}x{image.height} exceeds {MAX_PIXELS} pixels"
             image.load()
+    except Image.DecompressionBombError as error:  # refused by Pillow before our own size check
+        return f"exceeds {MAX_PIXELS} pixels: {error}"
     except Exception as error:  # PIL raises many types for bad files
         return f"cannot decode: {error}"
     return None
@@ -194,6 +208,11 @@ def _load_folder(data: DataConfig, scratch_dir: Path) -> LoadedSource:
     class_names = sorted({folder.name for split_root in layout.values() for folder in _class_folders(split_root)})
     if not class_names:
         raise DataError(f"{root}: no class sub-folders found")
+    for split in ("train", "test"):
+        missing = [name for name in class_names if split in split_dirs and not (split_dirs[split] / name).is_dir()]
+        if missing:
+            raise DataError(f"split {split!r} has no example of class(es) {missing}: {split_dirs[split]} has no "
+                            "folder for them")
     loaded = LoadedSource(labels=np.zeros(0, np.int64), label_names=class_names, example_ids=[], files=[])
     labels: list[int] = []
     for split, split_root in layout.items():

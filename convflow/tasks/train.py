@@ -262,5 +262,5 @@ def train(
     checkpoint_dir.parent.mkdir(parents=True, exist_ok=True)
     # The same training started twice at once would share one checkpoint folder: the second
     # waits here (an fcntl lock, released even if its holder is killed).
-    with tables.locked(checkpoint_dir.parent / f"{key}.lock"):
+    with tables.locked(checkpoint_dir):  # the lock file is <key>.lock beside the folder
         return train_model(wrapped, tfrecords, train, checkpoint_dir, run.stage_dir("train"), fine_tune)

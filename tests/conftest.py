@@ -1,0 +1,273 @@
+"""Shared fixtures: a tiny pipelines file, generated image folders and IDX files, and the
+digits pipeline run stage by stage once per session (12x12 digits, mnist_cnn, two epochs)."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import struct
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+CONVFLOW = str(Path(sys.executable).with_name("convflow"))
+
+# The shape of the `smoke` pipeline in pipelines.yaml, one epoch shorter.
+TINY_PIPELINES = {
+    "defaults": {
+        "data": {"split": {"train": 0.8, "validation": 0.1, "test": 0.1}},
+        "train": {"batch_size": 64, "seed": 0, "learning_rate": 0.001},
+        "evaluate": {"top_k": 3},
+    },
+    "pipelines": {
+        "tiny": {
+            "data": {"source": "sklearn:digits", "image_size": [12, 12], "channels": 1},
+            "model": {"base": "mnist_cnn"},
+            "train": {"epochs": 1, "batch_size": 128},
+            "evaluate": {"min_accuracy": 0.5},
+        }
+    },
+}
+
+# Generated folders are small, so their test share is larger than the default 0.1: every class
+# then has test examples (split_dataset refuses a split that lacks a class).
+FOLDER_SPLIT = {"train": 0.5, "validation": 0.2, "test": 0.3}
+
+
+def pytest_configure(config):
+    # Prefect keeps its database under PREFECT_HOME; give the test session its own, so that
+    # tests neither read nor lock the developer's ~/.prefect while training jobs run.
+    prefect_home = tempfile.mkdtemp(prefix="convflow-tests-prefect-")
+    config._convflow_prefect_home = prefect_home
+    os.environ["PREFECT_HOME"] = prefect_home
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.pop("PREFECT_API_URL", None)
+    os.environ.pop("PREFECT_LOCAL_STORAGE_PATH", None)
+    # Keras' TensorFlow backend under NumPy 2 warns on every tensor conversion; not convflow's.
+    config.addinivalue_line(
+        "filterwarnings", "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
+    )
+
+
+def pytest_unconfigure(config):
+    home = getattr(config, "_convflow_prefect_home", None)
+    if home:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def subprocess_env() -> dict[str, str]:
+    """Environment for child processes: offline Prefect, quiet TensorFlow, no inherited cache path."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
+    env.update(
+        PREFECT_HOME=os.environ["PREFECT_HOME"],
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        TF_CPP_MIN_LOG_LEVEL="2",
+        CUDA_VISIBLE_DEVICES="",
+    )
+    return env
+
+
+# ----------------------------------------------------------------------------- pipelines files
+
+
+def write_yaml(path: Path, document) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(document, sort_keys=False) if not isinstance(document, str) else document)
+    return path
+
+
+@pytest.fixture
+def tiny_document():
+    """A deep copy of the tiny pipelines document, for a test to change."""
+    return yaml.safe_load(yaml.safe_dump(TINY_PIPELINES))
+
+
+@pytest.fixture
+def pipelines_file(tmp_path, tiny_document) -> Path:
+    """tmp_path/pipelines.yaml holding one pipeline, `tiny`, shaped like `smoke`."""
+    return write_yaml(tmp_path / "pipelines.yaml", tiny_document)
+
+
+# ----------------------------------------------------------------------------- image folders
+
+
+def _pattern(seed: int, shape: tuple[int, int], channels: int, label: int) -> np.ndarray:
+    """Random pixels plus a class-dependent stripe: every image differs, classes are learnable."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, size=(*shape, channels), dtype=np.uint8)
+    pixels[:, label * 3 : label * 3 + 3] = 255
+    return pixels
+
+
+def save_image(path: Path, pixels: np.ndarray, mode: str | None = None) -> Path:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
+    if mode:
+        image = image.convert(mode)
+    image.save(path)
+    return path
+
+
+def make_image_folder(
+    root: Path, classes=("cat", "dog", "owl"), per_class: int = 20, start: int = 0, size=(16, 20), suffix=".png"
+) -> Path:
+    """root/<class>/img-NNN<suffix>: `per_class` distinct RGB images per class, numbered from `start`."""
+    for label, name in enumerate(classes):
+        for index in range(start, start + per_class):
+            pixels = _pattern(label * 10_000 + index, size, 3, label)
+            save_image(root / name / f"img-{index:03d}{suffix}", pixels)
+    return root
+
+
+@pytest.fixture
+def image_folder_factory():
+    """make_image_folder(root, classes=..., per_class=..., start=..., size=..., suffix=...)."""
+    return make_image_folder
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    """Three classes of 20 distinct 16x20 PNGs each."""
+    return make_image_folder(tmp_path / "images")
+
+
+@pytest.fixture
+def messy_image_folder(image_folder) -> dict[str, Path]:
+    """The image folder plus files a real folder holds: some unusable, some odd but good."""
+    from PIL import Image
+
+    good_jpeg = image_folder / "cat" / "good.jpg"
+    save_image(good_jpeg, _pattern(99, (16, 20), 3, 0))
+    truncated = image_folder / "dog" / "truncated.jpg"
+    truncated.write_bytes(good_jpeg.read_bytes()[: good_jpeg.stat().st_size // 2])
+    garbage = image_folder / "cat" / "garbage.jpg"
+    garbage.write_bytes(b"\xff\xd8\xff\xe0 this is not really a JPEG" * 4)
+    empty = image_folder / "owl" / "empty.png"
+    empty.write_bytes(b"")
+    notes = image_folder / "cat" / "notes.txt"
+    notes.write_text("not an image")
+    hidden = image_folder / "dog" / ".DS_Store"
+    hidden.write_bytes(b"\x00\x01")
+    rgba = np.zeros((16, 20, 4), np.uint8)
+    rgba[..., 0] = 200
+    rgba[:, :10, 3] = 255  # left half opaque red, right half transparent red
+    rgba_png = image_folder / "dog" / "rgba.png"
+    rgba_png.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rgba, "RGBA").save(rgba_png)
+    gray_jpeg = save_image(image_folder / "owl" / "gray.jpg", _pattern(7, (16, 20), 1, 2), mode="L")
+    return {
+        "root": image_folder,
+        "bad": [truncated, garbage, empty, notes],
+        "good": [good_jpeg, rgba_png, gray_jpeg],
+        "hidden": [hidden],
+    }
+
+
+# ----------------------------------------------------------------------------- IDX files
+
+
+def write_idx(path: Path, array: np.ndarray, compress: bool = True) -> Path:
+    """Write a uint8 array in the big-endian IDX format (magic 0x0000 08 <ndim>)."""
+    header = struct.pack(">I", 0x00000800 | array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    payload = header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if compress:
+        with gzip.open(path, "wb") as handle:
+            handle.write(payload)
+    else:
+        path.write_bytes(payload)
+    return path
+
+
+def make_idx_folder(root: Path, compress: bool = True, train: int = 60, test: int = 15, classes: int = 3) -> dict:
+    """MNIST-named IDX files: `train` + `test` distinct 10x10 images of `classes` labels."""
+    rng = np.random.default_rng(1)
+    data = {}
+    for prefix, count in (("train", train), ("t10k", test)):
+        images = rng.integers(0, 256, size=(count, 10, 10), dtype=np.uint8)
+        labels = (np.arange(count) % classes).astype(np.uint8)
+        suffix = ".gz" if compress else ""
+        write_idx(root / f"{prefix}-images-idx3-ubyte{suffix}", images, compress)
+        write_idx(root / f"{prefix}-labels-idx1-ubyte{suffix}", labels, compress)
+        data[prefix] = (images, labels)
+    return data
+
+
+@pytest.fixture
+def idx_folder(tmp_path) -> tuple[Path, dict]:
+    root = tmp_path / "idx"
+    return root, make_idx_folder(root)
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def data_config(source: str, image_size=(12, 12), channels: int = 1, **fields):
+    from convflow.config import DataConfig
+
+    return DataConfig(source=source, image_size=image_size, channels=channels, **fields)
+
+
+# ----------------------------------------------------------------------------- session stages
+# The digits pipeline, run stage by stage through the plain functions, shared by the model,
+# train, evaluate and export tests so that each stage's work is done once per session.
+
+
+@pytest.fixture(scope="session")
+def digits_data():
+    return data_config("sklearn:digits", image_size=(12, 12), channels=1)
+
+
+@pytest.fixture(scope="session")
+def digits_split(tmp_path_factory, digits_data):
+    from convflow.tasks.download_and_split import split_dataset
+
+    return split_dataset(digits_data, tmp_path_factory.mktemp("digits") / "download_and_split")
+
+
+@pytest.fixture(scope="session")
+def digits_tfrecords(tmp_path_factory, digits_split, digits_data):
+    from convflow.tasks.to_tfrecords import write_tfrecords
+
+    return write_tfrecords(digits_split, digits_data, tmp_path_factory.mktemp("digits-tfr") / "to_tfrecords")
+
+
+@pytest.fixture(scope="session")
+def mnist_cnn_config():
+    from convflow.config import ModelConfig
+
+    return ModelConfig(base="mnist_cnn")
+
+
+@pytest.fixture(scope="session")
+def digits_wrapped(tmp_path_factory, digits_tfrecords, mnist_cnn_config):
+    from convflow.tasks.build_base import build_base_model
+    from convflow.tasks.freeze_and_wrap import freeze_and_wrap_model
+
+    root = tmp_path_factory.mktemp("digits-model")
+    base = build_base_model(mnist_cnn_config, digits_tfrecords, 0, root / "build_base")
+    return freeze_and_wrap_model(base, mnist_cnn_config, len(digits_tfrecords.label_names), 0, root / "freeze_and_wrap")
+
+
+@pytest.fixture(scope="session")
+def digits_train_config():
+    from convflow.config import TrainConfig
+
+    return TrainConfig(epochs=2, batch_size=128, seed=0)
+
+
+@pytest.fixture(scope="session")
+def digits_trained(tmp_path_factory, digits_wrapped, digits_tfrecords, digits_train_config):
+    from convflow.tasks.train import train_model
+
+    root = tmp_path_factory.mktemp("digits-train")
+    return train_model(digits_wrapped, digits_tfrecords, digits_train_config, root / "checkpoint", root / "train")

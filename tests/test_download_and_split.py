@@ -1,0 +1,281 @@
+"""Stage 1, download_and_split: sklearn digits, image folders and IDX files through the real loaders."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import FOLDER_SPLIT, REPO, data_config, make_idx_folder, save_image, write_idx
+from convflow import tables
+from convflow.sources import DataError, read_idx
+from convflow.tasks.download_and_split import split_dataset
+
+
+def _rows(split_set) -> dict:
+    return pq.read_table(split_set.splits_parquet).to_pydict()
+
+
+def _no_leftovers(folder):
+    return [path.name for path in folder.iterdir() if ".tmp-" in path.name]
+
+
+def _folder_config(root, **fields):
+    return data_config(f"folder:{root}", image_size=(12, 12), channels=3, split=FOLDER_SPLIT, **fields)
+
+
+# ----------------------------------------------------------------------------- sklearn digits
+
+
+def test_digits_split(digits_split):
+    rows = _rows(digits_split)
+    images = np.load(digits_split.images_npy)
+
+    assert images.shape == (1797, 8, 8, 1) and images.dtype == np.uint8
+    assert images.max() == 255 and images.min() == 0  # 0..16 scaled to 0..255
+    assert digits_split.label_names == [str(digit) for digit in range(10)]
+    assert sum(digits_split.counts.values()) == len(rows["example_id"]) == 1797
+    assert digits_split.counts == {split: rows["split"].count(split) for split in ("train", "validation", "test")}
+    shares = {split: count / 1797 for split, count in digits_split.counts.items()}
+    assert shares["train"] == pytest.approx(0.8, abs=0.05)
+    assert shares["validation"] == pytest.approx(0.1, abs=0.04)
+    assert shares["test"] == pytest.approx(0.1, abs=0.04)
+    assert rows["example_id"][:2] == ["digits-00000", "digits-00001"]
+    assert rows["sha256"][0] == hashlib.sha256(images[0].tobytes()).hexdigest()
+    assert rows["label_name"] == [digits_split.label_names[label] for label in rows["label"]]
+    assert set(rows["path"]) == {None}
+    assert digits_split.duplicates == len(rows["sha256"]) - len(set(rows["sha256"]))
+    assert digits_split.skipped == []
+
+
+def test_splits_parquet_schema(digits_split):
+    schema = pq.read_schema(digits_split.splits_parquet)
+    assert schema.equals(tables.SPLITS_SCHEMA, check_metadata=True)
+    assert schema.names == ["example_id", "label", "label_name", "split", "sha256", "path"]
+    assert schema.field("split").metadata[b"description"].startswith(b"train, validation or test")
+    assert not schema.field("sha256").nullable and schema.field("path").nullable
+
+
+def test_digits_split_is_deterministic(digits_split, digits_data, tmp_path):
+    again = split_dataset(digits_data, tmp_path / "again")
+    assert _rows(again) == _rows(digits_split)
+    assert again.data_fingerprint == digits_split.data_fingerprint
+    assert again.counts == digits_split.counts
+
+
+def test_duplicates_never_straddle_splits(digits_split):
+    rows = _rows(digits_split)
+    split_of: dict[str, set] = {}
+    for sha, split in zip(rows["sha256"], rows["split"]):
+        split_of.setdefault(sha, set()).add(split)
+    assert all(len(splits) == 1 for splits in split_of.values())
+
+
+# ----------------------------------------------------------------------------- image folders
+
+
+def test_folder_keeps_good_files_and_lists_bad_ones(messy_image_folder, tmp_path):
+    root = messy_image_folder["root"]
+    split_set = split_dataset(_folder_config(root), tmp_path / "out")
+    rows = _rows(split_set)
+
+    assert split_set.label_names == ["cat", "dog", "owl"]
+    assert split_set.images_npy is None
+    kept = set(rows["path"])
+    assert len(kept) == 3 * 20 + 3
+    for good in messy_image_folder["good"]:
+        assert str(good) in kept
+    for bad in messy_image_folder["bad"] + messy_image_folder["hidden"]:
+        assert str(bad) not in kept
+    skipped = {line.split(": ")[0]: line for line in split_set.skipped}
+    assert set(skipped) == {str(bad) for bad in messy_image_folder["bad"]}
+    reasons = {path.rsplit("/", 1)[-1]: line.split(": ", 1)[1] for path, line in skipped.items()}
+    assert reasons["empty.png"] == "empty file"
+    assert reasons["notes.txt"] == "not an image file"
+    assert reasons["garbage.jpg"].startswith("cannot decode")
+    assert reasons["truncated.jpg"].startswith("cannot decode")
+    # example ids are paths relative to the source folder; labels follow the class folder
+    index = rows["example_id"].index("dog/rgba.png")
+    assert rows["label"][index] == 1 and rows["label_name"][index] == "dog"
+    assert rows["sha256"][index] == hashlib.sha256((root / "dog" / "rgba.png").read_bytes()).hexdigest()
+    assert split_set.counts == {split: rows["split"].count(split) for split in ("train", "validation", "test")}
+    assert _no_leftovers(tmp_path) == []
+
+
+def test_folder_split_is_stable_when_the_dataset_grows(image_folder, image_folder_factory, tmp_path):
+    config = _folder_config(image_folder)
+    before = split_dataset(config, tmp_path / "before")
+    image_folder_factory(image_folder, per_class=10, start=20)  # 30 new images
+    after = split_dataset(config, tmp_path / "after")
+
+    old, new = _rows(before), _rows(after)
+    assert len(new["example_id"]) == len(old["example_id"]) + 30
+    split_after = dict(zip(new["example_id"], new["split"]))
+    assert all(split_after[example] == split for example, split in zip(old["example_id"], old["split"]))
+    assert after.data_fingerprint != before.data_fingerprint
+
+
+def test_folder_split_is_deterministic(image_folder, tmp_path):
+    config = _folder_config(image_folder)
+    first, second = split_dataset(config, tmp_path / "a"), split_dataset(config, tmp_path / "b")
+    assert _rows(first) == _rows(second)
+    assert first.data_fingerprint == second.data_fingerprint
+
+
+def test_folder_with_predefined_splits(tmp_path, image_folder_factory):
+    root = tmp_path / "photos"
+    image_folder_factory(root / "train", classes=("cat", "dog"), per_class=20)
+    image_folder_factory(root / "test", classes=("cat", "dog"), per_class=4, start=100)
+
+    split_set = split_dataset(_folder_config(root), tmp_path / "out")
+    rows = _rows(split_set)
+
+    split_of = dict(zip(rows["example_id"], rows["split"]))
+    assert split_set.label_names == ["cat", "dog"]
+    assert all(split == "test" for example, split in split_of.items() if example.startswith("test/"))
+    # the test folder is the test split; the train folder is carved into train and validation
+    assert {split_of[e] for e in split_of if e.startswith("train/")} == {"train", "validation"}
+    assert split_set.counts["test"] == 8
+
+
+def test_one_class_folder_is_refused(tmp_path, image_folder_factory):
+    root = image_folder_factory(tmp_path / "one", classes=("cat",), per_class=5)
+    with pytest.raises(DataError, match=r"only one class \('cat'\); need at least two"):
+        split_dataset(_folder_config(root), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert _no_leftovers(tmp_path) == []
+
+
+def test_missing_folder_is_refused(tmp_path):
+    missing = tmp_path / "does-not-exist"
+    with pytest.raises(DataError, match=re.escape(f"folder source {missing} does not exist")):
+        split_dataset(_folder_config(missing), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_folder_without_class_folders_is_refused(tmp_path):
+    root = tmp_path / "flat"
+    save_image(root / "a.png", np.zeros((4, 4, 3), np.uint8))
+    with pytest.raises(DataError, match="no class sub-folders found"):
+        split_dataset(_folder_config(root), tmp_path / "out")
+
+
+def test_class_folder_with_only_corrupt_files_is_refused(image_folder, tmp_path):
+    broken = image_folder / "zebra"
+    broken.mkdir()
+    (broken / "a.jpg").write_bytes(b"not a jpeg")
+    (broken / "b.png").write_bytes(b"")
+    with pytest.raises(DataError, match=re.escape(f"class folder {broken} has no usable image")):
+        split_dataset(_folder_config(image_folder), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_class_missing_from_the_test_split_is_refused(tmp_path, image_folder_factory):
+    root = tmp_path / "photos"
+    image_folder_factory(root / "train", classes=("cat", "dog"), per_class=10)
+    image_folder_factory(root / "test", classes=("cat",), per_class=3, start=100)
+    with pytest.raises(DataError, match=r"split 'test' has no example of class\(es\) \['dog'\]"):
+        split_dataset(_folder_config(root), tmp_path / "out")
+
+
+def test_label_names_from_the_config(image_folder, tmp_path):
+    split_set = split_dataset(_folder_config(image_folder, label_names=["Cat", "Dog", "Owl"]), tmp_path / "a")
+    assert split_set.label_names == ["Cat", "Dog", "Owl"]
+    assert set(_rows(split_set)["label_name"]) == {"Cat", "Dog", "Owl"}
+    with pytest.raises(DataError, match="data.label_names has 2 names but .* has 3 classes"):
+        split_dataset(_folder_config(image_folder, label_names=["a", "b"]), tmp_path / "b")
+
+
+# ----------------------------------------------------------------------------- IDX files
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_idx_split(tmp_path, compress):
+    root = tmp_path / "idx"
+    written = make_idx_folder(root, compress=compress)
+
+    split_set = split_dataset(data_config(f"idx:{root}"), tmp_path / "out")
+    rows = _rows(split_set)
+    images = np.load(split_set.images_npy)
+
+    train_images, train_labels = written["train"]
+    test_images, test_labels = written["t10k"]
+    assert images.shape == (75, 10, 10, 1)
+    np.testing.assert_array_equal(images[:60, ..., 0], train_images)
+    np.testing.assert_array_equal(images[60:, ..., 0], test_images)
+    assert rows["label"] == [*train_labels.tolist(), *test_labels.tolist()]
+    assert rows["example_id"][0] == "train-00000" and rows["example_id"][60] == "t10k-00000"
+    assert split_set.label_names == ["0", "1", "2"]
+    # t10k is the test split; train is carved into train and validation only
+    assert set(rows["split"][60:]) == {"test"}
+    assert set(rows["split"][:60]) == {"train", "validation"}
+    assert split_set.counts["test"] == 15
+
+
+def test_read_idx_round_trip(tmp_path):
+    array = np.arange(2 * 3 * 5, dtype=np.uint8).reshape(2, 3, 5)
+    np.testing.assert_array_equal(read_idx(write_idx(tmp_path / "x-idx3-ubyte.gz", array)), array)
+    np.testing.assert_array_equal(read_idx(write_idx(tmp_path / "x-idx3-ubyte", array, compress=False)), array)
+
+
+def test_read_idx_rejects_bad_magic(tmp_path):
+    path = tmp_path / "bad-idx3-ubyte"
+    path.write_bytes(b"\x00\x00\x0d\x03" + b"\x00" * 20)  # 0x0D: float data, not unsigned bytes
+    with pytest.raises(DataError, match="bad magic number"):
+        read_idx(path)
+
+
+def test_read_idx_rejects_truncated_data(tmp_path):
+    path = write_idx(tmp_path / "t-idx3-ubyte", np.zeros((4, 3, 3), np.uint8), compress=False)
+    path.write_bytes(path.read_bytes()[:-5])
+    with pytest.raises(DataError, match=re.escape("truncated: header says (4, 3, 3), found 31 bytes")):
+        read_idx(path)
+
+
+def test_read_idx_rejects_truncated_header(tmp_path):
+    """A header cut short (3 dimensions announced, one given) is a truncated file like any other."""
+    path = tmp_path / "short-idx3-ubyte"
+    path.write_bytes(b"\x00\x00\x08\x03" + (60).to_bytes(4, "big"))
+    with pytest.raises(DataError, match=re.escape(str(path))):
+        read_idx(path)
+
+
+def test_read_idx_rejects_a_corrupt_gzip(tmp_path):
+    path = tmp_path / "c-idx3-ubyte.gz"
+    path.write_bytes(b"\x1f\x8b\x08\x00garbage")
+    with pytest.raises(DataError, match="cannot read IDX file"):
+        read_idx(path)
+
+
+def test_idx_images_without_labels_are_refused(tmp_path):
+    root = tmp_path / "idx"
+    make_idx_folder(root)
+    (root / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(DataError, match="t10k images and labels must both be present"):
+        split_dataset(data_config(f"idx:{root}"), tmp_path / "out")
+
+
+def test_idx_count_mismatch_is_refused(tmp_path):
+    root = tmp_path / "idx"
+    make_idx_folder(root)
+    write_idx(root / "t10k-labels-idx1-ubyte.gz", np.zeros(3, np.uint8))
+    with pytest.raises(DataError, match="15 images but 3 labels"):
+        split_dataset(data_config(f"idx:{root}"), tmp_path / "out")
+
+
+def test_idx_folder_without_idx_files_is_refused(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no train-images-idx3-ubyte"):
+        split_dataset(data_config(f"idx:{tmp_path / 'empty'}"), tmp_path / "out")
+    with pytest.raises(DataError, match="does not exist"):
+        split_dataset(data_config(f"idx:{tmp_path / 'nope'}"), tmp_path / "out")
+
+
+def test_real_mnist_test_labels():
+    """The real t10k labels in ../shared/data/mnist, read with the real reader."""
+    labels = read_idx(REPO.parent / "shared" / "data" / "mnist" / "t10k-labels-idx1-ubyte.gz")
+    assert labels.shape == (10000,)
+    assert np.bincount(labels).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]

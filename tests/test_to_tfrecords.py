@@ -1,0 +1,191 @@
+"""Stage 2, to_tfrecords: what is written reads back, through the one feature spec, as convflow.imaging made it."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import tensorflow as tf
+
+from conftest import FOLDER_SPLIT, data_config, make_idx_folder
+from convflow import imaging
+from convflow.tasks import features
+from convflow.tasks.download_and_split import split_dataset
+from convflow.tasks.to_tfrecords import write_tfrecords
+
+SHARD_NAME = re.compile(r"^(train|validation|test)-(\d{5})-of-(\d{5})\.n(\d+)\.tfrecord\.gz$")
+
+
+def read_split(tfrecords, split: str) -> dict[str, tuple[np.ndarray, int]]:
+    """example id -> (uint8 image, label), through features.read_dataset."""
+    dataset = features.read_dataset(
+        tfrecords.shards[split], tfrecords.image_size, tfrecords.channels, 32, cache=False, with_ids=True
+    )
+    examples = {}
+    for images, labels, ids in dataset:
+        assert images.dtype == tf.float32
+        for image, label, example_id in zip(images.numpy(), labels.numpy(), ids.numpy()):
+            assert image.max() <= 255 and image.min() >= 0 and np.all(image == np.round(image))
+            examples[example_id.decode()] = (image.astype(np.uint8), int(label))
+    return examples
+
+
+def read_raw(shard: str) -> list[tf.train.Example]:
+    """The records of one shard, decoded eagerly without tf.data's parser."""
+    return [
+        tf.train.Example.FromString(record.numpy())
+        for record in tf.data.TFRecordDataset(shard, compression_type=features.COMPRESSION)
+    ]
+
+
+@pytest.fixture
+def folder_split(image_folder, tmp_path):
+    def make(**fields):
+        data = data_config(f"folder:{image_folder}", split=FOLDER_SPLIT, **fields)
+        return data, split_dataset(data, tmp_path / "split")
+
+    return make
+
+
+@pytest.mark.parametrize("resize", ["stretch", "pad"])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_folder_round_trip(folder_split, tmp_path, resize, channels):
+    data, split_set = folder_split(image_size=(10, 14), channels=channels, resize=resize)
+    tfrecords = write_tfrecords(split_set, data, tmp_path / "tfr")
+    rows = pq.read_table(split_set.splits_parquet).to_pydict()
+    path_of = dict(zip(rows["example_id"], rows["path"]))
+    label_of = dict(zip(rows["example_id"], rows["label"]))
+
+    assert tfrecords.image_size == (10, 14) and tfrecords.channels == channels
+    assert tfrecords.label_names == ["cat", "dog", "owl"]
+    assert tfrecords.data_fingerprint == split_set.data_fingerprint
+    seen = 0
+    for split in ("train", "validation", "test"):
+        examples = read_split(tfrecords, split)
+        assert len(examples) == tfrecords.counts[split] == split_set.counts[split]
+        assert {rows["split"][rows["example_id"].index(e)] for e in examples} <= {split}
+        for example_id, (image, label) in examples.items():
+            expected = imaging.load_file(path_of[example_id], (10, 14), channels, resize)
+            assert image.shape == (10, 14, channels)
+            np.testing.assert_array_equal(image, expected)
+            assert label == label_of[example_id]
+        seen += len(examples)
+    assert seen == len(rows["example_id"])
+
+
+def test_digits_round_trip(digits_tfrecords, digits_split):
+    source = np.load(digits_split.images_npy)
+    rows = pq.read_table(digits_split.splits_parquet).to_pydict()
+    index_of = {example_id: index for index, example_id in enumerate(rows["example_id"])}
+
+    for split in ("train", "validation", "test"):
+        examples = read_split(digits_tfrecords, split)
+        assert len(examples) == digits_tfrecords.counts[split] == digits_split.counts[split]
+        for example_id, (image, label) in examples.items():
+            index = index_of[example_id]
+            assert rows["split"][index] == split
+            np.testing.assert_array_equal(image, imaging.load_array(source[index], (12, 12), 1, "stretch"))
+            assert label == rows["label"][index]
+
+
+def test_tf_data_parser_agrees_with_eager_decoding(digits_tfrecords):
+    shard = digits_tfrecords.shards["test"][0]
+    eager = {}
+    for example in read_raw(shard):
+        feature = example.features.feature
+        image = np.frombuffer(feature[features.IMAGE].bytes_list.value[0], np.uint8).reshape(12, 12, 1)
+        eager[feature[features.EXAMPLE_ID].bytes_list.value[0].decode()] = (image, feature[features.LABEL].int64_list.value[0])
+
+    parsed = read_split(digits_tfrecords, "test")
+    assert eager.keys() == parsed.keys()
+    for example_id, (image, label) in eager.items():
+        np.testing.assert_array_equal(parsed[example_id][0], image)
+        assert parsed[example_id][1] == label
+
+
+def test_in_memory_images_at_the_model_size_are_stored_unchanged(tmp_path):
+    root = tmp_path / "idx"
+    written = make_idx_folder(root)
+    data = data_config(f"idx:{root}", image_size=(10, 10), channels=1)
+    tfrecords = write_tfrecords(split_dataset(data, tmp_path / "split"), data, tmp_path / "tfr")
+
+    test_images, test_labels = written["t10k"]
+    examples = read_split(tfrecords, "test")
+    for index in range(len(test_labels)):
+        image, label = examples[f"t10k-{index:05d}"]
+        np.testing.assert_array_equal(image[..., 0], test_images[index])
+        assert label == test_labels[index]
+
+
+def test_shard_names_carry_record_counts(digits_tfrecords):
+    for split, shards in digits_tfrecords.shards.items():
+        assert len(shards) == 1
+        match = SHARD_NAME.match(shards[0].rsplit("/", 1)[-1])
+        assert match and match.group(1) == split
+        assert (match.group(2), match.group(3)) == ("00000", "00001")
+        assert int(match.group(4)) == digits_tfrecords.counts[split] == len(read_raw(shards[0]))
+    assert sum(digits_tfrecords.counts.values()) == 1797
+
+
+def test_shard_size_splits_into_several_shards(image_folder, tmp_path):
+    data = data_config(f"folder:{image_folder}", split=FOLDER_SPLIT, shard_size=7)
+    split_set = split_dataset(data, tmp_path / "split")
+    tfrecords = write_tfrecords(split_set, data, tmp_path / "tfr")
+
+    for split, shards in tfrecords.shards.items():
+        count = tfrecords.counts[split]
+        assert len(shards) == math.ceil(count / 7)
+        total = 0
+        for number, shard in enumerate(shards):
+            match = SHARD_NAME.match(shard.rsplit("/", 1)[-1])
+            assert match.group(1) == split
+            assert int(match.group(2)) == number and int(match.group(3)) == len(shards)
+            records = len(read_raw(shard))
+            assert int(match.group(4)) == records and 1 <= records <= 7
+            total += records
+        assert total == count
+        assert len(read_split(tfrecords, split)) == count
+    assert sorted(path.name for path in (tmp_path / "tfr").iterdir()) == sorted(
+        shard.rsplit("/", 1)[-1] for shards in tfrecords.shards.values() for shard in shards
+    )
+
+
+def test_fingerprint_is_stable_and_follows_content(digits_split, digits_data, digits_tfrecords, tmp_path):
+    again = write_tfrecords(digits_split, digits_data, tmp_path / "again")
+    assert again.fingerprint == digits_tfrecords.fingerprint
+    for split in ("train", "validation", "test"):
+        for first, second in zip(digits_tfrecords.shards[split], again.shards[split]):
+            assert open(first, "rb").read() == open(second, "rb").read()
+
+    bigger = data_config("sklearn:digits", image_size=(14, 14), channels=1)
+    assert write_tfrecords(digits_split, bigger, tmp_path / "bigger").fingerprint != digits_tfrecords.fingerprint
+
+
+def test_output_is_written_atomically(digits_split, digits_data, tmp_path):
+    output = tmp_path / "stage" / "to_tfrecords"
+    output.mkdir(parents=True)
+    (output / "stale-from-an-earlier-attempt.tfrecord.gz").write_bytes(b"old")
+
+    tfrecords = write_tfrecords(digits_split, digits_data, output)
+
+    assert [path.name for path in output.parent.iterdir()] == ["to_tfrecords"]  # no .tmp- folder left
+    assert sorted(path.name for path in output.iterdir()) == sorted(
+        shard.rsplit("/", 1)[-1] for shards in tfrecords.shards.values() for shard in shards
+    )
+    assert tfrecords.damaged_files() == []
+
+
+def test_a_failed_write_leaves_nothing_that_looks_complete(image_folder, tmp_path):
+    data = data_config(f"folder:{image_folder}", split=FOLDER_SPLIT)
+    split_set = split_dataset(data, tmp_path / "split")
+    victim = pq.read_table(split_set.splits_parquet).column("path")[5].as_py()
+    with open(victim, "wb") as handle:  # the source changes between the stages
+        handle.write(b"no longer an image")
+
+    with pytest.raises(Exception):
+        write_tfrecords(split_set, data, tmp_path / "stage" / "to_tfrecords")
+    assert not (tmp_path / "stage" / "to_tfrecords").exists()
+    assert not any(".tmp-" in path.name for path in (tmp_path / "stage").glob("*"))

@@ -1,0 +1,312 @@
+"""Stages 5-7, train, evaluate and export_savedmodel, on the session's 12x12 digits TFRecords."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import textwrap
+from pathlib import Path
+
+import keras
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import FOLDER_SPLIT, PYTHON, REPO, data_config, subprocess_env
+from convflow import tables
+from convflow.config import EvaluateConfig, ModelConfig, TrainConfig
+from convflow.registry import Production
+from convflow.tasks.build_base import build_base_model
+from convflow.tasks.download_and_split import split_dataset
+from convflow.tasks.evaluate import evaluate_model, predict_split
+from convflow.tasks.export_savedmodel import MODEL_VERSION, export_model
+from convflow.tasks.freeze_and_wrap import freeze_and_wrap_model
+from convflow.tasks.to_tfrecords import write_tfrecords
+from convflow.tasks.train import checkpoint_key, train_model
+
+
+def assert_schema(actual: pa.Schema, expected: pa.Schema) -> None:
+    """Names, types, nullability and descriptions; Parquet renames a list's child field, so
+    list types are compared by their value type."""
+    assert actual.names == expected.names
+    for got, want in zip(actual, expected):
+        if pa.types.is_list(want.type):
+            assert pa.types.is_list(got.type) and got.type.value_type == want.type.value_type, got
+        else:
+            assert got.type == want.type, got
+        assert got.nullable == want.nullable, got
+        assert got.metadata == want.metadata, got
+
+
+@pytest.fixture(scope="module")
+def digits_evaluation(tmp_path_factory, digits_trained, digits_tfrecords):
+    return evaluate_model(
+        digits_trained, digits_tfrecords, EvaluateConfig(min_accuracy=0.5, top_k=3),
+        tmp_path_factory.mktemp("digits-eval") / "evaluate",
+    )
+
+
+@pytest.fixture(scope="module")
+def digits_export(tmp_path_factory, digits_trained, digits_tfrecords):
+    return export_model(digits_trained, digits_tfrecords, "digits", tmp_path_factory.mktemp("digits-export") / "export")
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def test_train_writes_model_and_history(digits_trained, digits_wrapped, digits_train_config, digits_tfrecords):
+    history = pq.read_table(digits_trained.history_parquet)
+
+    assert_schema(history.schema, tables.HISTORY_SCHEMA)
+    rows = history.to_pylist()
+    assert [row["epoch"] for row in rows] == [1, 2]  # one row per epoch
+    for row in rows:
+        assert math.isfinite(row["loss"]) and 0 <= row["accuracy"] <= 1
+        assert row["val_loss"] is not None and 0 <= row["val_accuracy"] <= 1  # digits has a validation split
+        assert row["seconds"] > 0
+    assert rows[1]["loss"] < rows[0]["loss"]
+    assert digits_trained.epochs == 2 and digits_trained.resumed_from_epoch == 0
+    assert digits_trained.images_per_second > 0
+    # the fingerprint is the checkpoint key: the same model, data and settings resume the same training
+    assert digits_trained.fingerprint == checkpoint_key(digits_wrapped, digits_tfrecords, digits_train_config)
+    model = keras.models.load_model(digits_trained.model_path, compile=False)
+    assert model.output_shape == (None, 10)
+
+
+def test_training_removes_its_checkpoints(tmp_path, digits_wrapped, digits_tfrecords):
+    checkpoint_dir = tmp_path / "checkpoint"
+    trained = train_model(
+        digits_wrapped, digits_tfrecords, TrainConfig(epochs=1, batch_size=256), checkpoint_dir, tmp_path / "train"
+    )
+    assert not checkpoint_dir.exists()
+    assert trained.damaged_files() == []
+    assert pq.read_table(trained.history_parquet).column("epoch").to_pylist() == [1]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["train"]
+
+
+RESUME_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys
+    from pathlib import Path
+
+    import keras
+
+    from convflow.config import TrainConfig
+    from convflow.tasks.records import TFRecordSet, WrappedModel
+    from convflow.tasks.train import train_model
+
+    CRASH_AT = int(sys.argv[2])
+
+    class CrashingBackup(keras.callbacks.BackupAndRestore):
+        # The worker dies at the start of epoch CRASH_AT (0-based), after every callback of the
+        # previous epoch ran: no exception handler, no clean-up, like a lost machine.
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == CRASH_AT:
+                os._exit(17)
+            super().on_epoch_begin(epoch, logs)
+
+    keras.callbacks.BackupAndRestore = CrashingBackup
+    args = json.loads(Path(sys.argv[1]).read_text())
+    train_model(
+        WrappedModel(**args["wrapped"]), TFRecordSet(**args["tfrecords"]), TrainConfig(**args["train"]),
+        Path(args["checkpoint_dir"]), Path(args["output_dir"]),
+    )
+    """
+)
+
+
+def test_training_resumes_after_a_crash(tmp_path, digits_wrapped, digits_tfrecords):
+    train = TrainConfig(epochs=4, batch_size=128, seed=0)
+    checkpoint_dir, output_dir = tmp_path / "checkpoint", tmp_path / "train"
+    arguments = tmp_path / "arguments.json"
+    arguments.write_text(json.dumps({
+        "wrapped": digits_wrapped.model_dump(), "tfrecords": digits_tfrecords.model_dump(),
+        "train": train.model_dump(), "checkpoint_dir": str(checkpoint_dir), "output_dir": str(output_dir),
+    }))
+    script = tmp_path / "crash.py"
+    script.write_text(RESUME_SCRIPT)
+
+    crashed = subprocess.run(
+        [PYTHON, str(script), str(arguments), "2"], capture_output=True, text=True, env=subprocess_env(),
+        cwd=REPO, timeout=300,
+    )
+
+    assert crashed.returncode == 17, crashed.stderr[-3000:]
+    assert not output_dir.exists()  # nothing that looks like a finished training
+    logged = [json.loads(line)["epoch"] for line in (checkpoint_dir / "history.jsonl").read_text().splitlines()]
+    assert logged == [1, 2]
+
+    resumed = train_model(digits_wrapped, digits_tfrecords, train, checkpoint_dir, output_dir)
+
+    assert resumed.resumed_from_epoch == 2
+    assert resumed.epochs == 4
+    history = pq.read_table(resumed.history_parquet).to_pylist()
+    assert [row["epoch"] for row in history] == [1, 2, 3, 4]
+    # epoch 3 continued from the restored weights: its loss is far below a fresh model's first epoch
+    assert history[2]["loss"] < history[0]["loss"]
+    assert not checkpoint_dir.exists()
+    assert keras.models.load_model(resumed.model_path, compile=False).output_shape == (None, 10)
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+
+def test_evaluate_outputs_agree(digits_evaluation, digits_tfrecords, digits_split):
+    predictions = pq.read_table(digits_evaluation.predictions_parquet)
+    metrics = pq.read_table(digits_evaluation.metrics_parquet)
+    confusion = json.loads(open(digits_evaluation.confusion_json).read())
+    assert_schema(predictions.schema, tables.PREDICTIONS_SCHEMA)
+    assert_schema(metrics.schema, tables.METRICS_SCHEMA)
+
+    rows = predictions.to_pydict()
+    labels, predicted = np.asarray(rows["label"]), np.asarray(rows["predicted"])
+    probabilities = np.asarray(rows["probabilities"])
+    test_count = digits_tfrecords.counts["test"]
+    splits = pq.read_table(digits_split.splits_parquet).to_pydict()
+    test_ids = {e for e, s in zip(splits["example_id"], splits["split"]) if s == "test"}
+
+    assert len(labels) == test_count and set(rows["example_id"]) == test_ids
+    assert probabilities.shape == (test_count, 10)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1, atol=1e-5)
+    np.testing.assert_array_equal(predicted, probabilities.argmax(axis=1))
+    np.testing.assert_allclose(rows["confidence"], probabilities.max(axis=1))
+
+    accuracy = float(np.mean(predicted == labels))
+    by_metric = {(m, c): v for m, c, v in zip(*metrics.to_pydict().values())}
+    assert by_metric[("accuracy", None)] == pytest.approx(accuracy)
+    assert digits_evaluation.test_accuracy == pytest.approx(accuracy)
+    assert digits_evaluation.test_loss == pytest.approx(by_metric[("loss", None)])
+    assert by_metric[("loss", None)] == pytest.approx(
+        -np.mean(np.log(probabilities[np.arange(test_count), labels])), rel=1e-4
+    )
+    top3 = np.mean([label in np.argsort(-p)[:3] for label, p in zip(labels, probabilities)])
+    assert by_metric[("top_3_accuracy", None)] == pytest.approx(top3)
+
+    matrix = np.asarray(confusion["matrix"])
+    assert confusion["labels"] == digits_tfrecords.label_names
+    assert matrix.shape == (10, 10) and matrix.sum() == test_count
+    assert np.trace(matrix) / test_count == pytest.approx(accuracy)
+    for index, name in enumerate(digits_tfrecords.label_names):
+        assert by_metric[("support", name)] == matrix[index].sum() == np.sum(labels == index)
+        if matrix[:, index].sum():
+            assert by_metric[("precision", name)] == pytest.approx(matrix[index, index] / matrix[:, index].sum())
+        assert by_metric[("recall", name)] == pytest.approx(matrix[index, index] / max(matrix[index].sum(), 1))
+
+    samples = np.load(digits_evaluation.samples_npz)
+    assert samples["sample_images"].shape == (16, 12, 12, 1) and samples["sample_images"].dtype == np.uint8
+    wrong = int(np.sum(predicted != labels))
+    assert len(samples["mistake_images"]) == min(16, wrong)
+    assert np.all(samples["mistake_labels"] != samples["mistake_predicted"])
+
+
+def test_gate(digits_trained, digits_tfrecords, digits_evaluation, tmp_path):
+    assert digits_evaluation.passed_gate is True
+    assert "≥ min_accuracy 0.5" in digits_evaluation.gate_reason
+    assert digits_evaluation.test_accuracy < 1.0  # two epochs on 12x12 digits are not perfect
+
+    strict = evaluate_model(digits_trained, digits_tfrecords, EvaluateConfig(min_accuracy=1.0), tmp_path / "strict")
+
+    assert strict.passed_gate is False
+    assert "min_accuracy 1.0" in strict.gate_reason and "<" in strict.gate_reason
+    assert strict.test_accuracy == pytest.approx(digits_evaluation.test_accuracy)
+
+
+def test_gate_against_production(digits_trained, digits_wrapped, digits_tfrecords, digits_evaluation, digits_export, tmp_path):
+    """A model worse than production on the same test split is not promoted, whatever min_accuracy says."""
+    production = Production(
+        pipeline="digits", version=1, run_id="earlier", saved_model=digits_export.saved_model,
+        model=digits_trained.model_path, test_accuracy=digits_evaluation.test_accuracy, promoted_at="2026-01-01T00:00:00+00:00",
+    )
+    untrained = digits_trained.model_copy(update={"model_path": digits_wrapped.model_path})  # the same net, not trained
+
+    worse = evaluate_model(untrained, digits_tfrecords, EvaluateConfig(min_accuracy=0.0), tmp_path / "worse", production)
+    same = evaluate_model(digits_trained, digits_tfrecords, EvaluateConfig(min_accuracy=0.0), tmp_path / "same", production)
+
+    # production is scored afresh, through its SavedModel, on this run's test split
+    assert worse.production_version == 1
+    assert worse.production_accuracy == pytest.approx(digits_evaluation.test_accuracy, abs=1 / digits_tfrecords.counts["test"])
+    assert worse.test_accuracy < worse.production_accuracy
+    assert worse.passed_gate is False and "production v1" in worse.gate_reason
+    assert same.passed_gate is True
+
+
+def test_evaluate_two_classes(tmp_path, image_folder_factory):
+    """A binary classifier (cats vs dogs) is evaluated like any other."""
+    root = image_folder_factory(tmp_path / "photos", classes=("cat", "dog"), per_class=20)
+    data = data_config(f"folder:{root}", split=FOLDER_SPLIT)
+    tfrecords = write_tfrecords(split_dataset(data, tmp_path / "split"), data, tmp_path / "tfr")
+    model = ModelConfig(base="mnist_cnn")
+    base = build_base_model(model, tfrecords, 0, tmp_path / "base")
+    wrapped = freeze_and_wrap_model(base, model, 2, 0, tmp_path / "wrapped")
+    trained = train_model(wrapped, tfrecords, TrainConfig(epochs=1, batch_size=16), tmp_path / "ckpt", tmp_path / "train")
+
+    evaluation = evaluate_model(trained, tfrecords, EvaluateConfig(top_k=5), tmp_path / "evaluate")
+
+    matrix = np.asarray(json.loads(open(evaluation.confusion_json).read())["matrix"])
+    assert matrix.shape == (2, 2) and matrix.sum() == tfrecords.counts["test"]
+    assert evaluation.test_accuracy == pytest.approx(np.trace(matrix) / matrix.sum())
+
+
+# ----------------------------------------------------------------------------- export
+
+SERVE_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(sys.argv[1])
+    serve = loaded.signatures["serving_default"]
+    inputs = np.load(sys.argv[2])
+    outputs = {}
+    for name in inputs.files:
+        result = serve(images=tf.constant(inputs[name]))
+        outputs[name + "_probabilities"] = result["probabilities"].numpy()
+        outputs[name + "_classes"] = np.array([c.decode() for c in result["classes"].numpy()])
+    outputs["input_names"] = np.array([spec.name for spec in serve.structured_input_signature[1].values()])
+    outputs["input_dtype"] = np.array([spec.dtype.name for spec in serve.structured_input_signature[1].values()])
+    np.savez(sys.argv[3], **outputs)
+    """
+)
+
+
+def test_export_serves_raw_images_in_a_fresh_process(digits_export, digits_trained, digits_tfrecords, tmp_path):
+    saved_model = digits_export.saved_model
+    assert saved_model.endswith(f"/digits/{MODEL_VERSION}")
+    assert digits_export.damaged_files() == [] and digits_export.max_abs_difference <= 1e-5
+
+    images, labels, ids, logits = predict_split(digits_trained.model_path, digits_tfrecords, "test")
+    keras_classes = np.asarray(digits_tfrecords.label_names)[logits.argmax(axis=1)]
+    rng = np.random.default_rng(0)
+    bigger = rng.integers(0, 256, size=(5, 20, 20, 1), dtype=np.uint8)
+    np.savez(tmp_path / "inputs.npz", same_size=images.astype(np.uint8), bigger=bigger)
+    script = tmp_path / "serve.py"
+    script.write_text(SERVE_SCRIPT)
+
+    result = subprocess.run(
+        [PYTHON, str(script), saved_model, str(tmp_path / "inputs.npz"), str(tmp_path / "outputs.npz")],
+        capture_output=True, text=True, env=subprocess_env(), cwd=tmp_path, timeout=300,
+    )
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    served = np.load(tmp_path / "outputs.npz")
+    assert served["input_names"].tolist() == ["images"] and served["input_dtype"].tolist() == ["uint8"]
+    np.testing.assert_array_equal(served["same_size_classes"], keras_classes)
+    expected = np.exp(logits - logits.max(axis=1, keepdims=True))
+    expected /= expected.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(served["same_size_probabilities"], expected, atol=1e-5)
+    # other sizes are resized inside the graph
+    assert served["bigger_probabilities"].shape == (5, 10)
+    assert served["bigger_classes"].shape == (5,)
+    assert set(served["bigger_classes"]) <= set(digits_tfrecords.label_names)
+    np.testing.assert_allclose(served["bigger_probabilities"].sum(axis=1), 1, atol=1e-5)
+
+
+def test_export_is_written_atomically(digits_export):
+    export_dir = Path(digits_export.output_dir)
+    assert [path.name for path in export_dir.parent.iterdir()] == [export_dir.name]
+    assert sorted(path.name for path in export_dir.iterdir()) == ["digits"]
+    assert (Path(digits_export.saved_model) / "saved_model.pb").is_file()
+    assert (Path(digits_export.saved_model) / "variables").is_dir()
