@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -118,6 +119,19 @@ def _prepare_environment(artifacts: str) -> Path:
     return root
 
 
+def _unwritable(artifacts: Path) -> str | None:
+    """Why the artifacts root cannot be written to, or None; checked before a run starts anything."""
+    try:
+        artifacts.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=artifacts):
+            pass
+    except OSError as error:
+        existing = next((path for path in (artifacts, *artifacts.parents) if path.exists()), None)
+        blocker = f" ({existing} is not a folder)" if existing is not None and not existing.is_dir() else ""
+        return f"artifacts root {artifacts} is not writable: {error.strerror or error}{blocker}"
+    return None
+
+
 def _run(args: argparse.Namespace) -> int:
     from convflow.config import ConfigError, load_pipeline
 
@@ -126,6 +140,10 @@ def _run(args: argparse.Namespace) -> int:
     except ConfigError as error:
         print("\n".join(error.problems), file=sys.stderr)
         return EXIT_BAD_CONFIG
+    problem = _unwritable(Path(args.artifacts).resolve())
+    if problem:
+        print(f"convflow run {args.name}: {problem}", file=sys.stderr)
+        return 1
     artifacts = _prepare_environment(args.artifacts)
     started = time.perf_counter()
     from convflow.local_server import prefect_api

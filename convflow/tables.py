@@ -180,9 +180,16 @@ def rebuild_runs(artifacts_root: Path, exclude: Path | None = None) -> pa.Table:
     rows = []
     for record in sorted(Path(artifacts_root).glob(f"*/*/{RUN_RECORD}")):
         if record != exclude:
-            row = json.loads(record.read_text())
-            for column in ("started", "finished"):
-                row[column] = datetime.datetime.fromisoformat(row[column])
+            try:
+                row = json.loads(record.read_text())
+                for column in ("started", "finished"):
+                    row[column] = datetime.datetime.fromisoformat(row[column])
+            except (OSError, ValueError, KeyError, TypeError) as error:  # one bad record must not lose the others
+                logging.getLogger("convflow.catalog").warning(
+                    f"run record {record} is unreadable ({type(error).__name__}: {error}); its run is left out of "
+                    "the rebuilt catalog"
+                )
+                continue
             rows.append(row)
     rows.sort(key=lambda row: row["started"])
     return pa.Table.from_pylist(rows, schema=RUNS_SCHEMA)

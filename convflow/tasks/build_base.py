@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import zipfile
 from pathlib import Path
 
 from convflow.config import ModelConfig
@@ -158,7 +159,7 @@ def _application(spec: BaseSpec, model: ModelConfig, inputs):
             include_top=False, weights=weights, input_tensor=_preprocess(spec, inputs),
             input_shape=tuple(inputs.shape[1:]), **kwargs,
         ).output
-    except (ValueError, OSError) as error:
+    except (ValueError, OSError, zipfile.BadZipFile) as error:  # .keras files are zips
         raise WeightsError(f"model.weights: cannot load {model.weights} into {spec.name}: {error}") from error
 
 
@@ -184,7 +185,7 @@ def make_base(model: ModelConfig, input_shape: tuple[int, int, int], seed: int, 
     if spec.kind == "seed" and model.pretrained:
         try:
             base.load_weights(model.weights)
-        except (ValueError, OSError) as error:
+        except (ValueError, OSError, zipfile.BadZipFile) as error:  # .keras files are zips
             raise WeightsError(f"model.weights: cannot load {model.weights} into {spec.name}: {error}") from error
     return base
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+from prefect import get_run_logger
 
 from convflow import tables
 from convflow.config import DataConfig
@@ -107,4 +108,9 @@ def split_dataset(data: DataConfig, output_dir: Path) -> SplitSet:
 @stage_task(retries=3, retry_delay_seconds=[5, 30, 120])
 def download_and_split(data: DataConfig, source_stamp: str, run: RunContext) -> SplitSet:
     """Prefect task over split_dataset; `source_stamp` keys the cache on the source's files."""
-    return split_dataset(data, run.stage_dir("download_and_split"))
+    split_set = split_dataset(data, run.stage_dir("download_and_split"))
+    if split_set.skipped:  # also listed in the report; said here so a run's log shows it
+        get_run_logger().warning(
+            f"skipped {len(split_set.skipped)} unusable file(s) of {data.source}:\n  " + "\n  ".join(split_set.skipped)
+        )
+    return split_set
