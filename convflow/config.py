@@ -55,6 +55,11 @@ class DataConfig(StrictModel):
     shard_size: int = Field(10_000, ge=1, description="Examples per TFRecord shard.")
     label_names: list[str] | None = Field(None, description="Class names, in label order.")
     data_dir: str | None = Field(None, description="Pre-downloaded TFDS directory (tfds sources).")
+    dask_scheduler: str | None = Field(
+        None,
+        description="Dask scheduler address (tcp://host:8786): its workers decode and write the TFRecord "
+        "shards; they must see the same artifacts and data paths. Default: this machine's cores.",
+    )
     tfds_split: dict[Literal["train", "validation", "test"], str] | None = Field(
         None,
         description="tfds sources: TFDS split or slice per split, e.g. {train: 'train[:80%]', test: "

@@ -22,22 +22,45 @@ from convflow.tasks.stage import RunContext, hash_json, sha256_file, stage_task,
 PARALLEL_DECODE_MIN_FILES = 2_000
 
 
-def _load_images(split_set: SplitSet, rows: dict, data: DataConfig) -> np.ndarray:
-    """All examples at the model's size, in splits.parquet order."""
+def _loader(split_set: SplitSet, data: DataConfig):
+    """index in splits.parquet -> that example's image at the model's size (uint8)."""
     size, channels, resize = tuple(data.image_size), data.channels, data.resize
     if split_set.images_npy is not None:
         source = np.load(split_set.images_npy, mmap_mode="r")
         if source.shape[1:3] == size and source.shape[3] == channels:
-            return np.asarray(source)
-        return np.stack([imaging.load_array(np.asarray(image), size, channels, resize) for image in source])
-    load = functools.partial(imaging.load_file, size=size, channels=channels, resize=resize)
-    paths = rows["path"]
-    if len(paths) < PARALLEL_DECODE_MIN_FILES:
-        return np.stack([load(path) for path in paths])
+            return lambda index: np.asarray(source[index])
+        return lambda index: imaging.load_array(np.asarray(source[index]), size, channels, resize)
+    paths = pq.read_table(split_set.splits_parquet, columns=["path"]).column("path").to_pylist()
+    return lambda index: imaging.load_file(paths[index], size, channels, resize)
+
+
+def _load_images(split_set: SplitSet, rows: dict, data: DataConfig) -> np.ndarray:
+    """All examples at the model's size, in splits.parquet order."""
+    if split_set.images_npy is not None or len(rows["path"]) < PARALLEL_DECODE_MIN_FILES:
+        load = _loader(split_set, data)
+        return np.stack([load(index) for index in range(len(rows["example_id"]))])
+    size, channels, resize = tuple(data.image_size), data.channels, data.resize
+    load_file = functools.partial(imaging.load_file, size=size, channels=channels, resize=resize)
     # spawn, not fork: the flow process may already hold TensorFlow's threads.
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(os.cpu_count(), mp_context=context) as pool:
-        return np.stack(list(pool.map(load, paths, chunksize=256)))
+        return np.stack(list(pool.map(load_file, rows["path"], chunksize=256)))
+
+
+def _decode_and_write_shard(
+    path: str, split_set: SplitSet, data: DataConfig, indices: list[int], labels: list[int], ids: list[str]
+) -> str:
+    """One shard, start to end, on a Dask worker: decode its examples, write the file."""
+    load = _loader(split_set, data)
+    _write_shard(Path(path), np.stack([load(index) for index in indices]), np.asarray(labels), ids)
+    return path
+
+
+def _write_on_dask(address: str, jobs: list[tuple]) -> None:
+    from distributed import Client
+
+    with Client(address) as client:
+        client.gather(client.map(lambda job: _decode_and_write_shard(*job), jobs, pure=False))
 
 
 def _write_shard(path: Path, images: np.ndarray, labels: np.ndarray, example_ids: list[str]) -> None:
@@ -60,24 +83,32 @@ def _shard_plan(split: str, indices: np.ndarray, shard_size: int) -> list[tuple[
 def write_tfrecords(split_set: SplitSet, data: DataConfig, output_dir: Path) -> TFRecordSet:
     """Resize each example of `split_set` to `data.image_size` and write GZIP TFRecord shards.
 
-    Shards are written in parallel threads (TF's writer releases the GIL while compressing).
+    Here: images are decoded in worker processes (large folders), shards written in parallel
+    threads (TF's writer releases the GIL while compressing). With `data.dask_scheduler`, each
+    shard is decoded and written by a worker of that Dask cluster instead.
     """
     rows = pq.read_table(split_set.splits_parquet).to_pydict()
-    images = _load_images(split_set, rows, data)
     labels = np.asarray(rows["label"])
     splits = np.asarray(rows["split"])
-    shards: dict[str, list[str]] = {}
+    plans = {split: _shard_plan(split, np.flatnonzero(splits == split), data.shard_size) for split in SPLIT_NAMES}
+    shards = {split: [str(output_dir / name) for name, _ in plan] for split, plan in plans.items()}
     with staged_output(output_dir) as staging:
-        jobs = []
-        with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
-            for split in SPLIT_NAMES:
-                plan = _shard_plan(split, np.flatnonzero(splits == split), data.shard_size)
-                shards[split] = [str(output_dir / name) for name, _ in plan]
-                for name, chunk in plan:
-                    ids = [rows["example_id"][index] for index in chunk]
-                    jobs.append(pool.submit(_write_shard, staging / name, images[chunk], labels[chunk], ids))
-            for job in jobs:
-                job.result()
+        chunks = [(name, chunk) for plan in plans.values() for name, chunk in plan]
+        if data.dask_scheduler:
+            _write_on_dask(data.dask_scheduler, [
+                (str(staging / name), split_set, data, chunk.tolist(), labels[chunk].tolist(),
+                 [rows["example_id"][index] for index in chunk]) for name, chunk in chunks
+            ])
+        else:
+            images = _load_images(split_set, rows, data)
+            with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
+                jobs = [
+                    pool.submit(_write_shard, staging / name, images[chunk], labels[chunk],
+                                [rows["example_id"][index] for index in chunk])
+                    for name, chunk in chunks
+                ]
+                for job in jobs:
+                    job.result()
         digests = {path.name: sha256_file(path) for path in sorted(staging.iterdir())}
     return TFRecordSet(
         output_dir=str(output_dir),
