@@ -9,6 +9,7 @@ meanwhile hides most of that: a fully cached run is then a few seconds.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import socket
 import subprocess
@@ -16,6 +17,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 STARTUP_TIMEOUT_SECONDS = 60
 
@@ -26,10 +28,25 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+def _lock_startup() -> int:
+    """Wait for, then hold, the start-up lock of this PREFECT_HOME's temporary servers.
+
+    Each temporary server creates or migrates the same SQLite database as it starts; two doing
+    so at once (two `convflow run` started together on a fresh machine) collide ("table ...
+    already exists") and one exits. Returns the locked file descriptor.
+    """
+    home = Path(os.environ.get("PREFECT_HOME", "~/.prefect")).expanduser()
+    home.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(home / ".convflow-server-start.lock", os.O_CREAT | os.O_RDWR, 0o644)
+    fcntl.flock(descriptor, fcntl.LOCK_EX)
+    return descriptor
+
+
 class TemporaryServer:
     """A Prefect API server on 127.0.0.1 that lives as long as this object's `with` block."""
 
     def __init__(self) -> None:
+        self._startup_lock: int | None = _lock_startup()  # released once the server answers
         self.port = _free_port()
         self.api_url = f"http://127.0.0.1:{self.port}/api"
         environment = {
@@ -51,6 +68,12 @@ class TemporaryServer:
         Raises:
             RuntimeError: the server exited or did not answer within STARTUP_TIMEOUT_SECONDS.
         """
+        try:
+            self._wait_for_health()
+        finally:
+            self._release_startup_lock()
+
+    def _wait_for_health(self) -> None:
         deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -62,8 +85,14 @@ class TemporaryServer:
             time.sleep(0.05)
         raise RuntimeError(f"temporary Prefect server on port {self.port} did not start in {STARTUP_TIMEOUT_SECONDS} s")
 
+    def _release_startup_lock(self) -> None:
+        if self._startup_lock is not None:
+            os.close(self._startup_lock)  # closing the descriptor releases its flock
+            self._startup_lock = None
+
     def stop(self) -> None:
         """Flush Prefect's queued logs and events to the server, then stop it."""
+        self._release_startup_lock()
         _drain_prefect_workers()
         self.process.terminate()
         try:

@@ -77,6 +77,9 @@ MODEL_SUMMARY_SCHEMA = _schema(
     table="One row per layer of the trained model.",
 )
 
+# Each run's Parquet tables, named in the catalog's <name>_parquet columns.
+RUN_TABLES = ("splits", "history", "metrics", "predictions")
+
 RUNS_SCHEMA = _schema(
     ("pipeline", pa.string(), "Pipeline name in pipelines.yaml."),
     ("run_id", pa.string(), "Run id; the run's folder is artifacts/<pipeline>/<run_id>/."),
@@ -98,8 +101,13 @@ RUNS_SCHEMA = _schema(
     ("comparison_id", pa.string(), "The `convflow compare` run this variant belonged to (its folder is "
      "artifacts/<pipeline>/<comparison_id>/); null for plain runs. Only the promoted winner is completed."),
     ("variant", pa.string(), "The compare variant's name; null for plain runs."),
+    *(
+        (f"{name}_parquet", pa.string(), f"The run's {name}.parquet; it lies in the folder of the run that made "
+         "it when the stage was a cache hit. Null when the run wrote none (unchanged).")
+        for name in RUN_TABLES
+    ),
     nullable=("passed_gate", "model", "promoted_version", "report", "run_dir", "flow_run_id", "comparison_id",
-              "variant"),
+              "variant", *(f"{name}_parquet" for name in RUN_TABLES)),
     table="The runs catalog: one row per finished run of any pipeline, appended under a file lock.",
 )
 
@@ -222,9 +230,10 @@ def read_runs(catalog: Path) -> pa.Table:
 
 def catalog_row(
     summary, run_dir: Path | None, flow_run_id: Any = None, comparison_id: str | None = None,
-    variant: str | None = None,
+    variant: str | None = None, run_tables: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The runs.parquet row of one finished run (a RunSummary), or of one variant of a comparison."""
+    """The runs.parquet row of one finished run (a RunSummary), or of one variant of a comparison;
+    `run_tables` maps RUN_TABLES names to the run's Parquet files."""
     return {
         "pipeline": summary.pipeline,
         "run_id": summary.run_id,
@@ -244,4 +253,5 @@ def catalog_row(
         "flow_run_id": str(flow_run_id) if flow_run_id is not None else None,
         "comparison_id": comparison_id,
         "variant": variant,
+        **{f"{name}_parquet": (run_tables or {}).get(name) for name in RUN_TABLES},
     }

@@ -72,7 +72,12 @@ def train_pipeline(
         gate_reason=evaluation.gate_reason, model=trained.model_path, saved_model=exported.saved_model, report=report.report_html,
         resumed_from_epoch=trained.resumed_from_epoch, promoted_version=exported.promoted_version, stages=log.stages,
     )
-    tables.append_run(Path(run.artifacts_root) / "runs.parquet", tables.catalog_row(summary, run.run_dir, flow_run.id))
+    run_tables = {
+        "splits": split_set.splits_parquet, "history": trained.history_parquet,
+        "metrics": evaluation.metrics_parquet, "predictions": evaluation.predictions_parquet,
+    }
+    row = tables.catalog_row(summary, run.run_dir, flow_run.id, run_tables=run_tables)
+    tables.append_run(Path(run.artifacts_root) / "runs.parquet", row)
     if not evaluation.passed_gate:  # a state of its own, so the Prefect UI shows the verdict
         return Completed(name="Not promoted", message=f"not promoted: {evaluation.gate_reason}", data=summary)
     return summary
