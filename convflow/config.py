@@ -359,8 +359,8 @@ def _describe(error: dict[str, Any]) -> str:
 def _format_error(prefix: str, error: dict[str, Any]) -> str:
     path = ".".join([prefix, *(str(part) for part in error["loc"])])
     message = _describe(error)
-    if error["type"] in ("missing",) or "input" not in error:
-        return f"{path}: {message}"
+    if error["type"] in ("missing",) or "input" not in error or isinstance(error["input"], dict):
+        return f"{path}: {message}"  # a whole section as the value would bury the message
     value = error["input"]
     shown = json.dumps(value, default=str)
     return f"{path}: {shown} — {message}"

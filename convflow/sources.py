@@ -7,6 +7,7 @@ folders, TFDS splits).
 
 from __future__ import annotations
 
+import difflib
 import gzip
 import hashlib
 import socket
@@ -259,7 +260,11 @@ def _load_tfds(data: DataConfig, scratch_dir: Path) -> LoadedSource:
     try:
         builder = tfds.builder(name, data_dir=data.data_dir)
     except Exception as error:  # tfds raises DatasetNotFoundError and friends
-        raise DataError(f"tfds dataset {name!r} not found in the TFDS catalog: {error}") from None
+        # Its message goes on to list every dataset in the catalog: keep the first line, suggest close names.
+        close = difflib.get_close_matches(name.split("/")[0], tfds.list_builders(), n=3)
+        hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+        reason = str(error).strip().splitlines()[0].rstrip(".") if str(error).strip() else type(error).__name__
+        raise DataError(f"tfds dataset {name!r} not found in the TFDS catalog: {reason}{hint}") from None
     if not builder.is_prepared():
         # Offline, download_and_prepare retries for minutes before failing: ask the network first.
         if not _network_available():

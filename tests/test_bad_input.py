@@ -87,7 +87,7 @@ def test_image_size_below_the_base_minimum(tmp_path, capsys):
     path = pipelines_with(tmp_path, "model", {"base": "mobilenet"})
     code, err = validate(path, capsys)
     assert code == EXIT_BAD_CONFIG
-    assert "data.image_size [12, 12] is below mobilenet's minimum of 32x32" in err
+    assert "  pipelines.tiny: data.image_size [12, 12] is below mobilenet's minimum of 32x32\n" in err, err
 
 
 def test_channels_mismatching_imagenet_weights(tmp_path, capsys):
@@ -96,7 +96,7 @@ def test_channels_mismatching_imagenet_weights(tmp_path, capsys):
     document["pipelines"]["tiny"]["model"] = {"base": "mobilenet_v2", "weights": "imagenet"}
     code, err = validate(write_yaml(tmp_path / "pipelines.yaml", document), capsys)
     assert code == EXIT_BAD_CONFIG
-    assert "data.channels 1 does not match imagenet weights, which take 3 channels" in err
+    assert "  pipelines.tiny: data.channels 1 does not match imagenet weights, which take 3 channels\n" in err, err
 
 
 def test_run_refuses_a_config_mistake_before_writing_anything(tmp_path, capsys):
@@ -254,9 +254,14 @@ def test_unusable_image_files_are_skipped_and_listed(tmp_path):
 def test_tfds_name_that_does_not_exist(tmp_path):
     from convflow.config import DataConfig
 
-    data = DataConfig(source="tfds:no_such_dataset_xyz", image_size=(28, 28), channels=1)
-    with pytest.raises(DataError, match=r"tfds dataset 'no_such_dataset_xyz' not found in the TFDS catalog"):
+    data = DataConfig(source="tfds:mnistt", image_size=(28, 28), channels=1)
+    with pytest.raises(DataError) as caught:
         split_dataset(data, tmp_path / "out")
+    # One line naming the dataset and close names, not TFDS' list of its whole catalog.
+    assert str(caught.value).startswith(
+        "tfds dataset 'mnistt' not found in the TFDS catalog: Dataset mnistt not found; did you mean 'mnist'"
+    )
+    assert "\n" not in str(caught.value)
 
 
 def test_tfds_offline(tmp_path, monkeypatch):
