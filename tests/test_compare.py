@@ -136,13 +136,15 @@ def _result(name: str, accuracy: float | None, loss: float | None = 1.0) -> Vari
 
 
 def test_ranking_puts_the_best_first_and_failures_last():
-    results = [_result("a", 0.8, 0.5), _result("broken", None), _result("b", 0.9, 0.7), _result("c", 0.8, 0.4)]
+    results = [_result("a", 0.8, 0.5), _result("broken", None), _result("b", 0.9, 0.7), _result("c", 0.8, 0.4),
+               _result("d", 0.8, 0.4)]
 
     by_accuracy = rank_variants(results, "test_accuracy")
     by_loss = rank_variants(results, "test_loss")
 
-    assert [(r.name, r.rank) for r in by_accuracy] == [("b", 1), ("a", 2), ("c", 3), ("broken", None)]
-    assert [r.name for r in by_loss] == ["c", "a", "b", "broken"]
+    # a tie on accuracy goes to the lower loss, then to the config's order
+    assert [(r.name, r.rank) for r in by_accuracy] == [("b", 1), ("c", 2), ("d", 3), ("a", 4), ("broken", None)]
+    assert [r.name for r in by_loss] == ["c", "d", "a", "b", "broken"]
 
 
 def test_nothing_is_promoted_without_promote_best_or_a_winner(tmp_path):

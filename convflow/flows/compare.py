@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import uuid
 from pathlib import Path
@@ -26,6 +27,7 @@ from convflow.tasks.compare_variant import (
 from convflow.tasks.download_and_split import download_and_split
 from convflow.tasks.evaluate import evaluate, score_untrained
 from convflow.tasks.freeze_and_wrap import freeze_and_wrap
+from convflow.tasks.records import TFRecordSet
 from convflow.tasks.stage import RunContext
 from convflow.tasks.to_tfrecords import to_tfrecords
 from convflow.tasks.train import train
@@ -55,14 +57,20 @@ def task_runner(compare: CompareConfig, variants: int, dask_workers: int | None 
         from prefect_dask import DaskTaskRunner
     except ImportError as error:
         raise ImportError("the dask runner needs prefect-dask: pip install 'convflow[dask]'") from error
+    import dask
+
     workers = dask_workers or compare.workers or min(variants, os.cpu_count() or 1)
+    logging.getLogger("distributed").setLevel(logging.WARNING)  # the scheduler's start-up chatter
+    # A variant whose worker dies (out of memory, say) is retried once on another worker, then
+    # fails alone with KilledWorker; Dask's default would start it four times.
+    dask.config.set({"distributed.scheduler.allowed-failures": 1})
     # One thread per worker: each process trains one variant at a time, with TensorFlow to itself.
     cluster = {"n_workers": workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None}
     return DaskTaskRunner(cluster_kwargs=cluster), f"dask ({workers} worker processes)"
 
 
 @task(name="compare_variant", task_run_name="{name}", cache_policy=NO_CACHE, retries=0)
-def compare_variant(name: str, spec: PipelineSpec, tfrecords, run: RunContext) -> VariantResult:
+def compare_variant(name: str, spec: PipelineSpec, tfrecords: TFRecordSet, run: RunContext) -> VariantResult:
     """One variant's build_base, freeze_and_wrap, initial score, train, evaluate and export; each
     stage is a task of its own, cached as in a plain run. Its stages retry transient errors; the
     variant itself does not retry."""

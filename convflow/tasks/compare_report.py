@@ -196,15 +196,17 @@ def _curves(comparison: Comparison) -> str:
 
     figure, axes = plt.subplots(1, 2, figsize=(11, 3.6))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for index, variant in enumerate(v for v in comparison.variants if v.completed):
+    done = [v for v in comparison.variants if v.completed]
+    for index, variant in enumerate(done):
         history = pq.read_table(variant.trained.history_parquet).to_pydict()
         color = colors[index % len(colors)]
+        width = 1.5 + 2 * (len(done) - 1 - index)  # earlier variants wider: identical curves stay visible
         for axis, metric in zip(axes, ("accuracy", "loss")):
-            axis.plot(history["epoch"], history[metric], linestyle="--", color=color, alpha=0.6)
-            if any(value is not None for value in history[f"val_{metric}"]):
-                axis.plot(history["epoch"], history[f"val_{metric}"], marker="o", color=color, label=variant.name)
-            else:
-                axis.plot(history["epoch"], history[metric], marker="o", color=color, label=variant.name)
+            axis.plot(history["epoch"], history[metric], linestyle="--", color=color, alpha=0.6, linewidth=width)
+            validation = history[f"val_{metric}"]
+            shown = validation if any(value is not None for value in validation) else history[metric]
+            axis.plot(history["epoch"], shown, marker="o", color=color, label=variant.name, linewidth=width,
+                      markersize=3 + width)
     for axis, metric in zip(axes, ("accuracy", "loss")):
         axis.set_title(f"{metric} (validation solid, training dashed)", fontsize=10)
         axis.set_xlabel("epoch")
@@ -253,10 +255,11 @@ def _verdict(comparison: Comparison) -> str:
                 f"({comparison.metric} {_cell(winner.metric(comparison.metric))})." if winner
                 else "No variant completed.")
     failed = sum(not v.completed for v in comparison.variants)
+    overlap = "" if comparison.runner.startswith("sequential") else (
+        "Variants trained at the same time, so their training times include each other's load. ")
     return (f"<p>{headline} {html.escape(comparison.verdict)}.</p><p>{len(comparison.variants)} variants, "
             f"{failed} failed; ran as {html.escape(comparison.runner)} (flow process {comparison.flow_pid}). "
-            "Training times overlap when variants run at the same time; SavedModel latency was measured "
-            "one variant after another once all had trained.</p>")
+            f"{overlap}SavedModel latency was measured one variant after another once all had trained.</p>")
 
 
 def render_comparison(comparison: Comparison) -> str:
@@ -271,7 +274,9 @@ def render_comparison(comparison: Comparison) -> str:
         '<h2 id="ranking">Ranking</h2>' + _ranking(comparison),
         '<h2 id="initial-vs-final">Test accuracy before and after training</h2>'
         + (_accuracy_bars(comparison) if done else "<p>No variant completed.</p>"),
-        '<h2 id="curves">Training curves</h2>' + (_curves(comparison) if done else "<p>No variant completed.</p>"),
+        '<h2 id="curves">Training curves</h2>' + (_curves(comparison) if done else "<p>No variant completed.</p>")
+        + "<p>Variants that train the same head the same way (frozen and fine-tuned, before fine-tuning starts) "
+        "draw the same curve: the wider line underneath is the earlier variant.</p>",
         '<h2 id="per-class">Per-class F1</h2>' + _per_class(comparison),
         '<h2 id="failed">Failed variants</h2>' + _failures(comparison),
         '<h2 id="variants">Variants</h2>' + _overrides(comparison),

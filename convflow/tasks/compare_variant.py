@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import statistics
 import time
-import traceback
 from pathlib import Path
 from typing import Literal
 
@@ -106,11 +105,6 @@ def failed_variant(name: str, error: BaseException | list[str], run_id: str | No
     return VariantResult(name=name, status="failed", error=message, run_id=run_id)
 
 
-def error_of(exception: BaseException) -> str:
-    """The last line of an exception's traceback, for a log line."""
-    return traceback.format_exception_only(exception)[-1].strip()
-
-
 def _folder_megabytes(folder: str) -> float:
     return sum(path.stat().st_size for path in Path(folder).rglob("*") if path.is_file()) / 1e6
 
@@ -160,11 +154,13 @@ def measure_saved_models(results: list[VariantResult], tfrecords: TFRecordSet) -
 
 
 def rank_variants(results: list[VariantResult], metric: str) -> list[VariantResult]:
-    """Completed variants best first by `metric` (ties keep the config's order) with rank 1, 2, ...;
-    then the failed ones, unranked."""
+    """Completed variants best first by `metric` with rank 1, 2, ...; a tie goes to the lower test
+    loss (by test_loss: the higher accuracy), then to the config's order. The failed ones follow,
+    unranked."""
     completed = [result for result in results if result.completed]
     sign = -1 if HIGHER_IS_BETTER[metric] else 1
-    ordered = sorted(completed, key=lambda result: sign * result.metric(metric))
+    tie_break = (lambda r: -r.test_accuracy) if metric == "test_loss" else (lambda r: r.test_loss)
+    ordered = sorted(completed, key=lambda result: (sign * result.metric(metric), tie_break(result)))
     ranked = [result.model_copy(update={"rank": index}) for index, result in enumerate(ordered, start=1)]
     return ranked + [result for result in results if not result.completed]
 
