@@ -392,3 +392,23 @@ def test_temporary_prefect_server_listens_on_loopback_only():
         assert listening == [f"0100007F:{port}"], listening  # 127.0.0.1, and nothing on other addresses
     finally:
         server.stop()
+
+
+@pytest.mark.slow
+def test_skipped_files_are_listed_in_the_run_log(tmp_path):
+    """A real run says which files it skipped (they are in the report too). The run is held at
+    to_tfrecords and killed there: download_and_split, the stage that logs them, has finished."""
+    from test_faults import kill_while_holding
+
+    root = make_image_folder(tmp_path / "images", per_class=10)
+    (root / "cat" / "notes.txt").write_text("not an image")
+    (root / "dog" / "empty.png").write_bytes(b"")
+    data = {"source": f"folder:{root}", "image_size": [12, 12], "channels": 1, "split": FOLDER_SPLIT}
+    pipelines_with(tmp_path, "data", data)
+
+    kill_while_holding(tmp_path, "to_tfrecords")
+
+    log = (tmp_path / "killed-at-to_tfrecords.log").read_text()
+    assert f"skipped 2 unusable file(s) of folder:{root}:" in log, log[-3000:]
+    assert f"{root / 'cat' / 'notes.txt'}: not an image file" in log
+    assert f"{root / 'dog' / 'empty.png'}: empty file" in log
