@@ -339,6 +339,7 @@ def test_full_disk_is_retried_then_fails_naming_the_file(tmp_path):
     output = result.stdout + result.stderr
     attempts = re.findall(r"writing (\S+splits\.parquet)", output)
     assert len(attempts) == 4, output[-4000:]  # the first try and download_and_split's three retries
+    assert "OSError(28, 'No space left on device') - Retry 3/3" in output
     assert result.returncode == 1
     assert re.search(
         r"convflow run tiny failed: OSError: \[Errno 28\] No space left on device: '.+/splits\.parquet'", result.stderr
