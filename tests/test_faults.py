@@ -79,10 +79,12 @@ def _readable(path: Path) -> None:
         pq.read_table(path)
     elif name.endswith(".json"):
         json.loads(path.read_text())
-    elif name.endswith((".npy", ".npz")):
-        loaded = np.load(path)
-        if name.endswith(".npz"):
-            [loaded[key] for key in loaded.files]
+    elif name.endswith(".npy"):
+        np.load(path)
+    elif name.endswith(".npz"):
+        with np.load(path) as archive:
+            for key in archive.files:
+                archive[key]
     elif name.endswith(".keras"):
         with zipfile.ZipFile(path) as archive:
             assert archive.testzip() is None, f"{path}: corrupt member"
