@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -26,7 +27,9 @@ from convflow.tasks.records import StageRecord
 # Errors that say the input is wrong: retrying cannot help, so the task fails at once.
 _PERMANENT_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 # Modules whose code shapes every stage's output; a change to any of them invalidates caches.
-_SHARED_MODULES = ("convflow.tasks.records", "convflow.tasks.features", "convflow.model_zoo")
+_SHARED_MODULES = (
+    "convflow.tasks.records", "convflow.tasks.features", "convflow.model_zoo", "convflow.sources", "convflow.imaging",
+)
 MAX_CACHE_GENERATIONS = 100
 
 
@@ -73,7 +76,7 @@ def _jsonable(value: Any) -> Any:
 def _module_source_hash(module_names: tuple[str, ...]) -> str:
     digest = hashlib.sha256()
     for name in module_names:
-        module = sys.modules.get(name)
+        module = sys.modules.get(name) or importlib.import_module(name)
         source_file = getattr(module, "__file__", None)
         if source_file:
             digest.update(Path(source_file).read_bytes())

@@ -7,6 +7,7 @@ import html
 import io
 import json
 import platform
+import subprocess
 from importlib import metadata
 from pathlib import Path
 
@@ -146,8 +147,34 @@ def _production(evaluation: Evaluation, exported: ExportedModel) -> str:
             f"{html.escape(evaluation.gate_reason)}</p><p>{promoted}</p>")
 
 
+def _git_commit() -> str:
+    """The commit of the convflow checkout that ran, with "+changes" when its tree was dirty."""
+    source = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=source,
+                               capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown (git not available)"
+    if commit.returncode != 0:
+        return "unknown (not a git checkout)"
+    return commit.stdout.strip() + (" +changes" if dirty.stdout.strip() else "")
+
+
+def _class_counts(splits_parquet: str) -> str:
+    """Examples per class and split: the dataset summary."""
+    splits = pq.read_table(splits_parquet, columns=["label_name", "split"]).to_pandas()
+    counts = splits.groupby(["label_name", "split"], sort=False).size().unstack(fill_value=0)
+    columns = [split for split in ("train", "validation", "test") if split in counts.columns]
+    return _table(["class", *columns, "total"],
+                  [[name, *(int(row[c]) for c in columns), int(row[columns].sum())] for name, row in counts.iterrows()])
+
+
 def _lineage(config_hash: str, data_fingerprint: str) -> list[list]:
-    rows = [["config hash", config_hash], ["data fingerprint", data_fingerprint], ["python", platform.python_version()]]
+    rows = [
+        ["config hash", config_hash], ["data fingerprint", data_fingerprint], ["git commit", _git_commit()],
+        ["python", platform.python_version()],
+    ]
     for package in PACKAGES:
         try:
             rows.append([package, metadata.version(package)])
@@ -172,7 +199,7 @@ def render_report(
         '<h2 id="dataset">Dataset</h2>' + _table(["split", "examples"], [[k, v] for k, v in split_set.counts.items()])
         + f"<p>{len(names)} classes; {split_set.duplicates} exact duplicates "
         f"({split_set.duplicates_across_splits} across splits); "
-        f"{len(split_set.skipped)} unusable files skipped.</p>"
+        f"{len(split_set.skipped)} unusable files skipped.</p>" + _class_counts(split_set.splits_parquet)
         + "".join(f"<p><code>{html.escape(line)}</code></p>" for line in split_set.skipped[:50]),
         '<h2 id="augmentation">Augmentation preview</h2>' + (
             _image_grid(np.load(trained.augmentation_npy), [""] * len(np.load(trained.augmentation_npy)), columns=5)
