@@ -200,7 +200,7 @@ def _curves(comparison: Comparison) -> str:
     for index, variant in enumerate(done):
         history = pq.read_table(variant.trained.history_parquet).to_pydict()
         color = colors[index % len(colors)]
-        width = 1.5 + 2 * (len(done) - 1 - index)  # earlier variants wider: identical curves stay visible
+        width = 1.5 + 2 * (len(done) - 1 - index)  # higher-ranked variants wider: identical curves stay visible
         for axis, metric in zip(axes, ("accuracy", "loss")):
             axis.plot(history["epoch"], history[metric], linestyle="--", color=color, alpha=0.6, linewidth=width)
             validation = history[f"val_{metric}"]
@@ -276,7 +276,7 @@ def render_comparison(comparison: Comparison) -> str:
         + (_accuracy_bars(comparison) if done else "<p>No variant completed.</p>"),
         '<h2 id="curves">Training curves</h2>' + (_curves(comparison) if done else "<p>No variant completed.</p>")
         + "<p>Variants that train the same head the same way (frozen and fine-tuned, before fine-tuning starts) "
-        "draw the same curve: the wider line underneath is the earlier variant.</p>",
+        "draw the same curve: the wider line underneath is the higher-ranked variant.</p>",
         '<h2 id="per-class">Per-class F1</h2>' + _per_class(comparison),
         '<h2 id="failed">Failed variants</h2>' + _failures(comparison),
         '<h2 id="variants">Variants</h2>' + _overrides(comparison),
