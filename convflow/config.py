@@ -126,6 +126,9 @@ class ModelConfig(StrictModel):
         None, description="Freeze the base; default: freeze exactly when weights are pretrained."
     )
     fine_tune: FineTuneConfig | None = Field(None, description="Optional fine-tuning phase.")
+    binary_head: bool = Field(
+        False, description="Two classes: one sigmoid logit and binary cross-entropy instead of a softmax pair."
+    )
 
     @field_validator("base")
     @classmethod

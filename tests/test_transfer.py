@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -104,3 +105,33 @@ def test_fine_tune_from_unknown_layer_is_a_clear_error(tmp_path, rgb_tfrecords):
     with pytest.raises(ValueError, match="from_layer 'no_such_layer' is not a layer of the base"):
         train_model(wrapped, rgb_tfrecords, TrainConfig(epochs=1, batch_size=16),
                     tmp_path / "ckpt", tmp_path / "train", fine_tune)
+
+
+def test_binary_head_trains_evaluates_and_exports(tmp_path, rgb_tfrecords):
+    from convflow.config import EvaluateConfig
+    from convflow.tasks.evaluate import evaluate_model
+    from convflow.tasks.export_savedmodel import export_model
+
+    config = _mobilenet(binary_head=True)
+    wrapped = _wrapped(tmp_path, rgb_tfrecords, config)
+    assert _load(wrapped.model_path).output_shape == (None, 1)
+    trained = train_model(wrapped, rgb_tfrecords, TrainConfig(epochs=3, batch_size=16, learning_rate=0.01),
+                          tmp_path / "ckpt", tmp_path / "train")
+    losses = pq.read_table(trained.history_parquet).column("loss").to_pylist()
+    assert losses[-1] < losses[0]  # binary cross-entropy on the one logit goes down
+    evaluation = evaluate_model(trained, rgb_tfrecords, EvaluateConfig(), tmp_path / "evaluate")
+    probabilities = np.stack(pq.read_table(evaluation.predictions_parquet).column("probabilities").to_pylist())
+    assert probabilities.shape[1] == 2
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+    exported = export_model(trained, rgb_tfrecords, "binary", tmp_path / "export")
+    assert exported.max_abs_difference <= 1e-5
+
+
+def test_binary_head_needs_two_classes(tmp_path):
+    import keras
+
+    from convflow.tasks.freeze_and_wrap import wrap
+
+    base = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten()], name="base")
+    with pytest.raises(ValueError, match="binary_head needs exactly two classes; the data has 3"):
+        wrap(base, ModelConfig(base="mnist_cnn", binary_head=True), num_classes=3, seed=0)

@@ -38,7 +38,12 @@ def predict_split(model_path: str, tfrecords: TFRecordSet, split: str, batch_siz
     return np.concatenate(images), np.concatenate(labels), ids, np.concatenate(logits)
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
+def probabilities_from_logits(logits: np.ndarray) -> np.ndarray:
+    """Class probabilities: softmax over the logits, or [1 - p, p] for a binary head's one logit."""
+    logits = logits.astype(np.float64)
+    if logits.shape[1] == 1:
+        positive = 1.0 / (1.0 + np.exp(-logits))
+        return np.concatenate([1.0 - positive, positive], axis=1)
     shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
     return shifted / shifted.sum(axis=1, keepdims=True)
 
@@ -97,7 +102,7 @@ def score_untrained(wrapped: WrappedModel, tfrecords: TFRecordSet) -> tuple[floa
     from sklearn.metrics import log_loss
 
     _, labels, _, logits = predict_split(wrapped.model_path, tfrecords, "test")
-    probabilities = _softmax(logits.astype(np.float64))
+    probabilities = probabilities_from_logits(logits)
     loss = float(log_loss(labels, probabilities, labels=list(range(len(tfrecords.label_names)))))
     return float((probabilities.argmax(axis=1) == labels).mean()), loss
 
@@ -140,7 +145,7 @@ def evaluate_model(
     from sklearn.metrics import confusion_matrix, log_loss
 
     images, labels, ids, logits = predict_split(trained.model_path, tfrecords, "test")
-    probabilities = _softmax(logits.astype(np.float64))
+    probabilities = probabilities_from_logits(logits)
     classes = list(range(len(tfrecords.label_names)))
     loss = float(log_loss(labels, probabilities, labels=classes))
     metrics = _metrics_table(labels, probabilities, loss, tfrecords.label_names, evaluate.top_k)

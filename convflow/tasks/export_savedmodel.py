@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from convflow import registry
-from convflow.tasks.evaluate import predict_split
+from convflow.tasks.evaluate import predict_split, probabilities_from_logits
 from convflow.tasks.records import Evaluation, ExportedModel, TFRecordSet, TrainedModel
 from convflow.tasks.stage import RunContext, stage_task, staged_output
 
@@ -43,7 +43,12 @@ def _serving_archive(model, tfrecords: TFRecordSet):
         same_size = tf.logical_and(tf.shape(pixels)[1] == height, tf.shape(pixels)[2] == width)
         pixels = tf.cond(same_size, lambda: pixels, lambda: tf.image.resize(pixels, [height, width]))
         pixels = tf.ensure_shape(pixels, [None, height, width, tfrecords.channels])
-        probabilities = tf.nn.softmax(tf.cast(model(pixels, training=False), tf.float32))
+        logits = tf.cast(model(pixels, training=False), tf.float32)
+        if logits.shape[-1] == 1:  # binary head: the one logit is the second class's
+            positive = tf.sigmoid(logits)
+            probabilities = tf.concat([1.0 - positive, positive], axis=1)
+        else:
+            probabilities = tf.nn.softmax(logits)
         return {"probabilities": probabilities, "classes": tf.gather(label_names, tf.argmax(probabilities, axis=1))}
 
     signature = [tf.TensorSpec([None, None, None, tfrecords.channels], tf.uint8, name="images")]
@@ -92,10 +97,9 @@ def export_model(trained: TrainedModel, tfrecords: TFRecordSet, name: str, outpu
         ExportMismatch: the reloaded SavedModel's probabilities differ by more than TOLERANCE.
     """
     import keras
-    import tensorflow as tf
 
     images, _, _, logits = predict_split(trained.model_path, tfrecords, "test")
-    expected = tf.nn.softmax(logits).numpy()
+    expected = probabilities_from_logits(logits)
     model = keras.models.load_model(trained.model_path, compile=False)
     relative = Path(name) / str(MODEL_VERSION)
     with staged_output(output_dir) as staging:

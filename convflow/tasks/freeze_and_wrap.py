@@ -37,7 +37,9 @@ def wrap(base, model: ModelConfig, num_classes: int, seed: int):
         features = _pooling(model.pooling or get_base_spec(model.base).default_pooling)(features)
     if model.dropout:
         features = layers.Dropout(model.dropout, name="head_dropout")(features)
-    logits = layers.Dense(num_classes, name="logits")(features)
+    if model.binary_head and num_classes != 2:
+        raise ValueError(f"model.binary_head needs exactly two classes; the data has {num_classes}")
+    logits = layers.Dense(1 if model.binary_head else num_classes, name="logits")(features)
     return keras.Model(inputs, logits, name=f"convflow_{model.base}")
 
 

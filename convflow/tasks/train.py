@@ -140,11 +140,12 @@ def augmentation_preview(tfrecords: TFRecordSet, seed: int, images: int = 4, ver
 def _compile(model, train: TrainConfig, learning_rate: float) -> None:
     import keras
 
-    model.compile(
-        optimizer=_optimizer(train, learning_rate),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
-    )
+    if model.output_shape[-1] == 1:  # a binary head: one logit for the second class
+        loss = keras.losses.BinaryCrossentropy(from_logits=True)
+        metrics = [keras.metrics.BinaryAccuracy(name="accuracy", threshold=0.0)]
+    else:
+        loss, metrics = keras.losses.SparseCategoricalCrossentropy(from_logits=True), ["accuracy"]
+    model.compile(optimizer=_optimizer(train, learning_rate), loss=loss, metrics=metrics)
 
 
 def unfreeze_top(model, fine_tune: FineTuneConfig) -> None:
