@@ -277,15 +277,23 @@ def test_deploy_twice_registers_once_and_a_worker_runs_it(server, served):
     assert deployment.job_variables["env"]["PREFECT_LOCAL_STORAGE_PATH"] == str(root / "artifacts" / ".prefect-results")
 
     with temporary_settings({PREFECT_API_URL: server.api_url}):
-        flow_run = run_deployment("convflow-train/tiny", timeout=0)
+        unchanged = run_deployment("convflow-train/tiny", timeout=0)
+        forced = run_deployment("convflow-train/tiny", parameters={"force": True}, timeout=0)
     worker = Background([PREFECT, "worker", "start", "--pool", "convflow-test"], server.env, root / "worker.log")
     try:
         with prefect_client(server) as client:
-            finished = wait_for(
-                lambda: (run := client.read_flow_run(flow_run.id)).state.is_final() and run,
-                300, lambda: worker.output()[-5000:],
-            )
+            finished = [
+                wait_for(
+                    lambda: (run := client.read_flow_run(flow_run.id)).state.is_final() and run,
+                    420, lambda: worker.output()[-5000:],
+                )
+                for flow_run in (unchanged, forced)
+            ]
+            forced_stages = task_runs_of(client, forced.id)
     finally:
         worker.stop()
-    # Same config and data as the served production model: the worker's run trains nothing.
-    assert finished.state_name == "Unchanged", (finished.state, worker.output()[-5000:])
+    # Same config and data as the served production model: the worker's run trains nothing ...
+    assert finished[0].state_name == "Unchanged", (finished[0].state, worker.output()[-5000:])
+    # ... unless forced: then every stage runs (the cached ones as cache hits).
+    assert finished[1].state_name == "Completed", (finished[1].state, worker.output()[-5000:])
+    assert sorted(forced_stages) == sorted(STAGES)
