@@ -22,6 +22,8 @@ from pydantic import (
 
 from convflow.model_zoo import get_base_spec
 
+# A mapping shown as a bad value is cut when longer than this: a whole pipeline buries the message.
+MAX_SHOWN_SECTION = 80
 PIPELINE_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 SOURCE_SCHEMES = ("sklearn", "tfds", "folder", "idx")
 SKLEARN_DATASETS = ("digits",)
@@ -362,10 +364,11 @@ def _describe(error: dict[str, Any]) -> str:
 def _format_error(prefix: str, error: dict[str, Any]) -> str:
     path = ".".join([prefix, *(str(part) for part in error["loc"])])
     message = _describe(error)
-    if error["type"] in ("missing",) or "input" not in error or isinstance(error["input"], dict):
+    if error["type"] in ("missing",) or "input" not in error:
+        return f"{path}: {message}"
+    shown = json.dumps(error["input"], default=str)
+    if isinstance(error["input"], dict) and len(shown) > MAX_SHOWN_SECTION:
         return f"{path}: {message}"  # a whole section as the value would bury the message
-    value = error["input"]
-    shown = json.dumps(value, default=str)
     return f"{path}: {shown} — {message}"
 
 
