@@ -85,8 +85,7 @@ def test_an_invalid_variant_is_reported_alone(tmp_path, tiny_document):
     [
         ({"variants": [{"name": "a"}, {"name": "a"}]}, "variant names must be unique; repeated: ['a']"),
         ({"variants": [{"name": "a"}]}, "compare.variants"),
-        ({"variants": [{"name": "a"}, {"name": "b", "data": {"channels": 3}}]},
-         "variants.1.data: {\"channels\": 3} — unknown key"),
+        ({"variants": [{"name": "a"}, {"name": "b", "data": {"channels": 3}}]}, "compare.variants.1.data"),
         ({"variants": [{"name": "a"}, {"name": "b"}], "metric": "speed"},
          "compare.metric: \"speed\" — must be one of"),
         ({"variants": [{"name": "a"}, {"name": "B C"}]}, "variants.1.name"),
@@ -96,6 +95,14 @@ def test_the_compare_section_itself_is_checked_at_load_time(tmp_path, tiny_docum
     tiny_document["pipelines"]["tiny"]["compare"] = compare
     with pytest.raises(ConfigError, match=re.escape(expected)):
         load_pipelines(write_yaml(tmp_path / "pipelines.yaml", tiny_document))
+
+
+def test_variants_override_model_train_and_evaluate_only(tmp_path, tiny_document):
+    tiny_document["pipelines"]["tiny"]["compare"] = {"variants": [{"name": "a"}, {"name": "b", "data": {}}]}
+    with pytest.raises(ConfigError) as error:
+        load_pipelines(write_yaml(tmp_path / "pipelines.yaml", tiny_document))
+    assert error.value.problems[0].startswith("pipelines.tiny.compare.variants.1.data:")
+    assert error.value.problems[0].endswith("unknown key")
 
 
 def test_validate_warns_about_an_invalid_variant_and_passes(tmp_path, tiny_document):
