@@ -52,7 +52,7 @@ def test_relative_paths_resolve_against_the_pipelines_file(tmp_path, tiny_docume
     _set(tiny_document, "data.source", "folder:photos/train")
     _set(tiny_document, "data.data_dir", "../tfds-data")
     _set(tiny_document, "model.weights", "weights/base.weights.h5")
-    path = write_yaml(tmp_path / "configs" / "pipelines.yaml", tiny_document)
+    write_yaml(tmp_path / "configs" / "pipelines.yaml", tiny_document)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
