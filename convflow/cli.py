@@ -132,6 +132,37 @@ def _unwritable(artifacts: Path) -> str | None:
     return None
 
 
+def _load_train_pipeline():
+    from convflow.flows.train_pipeline import train_pipeline
+
+    return train_pipeline
+
+
+def _load_run_comparison():
+    from convflow.flows.compare import run_comparison
+
+    return run_comparison
+
+
+def _call_flow(label: str, load_flow, *args):
+    """Call the flow `load_flow` returns, against PREFECT_API_URL or a temporary local server.
+
+    The flow's modules (Prefect, convflow's stages) are imported while the server starts.
+    Returns the flow's result, or None after printing why it failed.
+    """
+    from convflow.local_server import prefect_api
+
+    with prefect_api() as server:
+        flow = load_flow()
+        if server is not None:
+            server.wait_until_ready()
+        try:
+            return flow(*args)
+        except Exception as error:  # the flow already logged the traceback
+            print(f"{label} failed: {type(error).__name__}: {error}", file=sys.stderr)
+            return None
+
+
 def _run(args: argparse.Namespace) -> int:
     from convflow.config import ConfigError, load_pipeline
 
@@ -146,18 +177,10 @@ def _run(args: argparse.Namespace) -> int:
         return 1
     artifacts = _prepare_environment(args.artifacts)
     started = time.perf_counter()
-    from convflow.local_server import prefect_api
-
-    with prefect_api() as server:
-        from convflow.flows.train_pipeline import train_pipeline  # imports while the server starts
-
-        if server is not None:
-            server.wait_until_ready()
-        try:
-            summary = train_pipeline(args.name, str(Path(args.file).resolve()), str(artifacts))
-        except Exception as error:  # the flow already logged the traceback
-            print(f"convflow run {args.name} failed: {type(error).__name__}: {error}", file=sys.stderr)
-            return 1
+    summary = _call_flow(f"convflow run {args.name}", _load_train_pipeline,
+                         args.name, str(Path(args.file).resolve()), str(artifacts))
+    if summary is None:
+        return 1
     seconds = time.perf_counter() - started
     _print_summary(summary, seconds)
     if args.json:
@@ -205,20 +228,13 @@ def _compare(args: argparse.Namespace) -> int:
         return EXIT_BAD_CONFIG
     artifacts = _prepare_environment(args.artifacts)
     started = time.perf_counter()
-    from convflow.local_server import prefect_api
-
-    with prefect_api() as server:
-        from convflow.flows.compare import run_comparison  # imports while the server starts
-        from convflow.tasks.compare_report import variant_rows
-
-        if server is not None:
-            server.wait_until_ready()
-        try:
-            comparison = run_comparison(args.name, str(Path(args.file).resolve()), str(artifacts), args.dask)
-        except Exception as error:  # the flow already logged the traceback
-            print(f"convflow compare {args.name} failed: {type(error).__name__}: {error}", file=sys.stderr)
-            return 1
+    comparison = _call_flow(f"convflow compare {args.name}", _load_run_comparison,
+                            args.name, str(Path(args.file).resolve()), str(artifacts), args.dask)
+    if comparison is None:
+        return 1
     seconds = time.perf_counter() - started
+    from convflow.tasks.compare_report import variant_rows
+
     rows = variant_rows(comparison)
     _print_comparison(comparison, rows, seconds)
     if args.json:
