@@ -7,10 +7,11 @@ import json
 import re
 import zoneinfo
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -27,6 +28,16 @@ MAX_SHOWN_SECTION = 80
 PIPELINE_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 SOURCE_SCHEMES = ("sklearn", "tfds", "folder", "idx")
 SKLEARN_DATASETS = ("digits",)
+
+
+def _safe_name(name: str) -> str:
+    """Pipeline and variant names become folder names: nothing that could leave the artifacts root."""
+    if not PIPELINE_NAME.match(name):
+        raise ValueError("must be 1-64 of a-z 0-9 _ . - and start with a letter or digit")
+    return name
+
+
+SafeName = Annotated[str, AfterValidator(_safe_name)]
 
 
 class StrictModel(BaseModel):
@@ -219,17 +230,10 @@ class VariantConfig(StrictModel):
     """One variant of a comparison: overrides deep-merged over its pipeline, validated as a pipeline
     when the comparison runs (a variant whose merged config is invalid fails alone)."""
 
-    name: str = Field(description="Names the variant in the report and its run id.")
+    name: SafeName = Field(description="Names the variant in the report and its run id.")
     model: dict[str, Any] = Field(default_factory=dict, description="Overrides of the pipeline's model section.")
     train: dict[str, Any] = Field(default_factory=dict, description="Overrides of the pipeline's train section.")
     evaluate: dict[str, Any] = Field(default_factory=dict, description="Overrides of the pipeline's evaluate section.")
-
-    @field_validator("name")
-    @classmethod
-    def _safe_name(cls, name: str) -> str:
-        if not PIPELINE_NAME.match(name):
-            raise ValueError("must be 1-64 of a-z 0-9 _ . - and start with a letter or digit")
-        return name
 
 
 class CompareConfig(StrictModel):
@@ -263,7 +267,7 @@ class CompareConfig(StrictModel):
 
 
 class PipelineSpec(StrictModel):
-    name: str
+    name: SafeName
     data: DataConfig
     model: ModelConfig
     train: TrainConfig = TrainConfig()
@@ -275,13 +279,6 @@ class PipelineSpec(StrictModel):
         "the production model's; always trains every time. `convflow run` always runs the stages.",
     )
     compare: CompareConfig | None = Field(None, description="Variants that `convflow compare` runs side by side.")
-
-    @field_validator("name")
-    @classmethod
-    def _safe_name(cls, name: str) -> str:
-        if not PIPELINE_NAME.match(name):
-            raise ValueError("must be 1-64 of a-z 0-9 _ . - and start with a letter or digit")
-        return name
 
     @model_validator(mode="after")
     def _fits_base(self) -> PipelineSpec:
