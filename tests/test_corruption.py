@@ -93,7 +93,7 @@ def evaluate_deleted(runner, first, savedmodel_damaged) -> dict:
 @pytest.fixture(scope="module")
 def shard_truncated(runner, first, evaluate_deleted) -> dict:
     """Run 4: a cached TFRecord shard (the first run's) is cut in half."""
-    shard = next((first["run_dir"] / "to_tfrecords").glob("train-*.tfrecord.gz"))
+    shard = next((first["run_dir"] / "to_tfrecords").glob("train-*.tfrecord"))
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     return {"summary": runner.run(), "damaged": shard}
 
@@ -140,7 +140,7 @@ def test_truncated_tfrecord_shard_is_found_and_rewritten(shard_truncated, first,
 
     assert re.search(r"\d+ bytes, written as \d+", cache_warning(fourth["output"], "to_tfrecords", shard))
     assert fourth["cached"]["download_and_split"] and not fourth["cached"]["to_tfrecords"]
-    rewritten = sorted(path.name for path in (fourth["run_dir"] / "to_tfrecords").glob("*.tfrecord.gz"))
+    rewritten = sorted(path.name for path in (fourth["run_dir"] / "to_tfrecords").glob("*.tfrecord"))
     assert shard.name in rewritten
     assert fourth["status"] in ("completed", "not-promoted")
     assert abs(fourth["test_accuracy"] - first["test_accuracy"]) <= 0.02

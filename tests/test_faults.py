@@ -72,6 +72,16 @@ def kill_while_holding(root: Path, stage: str) -> Path:
     return markers[0].parent
 
 
+def _walk_tfrecord(content: bytes, path: Path) -> None:
+    """Step over each record (8-byte length, 4-byte CRC, data, 4-byte CRC); a cut-off file ends
+    inside a record."""
+    position = 0
+    while position < len(content):
+        length = int.from_bytes(content[position : position + 8], "little")
+        position += 8 + 4 + length + 4
+    assert position == len(content), f"{path}: last record cut short"
+
+
 def _readable(path: Path) -> None:
     """Open `path` the way a later stage or a user would; raise if it is half-written."""
     name = path.name
@@ -92,6 +102,8 @@ def _readable(path: Path) -> None:
         with gzip.open(path) as handle:
             while handle.read(1 << 20):
                 pass
+    elif name.endswith(".tfrecord"):
+        _walk_tfrecord(path.read_bytes(), path)
     elif name.endswith(".html"):
         assert path.read_text().rstrip().endswith("</html>"), f"{path}: cut short"
     else:

@@ -85,7 +85,7 @@ def test_first_run_writes_every_output(first, runner):
     assert first["resumed_from_epoch"] == 0
     assert (run_dir / "download_and_split" / "splits.parquet").is_file()
     assert (run_dir / "download_and_split" / "images.npy").is_file()
-    shards = sorted((run_dir / "to_tfrecords").glob("*.tfrecord.gz"))
+    shards = sorted((run_dir / "to_tfrecords").glob("*.tfrecord"))
     assert [shard.name.split("-")[0] for shard in shards] == ["test", "train", "validation"]
     assert (run_dir / "build_base" / "base.keras").is_file()
     assert (run_dir / "freeze_and_wrap" / "wrapped.keras").is_file()
@@ -138,7 +138,7 @@ def test_changing_epochs_reruns_training_only(first, third, runner):
 def test_deleted_stage_output_reruns_that_stage(first, fourth, runner):
     assert fourth["cached"]["download_and_split"]
     assert not fourth["cached"]["to_tfrecords"]
-    assert sorted((fourth["run_dir"] / "to_tfrecords").glob("*.tfrecord.gz"))
+    assert sorted((fourth["run_dir"] / "to_tfrecords").glob("*.tfrecord"))
     assert fourth["status"] in ("completed", "not-promoted")
     assert (Path(fourth["saved_model"]) / "saved_model.pb").is_file()
     assert len(pq.read_table(runner.artifacts / "runs.parquet")) == 4

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -16,7 +17,7 @@ from convflow.tasks import features
 from convflow.tasks.download_and_split import split_dataset
 from convflow.tasks.to_tfrecords import write_tfrecords
 
-SHARD_NAME = re.compile(r"^(train|validation|test)-(\d{5})-of-(\d{5})\.n(\d+)\.tfrecord\.gz$")
+SHARD_NAME = re.compile(r"^(train|validation|test)-(\d{5})-of-(\d{5})\.n(\d+)\.tfrecord$")
 
 
 def read_split(tfrecords, split: str) -> dict[str, tuple[np.ndarray, int]]:
@@ -37,7 +38,7 @@ def read_raw(shard: str) -> list[tf.train.Example]:
     """The records of one shard, decoded eagerly without tf.data's parser."""
     return [
         tf.train.Example.FromString(record.numpy())
-        for record in tf.data.TFRecordDataset(shard, compression_type=features.COMPRESSION)
+        for record in tf.data.TFRecordDataset(shard, compression_type=features.compression_type([shard]))
     ]
 
 
@@ -130,6 +131,34 @@ def test_shard_names_carry_record_counts(digits_tfrecords):
     assert sum(digits_tfrecords.counts.values()) == 1797
 
 
+def test_records_are_uncompressed_by_default_and_gzip_on_request(digits_split, digits_data, digits_tfrecords, tmp_path):
+    assert digits_tfrecords.compression == "none"
+    raw_shard = digits_tfrecords.shards["train"][0]
+    # An uncompressed record holds the image bytes as they are (12 x 12 pixels, plus id and framing).
+    content = Path(raw_shard).read_bytes()
+    first = read_raw(raw_shard)[0].features.feature[features.IMAGE].bytes_list.value[0]
+    assert len(first) == 144 and first in content
+    assert 144 < len(content) / digits_tfrecords.counts["train"] < 2 * 144
+
+    gzipped = write_tfrecords(digits_split, digits_data.model_copy(update={"compression": "gzip"}), tmp_path / "gz")
+    assert gzipped.compression == "gzip"
+    assert all(shard.endswith(".n%d.tfrecord.gz" % gzipped.counts[split])
+               for split, shards in gzipped.shards.items() for shard in shards)
+    assert Path(gzipped.shards["train"][0]).stat().st_size < Path(raw_shard).stat().st_size / 2
+    for split in ("train", "test"):
+        ours, theirs = read_split(gzipped, split), read_split(digits_tfrecords, split)
+        assert ours.keys() == theirs.keys()
+        for example_id, (image, label) in ours.items():
+            np.testing.assert_array_equal(image, theirs[example_id][0])
+            assert label == theirs[example_id][1]
+
+
+def test_reading_shards_of_mixed_compression_is_refused(digits_tfrecords, tmp_path):
+    mixed = [digits_tfrecords.shards["train"][0], str(tmp_path / "other.n1.tfrecord.gz")]
+    with pytest.raises(ValueError, match="share one compression"):
+        features.read_dataset(mixed, digits_tfrecords.image_size, 1, 32)
+
+
 def test_shard_size_splits_into_several_shards(image_folder, tmp_path):
     data = data_config(f"folder:{image_folder}", split=FOLDER_SPLIT, shard_size=7)
     split_set = split_dataset(data, tmp_path / "split")
@@ -167,7 +196,7 @@ def test_fingerprint_is_stable_and_follows_content(digits_split, digits_data, di
 def test_output_is_written_atomically(digits_split, digits_data, tmp_path):
     output = tmp_path / "stage" / "to_tfrecords"
     output.mkdir(parents=True)
-    (output / "stale-from-an-earlier-attempt.tfrecord.gz").write_bytes(b"old")
+    (output / "stale-from-an-earlier-attempt.tfrecord").write_bytes(b"old")
 
     tfrecords = write_tfrecords(digits_split, digits_data, output)
 
@@ -189,3 +218,33 @@ def test_a_failed_write_leaves_nothing_that_looks_complete(image_folder, tmp_pat
         write_tfrecords(split_set, data, tmp_path / "stage" / "to_tfrecords")
     assert not (tmp_path / "stage" / "to_tfrecords").exists()
     assert not any(".tmp-" in path.name for path in (tmp_path / "stage").glob("*"))
+
+
+def _to_tfrecords_cache_key(data) -> str:
+    """The real StageCachePolicy key of to_tfrecords for `data` (an empty result store)."""
+    from types import SimpleNamespace
+
+    from convflow.tasks import to_tfrecords
+    from convflow.tasks.stage import RunContext, StageCachePolicy
+
+    task_context = SimpleNamespace(
+        task=SimpleNamespace(name="to_tfrecords", fn=to_tfrecords.write_tfrecords),
+        result_store=SimpleNamespace(exists=lambda key: False),
+    )
+    run = RunContext(pipeline="p", run_id="r", artifacts_root="/artifacts")
+    return StageCachePolicy().compute_key(task_context, {"data": data, "run": run}, {})
+
+
+def test_where_shards_are_written_is_not_part_of_the_cache_key_or_config_hash(digits_data, tmp_path):
+    from convflow.config import PipelineSpec
+
+    on_dask = digits_data.model_copy(update={"dask_scheduler": "tcp://10.0.0.5:8786"})
+    gzipped = digits_data.model_copy(update={"compression": "gzip"})
+    assert _to_tfrecords_cache_key(on_dask) == _to_tfrecords_cache_key(digits_data)
+    assert _to_tfrecords_cache_key(gzipped) != _to_tfrecords_cache_key(digits_data)  # other files
+
+    def spec(data):
+        return PipelineSpec(name="p", data=data, model={"base": "mnist_cnn"})
+
+    assert spec(on_dask).config_hash() == spec(gzipped).config_hash() == spec(digits_data).config_hash()
+    assert spec(digits_data.model_copy(update={"image_size": (14, 14)})).config_hash() != spec(digits_data).config_hash()

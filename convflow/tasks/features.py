@@ -1,7 +1,10 @@
 """The TFRecord feature spec: one definition, used by the writer (to_tfrecords) and every reader.
 
-Images are stored as raw uint8 bytes at the model's size: decoding costs a reshape, not a JPEG
-decode, on every epoch.
+Images are stored as raw uint8 bytes at the model's size, uncompressed by default: decoding costs
+a reshape, not a JPEG/PNG decode or an inflate, on every epoch. benchmarks/run.py's layout table
+measured it the fastest to write and to read of raw, GZIP raw, PNG and JPEG records for both
+MNIST and 96/224 px photos (GZIP: 5x smaller for MNIST, but 5-25x slower to write photos).
+`data.compression: gzip` trades that speed for disk space; a shard's name says its compression.
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ if TYPE_CHECKING:
     import numpy as np
     import tensorflow as tf
 
-COMPRESSION = "GZIP"
+# data.compression -> (TFRecord compression type, shard file suffix)
+COMPRESSIONS = {"none": ("", ".tfrecord"), "gzip": ("GZIP", ".tfrecord.gz")}
 IMAGE = "image"
 LABEL = "label"
 EXAMPLE_ID = "example_id"
@@ -40,6 +44,22 @@ def feature_spec() -> dict[str, tf.io.FixedLenFeature]:
     }
 
 
+def shard_suffix(compression: str) -> str:
+    return COMPRESSIONS[compression][1]
+
+
+def compression_type(shards: list[str]) -> str:
+    """The TFRecord compression of shards written by to_tfrecords, from their file names.
+
+    Raises:
+        ValueError: the shards do not all share one compression.
+    """
+    kinds = {kind for kind, suffix in COMPRESSIONS.values() for shard in shards if shard.endswith(suffix)}
+    if len(kinds) != 1:
+        raise ValueError(f"shards must share one compression ({sorted(kinds)} found): {shards}")
+    return kinds.pop()
+
+
 def make_parser(height: int, width: int, channels: int):
     """Return a batched parser: serialized Examples -> {image uint8 [B,H,W,C], label, example_id}."""
     import tensorflow as tf
@@ -55,6 +75,8 @@ def make_parser(height: int, width: int, channels: int):
     return parse
 
 
+# Each shard reader's read-ahead: whole megabytes per disk read, not tf.data's 256 KB default.
+READ_BUFFER_BYTES = 1 << 20
 # Cache a split in memory only while it takes at most this share of the machine's memory.
 CACHE_MEMORY_SHARE = 0.25
 
@@ -89,9 +111,11 @@ def read_dataset(
     """
     import tensorflow as tf
 
+    compression = compression_type(shards)
     files = tf.data.Dataset.from_tensor_slices(shards)
     records = files.interleave(
-        lambda path: tf.data.TFRecordDataset(path, compression_type=COMPRESSION),
+        lambda path: tf.data.TFRecordDataset(path, compression_type=compression,
+                                             buffer_size=READ_BUFFER_BYTES),
         cycle_length=min(len(shards), 4),
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=True,

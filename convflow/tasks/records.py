@@ -67,9 +67,10 @@ class SplitSet(StageRecord):
 
 
 class TFRecordSet(StageRecord):
-    """to_tfrecords: sharded, GZIP-compressed TFRecords per split, images at the model's size."""
+    """to_tfrecords: sharded TFRecords per split, raw uint8 images at the model's size."""
 
     shards: dict[str, list[str]] = Field(description="Shard paths per split.")
+    compression: str = Field("none", description="data.compression they were written with: none | gzip.")
     counts: dict[str, int]
     image_size: tuple[int, int]
     channels: int

@@ -1,4 +1,4 @@
-"""Stage 2, to_tfrecords: resize every example once and write sharded, compressed TFRecords."""
+"""Stage 2, to_tfrecords: resize every example once and write sharded TFRecords (raw uint8 pixels)."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def _decode_and_write_shard(
 ) -> str:
     """One shard, start to end, on a Dask worker: decode its examples, write the file."""
     load = _loader(split_set, data)
-    _write_shard(Path(path), np.stack([load(index) for index in indices]), np.asarray(labels), ids)
+    _write_shard(Path(path), np.stack([load(index) for index in indices]), np.asarray(labels), ids, data.compression)
     return path
 
 
@@ -63,25 +63,27 @@ def _write_on_dask(address: str, jobs: list[tuple]) -> None:
         client.gather(client.map(lambda job: _decode_and_write_shard(*job), jobs, pure=False))
 
 
-def _write_shard(path: Path, images: np.ndarray, labels: np.ndarray, example_ids: list[str]) -> None:
+def _write_shard(path: Path, images: np.ndarray, labels: np.ndarray, example_ids: list[str], compression: str) -> None:
     import tensorflow as tf
 
-    options = tf.io.TFRecordOptions(compression_type=features.COMPRESSION)
+    options = tf.io.TFRecordOptions(compression_type=features.COMPRESSIONS[compression][0])
     with tf.io.TFRecordWriter(str(path), options) as writer:
         for image, label, example_id in zip(images, labels, example_ids):
             writer.write(features.encode_example(image, label, example_id))
 
 
-def _shard_plan(split: str, indices: np.ndarray, shard_size: int) -> list[tuple[str, np.ndarray]]:
-    chunks = [indices[start : start + shard_size] for start in range(0, len(indices), shard_size)]
+def _shard_plan(split: str, indices: np.ndarray, data: DataConfig) -> list[tuple[str, np.ndarray]]:
+    chunks = [indices[start : start + data.shard_size] for start in range(0, len(indices), data.shard_size)]
+    suffix = features.shard_suffix(data.compression)
     return [
-        (f"{split}-{number:05d}-of-{len(chunks):05d}.n{len(chunk)}.tfrecord.gz", chunk)
+        (f"{split}-{number:05d}-of-{len(chunks):05d}.n{len(chunk)}{suffix}", chunk)
         for number, chunk in enumerate(chunks)
     ]
 
 
 def write_tfrecords(split_set: SplitSet, data: DataConfig, output_dir: Path) -> TFRecordSet:
-    """Resize each example of `split_set` to `data.image_size` and write GZIP TFRecord shards.
+    """Resize each example of `split_set` to `data.image_size` and write TFRecord shards
+    (compressed as `data.compression` says).
 
     Here: images are decoded in worker processes (large folders), shards written in parallel
     threads (TF's writer releases the GIL while compressing). With `data.dask_scheduler`, each
@@ -90,7 +92,7 @@ def write_tfrecords(split_set: SplitSet, data: DataConfig, output_dir: Path) -> 
     rows = pq.read_table(split_set.splits_parquet).to_pydict()
     labels = np.asarray(rows["label"])
     splits = np.asarray(rows["split"])
-    plans = {split: _shard_plan(split, np.flatnonzero(splits == split), data.shard_size) for split in SPLIT_NAMES}
+    plans = {split: _shard_plan(split, np.flatnonzero(splits == split), data) for split in SPLIT_NAMES}
     shards = {split: [str(output_dir / name) for name, _ in plan] for split, plan in plans.items()}
     with staged_output(output_dir) as staging:
         chunks = [(name, chunk) for plan in plans.values() for name, chunk in plan]
@@ -104,7 +106,7 @@ def write_tfrecords(split_set: SplitSet, data: DataConfig, output_dir: Path) -> 
             with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
                 jobs = [
                     pool.submit(_write_shard, staging / name, images[chunk], labels[chunk],
-                                [rows["example_id"][index] for index in chunk])
+                                [rows["example_id"][index] for index in chunk], data.compression)
                     for name, chunk in chunks
                 ]
                 for job in jobs:
@@ -113,6 +115,7 @@ def write_tfrecords(split_set: SplitSet, data: DataConfig, output_dir: Path) -> 
     return TFRecordSet(
         output_dir=str(output_dir),
         shards=shards,
+        compression=data.compression,
         counts={split: int((splits == split).sum()) for split in SPLIT_NAMES},
         image_size=tuple(data.image_size),
         channels=data.channels,
