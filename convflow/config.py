@@ -7,7 +7,7 @@ import json
 import re
 import zoneinfo
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -58,6 +58,9 @@ class SplitFractions(StrictModel):
 
 
 class DataConfig(StrictModel):
+    # Where the work runs, not what it makes: left out of stage cache keys and the config hash.
+    EXECUTION_ONLY: ClassVar[frozenset[str]] = frozenset({"dask_scheduler"})
+
     source: str = Field(description="sklearn:digits | tfds:NAME | folder:PATH | idx:PATH")
     image_size: tuple[int, int] = Field(description="Height, width the model sees.")
     channels: Literal[1, 3] = Field(3, description="1 for grayscale, 3 for RGB.")
@@ -66,6 +69,11 @@ class DataConfig(StrictModel):
         "stretch", description="Stretch to image_size, or keep the aspect ratio and pad."
     )
     shard_size: int = Field(10_000, ge=1, description="Examples per TFRecord shard.")
+    compression: Literal["none", "gzip"] = Field(
+        "none",
+        description="TFRecord compression: none is the fastest to write and read (benchmarks/RESULTS.md); "
+        "gzip stores small grayscale images in about a fifth of the space.",
+    )
     label_names: list[str] | None = Field(None, description="Class names, in label order.")
     data_dir: str | None = Field(None, description="Pre-downloaded TFDS directory (tfds sources).")
     dask_scheduler: str | None = Field(
@@ -304,8 +312,13 @@ class PipelineSpec(StrictModel):
         return self
 
     def config_hash(self) -> str:
-        """Hash of everything that shapes the model; the schedule and retraining policy are left out."""
-        payload = self.model_dump(mode="json", exclude={"schedule", "name", "retrain", "compare"})
+        """Hash of everything that shapes the model; the schedule, retraining policy and how the
+        data stages run or store their files are left out."""
+        payload = self.model_dump(
+            mode="json",
+            exclude={"schedule": True, "name": True, "retrain": True, "compare": True,
+                     "data": {*DataConfig.EXECUTION_ONLY, "compression"}},
+        )
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

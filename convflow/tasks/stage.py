@@ -64,8 +64,8 @@ def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
 
 
 def _jsonable(value: Any) -> Any:
-    if isinstance(value, pydantic.BaseModel):
-        return value.model_dump(mode="json")
+    if isinstance(value, pydantic.BaseModel):  # EXECUTION_ONLY fields change where, not what
+        return value.model_dump(mode="json", exclude=set(getattr(value, "EXECUTION_ONLY", ())))
     if isinstance(value, dict):
         return {str(key): _jsonable(item) for key, item in value.items()}
     if isinstance(value, list | tuple):
