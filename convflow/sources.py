@@ -34,7 +34,8 @@ class DataError(ValueError):
 class LoadedSource:
     """Examples of one source, before splitting.
 
-    Exactly one of `images` (N x H x W x C uint8) and `files` is set.
+    Exactly one of `images` (N x H x W x C uint8) and `files` is set; `sizes` holds each file's
+    (height, width) as found on disk.
     """
 
     labels: np.ndarray
@@ -42,6 +43,7 @@ class LoadedSource:
     example_ids: list[str]
     images: np.ndarray | None = None
     files: list[str] | None = None
+    sizes: list[tuple[int, int]] = field(default_factory=list)
     predefined_split: list[str | None] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
 
@@ -178,22 +180,23 @@ def _load_idx(data: DataConfig, scratch_dir: Path) -> LoadedSource:
     )
 
 
-def check_image_file(path: Path) -> str | None:
-    """Return why an image file is unusable, or None if it decodes."""
+def check_image_file(path: Path) -> tuple[str | None, tuple[int, int]]:
+    """Why an image file is unusable (None if it decodes), and its (height, width)."""
     from PIL import Image
 
     if path.stat().st_size == 0:
-        return "empty file"
+        return "empty file", (0, 0)
     try:
         with Image.open(path) as image:
+            size = (image.height, image.width)
             if image.width * image.height > MAX_PIXELS:
-                return f"{image.width}x{image.height} exceeds {MAX_PIXELS} pixels"
+                return f"{image.width}x{image.height} exceeds {MAX_PIXELS} pixels", size
             image.load()
     except Image.DecompressionBombError as error:  # refused by Pillow before our own size check
-        return f"exceeds {MAX_PIXELS} pixels: {error}"
+        return f"exceeds {MAX_PIXELS} pixels: {error}", (0, 0)
     except Exception as error:  # PIL raises many types for bad files
-        return f"cannot decode: {error}"
-    return None
+        return f"cannot decode: {error}", (0, 0)
+    return None, size
 
 
 def _class_folders(root: Path) -> list[Path]:
@@ -230,13 +233,14 @@ def _scan_class_folder(folder: Path, root: Path, label: int, split: str | None, 
     for path in sorted(folder.iterdir()):
         if not path.is_file() or path.name.startswith("."):
             continue
-        problem = (
-            "not an image file" if path.suffix.lower() not in IMAGE_SUFFIXES else check_image_file(path)
+        problem, size = (
+            ("not an image file", (0, 0)) if path.suffix.lower() not in IMAGE_SUFFIXES else check_image_file(path)
         )
         if problem:
             loaded.skipped.append(f"{path}: {problem}")
             continue
         loaded.files.append(str(path))
+        loaded.sizes.append(size)
         loaded.example_ids.append(str(path.relative_to(root)))
         loaded.predefined_split.append(split)
         usable += 1
@@ -315,6 +319,7 @@ def _read_tfds_splits(builder, data: DataConfig, images_dir: Path) -> LoadedSour
             path = images_dir / f"{stem}-{index:06d}.png"
             _save_png(example[image_key], path)
             loaded.files.append(str(path))
+            loaded.sizes.append(tuple(example[image_key].shape[:2]))
             loaded.example_ids.append(f"{expression}/{index}")
             loaded.predefined_split.append(split)
             labels.append(int(example[label_key]))

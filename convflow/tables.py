@@ -35,6 +35,8 @@ SPLITS_SCHEMA = _schema(
     ("split", pa.string(), "train, validation or test."),
     ("sha256", pa.string(), "sha256 of the example's source bytes; decides its split."),
     ("path", pa.string(), "Source image file, or null for in-memory sources."),
+    ("height", pa.int32(), "Source image height in pixels, before resizing."),
+    ("width", pa.int32(), "Source image width in pixels, before resizing."),
     nullable=("path",),
     table="One row per example of the dataset: its label and the split it belongs to.",
 )

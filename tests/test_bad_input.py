@@ -27,7 +27,7 @@ from convflow import sources
 from convflow.cli import EXIT_BAD_CONFIG, main
 from convflow.config import ModelConfig
 from convflow.sources import DataError
-from convflow.tasks.download_and_split import split_dataset
+from convflow.tasks.download_and_split import check_image_sizes, split_dataset
 from convflow.tasks.stage import is_transient, retry_on_transient_error
 
 FOLDER_SPLIT = {"train": 0.5, "validation": 0.2, "test": 0.3}
@@ -192,6 +192,47 @@ def test_split_that_leaves_a_class_out_of_test(tmp_path):
     split = {"train": 0.9, "validation": 0.05, "test": 0.05}
     with pytest.raises(DataError, match=r"split 'test' has no example of class\(es\) \[.*\]: add examples or change data.split"):
         split_dataset(folder_data(tmp_path / "images", split=split), tmp_path / "out")
+
+
+def test_source_images_smaller_than_the_base_minimum_name_their_files(tmp_path):
+    make_image_folder(tmp_path / "images", classes=("cat", "dog"), per_class=12, size=(40, 48))
+    make_image_folder(tmp_path / "images", classes=("dog",), per_class=1, start=50, size=(16, 20))
+    split_set = split_dataset(folder_data(tmp_path / "images"), tmp_path / "out")
+    check_image_sizes(split_set, folder_data(tmp_path / "images"), "augment_cnn")  # minimum 8: fine
+
+    small = tmp_path / "images" / "dog" / "img-050.png"
+    expected = (f"1 source image(s) smaller than 32x32, the minimum input of model.base mobilenet: {small} (20x16); "
+                "remove them, or use a base with a smaller minimum")
+    with pytest.raises(DataError, match=re.escape(expected)):
+        check_image_sizes(split_set, folder_data(tmp_path / "images"), "mobilenet")
+
+
+def test_in_memory_images_smaller_than_the_base_minimum_name_the_source(tmp_path):
+    from convflow.config import DataConfig
+
+    digits = DataConfig(source="sklearn:digits", image_size=(32, 32), channels=1)
+    split_set = split_dataset(digits, tmp_path / "out")
+    with pytest.raises(DataError, match=r"^1797 source image\(s\) smaller than 32x32, the minimum input of model.base "
+                       r"vgg16: sklearn:digits example digits-00000 \(8x8\), .* and 1792 more; remove them"):
+        check_image_sizes(split_set, digits, "vgg16")
+
+
+@pytest.mark.slow
+def test_run_on_images_smaller_than_the_base_minimum_fails_naming_a_file(tmp_path):
+    make_image_folder(tmp_path / "images", classes=("cat", "dog"), per_class=6, size=(16, 20))
+    document = copy.deepcopy(TINY_PIPELINES)
+    document["pipelines"]["tiny"]["data"] = {"source": f"folder:{tmp_path / 'images'}", "image_size": [32, 32],
+                                             "channels": 3, "split": FOLDER_SPLIT}
+    document["pipelines"]["tiny"]["model"] = {"base": "mobilenet", "alpha": 0.25, "weights": "none"}
+    path = write_yaml(tmp_path / "pipelines.yaml", document)
+    result = subprocess.run([sys.executable, "-m", "convflow.cli", "run", "tiny", "-f", str(path),
+                             "--artifacts", str(tmp_path / "artifacts")],
+                            capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert result.returncode == 1
+    assert re.search(r"convflow run tiny failed: DataError: 12 source image\(s\) smaller than 32x32, the minimum "
+                     rf"input of model.base mobilenet: {re.escape(str(tmp_path / 'images'))}/cat/img-000.png \(20x16\)",
+                     result.stderr), result.stderr[-3000:]
+    assert not (tmp_path / "artifacts" / "runs.parquet").exists()
 
 
 def _idx_folder(root: Path, labels: np.ndarray) -> Path:

@@ -54,7 +54,9 @@ def test_digits_split(digits_split):
 def test_splits_parquet_schema(digits_split):
     schema = pq.read_schema(digits_split.splits_parquet)
     assert schema.equals(tables.SPLITS_SCHEMA, check_metadata=True)
-    assert schema.names == ["example_id", "label", "label_name", "split", "sha256", "path"]
+    assert schema.names == ["example_id", "label", "label_name", "split", "sha256", "path", "height", "width"]
+    sizes = pq.read_table(digits_split.splits_parquet, columns=["height", "width"]).to_pydict()
+    assert set(sizes["height"]) == set(sizes["width"]) == {8}  # the 8x8 digits, before resizing
     assert schema.field("split").metadata[b"description"].startswith(b"train, validation or test")
     assert not schema.field("sha256").nullable and schema.field("path").nullable
 
@@ -100,6 +102,7 @@ def test_folder_keeps_good_files_and_lists_bad_ones(messy_image_folder, tmp_path
     # example ids are paths relative to the source folder; labels follow the class folder
     index = rows["example_id"].index("dog/rgba.png")
     assert rows["label"][index] == 1 and rows["label_name"][index] == "dog"
+    assert (rows["height"][index], rows["width"][index]) == (16, 20)
     assert rows["sha256"][index] == hashlib.sha256((root / "dog" / "rgba.png").read_bytes()).hexdigest()
     assert split_set.counts == {split: rows["split"].count(split) for split in ("train", "validation", "test")}
     assert _no_leftovers(tmp_path) == []

@@ -24,7 +24,7 @@ from convflow.tasks.compare_variant import (
     VariantResult, export_candidate, failed_variant, measure_variants, promote_winner, rank_variants,
     summarize_variant,
 )
-from convflow.tasks.download_and_split import download_and_split
+from convflow.tasks.download_and_split import check_image_sizes, download_and_split
 from convflow.tasks.evaluate import evaluate, score_untrained
 from convflow.tasks.freeze_and_wrap import freeze_and_wrap
 from convflow.tasks.records import TFRecordSet
@@ -114,6 +114,7 @@ def compare_pipeline(
     run = RunContext(pipeline=pipeline, run_id=new_comparison_id(started), artifacts_root=root)
     log = StageLog()
     split_set = log.run(download_and_split, spec.data, source_stamp(spec.data), run)
+    check_image_sizes(split_set, spec.data, spec.model.base)
     tfrecords = log.run(to_tfrecords, split_set, spec.data, run)
     variants = variant_specs(spec, Path(pipelines_file).resolve().parent)
     runs = {name: run.model_copy(update={"run_id": f"{run.run_id}-{name}"}) for name in variants}

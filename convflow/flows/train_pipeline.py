@@ -15,7 +15,7 @@ from convflow.config import load_pipeline
 from convflow.flows.stage_log import StageLog
 from convflow.sources import source_stamp
 from convflow.tasks.build_base import build_base, weights_stamp
-from convflow.tasks.download_and_split import download_and_split
+from convflow.tasks.download_and_split import check_image_sizes, download_and_split
 from convflow.tasks.evaluate import evaluate
 from convflow.tasks.export_savedmodel import export_savedmodel
 from convflow.tasks.freeze_and_wrap import freeze_and_wrap
@@ -46,6 +46,7 @@ def train_pipeline(
     run = RunContext(pipeline=pipeline, run_id=new_run_id(started), artifacts_root=str(Path(artifacts).resolve()))
     log = StageLog()
     split_set = log.run(download_and_split, spec.data, source_stamp(spec.data), run)
+    check_image_sizes(split_set, spec.data, spec.model.base)
     if scheduled and not force:
         unchanged = retraining.unchanged_production(Path(run.artifacts_root), spec, split_set.data_fingerprint)
         if unchanged is not None:

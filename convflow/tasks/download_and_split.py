@@ -7,10 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 from prefect import get_run_logger
 
 from convflow import tables
 from convflow.config import DataConfig
+from convflow.model_zoo import get_base_spec
 from convflow.sources import SPLIT_NAMES, DataError, LoadedSource, load_source
 from convflow.tasks.records import SplitSet
 from convflow.tasks.stage import RunContext, hash_json, stage_task, staged_output
@@ -78,6 +80,7 @@ def split_dataset(data: DataConfig, output_dir: Path) -> SplitSet:
         splits = [_split_by_hash(h, p, carved, data) for h, p in zip(hashes, loaded.predefined_split)]
         _check_classes_in_splits(splits, loaded.labels, loaded.label_names)
         files = [path.replace(str(staging), str(output_dir)) for path in loaded.files or []]
+        sizes = loaded.sizes or [loaded.images.shape[1:3]] * len(hashes)
         table = pa.table(
             {
                 "example_id": loaded.example_ids,
@@ -86,6 +89,8 @@ def split_dataset(data: DataConfig, output_dir: Path) -> SplitSet:
                 "split": splits,
                 "sha256": hashes,
                 "path": files if files else [None] * len(hashes),
+                "height": [int(height) for height, _ in sizes],
+                "width": [int(width) for _, width in sizes],
             },
             schema=tables.SPLITS_SCHEMA,
         )
@@ -102,6 +107,29 @@ def split_dataset(data: DataConfig, output_dir: Path) -> SplitSet:
         skipped=loaded.skipped,
         duplicates=len(hashes) - len(set(hashes)),
         duplicates_across_splits=_duplicates_across_splits(hashes, splits),
+    )
+
+
+def check_image_sizes(split_set: SplitSet, data: DataConfig, base: str) -> None:
+    """Refuse source images smaller than the base model's minimum input: upscaled that far, they
+    would train the model on blur.
+
+    Raises:
+        DataError: naming the first such images (file paths; example ids for in-memory sources).
+    """
+    minimum = get_base_spec(base).min_size
+    rows = pq.read_table(split_set.splits_parquet, columns=["example_id", "path", "height", "width"]).to_pylist()
+    small = [row for row in rows if min(row["height"], row["width"]) < minimum]
+    if not small:
+        return
+    shown = ", ".join(
+        f"{row['path'] or f'{data.source} example ' + row['example_id']} ({row['width']}x{row['height']})"
+        for row in small[:5]
+    )
+    more = f" and {len(small) - 5} more" if len(small) > 5 else ""
+    raise DataError(
+        f"{len(small)} source image(s) smaller than {minimum}x{minimum}, the minimum input of model.base "
+        f"{base}: {shown}{more}; remove them, or use a base with a smaller minimum"
     )
 
 
