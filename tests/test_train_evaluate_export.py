@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import textwrap
 from pathlib import Path
@@ -20,8 +21,8 @@ from convflow.config import EvaluateConfig, ModelConfig, TrainConfig
 from convflow.registry import Production
 from convflow.tasks.build_base import build_base_model
 from convflow.tasks.download_and_split import split_dataset
-from convflow.tasks.evaluate import evaluate_model, predict_split
-from convflow.tasks.export_savedmodel import MODEL_VERSION, export_model
+from convflow.tasks.evaluate import evaluate_model, predict_split, probabilities_from_logits
+from convflow.tasks.export_savedmodel import MODEL_VERSION, ExportMismatch, export_model, verify_saved_model
 from convflow.tasks.freeze_and_wrap import freeze_and_wrap_model
 from convflow.tasks.to_tfrecords import write_tfrecords
 from convflow.tasks.train import checkpoint_key, train_model
@@ -304,9 +305,46 @@ def test_export_serves_raw_images_in_a_fresh_process(digits_export, digits_train
     np.testing.assert_allclose(served["bigger_probabilities"].sum(axis=1), 1, atol=1e-5)
 
 
+def test_saved_model_that_disagrees_with_keras_is_refused(digits_export, digits_trained, digits_tfrecords):
+    images, _, _, logits = predict_split(digits_trained.model_path, digits_tfrecords, "test")
+    expected = probabilities_from_logits(logits)
+    assert verify_saved_model(Path(digits_export.saved_model), images, expected) <= 1e-5
+    expected[0] = expected[0][::-1]  # as if the export had lost a layer for one image
+    with pytest.raises(ExportMismatch, match=re.escape(digits_export.saved_model) + r": SavedModel probabilities "
+                       r"differ from Keras by \d"):
+        verify_saved_model(Path(digits_export.saved_model), images, expected)
+
+
 def test_export_is_written_atomically(digits_export):
     export_dir = Path(digits_export.output_dir)
     assert [path.name for path in export_dir.parent.iterdir()] == [export_dir.name]
     assert sorted(path.name for path in export_dir.iterdir()) == ["digits"]
     assert (Path(digits_export.saved_model) / "saved_model.pb").is_file()
     assert (Path(digits_export.saved_model) / "variables").is_dir()
+
+
+def test_report_figures_are_drawn_once_per_model_and_evaluation(
+    digits_split, digits_trained, digits_evaluation, tmp_path, monkeypatch
+):
+    from convflow.tasks import write_report
+
+    cache = tmp_path / "figures"
+    figures = write_report.report_figures(digits_split, digits_trained, digits_evaluation, cache)
+    assert set(figures) == {"augmentation", "curves", "confusion", "samples", "mistakes", "feature_maps"}
+    assert all(figures[name].startswith("<img") for name in ("curves", "confusion", "samples", "mistakes"))
+    [cached] = cache.iterdir()
+
+    def draw(*args):
+        raise AssertionError("figures drawn again")
+
+    monkeypatch.setattr(write_report, "_render_figures", draw)
+    assert write_report.report_figures(digits_split, digits_trained, digits_evaluation, cache) == figures
+
+    cached.write_text('{"curves": ')  # cut short: drawn again, not a failed report
+    monkeypatch.undo()
+    assert write_report.report_figures(digits_split, digits_trained, digits_evaluation, cache) == figures
+    assert [path.name for path in cache.iterdir()] == [cached.name]
+
+    retrained = digits_trained.model_copy(update={"epochs": digits_trained.epochs + 1})
+    write_report.report_figures(digits_split, retrained, digits_evaluation, cache)
+    assert len(list(cache.iterdir())) == 2  # another model: its own figures
