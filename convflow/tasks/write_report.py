@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import io
 import json
+import os
 import platform
 import subprocess
 from importlib import metadata
@@ -15,8 +17,10 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from convflow.tasks.records import Evaluation, ExportedModel, Report, SplitSet, StageRun, TrainedModel
-from convflow.tasks.stage import RunContext, stage_task, staged_output
+from convflow.tasks.stage import RunContext, hash_json, sha256_file, stage_task, staged_output
 
+# Under <artifacts>/<pipeline>/: rendered figures, reused by reports of the same model and evaluation.
+FIGURE_CACHE = ".report-figures"
 PACKAGES = ("convflow", "tensorflow", "keras", "prefect", "pyarrow", "scikit-learn")
 
 STYLE = """
@@ -183,12 +187,55 @@ def _lineage(config_hash: str, data_fingerprint: str) -> list[list]:
     return rows
 
 
+def _render_figures(split_set: SplitSet, trained: TrainedModel, evaluation: Evaluation) -> dict[str, str]:
+    """The report's figures as <img> tags: they depend on the trained model and its evaluation alone."""
+    samples = np.load(evaluation.samples_npz)
+    names = split_set.label_names
+    augmentation = np.load(trained.augmentation_npy) if trained.augmentation_npy else None
+    return {
+        "augmentation": "" if augmentation is None else _image_grid(augmentation, [""] * len(augmentation), columns=5),
+        "curves": _curves(trained.history_parquet),
+        "confusion": _confusion(evaluation.confusion_json),
+        "samples": _image_grid(
+            samples["sample_images"],
+            [f"{names[p]} ({names[t]})" for t, p in zip(samples["sample_labels"], samples["sample_predicted"])],
+        ),
+        "mistakes": _image_grid(
+            samples["mistake_images"],
+            [f"{names[p]} {c:.2f}, true {names[t]}" for t, p, c in
+             zip(samples["mistake_labels"], samples["mistake_predicted"], samples["mistake_confidence"])],
+        ),
+        "feature_maps": _image_grid(samples["sample_images"][:1], [f"test image, true {names[samples['sample_labels'][0]]}"])
+        + _feature_maps(samples["feature_maps"]),
+    }
+
+
+def report_figures(
+    split_set: SplitSet, trained: TrainedModel, evaluation: Evaluation, cache_dir: Path | None = None
+) -> dict[str, str]:
+    """The figures, rendered once per (model, evaluation, this module's code) and then read from
+    `cache_dir`: a fully cached rerun writes its own report without redrawing them (~1 s)."""
+    if cache_dir is None:
+        return _render_figures(split_set, trained, evaluation)
+    key = hash_json([split_set, trained, evaluation, sha256_file(__file__)])[:24]
+    cached = cache_dir / f"{key}.json"
+    with contextlib.suppress(OSError, ValueError):  # missing or damaged: draw them again
+        figures = json.loads(cached.read_text())
+        if isinstance(figures, dict) and all(isinstance(value, str) for value in figures.values()):
+            return figures
+    figures = _render_figures(split_set, trained, evaluation)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    partial = cache_dir / f".{key}.{os.getpid()}.tmp"
+    partial.write_text(json.dumps(figures))
+    partial.replace(cached)  # atomic: a reader sees the whole file or none
+    return figures
+
+
 def render_report(
     pipeline: str, run_id: str, config_hash: str, split_set: SplitSet, trained: TrainedModel,
-    evaluation: Evaluation, exported: ExportedModel, stages: list[StageRun],
+    evaluation: Evaluation, exported: ExportedModel, stages: list[StageRun], figures: dict[str, str],
 ) -> str:
     """The report's HTML: every figure embedded, no external file needed."""
-    samples = np.load(evaluation.samples_npz)
     names = split_set.label_names
     verdict = "pass" if evaluation.passed_gate else "fail"
     sections = [
@@ -202,29 +249,19 @@ def render_report(
         f"{len(split_set.skipped)} unusable files skipped.</p>" + _class_counts(split_set.splits_parquet)
         + "".join(f"<p><code>{html.escape(line)}</code></p>" for line in split_set.skipped[:50]),
         '<h2 id="augmentation">Augmentation preview</h2>' + (
-            _image_grid(np.load(trained.augmentation_npy), [""] * len(np.load(trained.augmentation_npy)), columns=5)
-            + "<p>Each row: a training image, then augmented versions of it.</p>"
+            figures["augmentation"] + "<p>Each row: a training image, then augmented versions of it.</p>"
             if trained.augmentation_npy else "<p>Augmentation is off for this pipeline (train.augment).</p>"
         ),
         '<h2 id="model">Model summary</h2>' + _model_summary(trained.model_summary_parquet),
         f'<h2 id="training">Training curves</h2><p>{trained.epochs} epochs'
         f"{f', resumed from epoch {trained.resumed_from_epoch}' if trained.resumed_from_epoch else ''}; "
-        f"{trained.images_per_second:.0f} images/s.</p>" + _curves(trained.history_parquet),
-        '<h2 id="confusion">Confusion matrix</h2>' + _confusion(evaluation.confusion_json),
+        f"{trained.images_per_second:.0f} images/s.</p>" + figures["curves"],
+        '<h2 id="confusion">Confusion matrix</h2>' + figures["confusion"],
         '<h2 id="per-class">Per-class metrics</h2>'
         + _table(["class", "precision", "recall", "f1", "support"], _per_class_rows(evaluation.metrics_parquet)),
-        '<h2 id="samples">Sample predictions</h2>' + _image_grid(
-            samples["sample_images"],
-            [f"{names[p]} ({names[t]})" for t, p in zip(samples["sample_labels"], samples["sample_predicted"])],
-        ),
-        '<h2 id="mistakes">Worst mistakes</h2>' + _image_grid(
-            samples["mistake_images"],
-            [f"{names[p]} {c:.2f}, true {names[t]}" for t, p, c in
-             zip(samples["mistake_labels"], samples["mistake_predicted"], samples["mistake_confidence"])],
-        ),
-        '<h2 id="feature-maps">First convolution feature maps</h2>'
-        + _image_grid(samples["sample_images"][:1], [f"test image, true {names[samples['sample_labels'][0]]}"])
-        + _feature_maps(samples["feature_maps"]),
+        '<h2 id="samples">Sample predictions</h2>' + figures["samples"],
+        '<h2 id="mistakes">Worst mistakes</h2>' + figures["mistakes"],
+        '<h2 id="feature-maps">First convolution feature maps</h2>' + figures["feature_maps"],
         '<h2 id="production">Comparison with production and gate</h2>' + _production(evaluation, exported),
         '<h2 id="stages">Stages</h2>' + _table(
             ["stage", "seconds", "cache hit", "cache key"],
@@ -236,13 +273,14 @@ def render_report(
            f"<style>{STYLE}</style></head><body>{''.join(sections)}</body></html>"
 
 
-def write_report_html(output_dir: Path, **parts) -> Report:
-    """Render the report into output_dir/report.html."""
+def write_report_html(output_dir: Path, figure_cache: Path | None = None, **parts) -> Report:
+    """Render the report into output_dir/report.html (figures from `figure_cache` when drawn before)."""
     import matplotlib
 
     matplotlib.use("Agg")
+    figures = report_figures(parts["split_set"], parts["trained"], parts["evaluation"], figure_cache)
     with staged_output(output_dir) as staging:
-        (staging / "report.html").write_text(render_report(**parts))
+        (staging / "report.html").write_text(render_report(**parts, figures=figures))
     return Report(output_dir=str(output_dir), report_html=str(output_dir / "report.html"))
 
 
@@ -269,7 +307,7 @@ def write_report(
 ) -> Report:
     """Prefect task over write_report_html; also publishes summary, metrics and link artifacts."""
     report = write_report_html(
-        run.stage_dir("write_report"), pipeline=run.pipeline, run_id=run.run_id, config_hash=config_hash,
+        run.stage_dir("write_report"), Path(run.artifacts_root) / run.pipeline / FIGURE_CACHE, pipeline=run.pipeline, run_id=run.run_id, config_hash=config_hash,
         split_set=split_set, trained=trained, evaluation=evaluation, exported=exported, stages=stages,
     )
     _publish_artifacts(report, evaluation, run.pipeline)
