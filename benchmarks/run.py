@@ -1,41 +1,50 @@
 """Side-by-side benchmarks: convflow against plain Keras, its input pipeline, Prefect's cost.
 
-    .venv/bin/python benchmarks/run.py [--repeats N] [--mnist-repeats M] [--only digits|mnist|input]
-                                       [--working-tree]
+    .venv/bin/python benchmarks/run.py [--repeats N] [--mnist-repeats M]
+                                       [--only digits|mnist|input|layout ...] [--working-tree]
 
 It measures convflow as committed at HEAD (convflow/ and pipelines.yaml exported to a temporary
 folder), so that edits made to the working tree while it runs cannot change the code under test
-or its cache keys; --working-tree measures the working tree instead. Prints a table and writes
-benchmarks/RESULTS.md. Every number is the median over --repeats (default 3); the mnist section,
-10 to 13 minutes a repeat on 2 busy cores (both runs), uses --mnist-repeats (default 1).
-Sections (all by default):
+or its cache keys; --working-tree measures the working tree instead. Prints a table per section
+and rewrites that section of benchmarks/RESULTS.md (the others, and the hand-written part at its
+end, stay). Every number is the median over --repeats (default 3); the mnist section, 6 to 13
+minutes a repeat (both runs), uses --mnist-repeats (default 1). Sections (all by default):
 
   digits  `convflow run digits-cnn` (fresh artifacts) vs benchmarks/plain_keras.py digits, both as
           subprocesses: wall time, training images/s, peak RSS, test accuracy; then convflow's fully
-          cached rerun, a rerun with only train.epochs changed, Prefect's per-task cost on cached
+          cached rerun (its own temporary Prefect server, and against a running `prefect server
+          start`), a rerun with only train.epochs changed, Prefect's per-task cost on cached
           stages, and `convflow --help`.
   mnist   `convflow run mnist` vs benchmarks/plain_keras.py mnist (3 epochs, batch 128).
   input   in-process: reading convflow's TFRecords (features.read_dataset, cache=False, one pass,
           batch 128) vs decoding the source every epoch (MNIST IDX gz; flowers JPEGs); the TFRecord
           write rate of to_tfrecords.write_tfrecords; the input-bound ratio (training steps fed by
           the real TFRecord pipeline / fed by 50 of its batches cached in memory).
+  layout  in-process: write (all cores) and read rates and size of TFRecords of MNIST and of
+          1,000 flowers photos at 96 and 224 px, as raw uint8 (uncompressed: convflow's default;
+          GZIP), PNG and JPEG records: the measurement behind features.py's choice of layout.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import importlib.metadata
 import json
 import os
 import platform
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -70,11 +79,11 @@ class Process:
     stdout: str
 
 
-def run_process(command: list[str]) -> Process:
+def run_process(command: list[str], **extra_env: str) -> Process:
     """Run `command` in CODE, importing convflow from there: wall and CPU time (user + system, the
-    process tree's), and the peak RSS of its largest process."""
+    process tree's), and the peak RSS of its largest process. PREFECT_API_URL only as `extra_env` says."""
     env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
-    env["PYTHONPATH"] = str(CODE)
+    env.update(PYTHONPATH=str(CODE), **extra_env)
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         started = time.perf_counter()
         process = subprocess.Popen(command, cwd=CODE, env=env, stdout=out, stderr=err)
@@ -101,11 +110,13 @@ def plain_keras(dataset: str, epochs: int, batch_size: int) -> dict:
             "accuracy": result["test_accuracy"]}
 
 
-def convflow_run(pipeline: str, artifacts: Path, pipelines_file: Path | None = None) -> tuple[Process, dict]:
+def convflow_run(
+    pipeline: str, artifacts: Path, pipelines_file: Path | None = None, **extra_env: str
+) -> tuple[Process, dict]:
     command = [CONVFLOW, "run", pipeline, "--artifacts", str(artifacts), "--json"]
     if pipelines_file is not None:
         command += ["-f", str(pipelines_file)]
-    process = run_process(command)
+    process = run_process(command, **extra_env)
     return process, last_json(process.stdout)
 
 
@@ -125,6 +136,32 @@ def convflow_fresh(pipeline: str, artifacts: Path) -> dict:
     return {"wall": process.wall, "cpu": process.cpu, "rss": process.peak_rss_mb, "accuracy": summary["test_accuracy"],
             "ips": trained_record(artifacts, summary)["images_per_second"], **stages,
             "outside stages": process.wall - sum(stages.values())}
+
+
+@contextlib.contextmanager
+def running_prefect_server(home: Path):
+    """`prefect server start` on a free port of 127.0.0.1 (its own PREFECT_HOME); yields its API URL."""
+    with contextlib.closing(socket.socket()) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    api_url = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_UI_API_URL": api_url}
+    env.pop("PREFECT_API_URL", None)
+    server = subprocess.Popen([str(Path(PYTHON).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
+                               "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            with contextlib.suppress(OSError), urllib.request.urlopen(f"{api_url}/health", timeout=1):
+                break
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise RuntimeError("prefect server start did not answer within 120 s")
+            time.sleep(0.2)
+        yield api_url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 # ---- sections -----------------------------------------------------------------------------------
@@ -151,7 +188,11 @@ def digits_repeat(scratch: Path) -> dict:
     rerun, rerun_summary = convflow_run("digits-cnn", artifacts, epochs_changed_file(scratch, "digits-cnn", RERUN_EPOCHS))
     rerun_hits = {stage["name"] for stage in rerun_summary["stages"] if stage["cached"]}
     help_walls = [run_process([CONVFLOW, "--help"]).wall for _ in range(3)]
+    with running_prefect_server(scratch / "prefect-home") as api_url:
+        convflow_run("digits-cnn", artifacts, PREFECT_API_URL=api_url)  # the server's first flow registers it
+        served, _ = convflow_run("digits-cnn", artifacts, PREFECT_API_URL=api_url)
     return {
+        "served_cached_wall": served.wall,
         **result,
         "cached_wall": cached.wall,
         "cached_cpu": cached.cpu,
@@ -196,6 +237,8 @@ def digits_rows(m: dict) -> list[Row]:
             "<= 0.2x", cached_ratio <= 0.2),
         Row("cached rerun, CPU s (baseline: first run)", m["cached_cpu"], m["cf_cpu"],
             f"{m['cached_cpu'] / m['cf_cpu']:.2f}x"),
+        Row("cached rerun against a running Prefect server, wall s", m["served_cached_wall"], target="< 3 s",
+            ok=m["served_cached_wall"] < 3.0),
         Row(f"rerun, epochs {RERUN_EPOCHS}, wall s (baseline: first run)", m["rerun_wall"], m["cf_wall"],
             f"{m['rerun_wall'] / m['cf_wall']:.2f}x", "data stages cached", m["rerun_data_cached"] == 1.0),
         Row(f"Prefect: s per cached task ({m['cached_stage_count']:.0f} cached)", m["per_task"]),
@@ -345,12 +388,118 @@ def input_repeat(scratch: Path) -> dict:
     }
 
 
+# ---- TFRecord layouts (in-process) --------------------------------------------------------------
+
+# name -> (image encoding, TFRecord compression); "raw" is convflow's own writer and reader.
+LAYOUTS = {"raw (default)": ("raw", "none"), "raw, gzip": ("raw", "gzip"), "png": ("png", "none"),
+           "jpeg q95 (lossy)": ("jpeg", "none")}
+LAYOUT_SHARD = 1_000
+
+
+def layout_images() -> dict[str, np.ndarray]:
+    """MNIST train (60,000 at 28x28x1) and 1,000 flowers photos at 96 and at 224 px."""
+    from convflow import imaging
+    from convflow.sources import read_idx
+
+    photos = sorted(str(path) for path in (DATA / "flowers").rglob("*.jpg"))[::4][:1_000]
+    return {
+        "mnist 28x28x1": read_idx(DATA / "mnist" / "train-images-idx3-ubyte.gz")[..., None],
+        "flowers 96x96x3": np.stack([imaging.load_file(path, (96, 96), 3, "stretch") for path in photos]),
+        "flowers 224x224x3": np.stack([imaging.load_file(path, (224, 224), 3, "stretch") for path in photos]),
+    }
+
+
+def write_layout(images: np.ndarray, encoding: str, compression: str, directory: Path) -> tuple[float, list[str]]:
+    """Write `images` in shards on all cores, as to_tfrecords does; (images/s, shard paths)."""
+    import concurrent.futures
+
+    import tensorflow as tf
+
+    from convflow.tasks import features
+    from convflow.tasks.to_tfrecords import _write_shard
+
+    directory.mkdir(parents=True)
+    starts = range(0, len(images), LAYOUT_SHARD)
+    paths = [str(directory / f"s{start:06d}.n{len(images[start:start + LAYOUT_SHARD])}"
+                 f"{features.shard_suffix(compression)}") for start in starts]
+
+    def encoded(path: str, chunk: np.ndarray) -> None:
+        encode = tf.io.encode_png if encoding == "png" else lambda image: tf.io.encode_jpeg(image, quality=95)
+        with tf.io.TFRecordWriter(path) as writer:
+            for image in chunk:
+                feature = tf.train.Feature(bytes_list=tf.train.BytesList(value=[encode(image).numpy()]))
+                writer.write(tf.train.Example(features=tf.train.Features(
+                    feature={features.IMAGE: feature})).SerializeToString())
+
+    def write(path: str, start: int) -> None:
+        chunk = images[start:start + LAYOUT_SHARD]
+        if encoding == "raw":
+            _write_shard(Path(path), chunk, np.zeros(len(chunk), np.int64), [str(i) for i in range(len(chunk))],
+                         compression)
+        else:
+            encoded(path, chunk)
+
+    started = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
+        list(pool.map(write, paths, starts))
+    return len(images) / (time.perf_counter() - started), paths
+
+
+def encoded_dataset(paths: list[str], shape: tuple[int, ...], batch_size: int):
+    """PNG/JPEG records decoded per image: the same interleave, batching and prefetch as read_dataset."""
+    import tensorflow as tf
+
+    from convflow.tasks import features
+
+    spec = {features.IMAGE: tf.io.FixedLenFeature([], tf.string)}
+
+    def parse(serialized):
+        image = tf.io.parse_single_example(serialized, spec)[features.IMAGE]
+        return tf.ensure_shape(tf.io.decode_image(image, channels=shape[-1], expand_animations=False), shape)
+
+    records = tf.data.Dataset.from_tensor_slices(paths).interleave(
+        tf.data.TFRecordDataset, cycle_length=min(len(paths), 4), num_parallel_calls=tf.data.AUTOTUNE)
+    images = records.map(parse, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
+    return images.map(lambda batch: (tf.cast(batch, tf.float32),)).prefetch(tf.data.AUTOTUNE)
+
+
+def layout_repeat(scratch: Path) -> dict:
+    if str(CODE) not in sys.path:
+        sys.path.insert(0, str(CODE))
+    from convflow.tasks.features import read_dataset
+
+    result = {}
+    for dataset, images in layout_images().items():
+        for layout, (encoding, compression) in LAYOUTS.items():
+            folder = scratch / dataset.replace(" ", "-") / encoding / compression
+            result[f"{dataset}|{layout}|write"], paths = write_layout(images, encoding, compression, folder)
+            result[f"{dataset}|{layout}|MB"] = sum(os.path.getsize(path) for path in paths) / 1e6
+            reader = (lambda: read_dataset(paths, images.shape[1:3], images.shape[3], 128, cache=False)) \
+                if encoding == "raw" else (lambda: encoded_dataset(paths, images.shape[1:], 128))
+            result[f"{dataset}|{layout}|read"] = max(images_per_second(reader()) for _ in range(2))
+    return result
+
+
+def layout_rows(m: dict) -> list[Row]:
+    rows = []
+    for dataset in dict.fromkeys(key.split("|")[0] for key in m):
+        default = next(iter(LAYOUTS))
+        for layout in LAYOUTS:
+            for measure in ("write", "read"):
+                value, baseline = m[f"{dataset}|{layout}|{measure}"], m[f"{dataset}|{default}|{measure}"]
+                rows.append(Row(f"{dataset}, {layout} ({m[f'{dataset}|{layout}|MB']:.1f} MB): {measure} images/s",
+                                value, baseline, f"{value / baseline:.2f}x"))
+    return rows
+
+
 # ---- report -------------------------------------------------------------------------------------
 
 SECTIONS = {
     "digits": ("digits-cnn: convflow vs plain Keras (10 epochs, batch 64)", digits_repeat, digits_rows),
     "mnist": ("mnist: convflow vs plain Keras (60,000 / 10,000, 3 epochs, batch 128)", mnist_repeat, mnist_rows),
     "input": ("input pipeline (in-process)", input_repeat, input_rows),
+    "layout": ("TFRecord layouts: write and read images/s (baseline: raw uint8, uncompressed)", layout_repeat,
+               layout_rows),
 }
 
 
@@ -421,24 +570,43 @@ def _loads(loads: tuple[float, ...]) -> str:
     return ", ".join(f"{load:.2f}" for load in loads)
 
 
-def machine(code: str, start_load: tuple[float, ...]) -> list[str]:
+def machine() -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     versions = ", ".join(f"{name} {importlib.metadata.version(name)}" for name in ("tensorflow", "keras", "prefect"))
-    return [
-        f"- convflow measured: {code}",
-        f"- machine: {os.cpu_count()} cores, {cpu}, {platform.system()} {platform.release()}",
-        f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
-        f"- versions: python {platform.python_version()}, {versions}",
-        f"- load average (1, 5, 15 min) at the start: {_loads(start_load)}; at the end: {_loads(os.getloadavg())}",
+    return f"{os.cpu_count()} cores, {cpu}, {platform.system()} {platform.release()}; python " \
+           f"{platform.python_version()}, {versions}"
+
+
+def section_block(section: str, rows: list[Row], repeats: int, command: str, code: str, loads: tuple) -> str:
+    lines = [
+        f"## {SECTIONS[section][0]}", "",
+        f"`{command}`: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}, {code}; median of "
+        f"{repeats} repeat(s); load average (1, 5, 15 min) before {_loads(loads[0])}, after {_loads(loads[1])}.",
+        "", f"Machine: {machine()}.", "", *table(rows), "",
     ]
+    return "\n".join(lines)
 
 
-def report(results: dict[str, tuple[list[Row], int]], command: str, code: str, start_load: tuple) -> str:
-    lines = ["# convflow benchmarks", "", f"`{command}`", "", *machine(code, start_load), ""]
-    for section, (rows, repeats) in results.items():
-        lines += [f"## {SECTIONS[section][0]}", "", f"Median of {repeats} repeat(s).", "", *table(rows), ""]
-    return "\n".join([*lines, NOTES])
+HAND_WRITTEN = "<!-- Below this line is written by hand; benchmarks/run.py keeps it as it is. -->"
+
+
+def previous_blocks(text: str) -> tuple[dict[str, str], str]:
+    """The measured section blocks of an earlier RESULTS.md (by title) and its hand-written tail."""
+    measured, _, tail = text.partition(HAND_WRITTEN)
+    blocks = {}
+    for block in measured.split("\n## ")[1:]:
+        title = block.splitlines()[0]
+        if title != "How":
+            blocks[title] = "## " + block.rstrip() + "\n"
+    return blocks, tail.strip()
+
+
+def report(blocks: dict[str, str], tail: str) -> str:
+    """RESULTS.md: the section blocks in SECTIONS order (newly measured or kept), the method notes,
+    then the hand-written part."""
+    ordered = [blocks[title] for title, *_ in SECTIONS.values() if title in blocks]
+    return "\n".join(["# convflow benchmarks", "", *ordered, NOTES, HAND_WRITTEN, "", tail, ""])
 
 
 def main() -> None:
@@ -446,20 +614,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--mnist-repeats", type=int, default=1)
-    parser.add_argument("--only", choices=list(SECTIONS))
+    parser.add_argument("--only", choices=list(SECTIONS), action="append",
+                        help="measure only this section (repeatable); RESULTS.md keeps the others as they were")
     parser.add_argument("--working-tree", action="store_true", help="measure the working tree, not HEAD")
     args = parser.parse_args()
-    results, start_load = {}, os.getloadavg()
+    results_file = ROOT / "benchmarks" / "RESULTS.md"
+    blocks, tail = previous_blocks(results_file.read_text()) if results_file.exists() else ({}, "")
+    command = " ".join([".venv/bin/python benchmarks/run.py", *sys.argv[1:]])
     with tempfile.TemporaryDirectory(prefix="convflow-bench-") as scratch:
         if args.working_tree:
             CODE, code = ROOT, f"the working tree (at commit {git('log', '-1', '--format=%h')}, with its edits)"
         else:
             CODE, code = snapshot_head(Path(scratch))
-        for section in [args.only] if args.only else list(SECTIONS):
-            results[section] = measure(section, args.mnist_repeats if section == "mnist" else args.repeats)
-            print("\n".join(["", SECTIONS[section][0], *table(results[section][0])]), flush=True)
-    command = " ".join([".venv/bin/python benchmarks/run.py", *sys.argv[1:]])
-    (ROOT / "benchmarks" / "RESULTS.md").write_text(report(results, command, code, start_load))
+        for section in args.only or list(SECTIONS):
+            before = os.getloadavg()
+            rows, repeats = measure(section, args.mnist_repeats if section == "mnist" else args.repeats)
+            print("\n".join(["", SECTIONS[section][0], *table(rows)]), flush=True)
+            blocks[SECTIONS[section][0]] = section_block(section, rows, repeats, command, code,
+                                                         (before, os.getloadavg()))
+            results_file.write_text(report(blocks, tail))  # after each section: a later failure loses nothing
 
 
 if __name__ == "__main__":
