@@ -305,6 +305,20 @@ def test_export_serves_raw_images_in_a_fresh_process(digits_export, digits_train
     np.testing.assert_allclose(served["bigger_probabilities"].sum(axis=1), 1, atol=1e-5)
 
 
+def test_export_checks_against_the_evaluate_stage_predictions(digits_trained, digits_tfrecords, digits_evaluation, tmp_path):
+    exported = export_model(digits_trained, digits_tfrecords, "digits", tmp_path / "export", digits_evaluation)
+    assert exported.max_abs_difference <= 1e-5
+
+    # predictions.parquet is what the SavedModel is held to: a different one is refused
+    tampered = pq.read_table(digits_evaluation.predictions_parquet).to_pydict()
+    tampered["probabilities"][3] = tampered["probabilities"][3][::-1]
+    pq.write_table(pa.table(tampered, schema=tables.PREDICTIONS_SCHEMA), tmp_path / "tampered.parquet")
+    wrong = digits_evaluation.model_copy(update={"predictions_parquet": str(tmp_path / "tampered.parquet")})
+    with pytest.raises(ExportMismatch, match="differ from Keras"):
+        export_model(digits_trained, digits_tfrecords, "digits", tmp_path / "export-2", wrong)
+    assert not (tmp_path / "export-2").exists()
+
+
 def test_saved_model_that_disagrees_with_keras_is_refused(digits_export, digits_trained, digits_tfrecords):
     images, _, _, logits = predict_split(digits_trained.model_path, digits_tfrecords, "test")
     expected = probabilities_from_logits(logits)

@@ -74,17 +74,41 @@ def verify_saved_model(saved_model: Path, images: np.ndarray, expected: np.ndarr
     return difference
 
 
-def export_model(trained: TrainedModel, tfrecords: TFRecordSet, name: str, output_dir: Path) -> ExportedModel:
+def _test_split_expectations(
+    trained: TrainedModel, tfrecords: TFRecordSet, evaluation: Evaluation | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The test split's uint8 images and the Keras model's probabilities for them: from the
+    evaluate stage's predictions.parquet when given (no second pass of the model), else computed."""
+    if evaluation is None:
+        images, _, _, logits = predict_split(trained.model_path, tfrecords, "test")
+        return images, probabilities_from_logits(logits)
+    import pyarrow.parquet as pq
+
+    from convflow.tasks.features import read_dataset
+
+    predictions = pq.read_table(evaluation.predictions_parquet, columns=["example_id", "probabilities"]).to_pydict()
+    row_of = {example_id: row for row, example_id in enumerate(predictions["example_id"])}
+    batches = read_dataset(tfrecords.shards["test"], tfrecords.image_size, tfrecords.channels, 1024, cache=False,
+                           with_ids=True)
+    images, rows = [], []
+    for batch_images, _, batch_ids in batches:
+        images.append(batch_images.numpy().astype(np.uint8))
+        rows += [row_of[example_id.decode()] for example_id in batch_ids.numpy()]
+    return np.concatenate(images), np.asarray(predictions["probabilities"], np.float64)[rows]
+
+
+def export_model(
+    trained: TrainedModel, tfrecords: TFRecordSet, name: str, output_dir: Path, evaluation: Evaluation | None = None
+) -> ExportedModel:
     """Export `trained` as output_dir/<name>/1/ and check it, loaded back from disk, against the
-    Keras model on the test split.
+    Keras model's probabilities on the test split (`evaluation`'s, when given).
 
     Raises:
         ExportMismatch: the reloaded SavedModel's probabilities differ by more than TOLERANCE.
     """
     import keras
 
-    images, _, _, logits = predict_split(trained.model_path, tfrecords, "test")
-    expected = probabilities_from_logits(logits)
+    images, expected = _test_split_expectations(trained, tfrecords, evaluation)
     model = keras.models.load_model(trained.model_path, compile=False)
     relative = Path(name) / str(MODEL_VERSION)
     with staged_output(output_dir) as staging:
@@ -115,5 +139,5 @@ def promote_if_passed(
 @stage_task()
 def export_savedmodel(trained: TrainedModel, evaluation: Evaluation, tfrecords: TFRecordSet, run: RunContext) -> ExportedModel:
     """Prefect task over export_model, then promotion when the gate passed."""
-    exported = export_model(trained, tfrecords, run.pipeline, run.stage_dir("export_savedmodel"))
+    exported = export_model(trained, tfrecords, run.pipeline, run.stage_dir("export_savedmodel"), evaluation)
     return promote_if_passed(exported, trained, evaluation, run)
