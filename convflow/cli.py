@@ -9,6 +9,7 @@ import json
 import os
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -146,24 +147,48 @@ def _load_run_comparison():
     return run_comparison
 
 
-def _call_flow(label: str, load_flow, *args):
-    """Call the flow `load_flow` returns, against PREFECT_API_URL or a temporary local server.
+def _likely_cached(artifacts: Path, pipeline: str, config_hash: str) -> bool:
+    """Whether the catalog holds a finished run of this very config: its stages are then most
+    likely cache hits, which need no TensorFlow. Only a hint; a damaged catalog says no."""
+    try:
+        import pyarrow.parquet as pq
 
-    The flow's modules (Prefect, convflow's stages) are imported while the server starts.
-    Returns the flow's result, or None after printing why it failed.
+        runs = pq.read_table(artifacts / "runs.parquet", columns=["pipeline", "config_hash", "status"]).to_pylist()
+    except Exception:  # missing or unreadable: the run itself will say so if it matters
+        return False
+    return any(row["pipeline"] == pipeline and row["config_hash"] == config_hash
+               and row["status"] in ("completed", "not-promoted") for row in runs)
+
+
+def _import_tensorflow_in_background() -> None:
+    """TensorFlow takes ~3 s to import; a run that trains pays it anyway, so it is paid while the
+    temporary server starts instead of after."""
+    def load() -> None:
+        with contextlib.suppress(Exception):  # a broken install fails loudly in the stage that needs it
+            import keras  # noqa: F401
+            import tensorflow  # noqa: F401
+
+    threading.Thread(target=load, name="import-tensorflow", daemon=True).start()
+
+
+def _call_flow(label: str, server, load_flow, *args, warm_tensorflow: bool = False):
+    """Call the flow `load_flow` returns, against PREFECT_API_URL or the temporary `server`.
+
+    The flow's modules (Prefect, convflow's stages) are imported while the server starts, and
+    TensorFlow too when `warm_tensorflow`. Returns the flow's result, or None after printing why
+    it failed.
     """
-    from convflow.local_server import prefect_api
-
-    with prefect_api() as server:
-        flow = load_flow()
-        if server is not None:
-            server.wait_until_ready()
-        try:
-            with _no_heartbeats_for(server):
-                return flow(*args)
-        except Exception as error:  # the flow already logged the traceback
-            print(f"{label} failed: {type(error).__name__}: {error}", file=sys.stderr)
-            return None
+    if server is not None and warm_tensorflow:
+        _import_tensorflow_in_background()
+    flow = load_flow()
+    if server is not None:
+        server.wait_until_ready()
+    try:
+        with _no_heartbeats_for(server):
+            return flow(*args)
+    except Exception as error:  # the flow already logged the traceback
+        print(f"{label} failed: {type(error).__name__}: {error}", file=sys.stderr)
+        return None
 
 
 def _no_heartbeats_for(server):
@@ -179,20 +204,25 @@ def _no_heartbeats_for(server):
 
 def _run(args: argparse.Namespace) -> int:
     from convflow.config import ConfigError, load_pipeline
+    from convflow.local_server import prefect_api
 
-    try:
-        load_pipeline(args.file, args.name)  # validate before anything is written
-    except ConfigError as error:
-        print("\n".join(error.problems), file=sys.stderr)
-        return EXIT_BAD_CONFIG
-    problem = _unwritable(Path(args.artifacts).resolve())
-    if problem:
-        print(f"convflow run {args.name}: {problem}", file=sys.stderr)
-        return 1
     artifacts = _prepare_environment(args.artifacts)
-    started = time.perf_counter()
-    summary = _call_flow(f"convflow run {args.name}", _load_train_pipeline,
-                         args.name, str(Path(args.file).resolve()), str(artifacts))
+    # The temporary server (when no PREFECT_API_URL is set) starts first: its ~3 s overlap all
+    # that follows until the flow is called. A refused config stops it; nothing is written.
+    with prefect_api() as server:
+        try:
+            spec = load_pipeline(args.file, args.name)  # validate before anything is written
+        except ConfigError as error:
+            print("\n".join(error.problems), file=sys.stderr)
+            return EXIT_BAD_CONFIG
+        problem = _unwritable(artifacts)
+        if problem:
+            print(f"convflow run {args.name}: {problem}", file=sys.stderr)
+            return 1
+        started = time.perf_counter()
+        summary = _call_flow(f"convflow run {args.name}", server, _load_train_pipeline,
+                             args.name, str(Path(args.file).resolve()), str(artifacts),
+                             warm_tensorflow=not _likely_cached(artifacts, args.name, spec.config_hash()))
     if summary is None:
         return 1
     seconds = time.perf_counter() - started
@@ -242,8 +272,12 @@ def _compare(args: argparse.Namespace) -> int:
         return EXIT_BAD_CONFIG
     artifacts = _prepare_environment(args.artifacts)
     started = time.perf_counter()
-    comparison = _call_flow(f"convflow compare {args.name}", _load_run_comparison,
-                            args.name, str(Path(args.file).resolve()), str(artifacts), args.dask)
+    from convflow.local_server import prefect_api
+
+    with prefect_api() as server:
+        comparison = _call_flow(f"convflow compare {args.name}", server, _load_run_comparison,
+                                args.name, str(Path(args.file).resolve()), str(artifacts), args.dask,
+                                warm_tensorflow=True)
     if comparison is None:
         return 1
     seconds = time.perf_counter() - started
