@@ -2,16 +2,19 @@
 promoted into the registry when the gate passed.
 
 The signature resizes and rescales inside the graph, so clients send images as they have them.
-Before promotion, the SavedModel is loaded back from disk and must agree with the Keras model on
-the test split. The load happens in this process: tf.saved_model.load rebuilds the graph and
-variables from the files alone (no Keras or Python objects of the export), which is what a
-server does; a fresh process found the same differences but cost ~5 s of TensorFlow start-up
-per run (benchmarks/RESULTS.md), and tests/test_train_evaluate_export.py still checks the
-round trip in a fresh process.
+Before promotion, the SavedModel is reloaded in a fresh Python process (nothing of the exporting
+process's objects or registrations can help it load) and its probabilities on the test split must
+equal the Keras model's, as the evaluate stage recorded them. That process is started first and
+imports TensorFlow (~3 s) while this one writes the export.
+
+`python -m convflow.tasks.export_savedmodel` is that fresh process: it reads the SavedModel path
+and a .npz of images and expected probabilities from stdin, one per line.
 """
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -97,23 +100,61 @@ def _test_split_expectations(
     return np.concatenate(images), np.asarray(predictions["probabilities"], np.float64)[rows]
 
 
+class FreshProcessCheck:
+    """A Python process that imports TensorFlow as soon as it starts, then checks one SavedModel.
+
+    Used as a context manager: leaving it early (the export failed) stops the process.
+    """
+
+    def __init__(self) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "convflow.tasks.export_savedmodel"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+
+    def __enter__(self) -> FreshProcessCheck:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.communicate()
+
+    def verify(self, saved_model: Path, images: np.ndarray, expected: np.ndarray) -> float:
+        """The largest |SavedModel - expected| probability, as the fresh process found it.
+
+        Raises:
+            ExportMismatch: above TOLERANCE, or the SavedModel did not load there.
+        """
+        check = saved_model.parent / "verify.npz"
+        np.savez(check, images=images, expected=expected)
+        try:
+            stdout, stderr = self.process.communicate(f"{saved_model}\n{check}\n")
+        finally:
+            check.unlink()
+        if self.process.returncode != 0:
+            raise ExportMismatch(stderr.strip().splitlines()[-1] if stderr.strip() else f"exit {self.process.returncode}")
+        return float(stdout.strip().splitlines()[-1])
+
+
 def export_model(
     trained: TrainedModel, tfrecords: TFRecordSet, name: str, output_dir: Path, evaluation: Evaluation | None = None
 ) -> ExportedModel:
-    """Export `trained` as output_dir/<name>/1/ and check it, loaded back from disk, against the
-    Keras model's probabilities on the test split (`evaluation`'s, when given).
+    """Export `trained` as output_dir/<name>/1/ and check it, reloaded in a fresh process, against
+    the Keras model's probabilities on the test split (`evaluation`'s, when given).
 
     Raises:
         ExportMismatch: the reloaded SavedModel's probabilities differ by more than TOLERANCE.
     """
     import keras
 
-    images, expected = _test_split_expectations(trained, tfrecords, evaluation)
-    model = keras.models.load_model(trained.model_path, compile=False)
-    relative = Path(name) / str(MODEL_VERSION)
-    with staged_output(output_dir) as staging:
-        _serving_archive(model, tfrecords).write_out(str(staging / relative), verbose=False)
-        difference = verify_saved_model(staging / relative, images, expected)
+    with FreshProcessCheck() as fresh_process:  # starts now: its TensorFlow import overlaps the export
+        images, expected = _test_split_expectations(trained, tfrecords, evaluation)
+        model = keras.models.load_model(trained.model_path, compile=False)
+        relative = Path(name) / str(MODEL_VERSION)
+        with staged_output(output_dir) as staging:
+            _serving_archive(model, tfrecords).write_out(str(staging / relative), verbose=False)
+            difference = fresh_process.verify(staging / relative, images, expected)
     return ExportedModel(
         output_dir=str(output_dir), saved_model=str(output_dir / relative), max_abs_difference=difference
     )
@@ -141,3 +182,15 @@ def export_savedmodel(trained: TrainedModel, evaluation: Evaluation, tfrecords: 
     """Prefect task over export_model, then promotion when the gate passed."""
     exported = export_model(trained, tfrecords, run.pipeline, run.stage_dir("export_savedmodel"), evaluation)
     return promote_if_passed(exported, trained, evaluation, run)
+
+
+def _verify_main() -> None:
+    import tensorflow  # noqa: F401  (imported while the exporting process still writes)
+
+    saved_model, check_npz = (sys.stdin.readline().strip() for _ in range(2))
+    check = np.load(check_npz)
+    print(verify_saved_model(Path(saved_model), check["images"], check["expected"]))
+
+
+if __name__ == "__main__":
+    _verify_main()
