@@ -161,12 +161,18 @@ def _likely_cached(artifacts: Path, pipeline: str, config_hash: str) -> bool:
 
 
 def _import_tensorflow_in_background() -> None:
-    """TensorFlow takes ~3 s to import; a run that trains pays it anyway, so it is paid while the
-    temporary server starts instead of after."""
+    """TensorFlow (~3 s), scikit-learn's metrics (~1 s) and matplotlib take long to import; a run
+    that trains pays that anyway, so it is paid while the temporary server starts instead of
+    inside the stages."""
     def load() -> None:
         with contextlib.suppress(Exception):  # a broken install fails loudly in the stage that needs it
             import keras  # noqa: F401
+            import matplotlib
+            import sklearn.metrics  # noqa: F401
             import tensorflow  # noqa: F401
+
+            matplotlib.use("Agg")  # as write_report sets it, before pyplot is imported
+            import matplotlib.pyplot  # noqa: F401
 
     threading.Thread(target=load, name="import-tensorflow", daemon=True).start()
 

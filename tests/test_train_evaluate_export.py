@@ -22,7 +22,8 @@ from convflow.registry import Production
 from convflow.tasks.build_base import build_base_model
 from convflow.tasks.download_and_split import split_dataset
 from convflow.tasks.evaluate import evaluate_model, predict_split, probabilities_from_logits
-from convflow.tasks.export_savedmodel import MODEL_VERSION, ExportMismatch, export_model, verify_saved_model
+from convflow.tasks.export_savedmodel import MODEL_VERSION, export_model
+from convflow.tasks.verify_export import ExportMismatch, verify_saved_model
 from convflow.tasks.freeze_and_wrap import freeze_and_wrap_model
 from convflow.tasks.to_tfrecords import write_tfrecords
 from convflow.tasks.train import checkpoint_key, train_model

@@ -7,8 +7,7 @@ process's objects or registrations can help it load) and its probabilities on th
 equal the Keras model's, as the evaluate stage recorded them. That process is started first and
 imports TensorFlow (~3 s) while this one writes the export.
 
-`python -m convflow.tasks.export_savedmodel` is that fresh process: it reads the SavedModel path
-and a .npz of images and expected probabilities from stdin, one per line.
+`python -m convflow.tasks.verify_export` is that fresh process.
 """
 
 from __future__ import annotations
@@ -23,13 +22,9 @@ from convflow import registry
 from convflow.tasks.evaluate import predict_split, probabilities_from_logits
 from convflow.tasks.records import Evaluation, ExportedModel, TFRecordSet, TrainedModel
 from convflow.tasks.stage import RunContext, stage_task, staged_output
+from convflow.tasks.verify_export import ExportMismatch
 
-TOLERANCE = 1e-5
 MODEL_VERSION = 1
-
-
-class ExportMismatch(RuntimeError):
-    """The reloaded SavedModel does not reproduce the Keras model's predictions."""
 
 
 def _serving_archive(model, tfrecords: TFRecordSet):
@@ -57,24 +52,6 @@ def _serving_archive(model, tfrecords: TFRecordSet):
     signature = [tf.TensorSpec([None, None, None, tfrecords.channels], tf.uint8, name="images")]
     archive.add_endpoint(name="serving_default", fn=serve, input_signature=signature)
     return archive
-
-
-def verify_saved_model(saved_model: Path, images: np.ndarray, expected: np.ndarray) -> float:
-    """Largest |SavedModel - expected| probability over `images`.
-
-    Raises:
-        ExportMismatch: above TOLERANCE.
-    """
-    import tensorflow as tf
-
-    loaded = tf.saved_model.load(str(saved_model))  # keep referenced while calling its signature
-    serve = loaded.signatures["serving_default"]
-    outputs = [serve(images=tf.constant(images[start : start + 512]))["probabilities"].numpy()
-               for start in range(0, len(images), 512)]
-    difference = float(np.abs(np.concatenate(outputs) - expected).max())
-    if difference > TOLERANCE:
-        raise ExportMismatch(f"{saved_model}: SavedModel probabilities differ from Keras by {difference:.2e}")
-    return difference
 
 
 def _test_split_expectations(
@@ -108,7 +85,7 @@ class FreshProcessCheck:
 
     def __init__(self) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "convflow.tasks.export_savedmodel"],
+            [sys.executable, "-m", "convflow.tasks.verify_export"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
 
@@ -183,14 +160,3 @@ def export_savedmodel(trained: TrainedModel, evaluation: Evaluation, tfrecords: 
     exported = export_model(trained, tfrecords, run.pipeline, run.stage_dir("export_savedmodel"), evaluation)
     return promote_if_passed(exported, trained, evaluation, run)
 
-
-def _verify_main() -> None:
-    import tensorflow  # noqa: F401  (imported while the exporting process still writes)
-
-    saved_model, check_npz = (sys.stdin.readline().strip() for _ in range(2))
-    check = np.load(check_npz)
-    print(verify_saved_model(Path(saved_model), check["images"], check["expected"]))
-
-
-if __name__ == "__main__":
-    _verify_main()
