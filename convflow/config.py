@@ -196,6 +196,15 @@ class TrainConfig(StrictModel):
     shuffle_buffer: int = Field(10_000, ge=0, description="Examples in the shuffle buffer; 0: no shuffle.")
     augment: bool = Field(False, description="Random flip, rotation, zoom and contrast on training images.")
     deterministic: bool = Field(False, description="Deterministic TF ops: identical weights on CPU.")
+    checkpoint_seconds: float = Field(
+        10.0, ge=0,
+        description="Checkpoint at the end of an epoch once this many seconds of training have passed since "
+        "the last checkpoint (0: every epoch). A crash loses at most about this much training; short epochs "
+        "do not pay a checkpoint each.",
+    )
+
+    # How often to checkpoint changes no weight: left out of cache keys and the config hash.
+    EXECUTION_ONLY: ClassVar[frozenset[str]] = frozenset({"checkpoint_seconds"})
 
 
 class EvaluateConfig(StrictModel):
@@ -317,7 +326,7 @@ class PipelineSpec(StrictModel):
         payload = self.model_dump(
             mode="json",
             exclude={"schedule": True, "name": True, "retrain": True, "compare": True,
-                     "data": {*DataConfig.EXECUTION_ONLY, "compression"}},
+                     "data": {*DataConfig.EXECUTION_ONLY, "compression"}, "train": set(TrainConfig.EXECUTION_ONLY)},
         )
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 

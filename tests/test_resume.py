@@ -21,7 +21,7 @@ def _pipelines(path: Path) -> Path:
         "pipelines:\n  resume:\n"
         "    data: {source: 'sklearn:digits', image_size: [20, 20], channels: 1}\n"
         "    model: {base: mnist_cnn}\n"
-        f"    train: {{epochs: {EPOCHS}, batch_size: 32}}\n"
+        f"    train: {{epochs: {EPOCHS}, batch_size: 32, checkpoint_seconds: 0}}\n"
     )
     return path
 

@@ -119,8 +119,8 @@ RESUME_SCRIPT = textwrap.dedent(
 )
 
 
-def test_training_resumes_after_a_crash(tmp_path, digits_wrapped, digits_tfrecords):
-    train = TrainConfig(epochs=4, batch_size=128, seed=0)
+def _crash_during_training(tmp_path, digits_wrapped, digits_tfrecords, train, crash_at_epoch: int):
+    """train_model in a process that dies at the start of epoch `crash_at_epoch` (0-based)."""
     checkpoint_dir, output_dir = tmp_path / "checkpoint", tmp_path / "train"
     arguments = tmp_path / "arguments.json"
     arguments.write_text(json.dumps({
@@ -129,16 +129,20 @@ def test_training_resumes_after_a_crash(tmp_path, digits_wrapped, digits_tfrecor
     }))
     script = tmp_path / "crash.py"
     script.write_text(RESUME_SCRIPT)
-
     crashed = subprocess.run(
-        [PYTHON, str(script), str(arguments), "2"], capture_output=True, text=True, env=subprocess_env(),
-        cwd=REPO, timeout=300,
+        [PYTHON, str(script), str(arguments), str(crash_at_epoch)], capture_output=True, text=True,
+        env=subprocess_env(), cwd=REPO, timeout=300,
     )
-
     assert crashed.returncode == 17, crashed.stderr[-3000:]
     assert not output_dir.exists()  # nothing that looks like a finished training
     logged = [json.loads(line)["epoch"] for line in (checkpoint_dir / "history.jsonl").read_text().splitlines()]
-    assert logged == [1, 2]
+    assert logged == list(range(1, crash_at_epoch + 1))
+    return checkpoint_dir, output_dir
+
+
+def test_training_resumes_after_a_crash(tmp_path, digits_wrapped, digits_tfrecords):
+    train = TrainConfig(epochs=4, batch_size=128, seed=0, checkpoint_seconds=0)  # a checkpoint every epoch
+    checkpoint_dir, output_dir = _crash_during_training(tmp_path, digits_wrapped, digits_tfrecords, train, 2)
 
     resumed = train_model(digits_wrapped, digits_tfrecords, train, checkpoint_dir, output_dir)
 
@@ -148,6 +152,20 @@ def test_training_resumes_after_a_crash(tmp_path, digits_wrapped, digits_tfrecor
     assert [row["epoch"] for row in history] == [1, 2, 3, 4]
     # epoch 3 continued from the restored weights: its loss is far below a fresh model's first epoch
     assert history[2]["loss"] < history[0]["loss"]
+
+
+def test_epochs_shorter_than_checkpoint_seconds_are_not_checkpointed(tmp_path, digits_wrapped, digits_tfrecords):
+    train = TrainConfig(epochs=3, batch_size=128, seed=0, checkpoint_seconds=3600)
+    checkpoint_dir, output_dir = _crash_during_training(tmp_path, digits_wrapped, digits_tfrecords, train, 2)
+    assert not (checkpoint_dir / "backup").exists()  # two short epochs: no checkpoint written
+
+    resumed = train_model(digits_wrapped, digits_tfrecords, train, checkpoint_dir, output_dir)
+
+    assert resumed.resumed_from_epoch == 0  # the lost epochs are trained again, and logged once each
+    assert [row["epoch"] for row in pq.read_table(resumed.history_parquet).to_pylist()] == [1, 2, 3]
+    same_but_every_epoch = train.model_copy(update={"checkpoint_seconds": 0})
+    assert checkpoint_key(digits_wrapped, digits_tfrecords, same_but_every_epoch) == \
+        checkpoint_key(digits_wrapped, digits_tfrecords, train)  # how often to save is not what is trained
     assert not checkpoint_dir.exists()
     assert keras.models.load_model(resumed.model_path, compile=False).output_shape == (None, 10)
 

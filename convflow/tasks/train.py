@@ -28,8 +28,8 @@ def checkpoint_key(
 def _history_logger(path: Path):
     """A callback that appends each finished epoch to `path` (JSON lines) and notes where fit began.
 
-    It runs after BackupAndRestore in the callback list, so every logged epoch is checkpointed;
-    fit's own History would hold only the epochs of the last attempt.
+    fit's own History would hold only the epochs of the last attempt. Epochs trained after the
+    last checkpoint are trained and logged again by a resumed run; the last record of an epoch wins.
     """
     import keras
 
@@ -174,16 +174,33 @@ def unfreeze_top(model, fine_tune: FineTuneConfig) -> None:
         layer.trainable = index >= boundary and not isinstance(layer, keras.layers.BatchNormalization)
 
 
-def _fit(model, training, validation, callbacks, backup_dir: Path, initial_epoch: int, epochs: int) -> None:
+def _backup_and_restore(backup_dir: Path, every_seconds: float):
+    """Keras' BackupAndRestore, saving at an epoch's end only once `every_seconds` have passed
+    since its last save (or the start of training): on a small model a save costs as much as a
+    short epoch. What it saved is what a rerun resumes from."""
     import keras
 
+    class TimedBackupAndRestore(keras.callbacks.BackupAndRestore):
+        def on_train_begin(self, logs=None):
+            super().on_train_begin(logs)
+            self._saved_at = time.monotonic()
+
+        def on_epoch_end(self, epoch, logs=None):
+            if time.monotonic() - self._saved_at >= every_seconds:
+                super().on_epoch_end(epoch, logs)
+                self._saved_at = time.monotonic()
+
+    return TimedBackupAndRestore(str(backup_dir))
+
+
+def _fit(model, training, validation, callbacks, backup, initial_epoch: int, epochs: int) -> None:
     with warnings.catch_warnings():
         # tf.data input: Keras' notes about `shuffle` and unknown dataset length do not apply.
         warnings.filterwarnings("ignore", message=".*shuffle=True.*")
         warnings.filterwarnings("ignore", message=".*ran out of data.*")
         model.fit(
             training, validation_data=validation, initial_epoch=initial_epoch, epochs=epochs, verbose=2,
-            callbacks=[keras.callbacks.BackupAndRestore(str(backup_dir)), *callbacks],
+            callbacks=[backup, *callbacks],
         )
 
 
@@ -220,14 +237,16 @@ def train_model(
         model = keras.models.load_model(head_model if head_model.exists() else wrapped.model_path, compile=False)
         if not head_model.exists():
             _compile(model, train, train.learning_rate)
-            _fit(model, training, validation, [history_log], checkpoint_dir / "backup", 0, train.epochs)
+            _fit(model, training, validation, [history_log],
+                 _backup_and_restore(checkpoint_dir / "backup", train.checkpoint_seconds), 0, train.epochs)
             if fine_tune:
                 model.save(head_model)
         if fine_tune:
             unfreeze_top(model, fine_tune)
             _compile(model, train, fine_tune.learning_rate)
             history_log.phase = "fine_tune"
-            _fit(model, training, validation, [history_log], checkpoint_dir / "backup-fine-tune",
+            _fit(model, training, validation, [history_log],
+                 _backup_and_restore(checkpoint_dir / "backup-fine-tune", train.checkpoint_seconds),
                  train.epochs, total_epochs)
     seconds = time.perf_counter() - started
     resumed_from = history_log.first_epoch if history_log.first_epoch is not None else total_epochs
