@@ -282,3 +282,10 @@ def test_real_mnist_test_labels():
     labels = read_idx(REPO.parent / "shared" / "data" / "mnist" / "t10k-labels-idx1-ubyte.gz")
     assert labels.shape == (10000,)
     assert np.bincount(labels).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+
+
+def test_data_fingerprint_hashes_the_sorted_example_hashes_labels_and_splits(digits_split):
+    from convflow.tasks.stage import hash_json
+
+    rows = _rows(digits_split)
+    assert digits_split.data_fingerprint == hash_json(sorted(zip(rows["sha256"], rows["label"], rows["split"])))[:24]

@@ -117,8 +117,8 @@ class TrainedModel(StageRecord):
     augmentation_npy: str | None = Field(None, description="Training images and augmented versions.")
     epochs: int
     resumed_from_epoch: int = Field(0, description="Epochs restored from a checkpoint, not retrained.")
-    train_seconds: float
-    images_per_second: float
+    train_seconds: float = Field(description="Wall seconds of the train stage's work: loading, fitting, saving.")
+    images_per_second: float = Field(description="Training images per second of model.fit (validation included).")
     fingerprint: str
 
     def required_files(self) -> list[str]:

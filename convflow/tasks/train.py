@@ -193,7 +193,9 @@ def _backup_and_restore(backup_dir: Path, every_seconds: float):
     return TimedBackupAndRestore(str(backup_dir))
 
 
-def _fit(model, training, validation, callbacks, backup, initial_epoch: int, epochs: int) -> None:
+def _fit(model, training, validation, callbacks, backup, initial_epoch: int, epochs: int) -> float:
+    """model.fit from `initial_epoch` to `epochs`; returns its wall seconds."""
+    started = time.perf_counter()
     with warnings.catch_warnings():
         # tf.data input: Keras' notes about `shuffle` and unknown dataset length do not apply.
         warnings.filterwarnings("ignore", message=".*shuffle=True.*")
@@ -202,6 +204,7 @@ def _fit(model, training, validation, callbacks, backup, initial_epoch: int, epo
             training, validation_data=validation, initial_epoch=initial_epoch, epochs=epochs, verbose=2,
             callbacks=[backup, *callbacks],
         )
+    return time.perf_counter() - started
 
 
 def train_model(
@@ -232,22 +235,22 @@ def train_model(
     training, validation = _datasets(tfrecords, train, train.batch_size * strategy.num_replicas_in_sync)
     history_log = _history_logger(checkpoint_dir / "history.jsonl")
     total_epochs = train.epochs + (fine_tune.epochs if fine_tune else 0)
-    started = time.perf_counter()
+    started, fit_seconds = time.perf_counter(), 0.0
     with strategy.scope():
         model = keras.models.load_model(head_model if head_model.exists() else wrapped.model_path, compile=False)
         if not head_model.exists():
             _compile(model, train, train.learning_rate)
-            _fit(model, training, validation, [history_log],
-                 _backup_and_restore(checkpoint_dir / "backup", train.checkpoint_seconds), 0, train.epochs)
+            fit_seconds += _fit(model, training, validation, [history_log],
+                                _backup_and_restore(checkpoint_dir / "backup", train.checkpoint_seconds), 0, train.epochs)
             if fine_tune:
                 model.save(head_model)
         if fine_tune:
             unfreeze_top(model, fine_tune)
             _compile(model, train, fine_tune.learning_rate)
             history_log.phase = "fine_tune"
-            _fit(model, training, validation, [history_log],
-                 _backup_and_restore(checkpoint_dir / "backup-fine-tune", train.checkpoint_seconds),
-                 train.epochs, total_epochs)
+            fit_seconds += _fit(model, training, validation, [history_log],
+                                _backup_and_restore(checkpoint_dir / "backup-fine-tune", train.checkpoint_seconds),
+                                train.epochs, total_epochs)
     seconds = time.perf_counter() - started
     resumed_from = history_log.first_epoch if history_log.first_epoch is not None else total_epochs
     trained_epochs = total_epochs - resumed_from
@@ -267,7 +270,7 @@ def train_model(
         epochs=total_epochs,
         resumed_from_epoch=resumed_from,
         train_seconds=seconds,
-        images_per_second=tfrecords.counts["train"] * trained_epochs / seconds if trained_epochs else 0.0,
+        images_per_second=tfrecords.counts["train"] * trained_epochs / fit_seconds if trained_epochs else 0.0,
         fingerprint=checkpoint_key(wrapped, tfrecords, train, fine_tune),
     )
 
