@@ -4,9 +4,11 @@ digits pipeline run stage by stage once per session (12x12 digits, mnist_cnn, tw
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import shutil
 import struct
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -81,6 +83,39 @@ def write_yaml(path: Path, document) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(document, sort_keys=False) if not isinstance(document, str) else document)
     return path
+
+
+class TinyRunner:
+    """`convflow run tiny` as a user runs it, in its own folder; each run's JSON summary, with
+    which stages were cache hits, its run folder and its output."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.file = root / "pipelines.yaml"
+        self.artifacts = root / "artifacts"
+        write_yaml(self.file, TINY_PIPELINES)
+
+    def set_epochs(self, epochs: int) -> None:
+        document = json.loads(json.dumps(TINY_PIPELINES))
+        document["pipelines"]["tiny"]["train"]["epochs"] = epochs
+        write_yaml(self.file, document)
+
+    def run(self) -> dict:
+        result = subprocess.run(
+            [CONVFLOW, "run", "tiny", "-f", "pipelines.yaml", "--artifacts", "artifacts", "--json"],
+            capture_output=True, text=True, env=subprocess_env(), cwd=self.root, timeout=540,
+        )
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+        summary = json.loads(result.stdout.strip().splitlines()[-1])
+        summary["cached"] = {stage["name"]: stage["cached"] for stage in summary["stages"]}
+        summary["run_dir"] = self.artifacts / "tiny" / summary["run_id"]
+        summary["output"] = result.stdout + result.stderr
+        return summary
+
+    def catalog_ids(self) -> list[str]:
+        import pyarrow.parquet as pq
+
+        return [row["run_id"] for row in pq.read_table(self.artifacts / "runs.parquet").to_pylist()]
 
 
 @pytest.fixture

@@ -14,41 +14,17 @@ from __future__ import annotations
 import json
 import logging
 import re
-import subprocess
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 
-from conftest import CONVFLOW, TINY_PIPELINES, subprocess_env, write_yaml
+from conftest import TinyRunner, write_yaml
 from convflow import registry, tables
 from convflow.cli import main
 
 pytestmark = pytest.mark.slow
 
 GARBAGE = b"PAR1 this is not a parquet file \x00\xff" * 20
-
-
-class Runner:
-    def __init__(self, root: Path):
-        self.root = root
-        self.artifacts = root / "artifacts"
-        write_yaml(root / "pipelines.yaml", TINY_PIPELINES)
-
-    def run(self) -> dict:
-        result = subprocess.run(
-            [CONVFLOW, "run", "tiny", "-f", "pipelines.yaml", "--artifacts", "artifacts", "--json"],
-            capture_output=True, text=True, env=subprocess_env(), cwd=self.root, timeout=540,
-        )
-        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-        summary = json.loads(result.stdout.strip().splitlines()[-1])
-        summary["cached"] = {stage["name"]: stage["cached"] for stage in summary["stages"]}
-        summary["run_dir"] = self.artifacts / "tiny" / summary["run_id"]
-        summary["output"] = result.stdout + result.stderr
-        return summary
-
-    def catalog_ids(self) -> list[str]:
-        return [row["run_id"] for row in pq.read_table(self.artifacts / "runs.parquet").to_pylist()]
 
 
 def cache_warning(output: str, stage: str, path: Path) -> str:
@@ -60,8 +36,8 @@ def cache_warning(output: str, stage: str, path: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def runner(tmp_path_factory) -> Runner:
-    return Runner(tmp_path_factory.mktemp("corruption"))
+def runner(tmp_path_factory) -> TinyRunner:
+    return TinyRunner(tmp_path_factory.mktemp("corruption"))
 
 
 @pytest.fixture(scope="module")

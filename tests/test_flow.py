@@ -7,15 +7,13 @@ model stages cached, training onwards not); 4. a cached stage's folder deleted (
 
 from __future__ import annotations
 
-import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import CONVFLOW, TINY_PIPELINES, subprocess_env, write_yaml
+from conftest import TinyRunner
 from convflow.cli import main
 
 STAGES = [
@@ -24,33 +22,9 @@ STAGES = [
 ]
 
 
-class Runner:
-    def __init__(self, root: Path):
-        self.root = root
-        self.file = root / "pipelines.yaml"
-        self.artifacts = root / "artifacts"
-        write_yaml(self.file, TINY_PIPELINES)
-
-    def set_epochs(self, epochs: int) -> None:
-        document = json.loads(json.dumps(TINY_PIPELINES))
-        document["pipelines"]["tiny"]["train"]["epochs"] = epochs
-        write_yaml(self.file, document)
-
-    def run(self) -> dict:
-        result = subprocess.run(
-            [CONVFLOW, "run", "tiny", "-f", "pipelines.yaml", "--artifacts", "artifacts", "--json"],
-            capture_output=True, text=True, env=subprocess_env(), cwd=self.root, timeout=540,
-        )
-        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-        summary = json.loads(result.stdout.strip().splitlines()[-1])
-        summary["cached"] = {stage["name"]: stage["cached"] for stage in summary["stages"]}
-        summary["run_dir"] = self.artifacts / "tiny" / summary["run_id"]
-        return summary
-
-
 @pytest.fixture(scope="module")
 def runner(tmp_path_factory):
-    return Runner(tmp_path_factory.mktemp("flow"))
+    return TinyRunner(tmp_path_factory.mktemp("flow"))
 
 
 @pytest.fixture(scope="module")
