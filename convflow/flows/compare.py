@@ -82,7 +82,7 @@ def compare_variant(name: str, spec: PipelineSpec, tfrecords: TFRecordSet, run: 
     trained = log.run(train, wrapped, tfrecords, spec.train, spec.model.fine_tune, run)
     production = registry.rival(root, run.pipeline, trained.model_path)
     evaluation = log.run(evaluate, trained, tfrecords, spec.evaluate, production, run)
-    exported = log.run(export_candidate, trained, tfrecords, run)
+    exported = log.run(export_candidate, trained, evaluation, tfrecords, run)
     return summarize_variant(name, spec, initial, trained, evaluation, exported, log.stages, run)
 
 

@@ -182,9 +182,12 @@ def promote_winner(ranked: list[VariantResult], promote: str, run: RunContext) -
 
 
 @stage_task()
-def export_candidate(trained: TrainedModel, tfrecords: TFRecordSet, run: RunContext) -> ExportedModel:
-    """Prefect task over export_model alone: a comparison promotes its winner only after ranking."""
-    return export_model(trained, tfrecords, run.pipeline, run.stage_dir("export_savedmodel"))
+def export_candidate(
+    trained: TrainedModel, evaluation: Evaluation, tfrecords: TFRecordSet, run: RunContext
+) -> ExportedModel:
+    """Prefect task over export_model alone: a comparison promotes its winner only after ranking.
+    The SavedModel is held to `evaluation`'s predictions, as in the training flow."""
+    return export_model(trained, tfrecords, run.pipeline, run.stage_dir("export_savedmodel"), evaluation)
 
 
 @task(name="measure_saved_models", cache_policy=NO_CACHE, retries=0)
