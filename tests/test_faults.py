@@ -140,6 +140,13 @@ def splits_content(artifacts: Path) -> list[dict]:
     return contents[0]
 
 
+# Training is redone after the kill at the train stage; with TensorFlow's op determinism the
+# redone one-epoch model equals the reference's, so the runs compare within ACCURACY_TOLERANCE
+# by more than luck (multi-threaded reductions moved a one-epoch model by 5 points).
+FAULT_PIPELINES = json.loads(json.dumps(TINY_PIPELINES))
+FAULT_PIPELINES["pipelines"]["tiny"]["train"]["deterministic"] = True
+
+
 def data_fingerprint(splits: list[dict]) -> str:
     """The data fingerprint that download_and_split derives from these rows."""
     return hash_json(sorted((row["sha256"], row["label"], row["split"]) for row in splits))[:24]
@@ -149,7 +156,7 @@ def data_fingerprint(splits: list[dict]) -> str:
 def reference(tmp_path_factory) -> dict:
     """One uninterrupted run of the tiny pipeline, for every fault test to compare with."""
     root = tmp_path_factory.mktemp("reference")
-    write_yaml(root / "pipelines.yaml", TINY_PIPELINES)
+    write_yaml(root / "pipelines.yaml", FAULT_PIPELINES)
     summary = run_to_completion(root)
     artifacts = root / "artifacts"
     summary["catalog"] = pq.read_table(artifacts / "runs.parquet").to_pylist()
@@ -168,7 +175,7 @@ class KillChain:
     def __init__(self, root: Path):
         self.root = root
         self.artifacts = root / "artifacts"
-        write_yaml(root / "pipelines.yaml", TINY_PIPELINES)
+        write_yaml(root / "pipelines.yaml", FAULT_PIPELINES)
         self.launches: list[dict] = []
 
     def launch(self, index: int) -> dict:
