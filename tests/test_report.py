@@ -45,6 +45,8 @@ def test_report_is_self_contained_with_every_section(report):
     for section in SECTIONS:
         assert f'id="{section}"' in page, section
     assert "data:image/png;base64," in page
+    samples = page.split('id="samples"')[1].split("<h2")[0]
+    assert samples.count("<figure>") == samples.count("<figcaption>") == 16  # each test image with its caption
     assert "src=\"http" not in page and "href=\"http" not in page  # nothing to fetch
 
 

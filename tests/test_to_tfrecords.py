@@ -107,6 +107,21 @@ def test_tf_data_parser_agrees_with_eager_decoding(digits_tfrecords):
         assert parsed[example_id][1] == label
 
 
+def test_example_encoder_writes_each_example_as_a_fresh_example_would():
+    encoder = features.ExampleEncoder()
+    rng = np.random.default_rng(0)
+    for label, example_id in ((3, "first"), (0, "second-and-longer"), (9, "3")):
+        image = rng.integers(0, 256, size=(4, 5, 3), dtype=np.uint8)
+        fresh = tf.train.Example(features=tf.train.Features(feature={
+            features.IMAGE: tf.train.Feature(bytes_list=tf.train.BytesList(value=[image.tobytes()])),
+            features.LABEL: tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
+            features.EXAMPLE_ID: tf.train.Feature(bytes_list=tf.train.BytesList(value=[example_id.encode()])),
+        }))
+        encoded = encoder.encode(image, label, example_id)
+        assert tf.train.Example.FromString(encoded) == fresh  # nothing left over from the previous example
+        assert encoded == fresh.SerializeToString()
+
+
 def test_in_memory_images_at_the_model_size_are_stored_unchanged(tmp_path):
     root = tmp_path / "idx"
     written = make_idx_folder(root)

@@ -22,7 +22,8 @@ from convflow.registry import Production
 from convflow.tasks.build_base import build_base_model
 from convflow.tasks.download_and_split import split_dataset
 from convflow.tasks.evaluate import evaluate_model, predict_split, probabilities_from_logits
-from convflow.tasks.export_savedmodel import MODEL_VERSION, export_model
+from convflow.tasks import export_savedmodel
+from convflow.tasks.export_savedmodel import MODEL_VERSION, export_model, prestarted_fresh_process
 from convflow.tasks.verify_export import ExportMismatch, verify_saved_model
 from convflow.tasks.freeze_and_wrap import freeze_and_wrap_model
 from convflow.tasks.to_tfrecords import write_tfrecords
@@ -338,6 +339,28 @@ def test_export_checks_against_the_evaluate_stage_predictions(digits_trained, di
     assert not (tmp_path / "export-2").exists()
 
 
+def test_export_takes_the_fresh_process_started_ahead_of_it(digits_trained, digits_tfrecords, digits_evaluation, tmp_path):
+    with prestarted_fresh_process():
+        waiting = export_savedmodel._prestarted
+        assert waiting is not None and waiting.process.poll() is None  # importing TensorFlow, no model yet
+        exported = export_model(digits_trained, digits_tfrecords, "digits", tmp_path / "export", digits_evaluation)
+        assert export_savedmodel._prestarted is None  # taken: a second export starts its own
+    assert waiting.process.returncode == 0 and exported.max_abs_difference <= 1e-5
+
+    with prestarted_fresh_process():  # no export in the block (a cache hit): the process is stopped
+        unused = export_savedmodel._prestarted
+    assert unused.process.poll() is not None and export_savedmodel._prestarted is None
+    with prestarted_fresh_process(enabled=False):
+        assert export_savedmodel._prestarted is None
+
+
+def test_predictions_run_as_a_graph_equal_the_eager_model(digits_trained, digits_tfrecords):
+    images, _, _, logits = predict_split(digits_trained.model_path, digits_tfrecords, "test")
+    model = keras.models.load_model(digits_trained.model_path, compile=False)
+    eager = np.asarray(model(images.astype(np.float32), training=False))
+    np.testing.assert_allclose(logits, eager, atol=1e-5)
+
+
 def test_saved_model_that_disagrees_with_keras_is_refused(digits_export, digits_trained, digits_tfrecords):
     images, _, _, logits = predict_split(digits_trained.model_path, digits_tfrecords, "test")
     expected = probabilities_from_logits(logits)
@@ -364,7 +387,8 @@ def test_report_figures_are_drawn_once_per_model_and_evaluation(
     cache = tmp_path / "figures"
     figures = write_report.report_figures(digits_split, digits_trained, digits_evaluation, cache)
     assert set(figures) == {"augmentation", "curves", "confusion", "samples", "mistakes", "feature_maps"}
-    assert all(figures[name].startswith("<img") for name in ("curves", "confusion", "samples", "mistakes"))
+    assert all(figures[name].startswith("<img") for name in ("curves", "confusion"))
+    assert all("<img" in figures[name] and "<figcaption>" in figures[name] for name in ("samples", "mistakes"))
     [cached] = cache.iterdir()
 
     def draw(*args):

@@ -17,7 +17,7 @@ from convflow.sources import source_stamp
 from convflow.tasks.build_base import build_base, weights_stamp
 from convflow.tasks.download_and_split import check_image_sizes, download_and_split
 from convflow.tasks.evaluate import evaluate
-from convflow.tasks.export_savedmodel import export_savedmodel
+from convflow.tasks.export_savedmodel import export_savedmodel, prestarted_fresh_process
 from convflow.tasks.freeze_and_wrap import freeze_and_wrap
 from convflow.tasks.records import RunSummary
 from convflow.tasks.stage import RunContext
@@ -59,8 +59,10 @@ def train_pipeline(
     wrapped = log.run(freeze_and_wrap, base, spec.model, len(tfrecords.label_names), spec.train.seed, run)
     trained = log.run(train, wrapped, tfrecords, spec.train, spec.model.fine_tune, run)
     production = registry.rival(Path(run.artifacts_root), pipeline, trained.model_path)
-    evaluation = log.run(evaluate, trained, tfrecords, spec.evaluate, production, run)
-    exported = log.run(export_savedmodel, trained, evaluation, tfrecords, run)
+    # A new model will be exported: the export check's fresh process imports TensorFlow meanwhile.
+    with prestarted_fresh_process(enabled=not log.stages[-1].cached):
+        evaluation = log.run(evaluate, trained, tfrecords, spec.evaluate, production, run)
+        exported = log.run(export_savedmodel, trained, evaluation, tfrecords, run)
     report = log.run(write_report, spec.config_hash(), split_set, trained, evaluation, exported, log.stages, run)
     if evaluation.passed_gate:  # note what made production, for the next scheduled run's policy
         registry.record_lineage(

@@ -5,13 +5,15 @@ The signature resizes and rescales inside the graph, so clients send images as t
 Before promotion, the SavedModel is reloaded in a fresh Python process (nothing of the exporting
 process's objects or registrations can help it load) and its probabilities on the test split must
 equal the Keras model's, as the evaluate stage recorded them. That process is started first and
-imports TensorFlow (~3 s) while this one writes the export.
+imports TensorFlow (~3 s) while this one writes the export; the training flow starts it even
+earlier, while evaluate runs, when it has just trained a new model (`prestarted_fresh_process`).
 
 `python -m convflow.tasks.verify_export` is that fresh process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 from pathlib import Path
@@ -114,6 +116,31 @@ class FreshProcessCheck:
         return float(stdout.strip().splitlines()[-1])
 
 
+# The fresh process the training flow started ahead of its export stage; taken by the next export.
+_prestarted: FreshProcessCheck | None = None
+
+
+@contextlib.contextmanager
+def prestarted_fresh_process(enabled: bool = True):
+    """Start the export check's fresh process now, for an export stage run inside this block, so
+    its TensorFlow import overlaps the stages before it. Leaving the block stops it if no export
+    took it (the export was a cache hit, or a stage failed)."""
+    global _prestarted
+    _prestarted = FreshProcessCheck() if enabled else None
+    try:
+        yield
+    finally:
+        if _prestarted is not None:
+            _prestarted.__exit__(None, None, None)
+        _prestarted = None
+
+
+def _take_fresh_process() -> FreshProcessCheck:
+    global _prestarted
+    fresh_process, _prestarted = _prestarted or FreshProcessCheck(), None
+    return fresh_process
+
+
 def export_model(
     trained: TrainedModel, tfrecords: TFRecordSet, name: str, output_dir: Path, evaluation: Evaluation | None = None
 ) -> ExportedModel:
@@ -125,7 +152,7 @@ def export_model(
     """
     import keras
 
-    with FreshProcessCheck() as fresh_process:  # starts now: its TensorFlow import overlaps the export
+    with _take_fresh_process() as fresh_process:  # already importing TensorFlow while the export is written
         images, expected = _test_split_expectations(trained, tfrecords, evaluation)
         model = keras.models.load_model(trained.model_path, compile=False)
         relative = Path(name) / str(MODEL_VERSION)

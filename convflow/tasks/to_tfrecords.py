@@ -36,6 +36,10 @@ def _loader(split_set: SplitSet, data: DataConfig):
 
 def _load_images(split_set: SplitSet, rows: dict, data: DataConfig) -> np.ndarray:
     """All examples at the model's size, in splits.parquet order."""
+    if split_set.images_npy is not None:
+        source = np.load(split_set.images_npy, mmap_mode="r")
+        if source.shape[1:] == (*data.image_size, data.channels):  # already at the model's size
+            return np.asarray(source)
     if split_set.images_npy is not None or len(rows["path"]) < PARALLEL_DECODE_MIN_FILES:
         load = _loader(split_set, data)
         return np.stack([load(index) for index in range(len(rows["example_id"]))])
@@ -67,9 +71,10 @@ def _write_shard(path: Path, images: np.ndarray, labels: np.ndarray, example_ids
     import tensorflow as tf
 
     options = tf.io.TFRecordOptions(compression_type=features.COMPRESSIONS[compression][0])
+    encoder = features.ExampleEncoder()
     with tf.io.TFRecordWriter(str(path), options) as writer:
         for image, label, example_id in zip(images, labels, example_ids):
-            writer.write(features.encode_example(image, label, example_id))
+            writer.write(encoder.encode(image, label, example_id))
 
 
 def _shard_plan(split: str, indices: np.ndarray, data: DataConfig) -> list[tuple[str, np.ndarray]]:

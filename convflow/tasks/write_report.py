@@ -28,6 +28,8 @@ body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#22
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
 th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
 .pass{color:#176d2c;font-weight:bold}.fail{color:#a61b1b;font-weight:bold}img{max-width:100%}
+.grid{display:grid;gap:6px}.grid figure{margin:0;text-align:center;font-size:11px}
+.grid img{width:104px;height:104px;object-fit:contain;image-rendering:pixelated;background:#000}
 """
 
 
@@ -85,19 +87,27 @@ def _confusion(confusion_json: str) -> str:
     return _figure_tag(figure)
 
 
-def _image_grid(images: np.ndarray, titles: list[str], columns: int = 8) -> str:
-    import matplotlib.pyplot as plt
+def _png_tag(image: np.ndarray) -> str:
+    from PIL import Image
 
+    pixels = np.asarray(image, np.uint8)
+    if pixels.shape[-1] == 1:  # grayscale: PIL takes H x W
+        pixels = pixels[..., 0]
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return f'<img alt="" src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
+
+
+def _image_grid(images: np.ndarray, titles: list[str], columns: int = 8) -> str:
+    """Images (uint8) with captions as an HTML grid, each a PNG of its own pixels that the browser
+    scales up: a matplotlib figure of 16 subplots took ~0.4 s to draw, this a few milliseconds."""
     if len(images) == 0:
         return "<p>None.</p>"
-    rows = -(-len(images) // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(columns * 1.4, rows * 1.6), squeeze=False)
-    for axis in axes.flat:
-        axis.axis("off")
-    for axis, image, title in zip(axes.flat, images, titles):
-        axis.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray")
-        axis.set_title(title, fontsize=7)
-    return _figure_tag(figure)
+    cells = "".join(
+        f"<figure>{_png_tag(image)}<figcaption>{html.escape(title)}</figcaption></figure>"
+        for image, title in zip(images, titles)
+    )
+    return f'<div class="grid" style="grid-template-columns:repeat({columns},112px)">{cells}</div>'
 
 
 def _per_class_rows(metrics_parquet: str) -> list[list]:
