@@ -202,6 +202,13 @@ class TrainConfig(StrictModel):
         "the last checkpoint (0: every epoch). A crash loses at most about this much training; short epochs "
         "do not pay a checkpoint each.",
     )
+    steps_per_execution: int = Field(
+        32, ge=1,
+        description="Training steps run per call into TensorFlow (Keras' steps_per_execution; at most one "
+        "epoch's): fewer Python round trips between steps made MNIST epochs here 5-9% faster at 32 than at 1. "
+        "Batch-level callbacks see every Nth batch. At 1, Keras counts one optimizer step more per epoch than "
+        "there are batches (on data of unknown length, as convflow's), which shifts Adam's later updates slightly.",
+    )
 
     # How often to checkpoint changes no weight: left out of cache keys and the config hash.
     EXECUTION_ONLY: ClassVar[frozenset[str]] = frozenset({"checkpoint_seconds"})

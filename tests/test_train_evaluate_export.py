@@ -171,6 +171,22 @@ def test_epochs_shorter_than_checkpoint_seconds_are_not_checkpointed(tmp_path, d
     assert keras.models.load_model(resumed.model_path, compile=False).output_shape == (None, 10)
 
 
+def test_steps_per_execution_runs_one_optimizer_step_per_batch(tmp_path, digits_wrapped, digits_tfrecords):
+    # 1,437 training images at batch 128 are 12 steps an epoch: 5 runs 5+5+2 steps per call;
+    # 64 is capped at one epoch's 12
+    weights = {}
+    for steps in (5, 64):
+        train = TrainConfig(epochs=2, batch_size=128, seed=0, deterministic=True, steps_per_execution=steps)
+        trained = train_model(digits_wrapped, digits_tfrecords, train, tmp_path / f"checkpoint-{steps}",
+                              tmp_path / f"train-{steps}")
+        model = keras.models.load_model(trained.model_path)
+        assert int(model.optimizer.iterations.numpy()) == 2 * math.ceil(digits_tfrecords.counts["train"] / 128)
+        assert [row["epoch"] for row in pq.read_table(trained.history_parquet).to_pylist()] == [1, 2]
+        weights[steps] = [weight.numpy() for weight in model.weights]
+    for five, sixty_four in zip(weights[5], weights[64]):
+        np.testing.assert_array_equal(five, sixty_four)
+
+
 # ----------------------------------------------------------------------------- evaluate
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 import warnings
@@ -137,7 +138,7 @@ def augmentation_preview(tfrecords: TFRecordSet, seed: int, images: int = 4, ver
     return np.clip(np.stack(rows, axis=1), 0, 255).astype(np.uint8).reshape(-1, *first.shape[1:])
 
 
-def _compile(model, train: TrainConfig, learning_rate: float) -> None:
+def _compile(model, train: TrainConfig, learning_rate: float, steps_per_epoch: int) -> None:
     import keras
 
     if model.output_shape[-1] == 1:  # a binary head: one logit for the second class
@@ -145,7 +146,10 @@ def _compile(model, train: TrainConfig, learning_rate: float) -> None:
         metrics = [keras.metrics.BinaryAccuracy(name="accuracy", threshold=0.0)]
     else:
         loss, metrics = keras.losses.SparseCategoricalCrossentropy(from_logits=True), ["accuracy"]
-    model.compile(optimizer=_optimizer(train, learning_rate), loss=loss, metrics=metrics)
+    model.compile(
+        optimizer=_optimizer(train, learning_rate), loss=loss, metrics=metrics,
+        steps_per_execution=max(1, min(train.steps_per_execution, steps_per_epoch)),
+    )
 
 
 def unfreeze_top(model, fine_tune: FineTuneConfig) -> None:
@@ -235,18 +239,19 @@ def train_model(
     training, validation = _datasets(tfrecords, train, train.batch_size * strategy.num_replicas_in_sync)
     history_log = _history_logger(checkpoint_dir / "history.jsonl")
     total_epochs = train.epochs + (fine_tune.epochs if fine_tune else 0)
+    steps_per_epoch = math.ceil(tfrecords.counts["train"] / (train.batch_size * strategy.num_replicas_in_sync))
     started, fit_seconds = time.perf_counter(), 0.0
     with strategy.scope():
         model = keras.models.load_model(head_model if head_model.exists() else wrapped.model_path, compile=False)
         if not head_model.exists():
-            _compile(model, train, train.learning_rate)
+            _compile(model, train, train.learning_rate, steps_per_epoch)
             fit_seconds += _fit(model, training, validation, [history_log],
                                 _backup_and_restore(checkpoint_dir / "backup", train.checkpoint_seconds), 0, train.epochs)
             if fine_tune:
                 model.save(head_model)
         if fine_tune:
             unfreeze_top(model, fine_tune)
-            _compile(model, train, fine_tune.learning_rate)
+            _compile(model, train, fine_tune.learning_rate, steps_per_epoch)
             history_log.phase = "fine_tune"
             fit_seconds += _fit(model, training, validation, [history_log],
                                 _backup_and_restore(checkpoint_dir / "backup-fine-tune", train.checkpoint_seconds),
