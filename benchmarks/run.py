@@ -222,7 +222,9 @@ def mnist_repeat(scratch: Path) -> dict:
     return result
 
 
-def compare_rows(m: dict, whole_run_target: str, whole_run_ok: bool) -> list[Row]:
+def compare_rows(m: dict, whole_run_target: str, whole_run_ok: bool, real_mnist: bool) -> list[Row]:
+    """The side-by-side rows. The issue's training-rate and accuracy targets are for real MNIST;
+    on digits the two test sets differ (convflow splits by content hash), one image is ~0.6 pt."""
     ips_ratio = m["cf_ips"] / m["plain_ips"]
     points = (m["cf_accuracy"] - m["plain_accuracy"]) * 100
     stages = [Row(f"first run: {key.removeprefix('cf_stage ')} stage, wall s", value)
@@ -231,12 +233,13 @@ def compare_rows(m: dict, whole_run_target: str, whole_run_ok: bool) -> list[Row
         Row("whole run, wall s", m["cf_wall"], m["plain_wall"], f"{m['cf_wall'] / m['plain_wall']:.2f}x",
             whole_run_target, whole_run_ok),
         Row("whole run, CPU s (user + system)", m["cf_cpu"], m["plain_cpu"], f"{m['cf_cpu'] / m['plain_cpu']:.2f}x"),
-        Row("training images/s", m["cf_ips"], m["plain_ips"], f"{ips_ratio:.3f}x", ">= 1.0x", ips_ratio >= 1.0),
+        Row("training images/s", m["cf_ips"], m["plain_ips"], f"{ips_ratio:.3f}x",
+            *((">= 1.0x", ips_ratio >= 1.0) if real_mnist else ())),
         Row("training images/s, fastest epoch", m["cf_best_epoch_ips"], m["plain_best_epoch_ips"],
             f"{m['cf_best_epoch_ips'] / m['plain_best_epoch_ips']:.3f}x"),
         Row("peak RSS, MB", m["cf_rss"], m["plain_rss"], f"{m['cf_rss'] / m['plain_rss']:.2f}x"),
-        Row("test accuracy", m["cf_accuracy"], m["plain_accuracy"], f"{points:+.2f} pt", "within 0.3 pt",
-            abs(points) <= 0.3),
+        Row("test accuracy", m["cf_accuracy"], m["plain_accuracy"], f"{points:+.2f} pt",
+            *(("within 0.3 pt", abs(points) <= 0.3) if real_mnist else ())),
         *stages,
         Row("first run: outside stages (start-up, Prefect server, exit), wall s", m["cf_outside stages"]),
     ]
@@ -245,7 +248,7 @@ def compare_rows(m: dict, whole_run_target: str, whole_run_ok: bool) -> list[Row
 def digits_rows(m: dict) -> list[Row]:
     cached_ratio = m["cached_wall"] / m["cf_wall"]
     return [
-        *compare_rows(m, "<= plain + 15 s", m["cf_wall"] <= m["plain_wall"] + 15),
+        *compare_rows(m, "<= plain + 15 s", m["cf_wall"] <= m["plain_wall"] + 15, real_mnist=False),
         Row("cached rerun, wall s (baseline: first run)", m["cached_wall"], m["cf_wall"], f"{cached_ratio:.2f}x",
             "<= 0.2x", cached_ratio <= 0.2),
         Row("cached rerun, CPU s (baseline: first run)", m["cached_cpu"], m["cf_cpu"],
@@ -262,7 +265,7 @@ def digits_rows(m: dict) -> list[Row]:
 
 def mnist_rows(m: dict) -> list[Row]:
     ratio = m["cf_wall"] / m["plain_wall"]
-    return compare_rows(m, "<= 1.10x", ratio <= 1.10)
+    return compare_rows(m, "<= 1.10x", ratio <= 1.10, real_mnist=True)
 
 
 def input_rows(m: dict) -> list[Row]:
@@ -537,7 +540,10 @@ NOTES = """## How
   shortest epoch, from convflow's history.parquet and the plain script's own epoch timer.
 - plain_keras.py splits digits 80/10/10 at random and holds out 1/9 of MNIST train for
   validation; convflow splits by content hash, so the test sets differ for digits (about 160 vs
-  180 images: one image is about 0.6 points).
+  180 images: one image is about 0.6 points). The issue's training-rate and accuracy targets
+  are for real MNIST, so the digits rows show those ratios without a verdict.
+- convflow trains with its defaults, as a user gets them: steps_per_execution 32 (Keras' default,
+  which the plain script keeps, is 1) and a checkpoint once 10 s have passed at an epoch's end.
 - Input-bound ratio: median step time (next batch + train_on_batch) of one model fed 150 steps
   by 50 batches of the real training input cached in memory, then 150 steps by the real input
   (read_dataset as train builds it), each after a 20-step warm-up (tracing, the first fill of
