@@ -119,7 +119,7 @@ def test_example_encoder_writes_each_example_as_a_fresh_example_would():
         }))
         encoded = encoder.encode(image, label, example_id)
         assert tf.train.Example.FromString(encoded) == fresh  # nothing left over from the previous example
-        assert encoded == fresh.SerializeToString()
+        assert encoded == fresh.SerializeToString(deterministic=True)  # features in key order
 
 
 def test_in_memory_images_at_the_model_size_are_stored_unchanged(tmp_path):
