@@ -519,7 +519,8 @@ SECTIONS = {
 }
 
 
-def measure(section: str, repeats: int) -> tuple[list[Row], int]:
+def measure(section: str, repeats: int) -> tuple[list[Row], list[dict]]:
+    """The section's rows over the medians of `repeats` repeats, and each repeat's measurements."""
     _, repeat, rows = SECTIONS[section]
     results = []
     for index in range(repeats):
@@ -527,7 +528,18 @@ def measure(section: str, repeats: int) -> tuple[list[Row], int]:
         with tempfile.TemporaryDirectory(prefix=f"convflow-bench-{section}-") as scratch:
             results.append(repeat(Path(scratch)))
     medians = {key: statistics.median(result[key] for result in results) for key in results[0]}
-    return rows(medians), repeats
+    return rows(medians), results
+
+
+def spread(results: list[dict]) -> str:
+    """Each repeat's convflow / plain ratios, for the sections that run both: this VM's speed
+    drifts between runs by more than some targets' margins, and a median alone hides that."""
+    if not results or "plain_wall" not in results[0]:
+        return ""
+    def ratios(cf: str, plain: str) -> str:
+        return ", ".join(f"{result[cf] / result[plain]:.2f}x" for result in results)
+    return (f"Each repeat, convflow / plain: whole run {ratios('cf_wall', 'plain_wall')}; training images/s "
+            f"{ratios('cf_ips', 'plain_ips')}; fastest epoch {ratios('cf_best_epoch_ips', 'plain_best_epoch_ips')}.")
 
 
 NOTES = """## How
@@ -599,13 +611,15 @@ def machine() -> str:
            f"{platform.python_version()}, {versions}"
 
 
-def section_block(section: str, rows: list[Row], repeats: int, command: str, code: str, loads: tuple) -> str:
+def section_block(section: str, rows: list[Row], results: list[dict], command: str, code: str, loads: tuple) -> str:
     lines = [
         f"## {SECTIONS[section][0]}", "",
         f"`{command}`: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}, {code}; median of "
-        f"{repeats} repeat(s); load average (1, 5, 15 min) before {_loads(loads[0])}, after {_loads(loads[1])}.",
+        f"{len(results)} repeat(s); load average (1, 5, 15 min) before {_loads(loads[0])}, after {_loads(loads[1])}.",
         "", f"Machine: {machine()}.", "", *table(rows), "",
     ]
+    if spread(results):
+        lines += [spread(results), ""]
     return "\n".join(lines)
 
 
@@ -649,9 +663,9 @@ def main() -> None:
             CODE, code = snapshot_head(Path(scratch))
         for section in args.only or list(SECTIONS):
             before = os.getloadavg()
-            rows, repeats = measure(section, args.mnist_repeats if section == "mnist" else args.repeats)
-            print("\n".join(["", SECTIONS[section][0], *table(rows)]), flush=True)
-            blocks[SECTIONS[section][0]] = section_block(section, rows, repeats, command, code,
+            rows, results = measure(section, args.mnist_repeats if section == "mnist" else args.repeats)
+            print("\n".join(["", SECTIONS[section][0], *table(rows), spread(results)]), flush=True)
+            blocks[SECTIONS[section][0]] = section_block(section, rows, results, command, code,
                                                          (before, os.getloadavg()))
             results_file.write_text(report(blocks, tail))  # after each section: a later failure loses nothing
 

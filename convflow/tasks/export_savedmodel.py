@@ -95,6 +95,10 @@ class FreshProcessCheck:
         return self
 
     def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """Kill the process if it has not finished (the export failed, or never came)."""
         if self.process.poll() is None:
             self.process.kill()
             self.process.communicate()
@@ -131,7 +135,7 @@ def prestarted_fresh_process(enabled: bool = True):
         yield
     finally:
         if _prestarted is not None:
-            _prestarted.__exit__(None, None, None)
+            _prestarted.stop()
         _prestarted = None
 
 
