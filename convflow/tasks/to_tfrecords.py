@@ -22,12 +22,16 @@ from convflow.tasks.stage import RunContext, hash_json, sha256_file, stage_task,
 PARALLEL_DECODE_MIN_FILES = 2_000
 
 
+def _at_model_size(source: np.ndarray, data: DataConfig) -> bool:
+    return source.shape[1:] == (*data.image_size, data.channels)
+
+
 def _loader(split_set: SplitSet, data: DataConfig):
     """index in splits.parquet -> that example's image at the model's size (uint8)."""
     size, channels, resize = tuple(data.image_size), data.channels, data.resize
     if split_set.images_npy is not None:
         source = np.load(split_set.images_npy, mmap_mode="r")
-        if source.shape[1:3] == size and source.shape[3] == channels:
+        if _at_model_size(source, data):
             return lambda index: np.asarray(source[index])
         return lambda index: imaging.load_array(np.asarray(source[index]), size, channels, resize)
     paths = pq.read_table(split_set.splits_parquet, columns=["path"]).column("path").to_pylist()
@@ -38,7 +42,7 @@ def _load_images(split_set: SplitSet, rows: dict, data: DataConfig) -> np.ndarra
     """All examples at the model's size, in splits.parquet order."""
     if split_set.images_npy is not None:
         source = np.load(split_set.images_npy, mmap_mode="r")
-        if source.shape[1:] == (*data.image_size, data.channels):  # already at the model's size
+        if _at_model_size(source, data):  # taken whole, not image by image
             return np.asarray(source)
     if split_set.images_npy is not None or len(rows["path"]) < PARALLEL_DECODE_MIN_FILES:
         load = _loader(split_set, data)
