@@ -107,6 +107,18 @@ def test_tf_data_parser_agrees_with_eager_decoding(digits_tfrecords):
         assert parsed[example_id][1] == label
 
 
+def test_readers_run_without_the_tf_data_autotuner(digits_tfrecords):
+    """An autotuned iterator could take seconds to be destroyed, and Keras destroys one per epoch
+    (features.untuned_options): training, augmented and evaluation readers are all built without it."""
+    common = (digits_tfrecords.image_size, digits_tfrecords.channels, 32)
+    training = features.read_dataset(digits_tfrecords.shards["train"], *common, shuffle_buffer=100,
+                                     augment=lambda images, training: images)
+    evaluation = features.read_dataset(digits_tfrecords.shards["test"], *common, cache=False, with_ids=True)
+    assert training.options().autotune.enabled is False
+    assert evaluation.options().autotune.enabled is False
+    assert sum(int(labels.shape[0]) for _, labels in training) == digits_tfrecords.counts["train"]
+
+
 def test_example_encoder_writes_each_example_as_a_fresh_example_would():
     encoder = features.ExampleEncoder()
     rng = np.random.default_rng(0)

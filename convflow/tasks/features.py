@@ -124,7 +124,8 @@ def read_dataset(
     """Batches of (float32 images 0..255, int64 labels[, example ids]) from TFRecord shards.
 
     Shards are interleaved and parsed in parallel; parsed batches are cached in memory
-    (`cache`), shuffled per epoch, then augmented (training only) and prefetched.
+    (`cache`), shuffled per epoch, then augmented (training only) and prefetched. tf.data's
+    autotuner is off (see `untuned_options`).
     """
     import tensorflow as tf
 
@@ -156,4 +157,21 @@ def read_dataset(
         batches = batches.map(
             lambda images, labels: (augment(images, training=True), labels), num_parallel_calls=tf.data.AUTOTUNE
         )
-    return batches.prefetch(tf.data.AUTOTUNE)
+    return batches.prefetch(tf.data.AUTOTUNE).with_options(untuned_options())
+
+
+def untuned_options() -> tf.data.Options:
+    """tf.data options with the autotuner off.
+
+    With it on (TensorFlow 2.21), destroying an iterator can wait until the autotuner's thread
+    wakes from its current sleep, and those sleeps lengthen the longer the iterator lives.
+    Keras destroys the training and the validation iterator at the end of every epoch, so on
+    the 2-core VM random epochs took twice as long, both cores idle for 5 s and more
+    (benchmarks/RESULTS.md). Without the autotuner each AUTOTUNE parallelism is the number of
+    cores, and prefetch still sizes its buffer by itself.
+    """
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return options
