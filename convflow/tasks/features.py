@@ -168,7 +168,7 @@ def untuned_options() -> tf.data.Options:
     Keras destroys the training and the validation iterator at the end of every epoch, so on
     the 2-core VM random epochs took twice as long, both cores idle for 5 s and more
     (benchmarks/RESULTS.md). Without the autotuner each AUTOTUNE parallelism is the number of
-    cores, and prefetch still sizes its buffer by itself.
+    cores (at most 16), and prefetch still grows its buffer by itself (a tuner of its own).
     """
     import tensorflow as tf
 
