@@ -199,6 +199,9 @@ def _lineage(config_hash: str, data_fingerprint: str) -> list[list]:
 
 def _render_figures(split_set: SplitSet, trained: TrainedModel, evaluation: Evaluation) -> dict[str, str]:
     """The report's figures as <img> tags: they depend on the trained model and its evaluation alone."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # before pyplot is imported: no display here
     samples = np.load(evaluation.samples_npz)
     names = split_set.label_names
     augmentation = np.load(trained.augmentation_npy) if trained.augmentation_npy else None
@@ -285,9 +288,6 @@ def render_report(
 
 def write_report_html(output_dir: Path, figure_cache: Path | None = None, **parts) -> Report:
     """Render the report into output_dir/report.html (figures from `figure_cache` when drawn before)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     figures = report_figures(parts["split_set"], parts["trained"], parts["evaluation"], figure_cache)
     with staged_output(output_dir) as staging:
         (staging / "report.html").write_text(render_report(**parts, figures=figures))
