@@ -436,6 +436,26 @@ def test_temporary_prefect_server_listens_on_loopback_only():
         server.stop()
 
 
+def test_temporary_prefect_server_registers_no_block_types(tmp_path, monkeypatch):
+    # Registering them made every start import each installed Prefect collection (~0.35 s); convflow
+    # uses no blocks (local_server.NO_BLOCK_REGISTRATION). A fresh database, as on a new machine.
+    import json
+    import urllib.request
+
+    from convflow.local_server import TemporaryServer
+
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))
+    server = TemporaryServer()
+    try:
+        server.wait_until_ready()
+        request = urllib.request.Request(f"{server.api_url}/block_types/filter", data=b"{}",
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            assert json.loads(response.read()) == []
+    finally:
+        server.stop()
+
+
 @pytest.mark.slow
 def test_skipped_files_are_listed_in_the_run_log(tmp_path):
     """A real run says which files it skipped (they are in the report too). The run is held at
