@@ -569,7 +569,10 @@ NOTES = """## How
   180 images: one image is about 0.6 points). The issue's training-rate and accuracy targets
   are for real MNIST, so the digits rows show those ratios without a verdict.
 - convflow trains with its defaults, as a user gets them: steps_per_execution 32 (Keras' default,
-  which the plain script keeps, is 1) and a checkpoint once 10 s have passed at an epoch's end.
+  which the plain script keeps, is 1), a checkpoint once 10 s have passed at an epoch's end, and
+  tf.data without its autotuner. The plain script hands Keras NumPy arrays, as the tutorials do,
+  whose per-epoch iterators keep the autotuner and can stall seconds at an epoch's end (RESULTS.md,
+  session 4): its epoch times vary with that; the fastest-epoch row compares the compute alone.
 - Input-bound ratio: median step time (next batch + train_on_batch) of one model fed 150 steps
   by 50 batches of the real training input cached in memory, then 150 steps by the real input
   (read_dataset as train builds it), each after a 20-step warm-up (tracing, the first fill of
