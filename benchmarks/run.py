@@ -635,8 +635,9 @@ def section_block(section: str, rows: list[Row], results: list[dict], command: s
         f"{len(results)} repeat(s); load average (1, 5, 15 min) before {_loads(loads[0])}, after {_loads(loads[1])}.",
         "", f"Machine: {machine()}.", "", *table(rows), "",
     ]
-    if spread(results):
-        lines += [spread(results), ""]
+    repeat_ratios = spread(results)
+    if repeat_ratios:
+        lines += [repeat_ratios, ""]
     return "\n".join(lines)
 
 
