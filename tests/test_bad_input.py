@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import errno
+import json
 import re
 import struct
 import subprocess
@@ -439,7 +440,6 @@ def test_temporary_prefect_server_listens_on_loopback_only():
 def test_temporary_prefect_server_registers_no_block_types(tmp_path, monkeypatch):
     # Registering them made every start import each installed Prefect collection (~0.35 s); convflow
     # uses no blocks (local_server.NO_BLOCK_REGISTRATION). A fresh database, as on a new machine.
-    import json
     import urllib.request
 
     from convflow.local_server import TemporaryServer
@@ -454,6 +454,34 @@ def test_temporary_prefect_server_registers_no_block_types(tmp_path, monkeypatch
             assert json.loads(response.read()) == []
     finally:
         server.stop()
+
+
+SERVE_WITHOUT_LISTENING = textwrap.dedent(
+    """
+    import gc, json, uvicorn
+    from convflow import local_server
+
+    def report(app, **options):  # in place of uvicorn.run: what serve() hands it, and the collector's state
+        print(json.dumps({"app": type(app).__name__, "options": options, "gc_enabled": gc.isenabled(),
+                          "frozen": gc.get_freeze_count()}))
+
+    uvicorn.run = report
+    local_server.serve(8123)
+    """
+)
+
+
+def test_temporary_server_process_freezes_what_prefects_server_import_built():
+    # The collector is paused while Prefect's server package is imported (~0.6 s of each start
+    # here), then those objects are frozen and collection goes on for the rest of the server's life.
+    result = subprocess.run([sys.executable, "-c", SERVE_WITHOUT_LISTENING], capture_output=True, text=True,
+                            env=subprocess_env(), timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    served = json.loads(result.stdout.splitlines()[-1])
+    assert served["app"] == "FastAPI"
+    assert served["options"] == {"host": "127.0.0.1", "port": 8123, "log_level": "error", "lifespan": "on"}
+    assert served["gc_enabled"] is True
+    assert served["frozen"] > 100_000, served["frozen"]  # Prefect's server package: ~430,000 objects here
 
 
 @pytest.mark.slow
