@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import json
 import subprocess
+import sys
 
 import pytest
 
@@ -102,3 +104,40 @@ def test_runs_on_an_empty_artifacts_root(tmp_path, capsys):
     assert main(["runs", "--artifacts", str(tmp_path)]) == 0
     out = capsys.readouterr().out.strip()
     assert out.startswith("no runs") and "runs.parquet" in out
+
+
+COLLECTOR_AT_FLOW_CALL = """
+import gc, json, sys
+from convflow import cli
+
+def record_collector(*args):
+    print(json.dumps({"enabled": gc.isenabled(), "frozen": gc.get_freeze_count()}))
+    raise RuntimeError("stopped before the flow")
+
+def load_flow():
+    import convflow.flows.train_pipeline  # all that the real loader imports: Prefect, the stages
+    return record_collector
+
+cli._load_train_pipeline = load_flow
+sys.exit(cli.main(sys.argv[2:], exits_after=sys.argv[1] == "console-script"))
+"""
+
+
+@pytest.mark.parametrize("caller", ["console-script", "in-process"])
+def test_run_freezes_its_imports_only_in_a_process_that_ends_with_it(caller, pipelines_file, tmp_path):
+    # The console script pauses the collector while `run` imports Prefect and the stages (~0.17 s
+    # of a cached run), then freezes them; main() called in-process (tests) leaves it alone.
+    env = {**subprocess_env(), "PREFECT_API_URL": "http://127.0.0.1:9/api"}  # no temporary server
+    result = subprocess.run(
+        [sys.executable, "-c", COLLECTOR_AT_FLOW_CALL, caller, "run", "tiny", "-f", str(pipelines_file),
+         "--artifacts", str(tmp_path / "artifacts")],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "convflow run tiny failed: RuntimeError: stopped before the flow" in result.stderr
+    collector = json.loads(result.stdout.splitlines()[-1])
+    assert collector["enabled"] is True
+    if caller == "console-script":
+        assert collector["frozen"] > 100_000, collector
+    else:
+        assert collector["frozen"] == 0
