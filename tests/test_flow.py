@@ -124,3 +124,30 @@ def test_runs_command_lists_the_catalog(first, second, third, fourth, runner, ca
     assert out.count("tiny ") >= 4
     assert all(run["run_id"] in out for run in (first, second, third, fourth))
     assert fourth["run_id"] in out
+
+
+def test_training_progress_is_a_prefect_progress_artifact(first, third):
+    """Each run that trains shows its epochs in the Prefect UI: a progress artifact of its train
+    task run, at 100 once training ended (the second run's training was a cache hit)."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterType
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from convflow.local_server import TemporaryServer
+
+    server = TemporaryServer()  # on the test session's PREFECT_HOME, where the runs were recorded
+    try:
+        server.wait_until_ready()
+        with temporary_settings(updates={PREFECT_API_URL: server.api_url}), get_client(sync_client=True) as client:
+            progress = client.read_artifacts(
+                artifact_filter=ArtifactFilter(type=ArtifactFilterType(any_=["progress"])))
+            ours = {artifact.description: artifact for artifact in progress if "tiny run " in (artifact.description or "")}
+            train_tasks = {description: client.read_task_run(artifact.task_run_id).name
+                           for description, artifact in ours.items()}
+    finally:
+        server.stop()
+    expected = {f"tiny run {first['run_id']}, training: epochs of 1", f"tiny run {third['run_id']}, training: epochs of 2"}
+    assert expected <= set(ours), sorted(ours)
+    for description in expected:
+        assert ours[description].data == 100.0
+        assert train_tasks[description].startswith("train-")

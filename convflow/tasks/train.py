@@ -53,6 +53,37 @@ def _history_logger(path: Path):
     return HistoryLog()
 
 
+def _progress_artifact(label: str | None, total_epochs: int):
+    """A callback that shows training's progress in the Prefect UI: a progress artifact of the
+    train task run, "<label>: epochs of <total>", updated at each epoch's end (a resumed run starts
+    from its epoch). None without a label or outside a Prefect task run. A failed update is
+    logged; training goes on.
+    """
+    from prefect.context import TaskRunContext
+
+    if label is None or TaskRunContext.get() is None:
+        return None
+    description = f"{label}: epochs of {total_epochs}"
+    import keras
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+    from prefect.logging import get_run_logger
+
+    class EpochProgress(keras.callbacks.Callback):
+        artifact_id = None
+
+        def on_epoch_end(self, epoch, logs=None):
+            percent = 100.0 * (epoch + 1) / total_epochs
+            try:
+                if self.artifact_id is None:
+                    self.artifact_id = create_progress_artifact(percent, description=description)
+                else:
+                    update_progress_artifact(self.artifact_id, percent)
+            except Exception as error:  # the UI's progress bar is not worth a failed training
+                get_run_logger().warning(f"training progress not shown in Prefect: {error}")
+
+    return EpochProgress()
+
+
 def _read_history(path: Path, epochs: int) -> pa.Table:
     """Each epoch once: a resumed epoch's last record wins."""
     by_epoch: dict[int, dict] = {}
@@ -218,12 +249,14 @@ def train_model(
     checkpoint_dir: Path,
     output_dir: Path,
     fine_tune: FineTuneConfig | None = None,
+    progress_label: str | None = None,
 ) -> TrainedModel:
     """Fit the head (and then fine-tune the base's top layers, when asked).
 
     Every epoch is checkpointed under `checkpoint_dir`; a rerun after a crash resumes from the
     last completed epoch, and a finished head phase is kept as head.keras so fine-tuning
-    resumes without redoing it.
+    resumes without redoing it. With `progress_label`, inside a Prefect task run, each epoch
+    updates a progress artifact the Prefect UI shows.
     """
     import keras
     import tensorflow as tf
@@ -239,13 +272,15 @@ def train_model(
     training, validation = _datasets(tfrecords, train, train.batch_size * strategy.num_replicas_in_sync)
     history_log = _history_logger(checkpoint_dir / "history.jsonl")
     total_epochs = train.epochs + (fine_tune.epochs if fine_tune else 0)
+    progress = _progress_artifact(progress_label, total_epochs)
+    callbacks = [history_log, *([progress] if progress else [])]
     steps_per_epoch = math.ceil(tfrecords.counts["train"] / (train.batch_size * strategy.num_replicas_in_sync))
     started, fit_seconds = time.perf_counter(), 0.0
     with strategy.scope():
         model = keras.models.load_model(head_model if head_model.exists() else wrapped.model_path, compile=False)
         if not head_model.exists():
             _compile(model, train, train.learning_rate, steps_per_epoch)
-            fit_seconds += _fit(model, training, validation, [history_log],
+            fit_seconds += _fit(model, training, validation, callbacks,
                                 _backup_and_restore(checkpoint_dir / "backup", train.checkpoint_seconds), 0, train.epochs)
             if fine_tune:
                 model.save(head_model)
@@ -253,7 +288,7 @@ def train_model(
             unfreeze_top(model, fine_tune)
             _compile(model, train, fine_tune.learning_rate, steps_per_epoch)
             history_log.phase = "fine_tune"
-            fit_seconds += _fit(model, training, validation, [history_log],
+            fit_seconds += _fit(model, training, validation, callbacks,
                                 _backup_and_restore(checkpoint_dir / "backup-fine-tune", train.checkpoint_seconds),
                                 train.epochs, total_epochs)
     seconds = time.perf_counter() - started
@@ -291,4 +326,5 @@ def train(
     # The same training started twice at once would share one checkpoint folder: the second
     # waits here (an fcntl lock, released even if its holder is killed).
     with tables.locked(checkpoint_dir):  # the lock file is <key>.lock beside the folder
-        return train_model(wrapped, tfrecords, train, checkpoint_dir, run.stage_dir("train"), fine_tune)
+        return train_model(wrapped, tfrecords, train, checkpoint_dir, run.stage_dir("train"), fine_tune,
+                           progress_label=f"{run.pipeline} run {run.run_id}, training")
