@@ -228,22 +228,27 @@ def _call_flow(label: str, server, load_flow, *args, warm_tensorflow: bool = Fal
         _import_flow_run_modules()
         server.wait_until_ready()
     try:
-        with _no_heartbeats_for(server):
+        with _settings_for(server):
             return flow(*args)
     except Exception as error:  # the flow already logged the traceback
         print(f"{label} failed: {type(error).__name__}: {error}", file=sys.stderr)
         return None
 
 
-def _no_heartbeats_for(server):
-    """Flow-run heartbeats let a lasting server mark a crashed run; a temporary server dies with
-    this process, and joining the heartbeat thread (it sleeps in 1 s steps) adds up to ~1 s to
-    every run's end. So they are off against a temporary server only."""
+def _settings_for(server):
+    """Prefect settings for a flow run against the temporary `server` (none for a lasting one).
+
+    Its address: a process that imported Prefect before the server started (main() called from
+    Python) can keep the address Prefect read then (an empty PREFECT_API_URL, say), and would
+    start Prefect's own temporary server as well. No flow-run heartbeats: they let a
+    lasting server mark a crashed run; a temporary server dies with this process, and joining the
+    heartbeat thread (it sleeps in 1 s steps) adds up to ~1 s to every run's end.
+    """
     if server is None:
         return contextlib.nullcontext()
-    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+    from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
-    return temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
+    return temporary_settings(updates={PREFECT_API_URL: server.api_url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
 
 
 def _run(args: argparse.Namespace) -> int:

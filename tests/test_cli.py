@@ -141,3 +141,29 @@ def test_run_freezes_its_imports_only_in_a_process_that_ends_with_it(caller, pip
         assert collector["frozen"] > 100_000, collector
     else:
         assert collector["frozen"] == 0
+
+
+IN_PROCESS_RUN_AFTER_PREFECT = """
+import sys
+import prefect  # imported before main(), as in a notebook or a script that uses Prefect itself
+from convflow.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_run_from_python_after_prefect_was_imported_uses_convflows_server(pipelines_file, tmp_path):
+    # An empty PREFECT_API_URL (`export PREFECT_API_URL=` to clear it) means no server to convflow,
+    # which starts its own; Prefect, imported before, kept the empty address and started another
+    # temporary server for the flow, and its events worker failed against it. The flow now runs
+    # with the address of convflow's server in its Prefect settings.
+    env = {**subprocess_env(), "PREFECT_API_URL": ""}
+    result = subprocess.run(
+        [sys.executable, "-c", IN_PROCESS_RUN_AFTER_PREFECT, "run", "tiny", "-f", str(pipelines_file),
+         "--artifacts", str(tmp_path / "artifacts"), "--json"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert json.loads(result.stdout.splitlines()[-1])["status"] in ("completed", "not-promoted")
+    assert "Starting temporary server" not in output, output[-4000:]
+    assert "failed with" not in output, output[-4000:]
