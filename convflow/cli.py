@@ -196,7 +196,8 @@ def _import_flow_run_modules() -> None:
 
 def _pause_collector(args: argparse.Namespace) -> None:
     """Pause the garbage collector while a flow command imports Prefect and convflow's stages, in a
-    process that ends with the command; `_call_flow` freezes what was imported and resumes it.
+    process that ends with the command; `_call_flow(paused_collector=True)` freezes what was
+    imported and resumes it.
 
     Those imports build ~270,000 objects that live as long as the process; the collections they set
     off walk them again and again (~0.17 s of a cached run against a running server here). Tests
@@ -207,23 +208,22 @@ def _pause_collector(args: argparse.Namespace) -> None:
         gc.disable()
 
 
-def _resume_collector() -> None:
-    if not gc.isenabled():
-        gc.freeze()  # the imported modules: later collections skip them
-        gc.enable()
-
-
-def _call_flow(label: str, server, load_flow, *args, warm_tensorflow: bool = False):
+def _call_flow(
+    label: str, server, load_flow, *args, warm_tensorflow: bool = False, paused_collector: bool = False
+):
     """Call the flow `load_flow` returns, against PREFECT_API_URL or the temporary `server`.
 
     The flow's modules (Prefect, convflow's stages) are imported while the server starts, and
-    TensorFlow too when `warm_tensorflow`. Returns the flow's result, or None after printing why
-    it failed.
+    TensorFlow too when `warm_tensorflow`; with `paused_collector` (see `_pause_collector`) they
+    are then frozen and the garbage collector resumes. Returns the flow's result, or None after
+    printing why it failed.
     """
     if server is not None and warm_tensorflow:
         _import_tensorflow_in_background()
     flow = load_flow()
-    _resume_collector()
+    if paused_collector:
+        gc.freeze()  # the imported modules: later collections skip them
+        gc.enable()
     if server is not None:
         _import_flow_run_modules()
         server.wait_until_ready()
@@ -272,7 +272,8 @@ def _run(args: argparse.Namespace) -> int:
         started = time.perf_counter()
         summary = _call_flow(f"convflow run {args.name}", server, _load_train_pipeline,
                              args.name, str(Path(args.file).resolve()), str(artifacts),
-                             warm_tensorflow=not _likely_cached(artifacts, args.name, spec.config_hash()))
+                             warm_tensorflow=not _likely_cached(artifacts, args.name, spec.config_hash()),
+                             paused_collector=args.exits_after)
     if summary is None:
         return 1
     seconds = time.perf_counter() - started
@@ -328,7 +329,7 @@ def _compare(args: argparse.Namespace) -> int:
     with prefect_api() as server:
         comparison = _call_flow(f"convflow compare {args.name}", server, _load_run_comparison,
                                 args.name, str(Path(args.file).resolve()), str(artifacts), args.dask,
-                                warm_tensorflow=True)
+                                warm_tensorflow=True, paused_collector=args.exits_after)
     if comparison is None:
         return 1
     seconds = time.perf_counter() - started
