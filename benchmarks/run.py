@@ -1,7 +1,7 @@
 """Side-by-side benchmarks: convflow against plain Keras, its input pipeline, Prefect's cost.
 
     .venv/bin/python benchmarks/run.py [--repeats N] [--mnist-repeats M]
-                                       [--only digits|mnist|input|layout ...] [--working-tree]
+                                       [--only digits|mnist|input|layout|placement ...] [--working-tree]
 
 It measures convflow as committed at HEAD (convflow/ and pipelines.yaml exported to a temporary
 folder), so that edits made to the working tree while it runs cannot change the code under test
@@ -24,6 +24,9 @@ minutes a repeat (all four runs), uses --mnist-repeats (default 1). Sections (al
   layout  in-process: write (all cores) and read rates and size of TFRecords of MNIST and of
           1,000 flowers photos at 96 and 224 px, as raw uint8 (uncompressed: convflow's default;
           GZIP), PNG and JPEG records: the measurement behind features.py's choice of layout.
+  placement  `convflow run digits-cnn` against one running `prefect server start`, training in the
+          flow's process, then on the worker of a work pool (`convflow worker` on this machine):
+          what placing the train stage on a worker costs (goal: under 10 s).
 """
 
 from __future__ import annotations
@@ -228,6 +231,71 @@ def mnist_repeat(scratch: Path) -> dict:
     result.update({f"cf_{key}": value for key, value in convflow_fresh("mnist", artifacts).items()})
     result.update(rerun_measurements("mnist", artifacts, scratch, MNIST_RERUN_EPOCHS))
     return result
+
+
+PLACEMENT_POOL = "bench-gpu"
+PLACEMENT_GOAL_SECONDS = 10.0
+
+
+def work_pool_file(directory: Path, pipeline: str, pool: str) -> Path:
+    """A pipelines file whose only pipeline is `pipeline` of pipelines.yaml, trained on work pool `pool`."""
+    import yaml
+
+    document = yaml.safe_load((CODE / "pipelines.yaml").read_text())
+    body = document["pipelines"][pipeline]
+    body["train"] = {**body.get("train", {}), "work_pool": pool}
+    path = directory / "pipelines-pool.yaml"
+    path.write_text(yaml.safe_dump({"defaults": document.get("defaults", {}), "pipelines": {pipeline: body}}))
+    return path
+
+
+@contextlib.contextmanager
+def convflow_worker(api_url: str, pool: str, folder: Path):
+    """`convflow worker --pool` (from CODE) until the block ends."""
+    folder.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(CODE), "PREFECT_API_URL": api_url}
+    log = folder / "worker.log"
+    with open(log, "wb") as output:
+        worker = subprocess.Popen([CONVFLOW, "worker", "--pool", pool], cwd=folder, env=env, stdout=output,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while "started!" not in log.read_text(errors="replace"):
+            if time.monotonic() > deadline or worker.poll() is not None:
+                raise RuntimeError(f"convflow worker did not start:\n{log.read_text(errors='replace')[-3000:]}")
+            time.sleep(0.2)
+        yield
+    finally:
+        os.killpg(worker.pid, 15)
+        worker.wait(timeout=30)
+
+
+def placement_repeat(scratch: Path) -> dict:
+    """digits-cnn's first run against one running server: training in the flow's process, and on a
+    work pool's worker on this machine. Each run has fresh artifacts, so nothing is cached."""
+    with running_prefect_server(scratch / "prefect-home") as api_url, \
+            convflow_worker(api_url, PLACEMENT_POOL, scratch / "worker"):
+        convflow_run("digits-cnn", scratch / "warm-up", PREFECT_API_URL=api_url)  # the server's first flow
+        here, here_summary = convflow_run("digits-cnn", scratch / "here", PREFECT_API_URL=api_url)
+        pool_file = work_pool_file(scratch, "digits-cnn", PLACEMENT_POOL)
+        pool, pool_summary = convflow_run("digits-cnn", scratch / "pool", pool_file, PREFECT_API_URL=api_url)
+    train_seconds = [next(stage["seconds"] for stage in summary["stages"] if stage["name"] == "train")
+                     for summary in (here_summary, pool_summary)]
+    return {"here_wall": here.wall, "pool_wall": pool.wall, "here_train": train_seconds[0],
+            "pool_train": train_seconds[1], "here_accuracy": here_summary["test_accuracy"],
+            "pool_accuracy": pool_summary["test_accuracy"]}
+
+
+def placement_rows(m: dict) -> list[Row]:
+    extra = m["pool_wall"] - m["here_wall"]
+    return [
+        Row("whole run, wall s (baseline: training in the flow's process)", m["pool_wall"], m["here_wall"],
+            f"+{extra:.2f} s", f"< +{PLACEMENT_GOAL_SECONDS:.0f} s", extra < PLACEMENT_GOAL_SECONDS),
+        Row("train stage, wall s (baseline: in the flow's process)", m["pool_train"], m["here_train"],
+            f"+{m['pool_train'] - m['here_train']:.2f} s"),
+        Row("test accuracy", m["pool_accuracy"], m["here_accuracy"],
+            f"{100 * (m['pool_accuracy'] - m['here_accuracy']):+.2f} pt"),
+    ]
 
 
 def compare_rows(m: dict, whole_run_target: str, whole_run_ok: bool, real_mnist: bool) -> list[Row]:
@@ -530,6 +598,8 @@ SECTIONS = {
     "input": ("input pipeline (in-process)", input_repeat, input_rows),
     "layout": ("TFRecord layouts: write and read images/s (baseline: raw uint8, uncompressed)", layout_repeat,
                layout_rows),
+    "placement": ("digits-cnn: training on a work pool's worker (train.work_pool) vs in the flow's process",
+                  placement_repeat, placement_rows),
 }
 
 

@@ -66,7 +66,26 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument(
             "--force", action="store_true", help="scheduled runs train even when data and config are unchanged"
         )
+    worker = commands.add_parser(
+        "worker", help="start a worker that trains on a work pool's behalf (train.work_pool; needs PREFECT_API_URL)"
+    )
+    worker.add_argument("--pool", required=True, help="work pool name; created as a process pool if missing")
+    worker.add_argument("--limit", type=_positive_int, default=1,
+                        help="train runs at a time (default 1: one per GPU; set CUDA_VISIBLE_DEVICES per worker)")
+    worker.add_argument("--name", help="worker name shown in the Prefect UI (default: Prefect's)")
+    worker.add_argument("--heartbeat", type=_positive_int, default=30, metavar="SECONDS",
+                        help="seconds between a train run's heartbeats (default 30, Prefect's minimum)")
+    worker.add_argument("--lost-after", type=_positive_int, default=90, metavar="SECONDS",
+                        help="a train run without heartbeat for this long is marked Crashed and started again "
+                             "(default 90)")
     return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: must be a whole number of at least 1")
+    return value
 
 
 def _validate(path: str) -> int:
@@ -265,7 +284,7 @@ def _run(args: argparse.Namespace) -> int:
         except ConfigError as error:
             print("\n".join(error.problems), file=sys.stderr)
             return EXIT_BAD_CONFIG
-        problem = _unwritable(artifacts)
+        problem = _unreachable_pool(spec, server) or _unwritable(artifacts)
         if problem:
             print(f"convflow run {args.name}: {problem}", file=sys.stderr)
             return 1
@@ -287,6 +306,15 @@ def _run(args: argparse.Namespace) -> int:
         payload["seconds"] = round(seconds, 3)
         print(json.dumps(payload))
     return 0
+
+
+def _unreachable_pool(spec, server) -> str | None:
+    """Why `train.work_pool`'s workers cannot take this run's training: a temporary server lives in
+    this process alone, and no worker can reach it."""
+    if spec.train.work_pool and server is not None:
+        return (f"pipelines.{spec.name}.train.work_pool {spec.train.work_pool!r} needs a Prefect server that the "
+                "pool's workers reach; set PREFECT_API_URL (see README, Training on GPU workers)")
+    return None
 
 
 def _print_comparison(comparison, rows: list[dict], seconds: float) -> None:
@@ -408,6 +436,31 @@ def _schedules_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _worker(args: argparse.Namespace) -> int:
+    """`convflow worker`: the pool, its train deployment and the lost-worker automation (created or
+    updated), then Prefect's own process worker in place of this process."""
+    problem = _missing_server("worker")
+    if problem:
+        print(problem, file=sys.stderr)
+        return 1
+    from convflow.flows.deployments import DeploymentError
+    from convflow.flows.train_on_pool import deployment_name, ensure_train_pool
+
+    try:
+        ensure_train_pool(args.pool, args.heartbeat, args.lost_after)
+    except (DeploymentError, ValueError) as error:
+        print(f"convflow worker: {error}", file=sys.stderr)
+        return 1
+    print(f"work pool {args.pool}: deployment {deployment_name(args.pool)}, train runs without a heartbeat for "
+          f"{args.lost_after} s are crashed and started again", flush=True)
+    # Prefect's default of 10 s between polls would add 5 s to each training's start on average.
+    os.environ.setdefault("PREFECT_WORKER_QUERY_SECONDS", "2")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    command = [sys.executable, "-m", "prefect", "worker", "start", "--pool", args.pool, "--type", "process",
+               "--limit", str(args.limit), *(["--name", args.name] if args.name else [])]
+    os.execv(sys.executable, command)  # the worker's pid is this command's: signals reach it directly
+
+
 def _registry_command(args: argparse.Namespace) -> int:
     from convflow import registry
 
@@ -432,7 +485,7 @@ def main(argv: list[str] | None = None, *, exits_after: bool = False) -> int:
     handlers = {
         "run": _run, "compare": _compare, "validate": lambda a: _validate(a.file), "runs": _runs,
         "promote": _registry_command, "rollback": _registry_command,
-        "serve": _schedules_command, "deploy": _schedules_command,
+        "serve": _schedules_command, "deploy": _schedules_command, "worker": _worker,
     }
     return handlers[args.command](args)
 

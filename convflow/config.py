@@ -210,8 +210,21 @@ class TrainConfig(StrictModel):
         "there are batches (on data of unknown length, as convflow's), which shifts Adam's later updates slightly.",
     )
 
-    # How often to checkpoint changes no weight: left out of cache keys and the config hash.
-    EXECUTION_ONLY: ClassVar[frozenset[str]] = frozenset({"checkpoint_seconds"})
+    work_pool: SafeName | None = Field(
+        None,
+        description="Train on this Prefect work pool's workers (`convflow worker --pool NAME`), as a flow run "
+        "of its own; unset: in the flow's process. Needs PREFECT_API_URL and an artifacts root that every "
+        "worker mounts at the same path.",
+    )
+    max_attempts: int = Field(
+        3, ge=1,
+        description="With work_pool: training runs started in all when a worker is lost (its run Crashed); "
+        "each resumes from the last checkpoint.",
+    )
+
+    # Where and how training runs and how often it checkpoints change no weight: left out of cache
+    # keys and the config hash, so moving training to a GPU pool reuses cached results.
+    EXECUTION_ONLY: ClassVar[frozenset[str]] = frozenset({"checkpoint_seconds", "work_pool", "max_attempts"})
 
 
 class EvaluateConfig(StrictModel):

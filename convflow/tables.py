@@ -66,6 +66,8 @@ HISTORY_SCHEMA = _schema(
     ("val_loss", pa.float64(), "Validation loss; null without a validation split."),
     ("val_accuracy", pa.float64(), "Validation accuracy; null without a validation split."),
     ("seconds", pa.float64(), "Wall time of the epoch."),
+    ("host", pa.string(), "Host name of the machine that trained the epoch."),
+    ("pid", pa.int64(), "Process id that trained the epoch; a resumed run's later epochs name the new process."),
     nullable=("val_loss", "val_accuracy"),
     table="One row per training epoch: losses, accuracies and time.",
 )

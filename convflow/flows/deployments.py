@@ -104,7 +104,7 @@ def ensure_process_pool(pool: str) -> bool:
     """
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
-    from prefect.exceptions import ObjectNotFound
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
     from prefect.workers.process import ProcessWorker
 
     with get_client(sync_client=True) as client:
@@ -112,10 +112,15 @@ def ensure_process_pool(pool: str) -> bool:
             existing = client.read_work_pool(pool)
         except ObjectNotFound:
             template = ProcessWorker.get_default_base_job_template()
-            client.create_work_pool(WorkPoolCreate(name=pool, type="process", base_job_template=template))
-            return True
+            try:
+                client.create_work_pool(WorkPoolCreate(name=pool, type="process", base_job_template=template))
+                return True
+            except ObjectAlreadyExists:  # two workers started together: the other one created it
+                existing = client.read_work_pool(pool)
     if existing.type != "process":
-        raise DeploymentError(f"work pool {pool!r} has type {existing.type!r}; convflow deploy needs a process pool")
+        raise DeploymentError(
+            f"work pool {pool!r} has type {existing.type!r}; convflow deploy and convflow worker need a process pool"
+        )
     return False
 
 

@@ -120,6 +120,8 @@ class TrainedModel(StageRecord):
     train_seconds: float = Field(description="Wall seconds of the train stage's work: loading, fitting, saving.")
     images_per_second: float = Field(description="Training images per second of model.fit (validation included).")
     fingerprint: str
+    host: str = Field("", description="Host name of the machine that trained (the last attempt's, on a work pool).")
+    pid: int = Field(0, description="Process id that trained (the flow's, or a work-pool worker's flow run's).")
 
     def required_files(self) -> list[str]:
         return [self.model_path, self.history_parquet, self.model_summary_parquet]

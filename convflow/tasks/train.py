@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import socket
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +48,8 @@ def _history_logger(path: Path):
         phase = "head"
 
         def on_epoch_end(self, epoch, logs=None):
-            row = {"epoch": epoch + 1, "phase": self.phase, "seconds": time.perf_counter() - self._started}
+            row = {"epoch": epoch + 1, "phase": self.phase, "seconds": time.perf_counter() - self._started,
+                   "host": socket.gethostname(), "pid": os.getpid()}
             row.update({key: float(value) for key, value in (logs or {}).items()})
             with open(path, "a") as handle:
                 handle.write(json.dumps(row) + "\n")
@@ -55,13 +59,13 @@ def _history_logger(path: Path):
 
 def _progress_artifact(label: str | None, total_epochs: int):
     """A callback that shows training's progress in the Prefect UI: a progress artifact of the
-    train task run, "<label>: epochs of <total>", updated at each epoch's end (a resumed run starts
+    train task run (or of the train flow run on a work pool), "<label>: epochs of <total>", updated at each epoch's end (a resumed run starts
     from its epoch). None without a label or outside a Prefect task run. A failed update is
     logged; training goes on.
     """
-    from prefect.context import TaskRunContext
+    from prefect.context import FlowRunContext, TaskRunContext
 
-    if label is None or TaskRunContext.get() is None:
+    if label is None or (TaskRunContext.get() is None and FlowRunContext.get() is None):
         return None
     description = f"{label}: epochs of {total_epochs}"
     import keras
@@ -312,19 +316,47 @@ def train_model(
         train_seconds=seconds,
         images_per_second=tfrecords.counts["train"] * trained_epochs / fit_seconds if trained_epochs else 0.0,
         fingerprint=checkpoint_key(wrapped, tfrecords, train, fine_tune),
+        host=socket.gethostname(),
+        pid=os.getpid(),
     )
+
+
+def checkpoint_dir_for(run: RunContext, key: str) -> Path:
+    """The checkpoint folder of one training: keyed on model, data and settings, never on a run, so a
+    rerun, a task retry or another worker's attempt resumes it."""
+    return Path(run.artifacts_root) / run.pipeline / "checkpoints" / key
+
+
+def train_here(
+    wrapped: WrappedModel, tfrecords: TFRecordSet, train: TrainConfig, fine_tune: FineTuneConfig | None,
+    run: RunContext, finished: Callable[[str], TrainedModel | None] = lambda key: None,
+) -> TrainedModel:
+    """train_model in this process, holding the checkpoint folder's lock.
+
+    The same training started twice at once (two runs, or a worker's attempt marked Crashed while it
+    still trains and the attempt that replaced it) would share one checkpoint folder: the second
+    waits here (an fcntl lock, released even if its holder is killed). Once it holds the lock,
+    `finished(key)` may return what the first one trained, which is then not trained again.
+    """
+    key = checkpoint_key(wrapped, tfrecords, train, fine_tune)
+    checkpoint_dir = checkpoint_dir_for(run, key)
+    checkpoint_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tables.locked(checkpoint_dir):  # the lock file is <key>.lock beside the folder
+        earlier = finished(key)
+        if earlier is not None:
+            return earlier
+        return train_model(wrapped, tfrecords, train, checkpoint_dir, run.stage_dir("train"), fine_tune,
+                           progress_label=f"{run.pipeline} run {run.run_id}, training")
 
 
 @stage_task(retries=2, retry_delay_seconds=[10, 60])
 def train(
     wrapped: WrappedModel, tfrecords: TFRecordSet, train: TrainConfig, fine_tune: FineTuneConfig | None, run: RunContext
 ) -> TrainedModel:
-    """Prefect task over train_model; a retry resumes from the last completed epoch."""
-    key = checkpoint_key(wrapped, tfrecords, train, fine_tune)
-    checkpoint_dir = Path(run.artifacts_root) / run.pipeline / "checkpoints" / key
-    checkpoint_dir.parent.mkdir(parents=True, exist_ok=True)
-    # The same training started twice at once would share one checkpoint folder: the second
-    # waits here (an fcntl lock, released even if its holder is killed).
-    with tables.locked(checkpoint_dir):  # the lock file is <key>.lock beside the folder
-        return train_model(wrapped, tfrecords, train, checkpoint_dir, run.stage_dir("train"), fine_tune,
-                           progress_label=f"{run.pipeline} run {run.run_id}, training")
+    """Prefect task over train_model: in this process, or as flow runs on `train.work_pool`'s workers
+    (a lost worker's attempt is started again there). A retry resumes from the last completed epoch."""
+    if train.work_pool:
+        from convflow.flows.train_on_pool import train_on_pool
+
+        return train_on_pool(wrapped, tfrecords, train, fine_tune, run)
+    return train_here(wrapped, tfrecords, train, fine_tune, run)

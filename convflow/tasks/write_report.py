@@ -9,6 +9,7 @@ import io
 import json
 import os
 import platform
+import socket
 import subprocess
 from importlib import metadata
 from pathlib import Path
@@ -277,13 +278,23 @@ def render_report(
         '<h2 id="feature-maps">First convolution feature maps</h2>' + figures["feature_maps"],
         '<h2 id="production">Comparison with production and gate</h2>' + _production(evaluation, exported),
         '<h2 id="stages">Stages</h2>' + _table(
-            ["stage", "seconds", "cache hit", "cache key"],
-            [[s.name, round(s.seconds, 2), "yes" if s.cached else "no", s.cache_key or ""] for s in stages],
+            ["stage", "seconds", "cache hit", "cache key", "ran on"], _stage_rows(stages, trained)
         ),
         '<h2 id="lineage">Lineage</h2>' + _table(["what", "value"], _lineage(config_hash, split_set.data_fingerprint)),
     ]
     return f"<!doctype html><html><head><meta charset='utf-8'><title>convflow {html.escape(pipeline)}</title>" \
            f"<style>{STYLE}</style></head><body>{''.join(sections)}</body></html>"
+
+
+def _stage_rows(stages: list[StageRun], trained: TrainedModel) -> list[list]:
+    """One row per stage; "ran on" names the process: training's own (a work pool's worker, maybe),
+    the flow's for the others, nothing for a cache hit, which ran in an earlier run."""
+    flow_process = f"{socket.gethostname()} pid {os.getpid()}"
+    rows = []
+    for stage in stages:
+        ran_on = "" if stage.cached else f"{trained.host} pid {trained.pid}" if stage.name == "train" else flow_process
+        rows.append([stage.name, round(stage.seconds, 2), "yes" if stage.cached else "no", stage.cache_key or "", ran_on])
+    return rows
 
 
 def write_report_html(output_dir: Path, figure_cache: Path | None = None, **parts) -> Report:

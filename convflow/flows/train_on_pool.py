@@ -1,0 +1,257 @@
+"""The train stage on a work pool's workers (`train.work_pool`): each attempt a flow run of its own.
+
+The pipeline's flow starts the deployment `convflow-train-stage/<pool>` (created by
+`convflow worker --pool <pool>`) with `run_deployment`, which links the run to the train task in
+the Prefect UI as `<pipeline> train, attempt N`, and waits for it. An attempt whose worker was
+lost ends Crashed: the worker marks it so when the training process dies under it, and the
+server's "convflow: crash train runs without heartbeats" automation when the worker's whole
+machine is gone. The parent then starts the next attempt, up to `train.max_attempts`; it resumes
+from the last checkpoint, which is keyed on model, data and settings (never on a flow run).
+Prefect's own flow retries do not fire on Crashed, so this loop does.
+
+Records travel as parameters and as one JSON file per attempt under the run's folder: the
+artifacts root must be the same path on the flow's machine and on every worker.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+
+from convflow.config import FineTuneConfig, TrainConfig
+from convflow.tasks.records import TFRecordSet, TrainedModel, WrappedModel
+from convflow.tasks.stage import RunContext
+from convflow.tasks.train import train_here
+
+TRAIN_FLOW = "convflow-train-stage"
+LOST_WORKER_AUTOMATION = "convflow: crash train runs without heartbeats"
+TAGS = ["convflow", "train"]
+DEFAULT_HEARTBEAT_SECONDS = 30  # Prefect's minimum
+DEFAULT_LOST_AFTER_SECONDS = 90  # three heartbeats missed
+POLL_SECONDS = 1.0
+# What a process worker's state message says when its flow run's process died under it, and what
+# a worker says when it could not start one: both are infrastructure, so another attempt may do.
+INFRASTRUCTURE_FAILURES = ("Submission failed",)
+
+
+class SharedArtifactsError(RuntimeError):
+    """The worker does not see the pipeline's artifacts root; the message says what to mount."""
+
+
+class TrainOnPoolError(RuntimeError):
+    """The train stage could not run on the work pool; the message says why and what to do."""
+
+
+def attempts_dir(run: RunContext) -> Path:
+    return run.run_dir / "train-attempts"
+
+
+def check_shared_artifacts(run: RunContext, wrapped: WrappedModel, tfrecords: TFRecordSet) -> None:
+    """Fail unless this machine sees the files the parent's stages wrote, before writing anything.
+
+    Raises:
+        SharedArtifactsError: naming the first missing path and what to mount.
+    """
+    needed = [run.run_dir, Path(wrapped.model_path), *map(Path, tfrecords.required_files())]
+    missing = next((path for path in needed if not path.exists()), None)
+    if missing is not None:
+        raise SharedArtifactsError(
+            f"worker {socket.gethostname()} (pid {os.getpid()}) does not see the artifacts root "
+            f"{run.artifacts_root}: {missing} does not exist here. Mount the file system that holds "
+            f"{run.artifacts_root} at that same path on every worker of the pool (NFS, a cloud file "
+            "system, a shared volume), or run the pipeline with an artifacts root the workers see."
+        )
+
+
+def _finished_attempt(run: RunContext):
+    """A lookup for train_here: what an earlier attempt of this run trained under the same checkpoint
+    key (one marked Crashed that finished anyway), when all its files are intact."""
+
+    def finished(key: str) -> TrainedModel | None:
+        for record_file in sorted(attempts_dir(run).glob("*.json")):
+            trained = TrainedModel.model_validate_json(record_file.read_text())
+            if trained.fingerprint == key and not trained.damaged_files():
+                return trained
+        return None
+
+    return finished
+
+
+def _write_attempt_record(run: RunContext, attempt: int, trained: TrainedModel) -> Path:
+    folder = attempts_dir(run)
+    folder.mkdir(parents=True, exist_ok=True)
+    record_file = folder / f"{attempt}.json"
+    temporary = folder / f".{attempt}.json.tmp-{os.getpid()}"
+    temporary.write_text(trained.model_dump_json(indent=2))
+    os.replace(temporary, record_file)  # the parent never reads half a record
+    return record_file
+
+
+@flow(name=TRAIN_FLOW, persist_result=False)
+def train_attempt(
+    wrapped: WrappedModel, tfrecords: TFRecordSet, train: TrainConfig, fine_tune: FineTuneConfig | None,
+    run: RunContext, attempt: int = 1,
+) -> str:
+    """One attempt of a pipeline's train stage on a worker; returns the path of its TrainedModel record
+    (`<run>/train-attempts/<attempt>.json`)."""
+    check_shared_artifacts(run, wrapped, tfrecords)
+    get_run_logger().info(f"attempt {attempt} of {run.pipeline} run {run.run_id} on {socket.gethostname()} "
+                          f"pid {os.getpid()}")
+    trained = train_here(wrapped, tfrecords, train, fine_tune, run, finished=_finished_attempt(run))
+    return str(_write_attempt_record(run, attempt, trained))
+
+
+def deployment_name(pool: str) -> str:
+    return f"{TRAIN_FLOW}/{pool}"
+
+
+def _lost(state) -> bool:
+    """A run that its infrastructure lost (another attempt may succeed), not one whose code failed."""
+    if state.is_crashed():
+        return True
+    return state.is_failed() and (state.message or "").startswith(INFRASTRUCTURE_FAILURES)
+
+
+def _check_pool_ready(pool: str) -> None:
+    """Fail at once when the pool has no train deployment; warn when no worker is online.
+
+    Raises:
+        TrainOnPoolError: no deployment `convflow-train-stage/<pool>`.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_deployment_by_name(deployment_name(pool))
+        except ObjectNotFound:
+            raise TrainOnPoolError(
+                f"train.work_pool {pool!r}: the pool has no deployment {deployment_name(pool)!r}; start a "
+                f"worker with `convflow worker --pool {pool}`, which creates the pool, the deployment and "
+                "the lost-worker automation"
+            ) from None
+        workers = client.read_workers_for_work_pool(pool)
+    if not any(str(worker.status).upper().endswith("ONLINE") for worker in workers):
+        get_run_logger().warning(
+            f"no worker is online on work pool {pool!r}; the train run waits until one starts "
+            f"(`convflow worker --pool {pool}`)"
+        )
+
+
+def train_on_pool(
+    wrapped: WrappedModel, tfrecords: TFRecordSet, train: TrainConfig, fine_tune: FineTuneConfig | None,
+    run: RunContext,
+) -> TrainedModel:
+    """Train as flow runs on `train.work_pool`, starting a new attempt for each lost one.
+
+    Raises:
+        TrainOnPoolError: an attempt failed in its own code (bad input, an artifacts root the worker
+            does not see), or `train.max_attempts` attempts were lost.
+    """
+    from prefect.deployments import run_deployment
+
+    pool = train.work_pool
+    _check_pool_ready(pool)
+    logger = get_run_logger()
+    parameters = {
+        "wrapped": wrapped.model_dump(mode="json"), "tfrecords": tfrecords.model_dump(mode="json"),
+        "train": train.model_dump(mode="json"), "fine_tune": fine_tune.model_dump(mode="json") if fine_tune else None,
+        "run": run.model_dump(mode="json"),
+    }
+    for attempt in range(1, train.max_attempts + 1):
+        child = run_deployment(
+            deployment_name(pool), parameters={**parameters, "attempt": attempt}, poll_interval=POLL_SECONDS,
+            flow_run_name=f"{run.pipeline} train, attempt {attempt}", tags=TAGS,
+        )
+        state = child.state
+        if state.is_completed():
+            return TrainedModel.model_validate_json((attempts_dir(run) / f"{attempt}.json").read_text())
+        if not _lost(state):
+            raise TrainOnPoolError(f"train attempt {attempt} ({child.name}, flow run {child.id}) ended "
+                                   f"{state.name}: {state.message}")
+        logger.warning(f"train attempt {attempt} ({child.name}, flow run {child.id}) was lost: {state.name}, "
+                       f"{state.message}" + ("; the next attempt resumes from the last checkpoint"
+                                             if attempt < train.max_attempts else ""))
+    raise TrainOnPoolError(f"train.max_attempts: all {train.max_attempts} train attempts on work pool {pool!r} "
+                           "were lost (see their flow runs); rerun to resume from the last checkpoint")
+
+
+def lost_worker_automation(lost_after_seconds: int):
+    """Prefect's documented "detect zombie flows" automation, for convflow's train runs only: a train
+    run with no event for `lost_after_seconds` after a heartbeat is marked Crashed."""
+    from prefect.automations import Automation
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+
+    return Automation(
+        name=LOST_WORKER_AUTOMATION,
+        description="Marks a convflow train run Crashed when its heartbeats stop (a lost worker), so the "
+        "pipeline's flow starts the next attempt. Created by `convflow worker`.",
+        trigger=EventTrigger(
+            after={"prefect.flow-run.heartbeat"},
+            expect={"prefect.flow-run.*"},  # a heartbeat or any state change: alive, or finished
+            match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+            match_related=ResourceSpecification({"prefect.resource.role": "flow", "prefect.resource.name": TRAIN_FLOW}),
+            for_each={"prefect.resource.id"},
+            posture=Posture.Proactive,
+            threshold=1,
+            within=datetime.timedelta(seconds=lost_after_seconds),
+        ),
+        actions=[ChangeFlowRunState(
+            state=StateType.CRASHED,
+            message=f"no heartbeat for {lost_after_seconds} s: the worker running this train attempt was lost",
+        )],
+    )
+
+
+def ensure_lost_worker_automation(lost_after_seconds: int) -> None:
+    """Create the automation, or update it to `lost_after_seconds`; one per server, by name."""
+    from prefect.automations import Automation
+
+    wanted = lost_worker_automation(lost_after_seconds)
+    try:
+        existing = Automation.read(name=LOST_WORKER_AUTOMATION)
+    except ValueError:  # Prefect's "not found"
+        wanted.create()
+        return
+    wanted.id = existing.id
+    wanted.update()
+
+
+def ensure_train_deployment(pool: str, heartbeat_seconds: int) -> None:
+    """Upsert `convflow-train-stage/<pool>`: the train attempt flow, imported by module path from the
+    worker's own install of convflow, with heartbeats every `heartbeat_seconds`."""
+    from prefect.deployments.runner import EntrypointType
+
+    environment = {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(heartbeat_seconds), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    deployment = train_attempt.to_deployment(
+        name=pool, work_pool_name=pool, entrypoint_type=EntrypointType.MODULE_PATH, tags=TAGS,
+        job_variables={"env": environment},
+        description="One attempt of a convflow pipeline's train stage; started by the pipeline's flow.",
+    )
+    deployment.apply()
+
+
+def ensure_train_pool(pool: str, heartbeat_seconds: int = DEFAULT_HEARTBEAT_SECONDS,
+                      lost_after_seconds: int = DEFAULT_LOST_AFTER_SECONDS) -> None:
+    """Everything a train pool needs on the server, created or updated (idempotent): the process pool,
+    the train deployment and the lost-worker automation.
+
+    Raises:
+        DeploymentError: a pool of that name exists with another type.
+        ValueError: `lost_after_seconds` is not longer than `heartbeat_seconds`.
+    """
+    from convflow.flows.deployments import ensure_process_pool
+
+    if lost_after_seconds <= heartbeat_seconds:
+        raise ValueError(f"--lost-after {lost_after_seconds} must be longer than --heartbeat {heartbeat_seconds}")
+    ensure_process_pool(pool)
+    ensure_train_deployment(pool, heartbeat_seconds)
+    ensure_lost_worker_automation(lost_after_seconds)
+
