@@ -21,9 +21,11 @@ from convflow.config import PipelineSpec, ScheduleConfig, load_pipelines
 from convflow.flows.train_pipeline import train_pipeline
 
 TAGS = ["convflow", "scheduled"]
-# The code the worker runs: this checkout (or install) of convflow, and the flow within it.
-SOURCE_ROOT = Path(__file__).resolve().parents[2]
-ENTRYPOINT = "convflow/flows/train_pipeline.py:train_pipeline"
+# The code the worker runs: this checkout (or install) of convflow, and the flow within it:
+# <checkout>/flows/train_pipeline.py, or <site-packages>/convflow/flows/train_pipeline.py.
+FLOWS_DIR = Path(__file__).resolve().parent
+SOURCE_ROOT = FLOWS_DIR.parent
+ENTRYPOINT = f"{FLOWS_DIR.name}/train_pipeline.py:train_pipeline"
 # Intervals count from here, in the schedule's time zone, so restarts keep the same run times.
 INTERVAL_ANCHOR = datetime.datetime(2000, 1, 1)
 
