@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import gc
-import importlib
 import json
 import os
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
+
+from convflow.run_settings import flow_call_settings, process_environment
 
 EXIT_BAD_CONFIG = 2
 
@@ -22,17 +20,30 @@ def _parser() -> argparse.ArgumentParser:
         prog="convflow", description="Train, evaluate, export and report CNN image classifiers as Prefect flows."
     )
     commands = parser.add_subparsers(dest="command", required=True)
+    _add_flow_commands(commands)
+    _add_catalog_commands(commands)
+    _add_server_commands(commands)
+    return parser
 
-    run = commands.add_parser("run", help="run one pipeline of a pipelines file")
+
+def _common_options(pipelines_file: bool = True) -> argparse.ArgumentParser:
+    """--file and --artifacts, as every command that takes them spells them."""
+    options = argparse.ArgumentParser(add_help=False)
+    if pipelines_file:
+        options.add_argument("-f", "--file", default="pipelines.yaml", help="pipelines file (default: ./pipelines.yaml)")
+    options.add_argument("--artifacts", default="artifacts", help="artifacts root (default: ./artifacts)")
+    return options
+
+
+def _add_flow_commands(commands) -> None:
+    common = _common_options()
+    run = commands.add_parser("run", parents=[common], help="run one pipeline of a pipelines file")
     run.add_argument("name", help="pipeline name in the pipelines file")
-    run.add_argument("-f", "--file", default="pipelines.yaml", help="pipelines file (default: ./pipelines.yaml)")
-    run.add_argument("--artifacts", default="artifacts", help="artifacts root (default: ./artifacts)")
     run.add_argument("--json", action="store_true", help="print the run summary as JSON on the last line")
 
-    compare = commands.add_parser("compare", help="run a pipeline's compare variants side by side and rank them")
+    compare = commands.add_parser("compare", parents=[common],
+                                  help="run a pipeline's compare variants side by side and rank them")
     compare.add_argument("name", help="pipeline name in the pipelines file; it needs a compare section")
-    compare.add_argument("-f", "--file", default="pipelines.yaml", help="pipelines file (default: ./pipelines.yaml)")
-    compare.add_argument("--artifacts", default="artifacts", help="artifacts root (default: ./artifacts)")
     compare.add_argument("--json", action="store_true", help="print the comparison as JSON on the last line")
     compare.add_argument(
         "--dask", type=int, metavar="N", help="run the variants on a local Dask cluster of N worker processes"
@@ -41,31 +52,32 @@ def _parser() -> argparse.ArgumentParser:
     validate = commands.add_parser("validate", help="check a pipelines file; exit 2 on any mistake")
     validate.add_argument("file", nargs="?", default="pipelines.yaml")
 
-    promote = commands.add_parser("promote", help="make a finished run's SavedModel the production model")
+
+def _add_catalog_commands(commands) -> None:
+    common = _common_options(pipelines_file=False)
+    promote = commands.add_parser("promote", parents=[common],
+                                  help="make a finished run's SavedModel the production model")
     promote.add_argument("run_id")
-    promote.add_argument("--artifacts", default="artifacts")
-
-    rollback = commands.add_parser("rollback", help="point production back at the previous promoted version")
+    rollback = commands.add_parser("rollback", parents=[common],
+                                   help="point production back at the previous promoted version")
     rollback.add_argument("pipeline")
-    rollback.add_argument("--artifacts", default="artifacts")
-
-    runs = commands.add_parser("runs", help="print the runs catalog (artifacts/runs.parquet)")
+    runs = commands.add_parser("runs", parents=[common], help="print the runs catalog (artifacts/runs.parquet)")
     runs.add_argument("pipeline", nargs="?", help="only this pipeline's runs")
-    runs.add_argument("--artifacts", default="artifacts")
 
-    serve = commands.add_parser(
-        "serve", help="serve every scheduled pipeline from this process until stopped (needs PREFECT_API_URL)"
-    )
-    deploy = commands.add_parser(
-        "deploy", help="register every scheduled pipeline on a work pool for workers (needs PREFECT_API_URL)"
-    )
+
+def _add_server_commands(commands) -> None:
+    common = _common_options()
+    force = argparse.ArgumentParser(add_help=False)
+    force.add_argument("--force", action="store_true", help="scheduled runs train even when data and config are unchanged")
+    commands.add_parser("serve", parents=[common, force],
+                        help="serve every scheduled pipeline from this process until stopped (needs PREFECT_API_URL)")
+    deploy = commands.add_parser("deploy", parents=[common, force],
+                                 help="register every scheduled pipeline on a work pool for workers (needs PREFECT_API_URL)")
     deploy.add_argument("--pool", required=True, help="work pool name; created as a process pool if missing")
-    for command in (serve, deploy):
-        command.add_argument("-f", "--file", default="pipelines.yaml", help="pipelines file (default: ./pipelines.yaml)")
-        command.add_argument("--artifacts", default="artifacts", help="artifacts root (default: ./artifacts)")
-        command.add_argument(
-            "--force", action="store_true", help="scheduled runs train even when data and config are unchanged"
-        )
+    _add_worker_command(commands)
+
+
+def _add_worker_command(commands) -> None:
     worker = commands.add_parser(
         "worker", help="start a worker that trains on a work pool's behalf (train.work_pool; needs PREFECT_API_URL)"
     )
@@ -78,7 +90,6 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--lost-after", type=_positive_int, default=90, metavar="SECONDS",
                         help="a train run without heartbeat for this long is marked Crashed and started again "
                              "(default 90)")
-    return parser
 
 
 def _positive_int(text: str) -> int:
@@ -133,12 +144,11 @@ def _print_summary(summary, seconds: float) -> None:
 
 
 def _prepare_environment(artifacts: str) -> Path:
-    """Settings for a flow run from the command line; returns the resolved artifacts root."""
+    """The environment of a flow run from the command line (run_settings); the resolved artifacts
+    root. Set before Prefect and TensorFlow are imported, which read it then."""
     root = Path(artifacts).resolve()
-    # Prefect's cached results live beside the artifacts they describe.
-    os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(root / ".prefect-results"))
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF's C++ start-up chatter, not errors
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry calls offline
+    for name, value in process_environment(root).items():
+        os.environ.setdefault(name, value)
     return root
 
 
@@ -180,132 +190,56 @@ def _likely_cached(artifacts: Path, pipeline: str, config_hash: str) -> bool:
                and row["status"] in ("completed", "not-promoted") for row in runs)
 
 
-def _import_tensorflow_in_background() -> None:
-    """TensorFlow (~3 s), scikit-learn's metrics (~1 s) and matplotlib take long to import; a run
-    that trains pays that anyway, so it is paid while the temporary server starts instead of
-    inside the stages."""
-    def load() -> None:
-        with contextlib.suppress(Exception):  # a broken install fails loudly in the stage that needs it
-            import keras  # noqa: F401
-            import matplotlib
-            import sklearn.metrics  # noqa: F401
-            import tensorflow  # noqa: F401
-
-            matplotlib.use("Agg")  # as write_report sets it, before pyplot is imported
-            import matplotlib.pyplot  # noqa: F401
-
-    threading.Thread(target=load, name="import-tensorflow", daemon=True).start()
-
-
-# What a flow run imports only once it has started: Prefect's flow and task engines, the encoder
-# its parameters go through (FastAPI's), its artifacts and graph helpers; ~0.13 s of a fully cached
-# run. The temporary server answers ~2 s after the CLI has imported the flow, so imported in that
-# wait they cost nothing.
-FLOW_RUN_MODULES = (
-    "prefect.flow_engine", "prefect.task_engine", "fastapi.encoders", "prefect.artifacts",
-    "prefect.utilities.visualization",
-)
-
-
-def _import_flow_run_modules() -> None:
-    for name in FLOW_RUN_MODULES:
-        with contextlib.suppress(ImportError):  # one a later Prefect moved is imported when needed
-            importlib.import_module(name)
-
-
-def _pause_collector(args: argparse.Namespace) -> None:
-    """Pause the garbage collector while a flow command imports Prefect and convflow's stages, in a
-    process that ends with the command; `_call_flow(paused_collector=True)` freezes what was
-    imported and resumes it.
-
-    Those imports build ~270,000 objects that live as long as the process; the collections they set
-    off walk them again and again (~0.17 s of a cached run against a running server here). Tests
-    call main() in-process, where freezing would keep every later test's garbage alive, so there the
-    collector is left alone. A command that returns early leaves it paused: the process then ends.
-    """
-    if args.exits_after:
-        gc.disable()
-
-
-def _call_flow(
-    label: str, server, load_flow, *args, warm_tensorflow: bool = False, paused_collector: bool = False
-):
-    """Call the flow `load_flow` returns, against PREFECT_API_URL or the temporary `server`.
-
-    The flow's modules (Prefect, convflow's stages) are imported while the server starts, and
-    TensorFlow too when `warm_tensorflow`; with `paused_collector` (see `_pause_collector`) they
-    are then frozen and the garbage collector resumes. Returns the flow's result, or None after
-    printing why it failed.
-    """
-    if server is not None and warm_tensorflow:
-        _import_tensorflow_in_background()
-    flow = load_flow()
-    if paused_collector:
-        gc.freeze()  # the imported modules: later collections skip them
-        gc.enable()
-    if server is not None:
-        _import_flow_run_modules()
-        server.wait_until_ready()
+def _call_flow(label: str, command, load_flow, artifacts: Path, *args, warm_tensorflow: bool):
+    """The flow `load_flow` returns, called through `command` (fast_start.FlowCommand) with `args`;
+    its result, or None after printing why it failed."""
+    server = command.server
+    settings = flow_call_settings(artifacts, server.api_url if server is not None else None)
     try:
-        with _settings_for(server):
-            return flow(*args)
+        return command.call(load_flow, *args, settings=settings, warm_tensorflow=warm_tensorflow)
     except Exception as error:  # the flow already logged the traceback
         print(f"{label} failed: {type(error).__name__}: {error}", file=sys.stderr)
         return None
 
 
-def _settings_for(server):
-    """Prefect settings for a flow run against the temporary `server` (none for a lasting one).
-
-    Its address: a process that imported Prefect before the server started (main() called from
-    Python) can keep the address Prefect read then (an empty PREFECT_API_URL, say), and would
-    start Prefect's own temporary server as well. No flow-run heartbeats: they let a
-    lasting server mark a crashed run; a temporary server dies with this process, and joining the
-    heartbeat thread (it sleeps in 1 s steps) adds up to ~1 s to every run's end.
-    """
-    if server is None:
-        return contextlib.nullcontext()
-    from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
-
-    return temporary_settings(updates={PREFECT_API_URL: server.api_url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
-
-
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, exits_after: bool) -> int:
     from convflow.config import ConfigError, load_pipeline
-    from convflow.local_server import prefect_api
+    from convflow.fast_start import FlowCommand
 
-    _pause_collector(args)
     artifacts = _prepare_environment(args.artifacts)
-    # The temporary server (when no PREFECT_API_URL is set) starts first: its ~3 s overlap all
-    # that follows until the flow is called. A refused config stops it; nothing is written.
-    with prefect_api() as server:
+    # The temporary server (when no PREFECT_API_URL is set) starts first: its start-up overlaps
+    # all that follows until the flow is called. A refused config stops it; nothing is written.
+    with FlowCommand(exits_after) as command:
         try:
             spec = load_pipeline(args.file, args.name)  # validate before anything is written
         except ConfigError as error:
             print("\n".join(error.problems), file=sys.stderr)
             return EXIT_BAD_CONFIG
-        problem = _unreachable_pool(spec, server) or _unwritable(artifacts)
+        problem = _unreachable_pool(spec, command.server) or _unwritable(artifacts)
         if problem:
             print(f"convflow run {args.name}: {problem}", file=sys.stderr)
             return 1
         started = time.perf_counter()
-        summary = _call_flow(f"convflow run {args.name}", server, _load_train_pipeline,
+        summary = _call_flow(f"convflow run {args.name}", command, _load_train_pipeline, artifacts,
                              args.name, str(Path(args.file).resolve()), str(artifacts),
-                             warm_tensorflow=not _likely_cached(artifacts, args.name, spec.config_hash()),
-                             paused_collector=args.exits_after)
+                             warm_tensorflow=not _likely_cached(artifacts, args.name, spec.config_hash()))
     if summary is None:
         return 1
     seconds = time.perf_counter() - started
     _print_summary(summary, seconds)
     if args.json:
-        payload = summary.model_dump(
-            include={"pipeline", "run_id", "status", "test_accuracy", "saved_model", "report", "resumed_from_epoch",
-                     "promoted_version", "gate_reason"}
-        )
-        payload["stages"] = [stage.model_dump(include={"name", "seconds", "cached"}) for stage in summary.stages]
-        payload["seconds"] = round(seconds, 3)
-        print(json.dumps(payload))
+        print(json.dumps(_summary_json(summary, seconds)))
     return 0
+
+
+def _summary_json(summary, seconds: float) -> dict:
+    payload = summary.model_dump(
+        include={"pipeline", "run_id", "status", "test_accuracy", "saved_model", "report", "resumed_from_epoch",
+                 "promoted_version", "gate_reason"}
+    )
+    payload["stages"] = [stage.model_dump(include={"name", "seconds", "cached"}) for stage in summary.stages]
+    payload["seconds"] = round(seconds, 3)
+    return payload
 
 
 def _unreachable_pool(spec, server) -> str | None:
@@ -338,7 +272,7 @@ def _print_comparison(comparison, rows: list[dict], seconds: float) -> None:
     print(f"  total   {seconds:.2f} s")
 
 
-def _compare(args: argparse.Namespace) -> int:
+def _compare(args: argparse.Namespace, exits_after: bool) -> int:
     from convflow.config import ConfigError, load_pipeline
 
     try:
@@ -351,13 +285,12 @@ def _compare(args: argparse.Namespace) -> int:
         return EXIT_BAD_CONFIG
     artifacts = _prepare_environment(args.artifacts)
     started = time.perf_counter()
-    _pause_collector(args)
-    from convflow.local_server import prefect_api
+    from convflow.fast_start import FlowCommand
 
-    with prefect_api() as server:
-        comparison = _call_flow(f"convflow compare {args.name}", server, _load_run_comparison,
+    with FlowCommand(exits_after) as command:
+        comparison = _call_flow(f"convflow compare {args.name}", command, _load_run_comparison, artifacts,
                                 args.name, str(Path(args.file).resolve()), str(artifacts), args.dask,
-                                warm_tensorflow=True, paused_collector=args.exits_after)
+                                warm_tensorflow=True)
     if comparison is None:
         return 1
     seconds = time.perf_counter() - started
@@ -453,9 +386,9 @@ def _worker(args: argparse.Namespace) -> int:
         return 1
     print(f"work pool {args.pool}: deployment {deployment_name(args.pool)}, train runs without a heartbeat for "
           f"{args.lost_after} s are crashed and started again", flush=True)
-    # Prefect's default of 10 s between polls would add 5 s to each training's start on average.
-    os.environ.setdefault("PREFECT_WORKER_QUERY_SECONDS", "2")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # Prefect's default poll interval would add half of it to each training's start, on average.
+    os.environ.setdefault("PREFECT_WORKER_QUERY_SECONDS", "1")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     command = [sys.executable, "-m", "prefect", "worker", "start", "--pool", args.pool, "--type", "process",
                "--limit", str(args.limit), *(["--name", args.name] if args.name else [])]
     os.execv(sys.executable, command)  # the worker's pid is this command's: signals reach it directly
@@ -481,9 +414,9 @@ def _registry_command(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None, *, exits_after: bool = False) -> int:
     """Run one convflow command; `exits_after`: the process ends with it (the console script)."""
     args = _parser().parse_args(argv)
-    args.exits_after = exits_after
     handlers = {
-        "run": _run, "compare": _compare, "validate": lambda a: _validate(a.file), "runs": _runs,
+        "run": lambda a: _run(a, exits_after), "compare": lambda a: _compare(a, exits_after),
+        "validate": lambda a: _validate(a.file), "runs": _runs,
         "promote": _registry_command, "rollback": _registry_command,
         "serve": _schedules_command, "deploy": _schedules_command, "worker": _worker,
     }
@@ -491,15 +424,12 @@ def main(argv: list[str] | None = None, *, exits_after: bool = False) -> int:
 
 
 def run_command() -> None:
-    """The console script: main(), then exit without the interpreter's final garbage collection.
-
-    After a flow, that collection walks every object Prefect and pydantic made (~0.35 s, a tenth
-    of a fully cached run); gc.freeze() leaves them to the operating system. Files and streams are
-    closed as usual. Tests call main() in-process instead, where collection must go on.
-    """
+    """The console script: main(), then exit without the interpreter's final garbage collection
+    (fast_start.exit_process). Tests call main() in-process instead, where collection must go on."""
     code = main(exits_after=True)
-    gc.freeze()
-    sys.exit(code)
+    from convflow.fast_start import exit_process
+
+    exit_process(code)
 
 
 if __name__ == "__main__":

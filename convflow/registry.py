@@ -11,13 +11,13 @@ production model, never half of one; promoting never touches an existing version
 from __future__ import annotations
 
 import datetime
-import os
 import shutil
 from pathlib import Path
 
 import pydantic
 
 from convflow import tables
+from convflow.storage import atomic_write_text, locked, staged_output
 
 POINTER = "production.json"
 VERSION_RECORD = "convflow.json"
@@ -70,14 +70,8 @@ def versions(artifacts_root: Path, pipeline: str) -> list[Production]:
     return sorted(found, key=lambda production: production.version)
 
 
-def _replace_text(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temporary.write_text(text)
-    os.replace(temporary, path)
-
-
 def _switch_pointer(production: Production, artifacts_root: Path) -> None:
-    _replace_text(models_dir(artifacts_root, production.pipeline) / POINTER, production.model_dump_json(indent=2))
+    atomic_write_text(models_dir(artifacts_root, production.pipeline) / POINTER, production.model_dump_json(indent=2))
 
 
 def promote(
@@ -88,17 +82,16 @@ def promote(
     `data_fingerprint` say what made it (scheduled runs skip training while both are unchanged)."""
     root = models_dir(artifacts_root, pipeline)
     root.mkdir(parents=True, exist_ok=True)
-    with tables.locked(root / POINTER):
+    with locked(root / POINTER):
         version = max((existing.version for existing in versions(artifacts_root, pipeline)), default=0) + 1
         production = Production(
             pipeline=pipeline, version=version, run_id=run_id, saved_model=str(root / str(version)), model=model,
             test_accuracy=test_accuracy, promoted_at=datetime.datetime.now(datetime.timezone.utc).isoformat(),
             config_hash=config_hash, data_fingerprint=data_fingerprint,
         )
-        staging = root / f".{version}.tmp-{os.getpid()}"
-        shutil.copytree(saved_model, staging)
-        (staging / VERSION_RECORD).write_text(production.model_dump_json(indent=2))
-        staging.rename(root / str(version))
+        with staged_output(root / str(version)) as staging:
+            shutil.copytree(saved_model, staging, dirs_exist_ok=True)
+            (staging / VERSION_RECORD).write_text(production.model_dump_json(indent=2))
         _switch_pointer(production, artifacts_root)
     return production
 
@@ -111,12 +104,12 @@ def record_lineage(
     root = models_dir(artifacts_root, pipeline)
     if not (root / POINTER).exists():
         return None
-    with tables.locked(root / POINTER):
+    with locked(root / POINTER):
         production = current(artifacts_root, pipeline)
         if production is None or production.model != model:
             return None
         production = production.model_copy(update={"config_hash": config_hash, "data_fingerprint": data_fingerprint})
-        _replace_text(root / str(production.version) / VERSION_RECORD, production.model_dump_json(indent=2))
+        atomic_write_text(root / str(production.version) / VERSION_RECORD, production.model_dump_json(indent=2))
         _switch_pointer(production, artifacts_root)
     return production
 
@@ -130,7 +123,7 @@ def rollback(artifacts_root: Path, pipeline: str) -> Production:
     root = models_dir(artifacts_root, pipeline)
     if not root.is_dir():
         raise RegistryError(f"pipeline {pipeline!r} has no production model under {root}")
-    with tables.locked(root / POINTER):
+    with locked(root / POINTER):
         production = current(artifacts_root, pipeline)
         if production is None:
             raise RegistryError(f"pipeline {pipeline!r} has no production model under {root}")

@@ -48,7 +48,7 @@ class LoadedSource:
     skipped: list[str] = field(default_factory=list)
 
 
-def source_stamp(data: DataConfig) -> str:
+def source_fingerprint(data: DataConfig) -> str:
     """A cheap fingerprint of the source as it is on disk now (names, sizes, mtimes).
 
     It joins the download stage's cache key, so new or changed files re-run that stage.

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
 import datetime
-import fcntl
 import json
 import logging
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from convflow.storage import atomic_file, atomic_write_text, locked
 
 
 def _schema(*fields: tuple[str, pa.DataType, str], nullable: tuple[str, ...] = (), table: str) -> pa.Schema:
@@ -150,19 +149,8 @@ COMPARISON_SCHEMA = _schema(
 
 def write_parquet(table: pa.Table, path: Path) -> None:
     """Write `table` to `path` through a temporary file, so readers never see half a file."""
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, temporary)
-    os.replace(temporary, path)
-
-
-@contextlib.contextmanager
-def locked(path: Path) -> Iterator[None]:
-    with open(path.with_name(path.name + ".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with atomic_file(path) as temporary:
+        pq.write_table(table, temporary)
 
 
 RUN_RECORD = "run.json"
@@ -178,9 +166,7 @@ def append_run(catalog: Path, row: dict[str, Any]) -> None:
     if row.get("run_dir"):
         run_record = Path(row["run_dir"]) / RUN_RECORD
         run_record.parent.mkdir(parents=True, exist_ok=True)
-        temporary = run_record.with_name(f".{RUN_RECORD}.tmp-{os.getpid()}")
-        temporary.write_text(json.dumps(row, default=str, indent=2))
-        os.replace(temporary, run_record)
+        atomic_write_text(run_record, json.dumps(row, default=str, indent=2))
     new_row = pa.Table.from_pylist([row], schema=RUNS_SCHEMA)
     with locked(catalog):
         existing = _read_or_rebuild(catalog, exclude=run_record)
@@ -230,32 +216,3 @@ def read_runs(catalog: Path) -> pa.Table:
         if not catalog.exists() and table.num_rows:
             write_parquet(table, catalog)
     return table
-
-
-def catalog_row(
-    summary, run_dir: Path | None, flow_run_id: Any = None, comparison_id: str | None = None,
-    variant: str | None = None, run_tables: dict[str, str] | None = None,
-) -> dict[str, Any]:
-    """The runs.parquet row of one finished run (a RunSummary), or of one variant of a comparison;
-    `run_tables` maps RUN_TABLES names to the run's Parquet files."""
-    return {
-        "pipeline": summary.pipeline,
-        "run_id": summary.run_id,
-        "started": datetime.datetime.fromisoformat(summary.started),
-        "finished": datetime.datetime.now(datetime.timezone.utc),
-        "status": summary.status,
-        "config_hash": summary.config_hash,
-        "data_fingerprint": summary.data_fingerprint,
-        "test_accuracy": summary.test_accuracy,
-        "passed_gate": summary.passed_gate,
-        "gate_reason": summary.gate_reason,
-        "model": summary.model,
-        "saved_model": summary.saved_model,
-        "promoted_version": summary.promoted_version,
-        "report": summary.report,
-        "run_dir": str(run_dir) if run_dir is not None else None,
-        "flow_run_id": str(flow_run_id) if flow_run_id is not None else None,
-        "comparison_id": comparison_id,
-        "variant": variant,
-        **{f"{name}_parquet": (run_tables or {}).get(name) for name in RUN_TABLES},
-    }

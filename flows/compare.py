@@ -14,18 +14,19 @@ from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from convflow import registry
+from convflow import registry, runs
 from convflow.config import CompareConfig, ConfigError, PipelineSpec, load_pipeline, variant_specs
-from convflow.flows.stage_log import StageLog
-from convflow.sources import source_stamp
-from convflow.tasks.build_base import build_base, weights_stamp
-from convflow.tasks.compare_report import Comparison, compare_report, record_variant_runs
+from convflow.flows.stage_runner import StageRunner
+from convflow.sources import source_fingerprint
+from convflow.tasks.build_base import build_base, weights_fingerprint
+from convflow.tasks.compare_report import Comparison, compare_report
 from convflow.tasks.compare_variant import (
-    VariantResult, export_candidate, failed_variant, measure_variants, promote_winner, rank_variants,
+    VariantResult, failed_variant, measure_variants, promote_winner, rank_variants,
     summarize_variant,
 )
 from convflow.tasks.download_and_split import check_image_sizes, download_and_split
 from convflow.tasks.evaluate import evaluate, score_untrained
+from convflow.tasks.export_savedmodel import export_savedmodel
 from convflow.tasks.freeze_and_wrap import freeze_and_wrap
 from convflow.tasks.records import TFRecordSet
 from convflow.tasks.stage import RunContext
@@ -74,16 +75,16 @@ def compare_variant(name: str, spec: PipelineSpec, tfrecords: TFRecordSet, run: 
     """One variant's build_base, freeze_and_wrap, initial score, train, evaluate and export; each
     stage is a task of its own, cached as in a plain run. Its stages retry transient errors; the
     variant itself does not retry."""
-    log = StageLog()
+    stages = StageRunner(run)
     root = Path(run.artifacts_root)
-    base = log.run(build_base, spec.model, weights_stamp(spec.model, root), tfrecords, spec.train.seed, run)
-    wrapped = log.run(freeze_and_wrap, base, spec.model, len(tfrecords.label_names), spec.train.seed, run)
+    base = stages.run(build_base, spec.model, weights_fingerprint(spec.model, root), tfrecords, spec.train.seed, run)
+    wrapped = stages.run(freeze_and_wrap, base, spec.model, len(tfrecords.label_names), spec.train.seed, run)
     initial = score_untrained(wrapped, tfrecords)
-    trained = log.run(train, wrapped, tfrecords, spec.train, spec.model.fine_tune, run)
+    trained = stages.run(train, wrapped, tfrecords, spec.train, spec.model.fine_tune, run)
     production = registry.rival(root, run.pipeline, trained.model_path)
-    evaluation = log.run(evaluate, trained, tfrecords, spec.evaluate, production, run)
-    exported = log.run(export_candidate, trained, evaluation, tfrecords, run)
-    return summarize_variant(name, spec, initial, trained, evaluation, exported, log.stages, run)
+    evaluation = stages.run(evaluate, trained, tfrecords, spec.evaluate, production, run)
+    exported = stages.run(export_savedmodel, trained, evaluation, tfrecords, run)
+    return summarize_variant(name, spec, initial, trained, evaluation, exported, stages.timings, run)
 
 
 def _outcome(name: str, spec: PipelineSpec | list[str], future: PrefectFuture | None, run_id: str) -> VariantResult:
@@ -112,26 +113,27 @@ def compare_pipeline(
         raise ConfigError(Path(pipelines_file), [f"pipelines.{pipeline}.compare: required by convflow compare"])
     root = str(Path(artifacts).resolve())
     run = RunContext(pipeline=pipeline, run_id=new_comparison_id(started), artifacts_root=root)
-    log = StageLog()
-    split_set = log.run(download_and_split, spec.data, source_stamp(spec.data), run)
+    stages = StageRunner(run)
+    split_set = stages.run(download_and_split, spec.data, source_fingerprint(spec.data), run)
     check_image_sizes(split_set, spec.data, spec.model.base)
-    tfrecords = log.run(to_tfrecords, split_set, spec.data, run)
+    tfrecords = stages.run(to_tfrecords, split_set, spec.data, run)
     variants = variant_specs(spec, Path(pipelines_file).resolve().parent)
-    runs = {name: run.model_copy(update={"run_id": f"{run.run_id}-{name}"}) for name in variants}
-    futures = {name: compare_variant.submit(name, variant, tfrecords, runs[name])
+    variant_runs = {name: run.model_copy(update={"run_id": f"{run.run_id}-{name}"}) for name in variants}
+    futures = {name: compare_variant.submit(name, variant, tfrecords, variant_runs[name])
                for name, variant in variants.items() if isinstance(variant, PipelineSpec)}
-    results = [_outcome(name, variant, futures.get(name), runs[name].run_id) for name, variant in variants.items()]
+    results = [_outcome(name, variant, futures.get(name), variant_runs[name].run_id)
+               for name, variant in variants.items()]
     results = measure_variants(results, tfrecords)
     ranked, verdict = promote_winner(rank_variants(results, spec.compare.metric), spec.compare.promote, run)
     comparison = Comparison(
         pipeline=pipeline, comparison_id=run.run_id, started=started.isoformat(), metric=spec.compare.metric,
         promote=spec.compare.promote, runner=runner, flow_pid=os.getpid(), data_fingerprint=split_set.data_fingerprint,
-        counts=tfrecords.counts, label_names=tfrecords.label_names, variants=ranked, verdict=verdict, stages=log.stages,
+        counts=tfrecords.counts, label_names=tfrecords.label_names, variants=ranked, verdict=verdict, stages=stages.timings,
         overrides={v.name: v.model_dump(include={"model", "train", "evaluate"}) for v in spec.compare.variants},
     )
-    report = log.run(compare_report, comparison, run)
-    comparison = comparison.model_copy(update={"report": report.report_html, "stages": log.stages})
-    record_variant_runs(comparison, Path(run.artifacts_root), flow_run.id)
+    report = stages.run(compare_report, comparison, run)
+    comparison = comparison.model_copy(update={"report": report.report_html, "stages": stages.timings})
+    runs.record_variant_runs(comparison, Path(run.artifacts_root), flow_run.id)
     return comparison
 
 

@@ -18,6 +18,7 @@ from prefect.deployments.runner import EntrypointType, RunnerDeployment
 from prefect.schedules import Cron, Interval, Schedule
 
 from convflow.config import PipelineSpec, ScheduleConfig, load_pipelines
+from convflow.run_settings import process_environment
 from convflow.flows.train_pipeline import train_pipeline
 
 TAGS = ["convflow", "scheduled"]
@@ -57,12 +58,6 @@ def prefect_schedule(schedule: ScheduleConfig) -> Schedule:
     return Interval(schedule.interval, anchor_date=anchor, timezone=schedule.timezone)
 
 
-def run_environment(artifacts: Path) -> dict[str, str]:
-    """What a scheduled run needs in its environment: Prefect's cached task results beside the
-    artifacts (shared with `convflow run`, so its cache hits count), and quiet TensorFlow."""
-    return {"PREFECT_LOCAL_STORAGE_PATH": str(artifacts / ".prefect-results"), "TF_CPP_MIN_LOG_LEVEL": "2"}
-
-
 def _deployment_options(spec: PipelineSpec, pipelines_file: Path, artifacts: Path, force: bool) -> dict[str, Any]:
     return {
         "name": spec.name,
@@ -93,7 +88,7 @@ def serve_pipelines(pipelines_file: Path, artifacts: Path, force: bool = False) 
     from prefect import serve
 
     deployments = served_deployments(pipelines_file, artifacts, force)
-    for name, value in run_environment(Path(artifacts).resolve()).items():
+    for name, value in process_environment(Path(artifacts).resolve()).items():
         os.environ.setdefault(name, value)  # served runs inherit it, as `convflow run` would set it
     serve(*deployments)
 
@@ -136,7 +131,7 @@ def deploy_pipelines(pipelines_file: Path, artifacts: Path, pool: str, force: bo
     return {
         name: flow.deploy(
             **_deployment_options(spec, pipelines_file, artifacts, force), work_pool_name=pool,
-            job_variables={"env": run_environment(artifacts)}, print_next_steps=False, ignore_warnings=True,
+            job_variables={"env": process_environment(artifacts)}, print_next_steps=False, ignore_warnings=True,
         )
         for name, spec in specs.items()
     }

@@ -16,30 +16,23 @@ artifacts root must be the same path on the flow's machine and on every worker.
 from __future__ import annotations
 
 import datetime
-import os
-import socket
 from pathlib import Path
 
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 
 from convflow.config import FineTuneConfig, TrainConfig
 from convflow.tasks.records import TFRecordSet, TrainedModel, WrappedModel
 from convflow.tasks.stage import RunContext
-from convflow.tasks.train import train_here
 
-TRAIN_FLOW = "convflow-train-stage"
+TRAIN_FLOW = "convflow-train-stage"  # the flow of flows/train_attempt.py, which the workers run
 LOST_WORKER_AUTOMATION = "convflow: crash train runs without heartbeats"
 TAGS = ["convflow", "train"]
 DEFAULT_HEARTBEAT_SECONDS = 30  # Prefect's minimum
 DEFAULT_LOST_AFTER_SECONDS = 90  # three heartbeats missed
-POLL_SECONDS = 1.0
+POLL_SECONDS = 0.5
 # What a process worker's state message says when its flow run's process died under it, and what
 # a worker says when it could not start one: both are infrastructure, so another attempt may do.
 INFRASTRUCTURE_FAILURES = ("Submission failed",)
-
-
-class SharedArtifactsError(RuntimeError):
-    """The worker does not see the pipeline's artifacts root; the message says what to mount."""
 
 
 class TrainOnPoolError(RuntimeError):
@@ -47,62 +40,8 @@ class TrainOnPoolError(RuntimeError):
 
 
 def attempts_dir(run: RunContext) -> Path:
+    """Where each attempt writes its TrainedModel record, `<n>.json`, for the parent to read."""
     return run.run_dir / "train-attempts"
-
-
-def check_shared_artifacts(run: RunContext, wrapped: WrappedModel, tfrecords: TFRecordSet) -> None:
-    """Fail unless this machine sees the files the parent's stages wrote, before writing anything.
-
-    Raises:
-        SharedArtifactsError: naming the first missing path and what to mount.
-    """
-    needed = [run.run_dir, Path(wrapped.model_path), *map(Path, tfrecords.required_files())]
-    missing = next((path for path in needed if not path.exists()), None)
-    if missing is not None:
-        raise SharedArtifactsError(
-            f"worker {socket.gethostname()} (pid {os.getpid()}) does not see the artifacts root "
-            f"{run.artifacts_root}: {missing} does not exist here. Mount the file system that holds "
-            f"{run.artifacts_root} at that same path on every worker of the pool (NFS, a cloud file "
-            "system, a shared volume), or run the pipeline with an artifacts root the workers see."
-        )
-
-
-def _finished_attempt(run: RunContext):
-    """A lookup for train_here: what an earlier attempt of this run trained under the same checkpoint
-    key (one marked Crashed that finished anyway), when all its files are intact."""
-
-    def finished(key: str) -> TrainedModel | None:
-        for record_file in sorted(attempts_dir(run).glob("*.json")):
-            trained = TrainedModel.model_validate_json(record_file.read_text())
-            if trained.fingerprint == key and not trained.damaged_files():
-                return trained
-        return None
-
-    return finished
-
-
-def _write_attempt_record(run: RunContext, attempt: int, trained: TrainedModel) -> Path:
-    folder = attempts_dir(run)
-    folder.mkdir(parents=True, exist_ok=True)
-    record_file = folder / f"{attempt}.json"
-    temporary = folder / f".{attempt}.json.tmp-{os.getpid()}"
-    temporary.write_text(trained.model_dump_json(indent=2))
-    os.replace(temporary, record_file)  # the parent never reads half a record
-    return record_file
-
-
-@flow(name=TRAIN_FLOW, persist_result=False)
-def train_attempt(
-    wrapped: WrappedModel, tfrecords: TFRecordSet, train: TrainConfig, fine_tune: FineTuneConfig | None,
-    run: RunContext, attempt: int = 1,
-) -> str:
-    """One attempt of a pipeline's train stage on a worker; returns the path of its TrainedModel record
-    (`<run>/train-attempts/<attempt>.json`)."""
-    check_shared_artifacts(run, wrapped, tfrecords)
-    get_run_logger().info(f"attempt {attempt} of {run.pipeline} run {run.run_id} on {socket.gethostname()} "
-                          f"pid {os.getpid()}")
-    trained = train_here(wrapped, tfrecords, train, fine_tune, run, finished=_finished_attempt(run))
-    return str(_write_attempt_record(run, attempt, trained))
 
 
 def deployment_name(pool: str) -> str:
@@ -143,7 +82,7 @@ def _check_pool_ready(pool: str) -> None:
 
 
 def train_on_pool(
-    wrapped: WrappedModel, tfrecords: TFRecordSet, train: TrainConfig, fine_tune: FineTuneConfig | None,
+    wrapped: WrappedModel, tfrecords: TFRecordSet, settings: TrainConfig, fine_tune: FineTuneConfig | None,
     run: RunContext,
 ) -> TrainedModel:
     """Train as flow runs on `train.work_pool`, starting a new attempt for each lost one.
@@ -154,15 +93,16 @@ def train_on_pool(
     """
     from prefect.deployments import run_deployment
 
-    pool = train.work_pool
+    pool = settings.work_pool
     _check_pool_ready(pool)
     logger = get_run_logger()
     parameters = {
         "wrapped": wrapped.model_dump(mode="json"), "tfrecords": tfrecords.model_dump(mode="json"),
-        "train": train.model_dump(mode="json"), "fine_tune": fine_tune.model_dump(mode="json") if fine_tune else None,
+        "settings": settings.model_dump(mode="json"),
+        "fine_tune": fine_tune.model_dump(mode="json") if fine_tune else None,
         "run": run.model_dump(mode="json"),
     }
-    for attempt in range(1, train.max_attempts + 1):
+    for attempt in range(1, settings.max_attempts + 1):
         child = run_deployment(
             deployment_name(pool), parameters={**parameters, "attempt": attempt}, poll_interval=POLL_SECONDS,
             flow_run_name=f"{run.pipeline} train, attempt {attempt}", tags=TAGS,
@@ -175,8 +115,8 @@ def train_on_pool(
                                    f"{state.name}: {state.message}")
         logger.warning(f"train attempt {attempt} ({child.name}, flow run {child.id}) was lost: {state.name}, "
                        f"{state.message}" + ("; the next attempt resumes from the last checkpoint"
-                                             if attempt < train.max_attempts else ""))
-    raise TrainOnPoolError(f"train.max_attempts: all {train.max_attempts} train attempts on work pool {pool!r} "
+                                             if attempt < settings.max_attempts else ""))
+    raise TrainOnPoolError(f"train.max_attempts: all {settings.max_attempts} train attempts on work pool {pool!r} "
                            "were lost (see their flow runs); rerun to resume from the last checkpoint")
 
 
@@ -228,6 +168,8 @@ def ensure_train_deployment(pool: str, heartbeat_seconds: int) -> None:
     """Upsert `convflow-train-stage/<pool>`: the train attempt flow, imported by module path from the
     worker's own install of convflow, with heartbeats every `heartbeat_seconds`."""
     from prefect.deployments.runner import EntrypointType
+
+    from convflow.flows.train_attempt import train_attempt
 
     environment = {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(heartbeat_seconds), "TF_CPP_MIN_LOG_LEVEL": "2"}
     deployment = train_attempt.to_deployment(

@@ -8,8 +8,9 @@ from pathlib import Path
 
 from convflow.config import ModelConfig
 from convflow.model_zoo import BaseSpec, get_base_spec
-from convflow.tasks.records import BaseModel, TFRecordSet
-from convflow.tasks.stage import RunContext, hash_json, sha256_file, stage_task, staged_output
+from convflow.storage import staged_output
+from convflow.tasks.records import BaseNetwork, TFRecordSet
+from convflow.tasks.stage import RunContext, hash_json, sha256_file, stage_task
 
 IMAGENET_MEANS_BGR = (103.939, 116.779, 123.68)
 IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)
@@ -106,7 +107,7 @@ def resolve_run_weights(weights: str, artifacts_root: Path) -> Path:
     return path
 
 
-def weights_stamp(model: ModelConfig, artifacts_root: Path) -> str:
+def weights_fingerprint(model: ModelConfig, artifacts_root: Path) -> str:
     """What model.weights points at now, for build_base's cache key: a weights file's or a
     run's model's content hash, or the keyword itself."""
     if model.weights.startswith("run:"):
@@ -192,14 +193,14 @@ def make_base(model: ModelConfig, input_shape: tuple[int, int, int], seed: int, 
 
 def build_base_model(
     model: ModelConfig, tfrecords: TFRecordSet, seed: int, output_dir: Path, artifacts_root: Path | None = None
-) -> BaseModel:
+) -> BaseNetwork:
     """Build and save the base network for images of `tfrecords`' size and channels."""
     input_shape = (*tfrecords.image_size, tfrecords.channels)
     base = make_base(model, input_shape, seed, artifacts_root)
     with staged_output(output_dir) as staging:
         base.save(staging / "base.keras")
-    weights_hash = weights_stamp(model, Path(artifacts_root or "artifacts"))
-    return BaseModel(
+    weights_hash = weights_fingerprint(model, Path(artifacts_root or "artifacts"))
+    return BaseNetwork(
         output_dir=str(output_dir),
         model_path=str(output_dir / "base.keras"),
         base=model.base,
@@ -210,6 +211,8 @@ def build_base_model(
 
 
 @stage_task(retries=2, retry_delay_seconds=[10, 60])
-def build_base(model: ModelConfig, weights: str, tfrecords: TFRecordSet, seed: int, run: RunContext) -> BaseModel:
-    """Prefect task over build_base_model; `weights` (weights_stamp) keys the cache on the weights' content."""
+def build_base(
+    model: ModelConfig, weights_fingerprint: str, tfrecords: TFRecordSet, seed: int, run: RunContext
+) -> BaseNetwork:
+    """Prefect task over build_base_model; `weights_fingerprint` keys the cache on the weights' content."""
     return build_base_model(model, tfrecords, seed, run.stage_dir("build_base"), Path(run.artifacts_root))

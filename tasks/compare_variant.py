@@ -17,9 +17,9 @@ from prefect.cache_policies import NO_CACHE
 
 from convflow.config import PipelineSpec
 from convflow.tasks import features
-from convflow.tasks.export_savedmodel import export_model, promote_if_passed
+from convflow.tasks.promote import promote_if_passed
 from convflow.tasks.records import Evaluation, ExportedModel, StageRun, TFRecordSet, TrainedModel
-from convflow.tasks.stage import RunContext, stage_task
+from convflow.tasks.stage import RunContext
 
 # Whether a higher value of each ranking metric is better.
 HIGHER_IS_BETTER = {"test_accuracy": True, "macro_f1": True, "test_loss": False, "latency_ms": False}
@@ -179,15 +179,6 @@ def promote_winner(ranked: list[VariantResult], promote: str, run: RunContext) -
     if exported.promoted_version is None:
         return ranked, f"{winner.name} won but was not promoted: {winner.evaluation.gate_reason}"
     return ranked, f"{winner.name} won and is production version {exported.promoted_version}"
-
-
-@stage_task()
-def export_candidate(
-    trained: TrainedModel, evaluation: Evaluation, tfrecords: TFRecordSet, run: RunContext
-) -> ExportedModel:
-    """Prefect task over export_model alone: a comparison promotes its winner only after ranking.
-    The SavedModel is held to `evaluation`'s predictions, as in the training flow."""
-    return export_model(trained, tfrecords, run.pipeline, run.stage_dir("export_savedmodel"), evaluation)
 
 
 @task(name="measure_saved_models", cache_policy=NO_CACHE, retries=0)

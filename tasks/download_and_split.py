@@ -14,8 +14,9 @@ from convflow import tables
 from convflow.config import DataConfig
 from convflow.model_zoo import get_base_spec
 from convflow.sources import SPLIT_NAMES, DataError, LoadedSource, load_source
+from convflow.storage import staged_output
 from convflow.tasks.records import SplitSet
-from convflow.tasks.stage import RunContext, hash_json, stage_task, staged_output
+from convflow.tasks.stage import RunContext, hash_json, stage_task
 
 
 def _example_hashes(loaded: LoadedSource) -> list[str]:
@@ -134,8 +135,8 @@ def check_image_sizes(split_set: SplitSet, data: DataConfig, base: str) -> None:
 
 
 @stage_task(retries=3, retry_delay_seconds=[5, 30, 120])
-def download_and_split(data: DataConfig, source_stamp: str, run: RunContext) -> SplitSet:
-    """Prefect task over split_dataset; `source_stamp` keys the cache on the source's files."""
+def download_and_split(data: DataConfig, source_fingerprint: str, run: RunContext) -> SplitSet:
+    """Prefect task over split_dataset; `source_fingerprint` keys the cache on the source's files."""
     split_set = split_dataset(data, run.stage_dir("download_and_split"))
     if split_set.skipped:  # also listed in the report; said here so a run's log shows it
         get_run_logger().warning(

@@ -11,9 +11,10 @@ import pyarrow as pa
 from convflow import tables
 from convflow.config import EvaluateConfig
 from convflow.registry import Production
+from convflow.storage import staged_output
 from convflow.tasks import features
 from convflow.tasks.records import Evaluation, TFRecordSet, TrainedModel, WrappedModel
-from convflow.tasks.stage import RunContext, stage_task, staged_output
+from convflow.tasks.stage import RunContext, stage_task
 
 # Test images kept for the report (sample predictions, worst mistakes, feature maps).
 REPORT_SAMPLES = 16
@@ -21,8 +22,8 @@ REPORT_SAMPLES = 16
 
 def _graph_forward(model):
     """The model's inference pass as one TensorFlow graph: Grappler fuses each convolution with its
-    bias and activation there, which eager calls cannot (MNIST test set: 1.0 s instead of 1.85 s,
-    identical logits). The last, smaller batch is traced once more."""
+    bias and activation there, which eager calls cannot (faster, identical logits; benchmarks/RESULTS.md).
+    The last, smaller batch is traced once more."""
     import tensorflow as tf
 
     return tf.function(lambda images: model(images, training=False), reduce_retracing=True)
@@ -150,10 +151,23 @@ def _report_samples(images, labels, probabilities) -> dict[str, np.ndarray]:
     }
 
 
+def _predictions_table(ids, labels: np.ndarray, probabilities: np.ndarray) -> pa.Table:
+    return pa.table(
+        {
+            "example_id": ids,
+            "label": labels.astype(np.int64),
+            "predicted": probabilities.argmax(axis=1).astype(np.int64),
+            "confidence": probabilities.max(axis=1).astype(np.float32),
+            "probabilities": list(probabilities.astype(np.float32)),
+        },
+        schema=tables.PREDICTIONS_SCHEMA,
+    )
+
+
 def evaluate_model(
     trained: TrainedModel,
     tfrecords: TFRecordSet,
-    evaluate: EvaluateConfig,
+    settings: EvaluateConfig,
     output_dir: Path,
     production: Production | None = None,
 ) -> Evaluation:
@@ -166,24 +180,14 @@ def evaluate_model(
     probabilities = probabilities_from_logits(logits)
     classes = list(range(len(tfrecords.label_names)))
     loss = float(log_loss(labels, probabilities, labels=classes))
-    metrics = _metrics_table(labels, probabilities, loss, tfrecords.label_names, evaluate.top_k)
+    metrics = _metrics_table(labels, probabilities, loss, tfrecords.label_names, settings.top_k)
     accuracy = float(metrics.column("value")[0].as_py())
-    predictions = pa.table(
-        {
-            "example_id": ids,
-            "label": labels.astype(np.int64),
-            "predicted": probabilities.argmax(axis=1).astype(np.int64),
-            "confidence": probabilities.max(axis=1).astype(np.float32),
-            "probabilities": list(probabilities.astype(np.float32)),
-        },
-        schema=tables.PREDICTIONS_SCHEMA,
-    )
     confusion = confusion_matrix(labels, probabilities.argmax(axis=1), labels=classes)
     production_accuracy = score_saved_model(production.saved_model, images, labels) if production else None
-    passed, reason = _gate(accuracy, evaluate, production, production_accuracy)
+    passed, reason = _gate(accuracy, settings, production, production_accuracy)
     with staged_output(output_dir) as staging:
         tables.write_parquet(metrics, staging / "metrics.parquet")
-        tables.write_parquet(predictions, staging / "predictions.parquet")
+        tables.write_parquet(_predictions_table(ids, labels, probabilities), staging / "predictions.parquet")
         (staging / "confusion.json").write_text(
             json.dumps({"labels": tfrecords.label_names, "matrix": confusion.tolist()})
         )
@@ -191,23 +195,17 @@ def evaluate_model(
         samples["feature_maps"] = first_conv_feature_maps(model, images[0])
         np.savez_compressed(staging / "samples.npz", **samples)
     return Evaluation(
-        output_dir=str(output_dir),
-        metrics_parquet=str(output_dir / "metrics.parquet"),
-        predictions_parquet=str(output_dir / "predictions.parquet"),
-        confusion_json=str(output_dir / "confusion.json"),
-        samples_npz=str(output_dir / "samples.npz"),
-        test_accuracy=accuracy,
-        test_loss=loss,
-        passed_gate=passed,
-        gate_reason=reason,
-        production_version=production.version if production else None,
+        output_dir=str(output_dir), metrics_parquet=str(output_dir / "metrics.parquet"),
+        predictions_parquet=str(output_dir / "predictions.parquet"), confusion_json=str(output_dir / "confusion.json"),
+        samples_npz=str(output_dir / "samples.npz"), test_accuracy=accuracy, test_loss=loss, passed_gate=passed,
+        gate_reason=reason, production_version=production.version if production else None,
         production_accuracy=production_accuracy,
     )
 
 
 @stage_task()
 def evaluate(
-    trained: TrainedModel, tfrecords: TFRecordSet, evaluate: EvaluateConfig, production: Production | None, run: RunContext
+    trained: TrainedModel, tfrecords: TFRecordSet, settings: EvaluateConfig, production: Production | None, run: RunContext
 ) -> Evaluation:
     """Prefect task over evaluate_model; `production` (or None) is part of the cache key."""
-    return evaluate_model(trained, tfrecords, evaluate, run.stage_dir("evaluate"), production)
+    return evaluate_model(trained, tfrecords, settings, run.stage_dir("evaluate"), production)

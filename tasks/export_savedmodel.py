@@ -1,11 +1,11 @@
-"""Stage 7, export_savedmodel: a TF-Serving SavedModel whose signature takes raw uint8 images,
-promoted into the registry when the gate passed.
+"""Stage 7, export_savedmodel: a TF-Serving SavedModel whose signature takes raw uint8 images (the
+promote task after it makes a gate-passing one the production model).
 
 The signature resizes and rescales inside the graph, so clients send images as they have them.
 Before promotion, the SavedModel is reloaded in a fresh Python process (nothing of the exporting
 process's objects or registrations can help it load) and its probabilities on the test split must
 equal the Keras model's, as the evaluate stage recorded them. That process is started first and
-imports TensorFlow (~3 s) while this one writes the export; the training flow starts it even
+imports TensorFlow while this one writes the export; the training flow starts it even
 earlier, while evaluate runs, when it has just trained a new model (`prestarted_fresh_process`).
 
 `python -m convflow.tasks.verify_export` is that fresh process.
@@ -13,17 +13,17 @@ earlier, while evaluate runs, when it has just trained a new model (`prestarted_
 
 from __future__ import annotations
 
-import contextlib
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from convflow import registry
+from convflow import fast_start
+from convflow.storage import staged_output
 from convflow.tasks.evaluate import predict_split, probabilities_from_logits
 from convflow.tasks.records import Evaluation, ExportedModel, TFRecordSet, TrainedModel
-from convflow.tasks.stage import RunContext, stage_task, staged_output
+from convflow.tasks.stage import RunContext, stage_task
 from convflow.tasks.verify_export import ExportMismatch
 
 MODEL_VERSION = 1
@@ -120,29 +120,13 @@ class FreshProcessCheck:
         return float(stdout.strip().splitlines()[-1])
 
 
-# The fresh process the training flow started ahead of its export stage; taken by the next export.
-_prestarted: FreshProcessCheck | None = None
+FRESH_PROCESS = "export-check"  # fast_start's name for the export check's process
 
 
-@contextlib.contextmanager
 def prestarted_fresh_process(enabled: bool = True):
     """Start the export check's fresh process now, for an export stage run inside this block, so
-    its TensorFlow import overlaps the stages before it. Leaving the block stops it if no export
-    took it (the export was a cache hit, or a stage failed)."""
-    global _prestarted
-    _prestarted = FreshProcessCheck() if enabled else None
-    try:
-        yield
-    finally:
-        if _prestarted is not None:
-            _prestarted.stop()
-        _prestarted = None
-
-
-def _take_fresh_process() -> FreshProcessCheck:
-    global _prestarted
-    fresh_process, _prestarted = _prestarted or FreshProcessCheck(), None
-    return fresh_process
+    its TensorFlow import overlaps the stages before it (fast_start.prestarted)."""
+    return fast_start.prestarted(FRESH_PROCESS, FreshProcessCheck, enabled)
 
 
 def export_model(
@@ -156,7 +140,7 @@ def export_model(
     """
     import keras
 
-    with _take_fresh_process() as fresh_process:  # already importing TensorFlow while the export is written
+    with fast_start.take_prestarted(FRESH_PROCESS, FreshProcessCheck) as fresh_process:  # TF already imported
         images, expected = _test_split_expectations(trained, tfrecords, evaluation)
         model = keras.models.load_model(trained.model_path, compile=False)
         relative = Path(name) / str(MODEL_VERSION)
@@ -168,26 +152,7 @@ def export_model(
     )
 
 
-def promote_if_passed(
-    exported: ExportedModel, trained: TrainedModel, evaluation: Evaluation, run: RunContext
-) -> ExportedModel:
-    """Copy a gate-passing export into the registry as the new production version (unless this
-    very model is production already: a re-export after a code change does not duplicate it)."""
-    if not evaluation.passed_gate:
-        return exported
-    production = registry.current(Path(run.artifacts_root), run.pipeline)
-    if production is not None and production.model == trained.model_path:
-        return exported.model_copy(update={"promoted_version": production.version})
-    production = registry.promote(
-        Path(run.artifacts_root), run.pipeline, run.run_id, exported.saved_model, trained.model_path,
-        evaluation.test_accuracy,
-    )
-    return exported.model_copy(update={"promoted_version": production.version})
-
-
 @stage_task()
 def export_savedmodel(trained: TrainedModel, evaluation: Evaluation, tfrecords: TFRecordSet, run: RunContext) -> ExportedModel:
-    """Prefect task over export_model, then promotion when the gate passed."""
-    exported = export_model(trained, tfrecords, run.pipeline, run.stage_dir("export_savedmodel"), evaluation)
-    return promote_if_passed(exported, trained, evaluation, run)
-
+    """Prefect task over export_model; promotion is a task of its own after it (tasks/promote.py)."""
+    return export_model(trained, tfrecords, run.pipeline, run.stage_dir("export_savedmodel"), evaluation)

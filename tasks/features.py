@@ -26,7 +26,7 @@ class ExampleEncoder:
     """Serializes images (uint8, H x W x C) as tf.train.Example records.
 
     One Example message is filled in again for each image: building three Features and an Example
-    per image took 5x as long (MNIST's 70,000: 0.67 s against 0.14 s). Its features are written in
+    per image took several times as long (benchmarks/RESULTS.md). Its features are written in
     key order (deterministic serialization), so the same images make byte-identical shards in
     every process; the order of a protobuf map's entries otherwise differs from one to another.
     Not thread-safe: one encoder per writing thread.
@@ -163,11 +163,10 @@ def read_dataset(
 def untuned_options() -> tf.data.Options:
     """tf.data options with the autotuner off.
 
-    With it on (TensorFlow 2.21), destroying an iterator can wait until the autotuner's thread
+    With it on, destroying an iterator can wait until the autotuner's thread
     wakes from its current sleep, and those sleeps lengthen the longer the iterator lives.
-    Keras destroys the training and the validation iterator at the end of every epoch, so on
-    the 2-core VM random epochs took twice as long, both cores idle for 5 s and more
-    (benchmarks/RESULTS.md). Without the autotuner each AUTOTUNE parallelism is the number of
+    Keras destroys the training and the validation iterator at the end of every epoch, so random
+    epochs took twice as long with the cores idle (benchmarks/RESULTS.md, session 4). Without the autotuner each AUTOTUNE parallelism is the number of
     cores (at most 16), and prefetch still grows its buffer by itself (a tuner of its own).
     """
     import tensorflow as tf

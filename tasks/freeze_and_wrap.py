@@ -6,8 +6,9 @@ from pathlib import Path
 
 from convflow.config import ModelConfig
 from convflow.model_zoo import get_base_spec
-from convflow.tasks.records import BaseModel, WrappedModel
-from convflow.tasks.stage import RunContext, hash_json, stage_task, staged_output
+from convflow.storage import staged_output
+from convflow.tasks.records import BaseNetwork, WrappedModel
+from convflow.tasks.stage import RunContext, hash_json, stage_task
 
 
 def _pooling(kind: str):
@@ -48,7 +49,7 @@ def count_params(weights) -> int:
 
 
 def freeze_and_wrap_model(
-    base_model: BaseModel, model: ModelConfig, num_classes: int, seed: int, output_dir: Path
+    base_model: BaseNetwork, model: ModelConfig, num_classes: int, seed: int, output_dir: Path
 ) -> WrappedModel:
     """Load the base, freeze it when pretrained, add the head and save the untrained classifier."""
     import keras
@@ -70,6 +71,6 @@ def freeze_and_wrap_model(
 
 
 @stage_task()
-def freeze_and_wrap(base_model: BaseModel, model: ModelConfig, num_classes: int, seed: int, run: RunContext) -> WrappedModel:
+def freeze_and_wrap(base_model: BaseNetwork, model: ModelConfig, num_classes: int, seed: int, run: RunContext) -> WrappedModel:
     """Prefect task over freeze_and_wrap_model."""
     return freeze_and_wrap_model(base_model, model, num_classes, seed, run.stage_dir("freeze_and_wrap"))

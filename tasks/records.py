@@ -82,7 +82,7 @@ class TFRecordSet(StageRecord):
         return [path for paths in self.shards.values() for path in paths]
 
 
-class BaseModel(StageRecord):
+class BaseNetwork(StageRecord):
     """build_base: the base network, saved as a .keras file."""
 
     model_path: str
@@ -184,11 +184,11 @@ class RunSummary(pydantic.BaseModel):
     config_hash: str
     data_fingerprint: str
     test_accuracy: float
-    passed_gate: bool
+    passed_gate: bool | None = Field(description="None for a scheduled run that trained nothing (unchanged).")
     gate_reason: str
     model: str
     saved_model: str
-    report: str
+    report: str | None = Field(description="None for a scheduled run that trained nothing (unchanged).")
     resumed_from_epoch: int
     promoted_version: int | None = None
     stages: list[StageRun]

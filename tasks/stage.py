@@ -1,18 +1,16 @@
-"""What every stage shares: where it writes, how it writes atomically, its cache key and retries."""
+"""What every stage shares: where it writes, its cache key and its retries."""
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import functools
 import hashlib
-import importlib
+import importlib.util
 import json
 import logging
-import os
-import time
-import shutil
-import sys
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,11 +24,8 @@ from convflow.tasks.records import StageRecord
 
 # Errors that say the input is wrong: retrying cannot help, so the task fails at once.
 _PERMANENT_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
-# Modules whose code shapes every stage's output; a change to any of them invalidates caches.
-_SHARED_MODULES = (
-    "convflow.tasks.records", "convflow.tasks.features", "convflow.model_zoo", "convflow.sources", "convflow.imaging",
-)
 MAX_CACHE_GENERATIONS = 100
+ORCHESTRATION_PACKAGE = "flows"
 
 
 class RunContext(pydantic.BaseModel):
@@ -73,51 +68,60 @@ def _dump_model(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON-able: {value!r}")
 
 
-def _module_source_hash(module_names: tuple[str, ...]) -> str:
-    digest = hashlib.sha256()
-    for name in module_names:
-        module = sys.modules.get(name) or importlib.import_module(name)
-        source_file = getattr(module, "__file__", None)
-        if source_file:
-            digest.update(Path(source_file).read_bytes())
-    return digest.hexdigest()
-
-
-@contextlib.contextmanager
-def staged_output(final_dir: Path) -> Iterator[Path]:
-    """Yield a temporary folder beside `final_dir`; rename it into place only on success.
-
-    A stage killed half-way leaves a `.tmp-*` folder that nothing reads, never a
-    complete-looking `final_dir`.
-    """
-    final_dir.parent.mkdir(parents=True, exist_ok=True)
-    temporary = final_dir.parent / f".{final_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    temporary.mkdir()
+def _source_file(module_name: str) -> Path | None:
+    """The .py file of module `module_name`; None for a name that is no module (a class, say)."""
     try:
-        yield temporary
-        _hold_for_fault_tests(final_dir)
-        if final_dir.exists():
-            shutil.rmtree(final_dir)
-        temporary.rename(final_dir)
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
+        spec = importlib.util.find_spec(module_name)
+    except ImportError:  # "a.b.Name": a.b is a module, not a package
+        return None
+    return Path(spec.origin) if spec is not None and spec.origin and spec.origin.endswith(".py") else None
 
 
-def _hold_for_fault_tests(final_dir: Path) -> None:
-    """Test hook: with CONVFLOW_TEST_HOLD_STAGE=<stage>, that stage stops just before its output
-    is renamed into place (its most fragile moment), says so in a marker file, and waits to be
-    killed. Unset, as always outside the fault tests, it does nothing."""
-    if os.environ.get("CONVFLOW_TEST_HOLD_STAGE") != final_dir.name:
-        return
-    (final_dir.parent / f"{final_dir.name}.held").touch()
-    while True:
-        time.sleep(1)
+def _convflow_imports(source: Path, package: str) -> set[str]:
+    """The convflow modules `source` imports anywhere (at its top or inside a function), read from
+    its syntax tree: `from convflow.x import y` names convflow.x and, when it is a module, convflow.x.y.
+    The flows are left out: they decide where and when a stage runs (train on a work pool, say),
+    never what it writes."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(source.read_bytes())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return {name for name in names if (name == package or name.startswith(package + "."))
+            and not name.startswith(f"{package}.{ORCHESTRATION_PACKAGE}")}
+
+
+@functools.cache
+def code_closure(module_name: str) -> tuple[Path, ...]:
+    """The source files of `module_name` and of every convflow module it imports, directly or not:
+    all the code that can shape a stage's output (records, schemas, layers, config, ...)."""
+    package = module_name.split(".")[0]
+    seen: dict[str, Path] = {}
+    pending = [module_name]
+    while pending:
+        name = pending.pop()
+        source = None if name in seen else _source_file(name)
+        if source is not None:
+            seen[name] = source
+            pending.extend(_convflow_imports(source, package))
+    return tuple(seen[name] for name in sorted(seen))
+
+
+def code_hash(module_name: str) -> str:
+    """sha256 over the sources of `module_name`'s code closure: a cache key part that changes when
+    any code the module runs changes, and not when code it never imports does."""
+    digest = hashlib.sha256()
+    for source in code_closure(module_name):
+        digest.update(source.read_bytes())
+    return digest.hexdigest()
 
 
 @dataclass
 class StageCachePolicy(CachePolicy):
     """Cache key = the stage's inputs (records carry content fingerprints), its config slice,
-    the artifacts root and the source of the stage's module and the shared modules.
+    the artifacts root and the sources of the stage's module and of every convflow module it imports.
 
     A cached result whose files are gone is not a hit: the key moves on to the next
     generation (`<key>.1`, `<key>.2`, ...), so the stage runs again and stores its new result there.
@@ -127,7 +131,7 @@ class StageCachePolicy(CachePolicy):
         context = inputs.get("run")
         payload = {name: value for name, value in inputs.items() if name != "run"}
         payload["artifacts_root"] = context.artifacts_root if context else None
-        payload["code"] = _module_source_hash((task_ctx.task.fn.__module__, *_SHARED_MODULES))
+        payload["code"] = code_hash(task_ctx.task.fn.__module__)
         base_key = f"{task_ctx.task.name}-{hash_json(payload)[:24]}"
         return _first_usable_generation(task_ctx.result_store, base_key)
 

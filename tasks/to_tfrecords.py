@@ -14,9 +14,10 @@ import pyarrow.parquet as pq
 from convflow import imaging
 from convflow.config import DataConfig
 from convflow.sources import SPLIT_NAMES
+from convflow.storage import staged_output
 from convflow.tasks import features
 from convflow.tasks.records import SplitSet, TFRecordSet
-from convflow.tasks.stage import RunContext, hash_json, sha256_file, stage_task, staged_output
+from convflow.tasks.stage import RunContext, hash_json, sha256_file, stage_task
 
 # Below this many files, starting worker processes costs more than decoding in one.
 PARALLEL_DECODE_MIN_FILES = 2_000

@@ -17,16 +17,17 @@ import pyarrow as pa
 
 from convflow import tables
 from convflow.config import FineTuneConfig, TrainConfig
+from convflow.storage import staged_output
 from convflow.tasks import features
 from convflow.tasks.records import TFRecordSet, TrainedModel, WrappedModel
-from convflow.tasks.stage import RunContext, hash_json, stage_task, staged_output
+from convflow.tasks.stage import RunContext, hash_json, stage_task
 
 
 def checkpoint_key(
-    wrapped: WrappedModel, tfrecords: TFRecordSet, train: TrainConfig, fine_tune: FineTuneConfig | None = None
+    wrapped: WrappedModel, tfrecords: TFRecordSet, settings: TrainConfig, fine_tune: FineTuneConfig | None = None
 ) -> str:
     """Names the checkpoint folder: the same model, data and settings resume the same training."""
-    return hash_json([wrapped.fingerprint, tfrecords.fingerprint, train, fine_tune])[:24]
+    return hash_json([wrapped.fingerprint, tfrecords.fingerprint, settings, fine_tune])[:24]
 
 
 def _history_logger(path: Path):
@@ -107,11 +108,11 @@ def _strategy():
     return tf.distribute.MirroredStrategy() if gpus else tf.distribute.get_strategy()
 
 
-def _optimizer(train: TrainConfig, learning_rate: float):
+def _optimizer(settings: TrainConfig, learning_rate: float):
     import keras
 
     optimizers = {"adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD, "rmsprop": keras.optimizers.RMSprop}
-    return optimizers[train.optimizer](learning_rate=learning_rate)
+    return optimizers[settings.optimizer](learning_rate=learning_rate)
 
 
 def _augmentation(seed: int):
@@ -129,13 +130,13 @@ def _augmentation(seed: int):
     )
 
 
-def _datasets(tfrecords: TFRecordSet, train: TrainConfig, global_batch: int):
+def _datasets(tfrecords: TFRecordSet, settings: TrainConfig, global_batch: int):
     common = {"image_size": tfrecords.image_size, "channels": tfrecords.channels, "batch_size": global_batch}
     training = features.read_dataset(
         tfrecords.shards["train"],
-        shuffle_buffer=train.shuffle_buffer,
-        seed=train.seed,
-        augment=_augmentation(train.seed) if train.augment else None,
+        shuffle_buffer=settings.shuffle_buffer,
+        seed=settings.seed,
+        augment=_augmentation(settings.seed) if settings.augment else None,
         **common,
     )
     validation = None
@@ -173,7 +174,7 @@ def augmentation_preview(tfrecords: TFRecordSet, seed: int, images: int = 4, ver
     return np.clip(np.stack(rows, axis=1), 0, 255).astype(np.uint8).reshape(-1, *first.shape[1:])
 
 
-def _compile(model, train: TrainConfig, learning_rate: float, steps_per_epoch: int) -> None:
+def _compile(model, settings: TrainConfig, learning_rate: float, steps_per_epoch: int) -> None:
     import keras
 
     if model.output_shape[-1] == 1:  # a binary head: one logit for the second class
@@ -182,8 +183,8 @@ def _compile(model, train: TrainConfig, learning_rate: float, steps_per_epoch: i
     else:
         loss, metrics = keras.losses.SparseCategoricalCrossentropy(from_logits=True), ["accuracy"]
     model.compile(
-        optimizer=_optimizer(train, learning_rate), loss=loss, metrics=metrics,
-        steps_per_execution=max(1, min(train.steps_per_execution, steps_per_epoch)),
+        optimizer=_optimizer(settings, learning_rate), loss=loss, metrics=metrics,
+        steps_per_execution=max(1, min(settings.steps_per_execution, steps_per_epoch)),
     )
 
 
@@ -246,10 +247,57 @@ def _fit(model, training, validation, callbacks, backup, initial_epoch: int, epo
     return time.perf_counter() - started
 
 
+def _fit_phases(model_path: str, checkpoint_dir: Path, settings: TrainConfig, fine_tune: FineTuneConfig | None,
+                datasets, callbacks: list, steps_per_epoch: int, history_log) -> tuple[object, float]:
+    """The head phase (unless head.keras says it finished), then fine-tuning when asked; the model
+    and the seconds spent in model.fit."""
+    import keras
+
+    head_model = checkpoint_dir / "head.keras"
+    total_epochs = settings.epochs + (fine_tune.epochs if fine_tune else 0)
+    fit_seconds = 0.0
+    model = keras.models.load_model(head_model if head_model.exists() else model_path, compile=False)
+    if not head_model.exists():
+        _compile(model, settings, settings.learning_rate, steps_per_epoch)
+        backup = _backup_and_restore(checkpoint_dir / "backup", settings.checkpoint_seconds)
+        fit_seconds += _fit(model, *datasets, callbacks, backup, 0, settings.epochs)
+        if fine_tune:
+            model.save(head_model)
+    if fine_tune:
+        unfreeze_top(model, fine_tune)
+        _compile(model, settings, fine_tune.learning_rate, steps_per_epoch)
+        history_log.phase = "fine_tune"
+        backup = _backup_and_restore(checkpoint_dir / "backup-fine-tune", settings.checkpoint_seconds)
+        fit_seconds += _fit(model, *datasets, callbacks, backup, settings.epochs, total_epochs)
+    return model, fit_seconds
+
+
+def _save_outputs(model, tfrecords: TFRecordSet, settings: TrainConfig, checkpoint_dir: Path, output_dir: Path,
+                  total_epochs: int) -> None:
+    with staged_output(output_dir) as staging:
+        model.save(staging / "model.keras")
+        tables.write_parquet(_read_history(checkpoint_dir / "history.jsonl", total_epochs), staging / "history.parquet")
+        tables.write_parquet(model_summary(model), staging / "model_summary.parquet")
+        if settings.augment:
+            np.save(staging / "augmentation.npy", augmentation_preview(tfrecords, settings.seed))
+
+
+def _seed(settings: TrainConfig) -> None:
+    """Seed weights, shuffling and dropout; with train.deterministic, deterministic ops too."""
+    import keras
+    import tensorflow as tf
+
+    import convflow.tasks.layers  # noqa: F401  (registers custom layers for loading)
+
+    keras.utils.set_random_seed(settings.seed)
+    if settings.deterministic:
+        tf.config.experimental.enable_op_determinism()
+
+
 def train_model(
     wrapped: WrappedModel,
     tfrecords: TFRecordSet,
-    train: TrainConfig,
+    settings: TrainConfig,
     checkpoint_dir: Path,
     output_dir: Path,
     fine_tune: FineTuneConfig | None = None,
@@ -259,65 +307,36 @@ def train_model(
 
     Every epoch is checkpointed under `checkpoint_dir`; a rerun after a crash resumes from the
     last completed epoch, and a finished head phase is kept as head.keras so fine-tuning
-    resumes without redoing it. With `progress_label`, inside a Prefect task run, each epoch
+    resumes without redoing it. With `progress_label`, inside a Prefect run, each epoch
     updates a progress artifact the Prefect UI shows.
     """
-    import keras
-    import tensorflow as tf
-
-    import convflow.tasks.layers  # noqa: F401  (registers custom layers for loading)
-
-    keras.utils.set_random_seed(train.seed)
-    if train.deterministic:
-        tf.config.experimental.enable_op_determinism()
+    _seed(settings)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    head_model = checkpoint_dir / "head.keras"
     strategy = _strategy()
-    training, validation = _datasets(tfrecords, train, train.batch_size * strategy.num_replicas_in_sync)
+    global_batch = settings.batch_size * strategy.num_replicas_in_sync
     history_log = _history_logger(checkpoint_dir / "history.jsonl")
-    total_epochs = train.epochs + (fine_tune.epochs if fine_tune else 0)
+    total_epochs = settings.epochs + (fine_tune.epochs if fine_tune else 0)
     progress = _progress_artifact(progress_label, total_epochs)
     callbacks = [history_log, *([progress] if progress else [])]
-    steps_per_epoch = math.ceil(tfrecords.counts["train"] / (train.batch_size * strategy.num_replicas_in_sync))
-    started, fit_seconds = time.perf_counter(), 0.0
+    datasets = _datasets(tfrecords, settings, global_batch)
+    steps_per_epoch = math.ceil(tfrecords.counts["train"] / global_batch)
+    started = time.perf_counter()
     with strategy.scope():
-        model = keras.models.load_model(head_model if head_model.exists() else wrapped.model_path, compile=False)
-        if not head_model.exists():
-            _compile(model, train, train.learning_rate, steps_per_epoch)
-            fit_seconds += _fit(model, training, validation, callbacks,
-                                _backup_and_restore(checkpoint_dir / "backup", train.checkpoint_seconds), 0, train.epochs)
-            if fine_tune:
-                model.save(head_model)
-        if fine_tune:
-            unfreeze_top(model, fine_tune)
-            _compile(model, train, fine_tune.learning_rate, steps_per_epoch)
-            history_log.phase = "fine_tune"
-            fit_seconds += _fit(model, training, validation, callbacks,
-                                _backup_and_restore(checkpoint_dir / "backup-fine-tune", train.checkpoint_seconds),
-                                train.epochs, total_epochs)
+        model, fit_seconds = _fit_phases(wrapped.model_path, checkpoint_dir, settings, fine_tune, datasets, callbacks,
+                                         steps_per_epoch, history_log)
     seconds = time.perf_counter() - started
     resumed_from = history_log.first_epoch if history_log.first_epoch is not None else total_epochs
     trained_epochs = total_epochs - resumed_from
-    with staged_output(output_dir) as staging:
-        model.save(staging / "model.keras")
-        tables.write_parquet(_read_history(checkpoint_dir / "history.jsonl", total_epochs), staging / "history.parquet")
-        tables.write_parquet(model_summary(model), staging / "model_summary.parquet")
-        if train.augment:
-            np.save(staging / "augmentation.npy", augmentation_preview(tfrecords, train.seed))
+    _save_outputs(model, tfrecords, settings, checkpoint_dir, output_dir, total_epochs)
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return TrainedModel(
-        output_dir=str(output_dir),
-        model_path=str(output_dir / "model.keras"),
+        output_dir=str(output_dir), model_path=str(output_dir / "model.keras"),
         history_parquet=str(output_dir / "history.parquet"),
         model_summary_parquet=str(output_dir / "model_summary.parquet"),
-        augmentation_npy=str(output_dir / "augmentation.npy") if train.augment else None,
-        epochs=total_epochs,
-        resumed_from_epoch=resumed_from,
-        train_seconds=seconds,
+        augmentation_npy=str(output_dir / "augmentation.npy") if settings.augment else None,
+        epochs=total_epochs, resumed_from_epoch=resumed_from, train_seconds=seconds,
         images_per_second=tfrecords.counts["train"] * trained_epochs / fit_seconds if trained_epochs else 0.0,
-        fingerprint=checkpoint_key(wrapped, tfrecords, train, fine_tune),
-        host=socket.gethostname(),
-        pid=os.getpid(),
+        fingerprint=checkpoint_key(wrapped, tfrecords, settings, fine_tune), host=socket.gethostname(), pid=os.getpid(),
     )
 
 
@@ -328,7 +347,7 @@ def checkpoint_dir_for(run: RunContext, key: str) -> Path:
 
 
 def train_here(
-    wrapped: WrappedModel, tfrecords: TFRecordSet, train: TrainConfig, fine_tune: FineTuneConfig | None,
+    wrapped: WrappedModel, tfrecords: TFRecordSet, settings: TrainConfig, fine_tune: FineTuneConfig | None,
     run: RunContext, finished: Callable[[str], TrainedModel | None] = lambda key: None,
 ) -> TrainedModel:
     """train_model in this process, holding the checkpoint folder's lock.
@@ -338,25 +357,25 @@ def train_here(
     waits here (an fcntl lock, released even if its holder is killed). Once it holds the lock,
     `finished(key)` may return what the first one trained, which is then not trained again.
     """
-    key = checkpoint_key(wrapped, tfrecords, train, fine_tune)
+    key = checkpoint_key(wrapped, tfrecords, settings, fine_tune)
     checkpoint_dir = checkpoint_dir_for(run, key)
     checkpoint_dir.parent.mkdir(parents=True, exist_ok=True)
     with tables.locked(checkpoint_dir):  # the lock file is <key>.lock beside the folder
         earlier = finished(key)
         if earlier is not None:
             return earlier
-        return train_model(wrapped, tfrecords, train, checkpoint_dir, run.stage_dir("train"), fine_tune,
+        return train_model(wrapped, tfrecords, settings, checkpoint_dir, run.stage_dir("train"), fine_tune,
                            progress_label=f"{run.pipeline} run {run.run_id}, training")
 
 
 @stage_task(retries=2, retry_delay_seconds=[10, 60])
 def train(
-    wrapped: WrappedModel, tfrecords: TFRecordSet, train: TrainConfig, fine_tune: FineTuneConfig | None, run: RunContext
+    wrapped: WrappedModel, tfrecords: TFRecordSet, settings: TrainConfig, fine_tune: FineTuneConfig | None, run: RunContext
 ) -> TrainedModel:
-    """Prefect task over train_model: in this process, or as flow runs on `train.work_pool`'s workers
+    """Prefect task over train_model: in this process, or as flow runs on the workers of the pipeline's `train.work_pool`
     (a lost worker's attempt is started again there). A retry resumes from the last completed epoch."""
-    if train.work_pool:
+    if settings.work_pool:
         from convflow.flows.train_on_pool import train_on_pool
 
-        return train_on_pool(wrapped, tfrecords, train, fine_tune, run)
-    return train_here(wrapped, tfrecords, train, fine_tune, run)
+        return train_on_pool(wrapped, tfrecords, settings, fine_tune, run)
+    return train_here(wrapped, tfrecords, settings, fine_tune, run)

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import html
-import io
 import json
 import os
 import platform
@@ -16,48 +13,25 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+from markupsafe import Markup
 
+from convflow.storage import staged_output
+from convflow.tasks.figures import figure_tag, image_grid, page_sources, pyplot, render_page
 from convflow.tasks.records import Evaluation, ExportedModel, Report, SplitSet, StageRun, TrainedModel
-from convflow.tasks.stage import RunContext, hash_json, sha256_file, stage_task, staged_output
+from convflow.tasks.stage import RunContext, hash_json, sha256_file, stage_task
 
 # Under <artifacts>/<pipeline>/: rendered figures, reused by reports of the same model and evaluation.
 FIGURE_CACHE = ".report-figures"
 PACKAGES = ("convflow", "tensorflow", "keras", "prefect", "pyarrow", "scikit-learn")
 
-STYLE = """
-body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
-table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
-th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
-.pass{color:#176d2c;font-weight:bold}.fail{color:#a61b1b;font-weight:bold}img{max-width:100%}
-.grid{display:grid;gap:6px}.grid figure{margin:0;text-align:center;font-size:11px}
-.grid img{width:104px;height:104px;object-fit:contain;image-rendering:pixelated;background:#000}
-"""
+
+def _text_rows(rows: list[list]) -> list[list[str]]:
+    """Table rows as the text the report shows: floats to four decimals."""
+    return [[f"{cell:.4f}" if isinstance(cell, float) else str(cell) for cell in row] for row in rows]
 
 
-def _figure_tag(figure) -> str:
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
-    plt.close(figure)
-    return f'<img alt="figure" src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
-
-
-def _table(header: list[str], rows: list[list]) -> str:
-    head = "".join(f"<th>{html.escape(str(cell))}</th>" for cell in header)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(_fmt(cell))}</td>" for cell in row) + "</tr>" for row in rows
-    )
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
-def _fmt(value) -> str:
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
-
-
-def _curves(history_parquet: str) -> str:
-    import matplotlib.pyplot as plt
-
+def _curves(history_parquet: str) -> Markup:
+    plt = pyplot()
     history = pq.read_table(history_parquet).to_pydict()
     figure, axes = plt.subplots(1, 2, figsize=(10, 3.2))
     for axis, metric in zip(axes, ("loss", "accuracy")):
@@ -67,16 +41,14 @@ def _curves(history_parquet: str) -> str:
         axis.set_xlabel("epoch")
         axis.set_title(metric)
         axis.legend()
-    return _figure_tag(figure)
+    return figure_tag(figure)
 
 
-def _confusion(confusion_json: str) -> str:
-    import matplotlib.pyplot as plt
-
+def _confusion(confusion_json: str) -> Markup:
     confusion = json.loads(Path(confusion_json).read_text())
     matrix = np.asarray(confusion["matrix"])
     size = max(4, 0.45 * len(matrix))
-    figure, axis = plt.subplots(figsize=(size, size))
+    figure, axis = pyplot().subplots(figsize=(size, size))
     axis.imshow(matrix, cmap="Blues")
     for (row, column), count in np.ndenumerate(matrix):
         axis.text(column, row, count, ha="center", va="center", fontsize=8)
@@ -85,30 +57,7 @@ def _confusion(confusion_json: str) -> str:
     axis.set_yticks(ticks, confusion["labels"])
     axis.set_xlabel("predicted")
     axis.set_ylabel("true")
-    return _figure_tag(figure)
-
-
-def _png_tag(image: np.ndarray) -> str:
-    from PIL import Image
-
-    pixels = np.asarray(image, np.uint8)
-    if pixels.shape[-1] == 1:  # grayscale: PIL takes H x W
-        pixels = pixels[..., 0]
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return f'<img alt="" src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
-
-
-def _image_grid(images: np.ndarray, titles: list[str], columns: int = 8) -> str:
-    """Images (uint8) with captions as an HTML grid, each a PNG of its own pixels that the browser
-    scales up: a matplotlib figure of 16 subplots took ~0.4 s to draw, this a few milliseconds."""
-    if len(images) == 0:
-        return "<p>None.</p>"
-    cells = "".join(
-        f"<figure>{_png_tag(image)}<figcaption>{html.escape(title)}</figcaption></figure>"
-        for image, title in zip(images, titles)
-    )
-    return f'<div class="grid" style="grid-template-columns:repeat({columns},112px)">{cells}</div>'
+    return figure_tag(figure)
 
 
 def _per_class_rows(metrics_parquet: str) -> list[list]:
@@ -122,44 +71,32 @@ def _per_class_rows(metrics_parquet: str) -> list[list]:
     ]
 
 
-def _feature_maps(maps: np.ndarray) -> str:
-    import matplotlib.pyplot as plt
-
+def _feature_maps(maps: np.ndarray) -> Markup:
     if maps.size == 0:
-        return "<p>The base has no Conv2D layer.</p>"
+        return Markup("<p>The base has no Conv2D layer.</p>")
     count = maps.shape[-1]
-    figure, axes = plt.subplots(1, count, figsize=(count * 1.1, 1.3), squeeze=False)
+    figure, axes = pyplot().subplots(1, count, figsize=(count * 1.1, 1.3), squeeze=False)
     for index, axis in enumerate(axes.flat):
         axis.imshow(maps[..., index], cmap="viridis")
         axis.axis("off")
-    return _figure_tag(figure)
+    return figure_tag(figure)
 
 
-def _model_summary(summary_parquet: str) -> str:
+def _layers(summary_parquet: str) -> tuple[dict[str, int], list[list]]:
+    """Parameter totals and one row per layer."""
     rows = pq.read_table(summary_parquet).to_pylist()
-    total = sum(row["params"] for row in rows)
-    trainable = sum(row["params"] for row in rows if row["trainable"])
-    table = _table(["layer", "type", "output shape", "params", "trainable"],
-                   [[r["layer"], r["type"], r["output_shape"], r["params"], "yes" if r["trainable"] else "no"]
-                    for r in rows])
-    return f"<p>{total:,} parameters, {trainable:,} trainable.</p>{table}"
+    parameters = {"total": sum(row["params"] for row in rows),
+                  "trainable": sum(row["params"] for row in rows if row["trainable"])}
+    return parameters, [[r["layer"], r["type"], r["output_shape"], r["params"], "yes" if r["trainable"] else "no"]
+                        for r in rows]
 
 
-def _production(evaluation: Evaluation, exported: ExportedModel) -> str:
-    verdict = "pass" if evaluation.passed_gate else "fail"
+def _production_rows(evaluation: Evaluation) -> list[list]:
+    """This run's accuracy beside the production model's, when there is one."""
     if evaluation.production_version is None:
-        comparison = "<p>No other production model to compare against.</p>"
-    else:
-        comparison = _table(
-            ["model", "test accuracy"],
-            [[f"production v{evaluation.production_version}", evaluation.production_accuracy],
-             ["this run", evaluation.test_accuracy]],
-        )
-    promoted = (f"Promoted to production version {exported.promoted_version}." if exported.promoted_version
-                else ("Not promoted: " + html.escape(evaluation.gate_reason) if not evaluation.passed_gate
-                      else "Already in production."))
-    return (f'{comparison}<p>Gate: <span class="{verdict}">{verdict}</span> — '
-            f"{html.escape(evaluation.gate_reason)}</p><p>{promoted}</p>")
+        return []
+    return [[f"production v{evaluation.production_version}", evaluation.production_accuracy],
+            ["this run", evaluation.test_accuracy]]
 
 
 def _git_commit() -> str:
@@ -176,13 +113,13 @@ def _git_commit() -> str:
     return commit.stdout.strip() + (" +changes" if dirty.stdout.strip() else "")
 
 
-def _class_counts(splits_parquet: str) -> str:
-    """Examples per class and split: the dataset summary."""
+def _class_counts(splits_parquet: str) -> tuple[list[str], list[list]]:
+    """Examples per class and split, the dataset summary: the splits present and one row per class."""
     splits = pq.read_table(splits_parquet, columns=["label_name", "split"]).to_pandas()
     counts = splits.groupby(["label_name", "split"], sort=False).size().unstack(fill_value=0)
     columns = [split for split in ("train", "validation", "test") if split in counts.columns]
-    return _table(["class", *columns, "total"],
-                  [[name, *(int(row[c]) for c in columns), int(row[columns].sum())] for name, row in counts.iterrows()])
+    rows = [[name, *(int(row[c]) for c in columns), int(row[columns].sum())] for name, row in counts.iterrows()]
+    return columns, rows
 
 
 def _lineage(config_hash: str, data_fingerprint: str) -> list[list]:
@@ -198,45 +135,49 @@ def _lineage(config_hash: str, data_fingerprint: str) -> list[list]:
     return rows
 
 
-def _render_figures(split_set: SplitSet, trained: TrainedModel, evaluation: Evaluation) -> dict[str, str]:
+def _render_figures(split_set: SplitSet, trained: TrainedModel, evaluation: Evaluation) -> dict[str, Markup]:
     """The report's figures as <img> tags: they depend on the trained model and its evaluation alone."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # before pyplot is imported: no display here
     samples = np.load(evaluation.samples_npz)
     names = split_set.label_names
     augmentation = np.load(trained.augmentation_npy) if trained.augmentation_npy else None
     return {
-        "augmentation": "" if augmentation is None else _image_grid(augmentation, [""] * len(augmentation), columns=5),
+        "augmentation": Markup("") if augmentation is None
+        else image_grid(augmentation, [""] * len(augmentation), columns=5),
         "curves": _curves(trained.history_parquet),
         "confusion": _confusion(evaluation.confusion_json),
-        "samples": _image_grid(
+        "samples": image_grid(
             samples["sample_images"],
             [f"{names[p]} ({names[t]})" for t, p in zip(samples["sample_labels"], samples["sample_predicted"])],
         ),
-        "mistakes": _image_grid(
+        "mistakes": image_grid(
             samples["mistake_images"],
             [f"{names[p]} {c:.2f}, true {names[t]}" for t, p, c in
              zip(samples["mistake_labels"], samples["mistake_predicted"], samples["mistake_confidence"])],
         ),
-        "feature_maps": _image_grid(samples["sample_images"][:1], [f"test image, true {names[samples['sample_labels'][0]]}"])
+        "feature_maps": image_grid(samples["sample_images"][:1],
+                                   [f"test image, true {names[samples['sample_labels'][0]]}"])
         + _feature_maps(samples["feature_maps"]),
     }
 
 
+def _report_code() -> list[str]:
+    """Hashes of the code that draws the figures and lays out the page: changing any redraws them."""
+    return [sha256_file(path) for path in (Path(__file__), *page_sources())]
+
+
 def report_figures(
     split_set: SplitSet, trained: TrainedModel, evaluation: Evaluation, cache_dir: Path | None = None
-) -> dict[str, str]:
-    """The figures, rendered once per (model, evaluation, this module's code) and then read from
+) -> dict[str, Markup]:
+    """The figures, rendered once per (model, evaluation, report code) and then read from
     `cache_dir`: a fully cached rerun writes its own report without redrawing them (~1 s)."""
     if cache_dir is None:
         return _render_figures(split_set, trained, evaluation)
-    key = hash_json([split_set, trained, evaluation, sha256_file(__file__)])[:24]
+    key = hash_json([split_set, trained, evaluation, _report_code()])[:24]
     cached = cache_dir / f"{key}.json"
     with contextlib.suppress(OSError, ValueError):  # missing or damaged: draw them again
         figures = json.loads(cached.read_text())
         if isinstance(figures, dict) and all(isinstance(value, str) for value in figures.values()):
-            return figures
+            return {name: Markup(tag) for name, tag in figures.items()}  # written by _render_figures: HTML
     figures = _render_figures(split_set, trained, evaluation)
     cache_dir.mkdir(parents=True, exist_ok=True)
     partial = cache_dir / f".{key}.{os.getpid()}.tmp"
@@ -247,43 +188,25 @@ def report_figures(
 
 def render_report(
     pipeline: str, run_id: str, config_hash: str, split_set: SplitSet, trained: TrainedModel,
-    evaluation: Evaluation, exported: ExportedModel, stages: list[StageRun], figures: dict[str, str],
+    evaluation: Evaluation, exported: ExportedModel, stages: list[StageRun], figures: dict[str, Markup],
 ) -> str:
     """The report's HTML: every figure embedded, no external file needed."""
-    names = split_set.label_names
-    verdict = "pass" if evaluation.passed_gate else "fail"
-    sections = [
-        f"<h1>convflow report: {html.escape(pipeline)}</h1><p>run <code>{html.escape(run_id)}</code></p>",
-        f'<h2 id="summary">Summary</h2><p>Test accuracy <b>{evaluation.test_accuracy:.4f}</b>, '
-        f'loss {evaluation.test_loss:.4f}. Gate: <span class="{verdict}">{verdict}</span> '
-        f"({html.escape(evaluation.gate_reason)}). SavedModel: <code>{html.escape(exported.saved_model)}</code></p>",
-        '<h2 id="dataset">Dataset</h2>' + _table(["split", "examples"], [[k, v] for k, v in split_set.counts.items()])
-        + f"<p>{len(names)} classes; {split_set.duplicates} exact duplicates "
-        f"({split_set.duplicates_across_splits} across splits); "
-        f"{len(split_set.skipped)} unusable files skipped.</p>" + _class_counts(split_set.splits_parquet)
-        + "".join(f"<p><code>{html.escape(line)}</code></p>" for line in split_set.skipped[:50]),
-        '<h2 id="augmentation">Augmentation preview</h2>' + (
-            figures["augmentation"] + "<p>Each row: a training image, then augmented versions of it.</p>"
-            if trained.augmentation_npy else "<p>Augmentation is off for this pipeline (train.augment).</p>"
-        ),
-        '<h2 id="model">Model summary</h2>' + _model_summary(trained.model_summary_parquet),
-        f'<h2 id="training">Training curves</h2><p>{trained.epochs} epochs'
-        f"{f', resumed from epoch {trained.resumed_from_epoch}' if trained.resumed_from_epoch else ''}; "
-        f"{trained.images_per_second:.0f} images/s.</p>" + figures["curves"],
-        '<h2 id="confusion">Confusion matrix</h2>' + figures["confusion"],
-        '<h2 id="per-class">Per-class metrics</h2>'
-        + _table(["class", "precision", "recall", "f1", "support"], _per_class_rows(evaluation.metrics_parquet)),
-        '<h2 id="samples">Sample predictions</h2>' + figures["samples"],
-        '<h2 id="mistakes">Worst mistakes</h2>' + figures["mistakes"],
-        '<h2 id="feature-maps">First convolution feature maps</h2>' + figures["feature_maps"],
-        '<h2 id="production">Comparison with production and gate</h2>' + _production(evaluation, exported),
-        '<h2 id="stages">Stages</h2>' + _table(
-            ["stage", "seconds", "cache hit", "cache key", "ran on"], _stage_rows(stages, trained)
-        ),
-        '<h2 id="lineage">Lineage</h2>' + _table(["what", "value"], _lineage(config_hash, split_set.data_fingerprint)),
-    ]
-    return f"<!doctype html><html><head><meta charset='utf-8'><title>convflow {html.escape(pipeline)}</title>" \
-           f"<style>{STYLE}</style></head><body>{''.join(sections)}</body></html>"
+    parameters, layers = _layers(trained.model_summary_parquet)
+    class_count_splits, class_counts = _class_counts(split_set.splits_parquet)
+    tables = {
+        "splits": [[split, count] for split, count in split_set.counts.items()],
+        "class_counts": class_counts,
+        "layers": layers,
+        "per_class": _per_class_rows(evaluation.metrics_parquet),
+        "production": _production_rows(evaluation),
+        "stages": _stage_rows(stages, trained),
+        "lineage": _lineage(config_hash, split_set.data_fingerprint),
+    }
+    return render_page(
+        "report.html.j2", pipeline=pipeline, run_id=run_id, split_set=split_set, trained=trained,
+        evaluation=evaluation, exported=exported, figures=figures, parameters=parameters,
+        class_count_splits=class_count_splits, tables={name: _text_rows(rows) for name, rows in tables.items()},
+    )
 
 
 def _stage_rows(stages: list[StageRun], trained: TrainedModel) -> list[list]:
@@ -293,7 +216,8 @@ def _stage_rows(stages: list[StageRun], trained: TrainedModel) -> list[list]:
     rows = []
     for stage in stages:
         ran_on = "" if stage.cached else f"{trained.host} pid {trained.pid}" if stage.name == "train" else flow_process
-        rows.append([stage.name, round(stage.seconds, 2), "yes" if stage.cached else "no", stage.cache_key or "", ran_on])
+        cached = "yes" if stage.cached else "no"
+        rows.append([stage.name, round(stage.seconds, 2), cached, stage.cache_key or "", ran_on])
     return rows
 
 
@@ -328,8 +252,9 @@ def write_report(
 ) -> Report:
     """Prefect task over write_report_html; also publishes summary, metrics and link artifacts."""
     report = write_report_html(
-        run.stage_dir("write_report"), Path(run.artifacts_root) / run.pipeline / FIGURE_CACHE, pipeline=run.pipeline, run_id=run.run_id, config_hash=config_hash,
-        split_set=split_set, trained=trained, evaluation=evaluation, exported=exported, stages=stages,
+        run.stage_dir("write_report"), Path(run.artifacts_root) / run.pipeline / FIGURE_CACHE,
+        pipeline=run.pipeline, run_id=run.run_id, config_hash=config_hash, split_set=split_set, trained=trained,
+        evaluation=evaluation, exported=exported, stages=stages,
     )
     _publish_artifacts(report, evaluation, run.pipeline)
     return report

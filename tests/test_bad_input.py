@@ -348,7 +348,7 @@ def test_full_disk_is_transient_and_bad_input_is_not():
 FULL_DISK_RUN = textwrap.dedent(
     """
     import errno, sys
-    from convflow.local_server import prefect_api
+    from convflow.fast_start import prefect_api
 
     with prefect_api() as server:  # set PREFECT_API_URL before Prefect is imported, as the CLI does
         from convflow import tables
@@ -421,7 +421,7 @@ def test_run_of_an_escaping_name_writes_nothing(tmp_path, capsys):
 
 
 def test_temporary_prefect_server_listens_on_loopback_only():
-    from convflow.local_server import TemporaryServer
+    from convflow.fast_start import TemporaryServer
 
     server = TemporaryServer()
     try:
@@ -439,10 +439,10 @@ def test_temporary_prefect_server_listens_on_loopback_only():
 
 def test_temporary_prefect_server_registers_no_block_types(tmp_path, monkeypatch):
     # Registering them made every start import each installed Prefect collection (~0.35 s); convflow
-    # uses no blocks (local_server.NO_BLOCK_REGISTRATION). A fresh database, as on a new machine.
+    # uses no blocks (fast_start.NO_BLOCK_REGISTRATION). A fresh database, as on a new machine.
     import urllib.request
 
-    from convflow.local_server import TemporaryServer
+    from convflow.fast_start import TemporaryServer
 
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))
     server = TemporaryServer()
@@ -459,14 +459,14 @@ def test_temporary_prefect_server_registers_no_block_types(tmp_path, monkeypatch
 SERVE_WITHOUT_LISTENING = textwrap.dedent(
     """
     import gc, json, uvicorn
-    from convflow import local_server
+    from convflow import fast_start
 
     def report(app, **options):  # in place of uvicorn.run: what serve() hands it, and the collector's state
         print(json.dumps({"app": type(app).__name__, "options": options, "gc_enabled": gc.isenabled(),
                           "frozen": gc.get_freeze_count()}))
 
     uvicorn.run = report
-    local_server.serve(8123)
+    fast_start.serve(8123)
     """
 )
 

@@ -1,7 +1,8 @@
 """The fault matrix: `convflow run` SIGKILLed while each stage runs, then run again.
 
-The kill lands at each stage's most fragile moment: the CONVFLOW_TEST_HOLD_STAGE hook stops the
-stage just before it renames its finished output into place, writes `<stage>.held` and waits.
+The kill lands at each stage's most fragile moment: tests/held_convflow.py, a wrapper of the
+`convflow` command, stops the stage just before it renames its finished output into place, writes
+`<stage>.held` and waits.
 The test waits for that marker (no guessed sleeps) and kills the whole process group (the CLI,
 its flow, its temporary Prefect server and any helper process). The next run must redo that
 stage and reuse what was finished, a final run without the hook must complete with the outputs
@@ -24,7 +25,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import CONVFLOW, TINY_PIPELINES, subprocess_env, write_yaml
+from conftest import CONVFLOW, PYTHON, TINY_PIPELINES, subprocess_env, write_yaml
 from convflow import registry, tables
 from convflow.tasks.stage import hash_json
 
@@ -33,6 +34,7 @@ STAGES = [
     "train", "evaluate", "export_savedmodel", "write_report",
 ]
 HOLD_TIMEOUT_SECONDS = 420
+HELD_CONVFLOW = Path(__file__).with_name("held_convflow.py")
 ACCURACY_TOLERANCE = 0.02
 
 
@@ -54,10 +56,11 @@ def run_to_completion(root: Path) -> dict:
 def kill_while_holding(root: Path, stage: str) -> Path:
     """Start `convflow run` held at `stage`, SIGKILL its process group once the stage holds;
     return the killed run's folder."""
-    env = {**subprocess_env(), "CONVFLOW_TEST_HOLD_STAGE": stage}
+    command = [PYTHON, str(HELD_CONVFLOW), stage, *_command(root)[1:]]
     log_path = root / f"killed-at-{stage}.log"
     with open(log_path, "wb") as log:
-        process = subprocess.Popen(_command(root), env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(command, env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
         deadline = time.monotonic() + HOLD_TIMEOUT_SECONDS
         try:
             while not (markers := list((root / "artifacts").glob(f"tiny/*/{stage}.held"))):
@@ -219,7 +222,7 @@ def test_killed_at_stage_then_rerun_redoes_it_and_matches_an_uninterrupted_run(c
     # hits), so its folder holds that stage, complete. No catalog row, no run record; production
     # exists only once export_savedmodel has finished.
     assert not (killed_dir / stage).exists(), f"a killed {stage} left a complete-looking folder"
-    assert list(killed_dir.glob(f".{stage}.tmp-*")), "the hold hook did not stop inside staged_output"
+    assert list(killed_dir.glob(f".{stage}.tmp-*")), "the hold did not stop inside staged_output"
     assert_stage_folders_complete(killed_dir, reference, set(STAGES[position - 1 : position]))
     assert not (killed_dir / "run.json").exists()
     assert not killed["catalog_existed"]

@@ -133,7 +133,7 @@ def test_training_progress_is_a_prefect_progress_artifact(first, third):
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterType
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from convflow.local_server import TemporaryServer
+    from convflow.fast_start import TemporaryServer
 
     server = TemporaryServer()  # on the test session's PREFECT_HOME, where the runs were recorded
     try:

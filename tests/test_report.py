@@ -1,4 +1,5 @@
-"""The report: every section present, and it renders in headless Chromium."""
+"""The reports: every section present, report.html renders in headless Chromium, and text from a run
+is escaped while figures stay markup."""
 
 from __future__ import annotations
 
@@ -74,3 +75,54 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     assert shot.returncode == 0, shot.stderr[-2000:]
     assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert screenshot.stat().st_size > 50_000  # a rendered page with figures, not a blank one
+
+
+# ----------------------------------------------------------------------------- escaping
+
+HOSTILE = '<script>alert("owned")</script>'
+
+
+def test_text_from_a_run_is_escaped_and_figures_are_not(tmp_path, digits_split, digits_trained, digits_tfrecords):
+    """Class names, a gate reason, skipped files and stage names carry HTML as text, not as markup."""
+    from convflow.config import EvaluateConfig
+    from convflow.tasks.evaluate import evaluate_model
+    from convflow.tasks.records import ExportedModel, StageRun
+    from convflow.tasks.write_report import render_report, report_figures
+
+    evaluation = evaluate_model(digits_trained, digits_tfrecords, EvaluateConfig(top_k=3), tmp_path / "evaluate")
+    evaluation = evaluation.model_copy(update={"passed_gate": False, "gate_reason": HOSTILE})
+    split_set = digits_split.model_copy(update={
+        "label_names": [f"{name}{HOSTILE}" for name in digits_split.label_names], "skipped": [f"{HOSTILE}.png"],
+    })
+    exported = ExportedModel(output_dir=str(tmp_path / "export"), saved_model=HOSTILE, max_abs_difference=0.0)
+    page = render_report(
+        pipeline=HOSTILE, run_id="run", config_hash="hash", split_set=split_set, trained=digits_trained,
+        evaluation=evaluation, exported=exported, stages=[StageRun(name=HOSTILE, seconds=1.0, cached=False)],
+        figures=report_figures(split_set, digits_trained, evaluation),
+    )
+
+    assert "<script" not in page
+    escaped = "&lt;script&gt;alert("  # how quotes are escaped is the escaper's business
+    # title, heading, gate reason thrice (summary, gate, not promoted), SavedModel, skipped file, stage
+    assert page.count(escaped) >= 8
+    samples = page.split('id="samples"')[1].split("<h2")[0]
+    assert samples.count(escaped) == 2 * samples.count("<figcaption>") == 32  # predicted and true class
+    assert page.count('<img alt="figure" src="data:image/png;base64,') == 3  # curves, confusion, feature maps
+
+
+def test_comparison_text_is_escaped():
+    from convflow.tasks.compare_report import Comparison, render_comparison
+    from convflow.tasks.compare_variant import VariantResult
+
+    failed = VariantResult(name=HOSTILE, status="failed", error=f"ValueError: {HOSTILE}")
+    comparison = Comparison(
+        pipeline=HOSTILE, comparison_id="cmp", started=HOSTILE, metric="test_accuracy", promote="best",
+        runner=HOSTILE, flow_pid=1, data_fingerprint=HOSTILE, counts={HOSTILE: 1}, label_names=[HOSTILE],
+        overrides={HOSTILE: {"train": {"note": HOSTILE}}}, variants=[failed], verdict=HOSTILE, stages=[],
+    )
+
+    page = render_comparison(comparison)
+
+    assert "<script" not in page
+    assert page.count("&lt;script&gt;") >= 10
+    assert '<tr class="failed"><td><b>&lt;script&gt;' in page  # markup from the template itself stays

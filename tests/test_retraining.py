@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import write_yaml
-from convflow import registry, retraining, tables
+from convflow import registry, retraining, runs, tables
 from convflow.config import ConfigError, load_pipeline
 from convflow.tasks.stage import RunContext
 
@@ -122,7 +122,7 @@ def test_unchanged_run_appends_a_catalog_row_and_run_record(artifacts, tmp_path,
     run = RunContext(pipeline="tiny", run_id="20270101T030000Z-abcdef", artifacts_root=str(artifacts))
     started = datetime.datetime(2027, 1, 1, 3, tzinfo=datetime.timezone.utc)
 
-    reason = retraining.record_unchanged(run, production, started, "flow-run-1")
+    reason = runs.record_unchanged(run, production, started, "flow-run-1")
 
     assert reason.startswith("unchanged since production version 1 (run run-1)") and "nothing trained" in reason
     [row] = pq.read_table(artifacts / "runs.parquet").to_pylist()

@@ -16,14 +16,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import FOLDER_SPLIT, PYTHON, REPO, data_config, subprocess_env
-from convflow import tables
+from convflow import fast_start, tables
 from convflow.config import EvaluateConfig, ModelConfig, TrainConfig
 from convflow.registry import Production
 from convflow.tasks.build_base import build_base_model
 from convflow.tasks.download_and_split import split_dataset
 from convflow.tasks.evaluate import evaluate_model, predict_split, probabilities_from_logits
-from convflow.tasks import export_savedmodel
-from convflow.tasks.export_savedmodel import MODEL_VERSION, export_model, prestarted_fresh_process
+from convflow.tasks.export_savedmodel import FRESH_PROCESS, MODEL_VERSION, export_model, prestarted_fresh_process
 from convflow.tasks.verify_export import ExportMismatch, verify_saved_model
 from convflow.tasks.freeze_and_wrap import freeze_and_wrap_model
 from convflow.tasks.to_tfrecords import write_tfrecords
@@ -357,17 +356,17 @@ def test_export_checks_against_the_evaluate_stage_predictions(digits_trained, di
 
 def test_export_takes_the_fresh_process_started_ahead_of_it(digits_trained, digits_tfrecords, digits_evaluation, tmp_path):
     with prestarted_fresh_process():
-        waiting = export_savedmodel._prestarted
+        waiting = fast_start.waiting(FRESH_PROCESS)
         assert waiting is not None and waiting.process.poll() is None  # importing TensorFlow, no model yet
         exported = export_model(digits_trained, digits_tfrecords, "digits", tmp_path / "export", digits_evaluation)
-        assert export_savedmodel._prestarted is None  # taken: a second export starts its own
+        assert fast_start.waiting(FRESH_PROCESS) is None  # taken: a second export starts its own
     assert waiting.process.returncode == 0 and exported.max_abs_difference <= 1e-5
 
     with prestarted_fresh_process():  # no export in the block (a cache hit): the process is stopped
-        unused = export_savedmodel._prestarted
-    assert unused.process.poll() is not None and export_savedmodel._prestarted is None
+        unused = fast_start.waiting(FRESH_PROCESS)
+    assert unused.process.poll() is not None and fast_start.waiting(FRESH_PROCESS) is None
     with prestarted_fresh_process(enabled=False):
-        assert export_savedmodel._prestarted is None
+        assert fast_start.waiting(FRESH_PROCESS) is None
 
 
 def test_predictions_run_as_a_graph_equal_the_eager_model(digits_trained, digits_tfrecords):

@@ -15,7 +15,6 @@ import copy
 import json
 import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 

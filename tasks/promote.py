@@ -1,0 +1,38 @@
+"""After export: a model that passed the gate becomes the production model, as TFX's Pusher
+follows its Evaluator. Its own task and never cached: whether to promote depends on what the
+registry holds now, not only on the stage records."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from convflow import registry
+from convflow.tasks.records import Evaluation, ExportedModel, TrainedModel
+from convflow.tasks.stage import RunContext, retry_on_transient_error
+
+
+def promote_if_passed(
+    exported: ExportedModel, trained: TrainedModel, evaluation: Evaluation, run: RunContext
+) -> ExportedModel:
+    """Copy a gate-passing export into the registry as the new production version (unless this
+    very model is production already: a rerun does not duplicate it); the export with its version."""
+    if not evaluation.passed_gate:
+        return exported
+    production = registry.current(Path(run.artifacts_root), run.pipeline)
+    if production is not None and production.model == trained.model_path:
+        return exported.model_copy(update={"promoted_version": production.version})
+    production = registry.promote(
+        Path(run.artifacts_root), run.pipeline, run.run_id, exported.saved_model, trained.model_path,
+        evaluation.test_accuracy,
+    )
+    return exported.model_copy(update={"promoted_version": production.version})
+
+
+@task(name="promote", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10],
+      retry_condition_fn=retry_on_transient_error)
+def promote(exported: ExportedModel, trained: TrainedModel, evaluation: Evaluation, run: RunContext) -> ExportedModel:
+    """Prefect task over promote_if_passed; transient I/O errors retry."""
+    return promote_if_passed(exported, trained, evaluation, run)

@@ -1,0 +1,35 @@
+"""`convflow` with one stage held at its most fragile moment, for the fault tests:
+
+    python tests/held_convflow.py STAGE run tiny -f pipelines.yaml ...
+
+wraps `convflow.storage.publish` so that the stage STAGE, with its output complete in a hidden
+temporary folder, writes `<run-dir>/<STAGE>.held` instead of renaming that folder into place and
+waits to be killed. Every other stage publishes as usual. The seam is installed here, in the test
+process, so convflow's own code reads no test setting.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from convflow import cli, storage
+
+
+def hold_at(stage: str) -> None:
+    publish = storage.publish
+
+    def held_publish(staged: Path, final_dir: Path) -> None:
+        if final_dir.name != stage:
+            return publish(staged, final_dir)
+        (final_dir.parent / f"{stage}.held").touch()
+        while True:  # until the test kills the process group
+            time.sleep(1)
+
+    storage.publish = held_publish
+
+
+if __name__ == "__main__":
+    hold_at(sys.argv.pop(1))
+    cli.run_command()

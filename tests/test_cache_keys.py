@@ -1,0 +1,83 @@
+"""A stage's cache key covers every convflow module its code imports: editing one of them (in a copy
+of the package) makes the stages that import it, and the stages after them, run again; editing a
+module no stage imports (the CLI) changes nothing."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import CONVFLOW, PYTHON, REPO, TINY_PIPELINES, subprocess_env, write_yaml
+from convflow.tasks.stage import code_closure
+
+STAGES = ["download_and_split", "to_tfrecords", "build_base", "freeze_and_wrap", "train", "evaluate",
+          "export_savedmodel", "write_report"]
+
+
+def installed_copy(destination: Path) -> Path:
+    """convflow laid out as installed (flows/ and tasks/ inside the package), under `destination`."""
+    package = destination / "convflow"
+    shutil.copytree(REPO / "convflow", package, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("flows", "tasks"):
+        shutil.copytree(REPO / name, package / name, ignore=shutil.ignore_patterns("__pycache__"))
+    return destination
+
+
+def edit(copy: Path, module: str) -> None:
+    """Change a module's source without changing what it does."""
+    path = copy / "convflow" / module
+    path.write_text(path.read_text() + "\n# edited by test_cache_keys\n")
+
+
+class CopyRunner:
+    def __init__(self, root: Path):
+        self.copy = installed_copy(root / "code")
+        self.env = {**subprocess_env(), "PYTHONPATH": str(self.copy)}
+        write_yaml(root / "pipelines.yaml", TINY_PIPELINES)
+        self.root = root
+
+    def imported_from(self) -> str:
+        check = "import convflow.tasks.train as module; print(module.__file__)"
+        return subprocess.run([PYTHON, "-c", check], env=self.env, capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    def cache_hits(self) -> list[str]:
+        """`convflow run tiny` with the copy's code; the stages that were cache hits."""
+        result = subprocess.run(
+            [CONVFLOW, "run", "tiny", "-f", "pipelines.yaml", "--artifacts", "artifacts", "--json"],
+            env=self.env, cwd=self.root, capture_output=True, text=True, timeout=540,
+        )
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+        stages = json.loads(result.stdout.strip().splitlines()[-1])["stages"]
+        return [stage["name"] for stage in stages if stage["cached"]]
+
+
+def test_code_closure_follows_imports_but_not_the_flows():
+    names = {str(path.relative_to(REPO)) for path in code_closure("convflow.tasks.train")}
+
+    assert {"tasks/train.py", "tasks/records.py", "tasks/layers.py", "convflow/tables.py", "convflow/config.py",
+            "convflow/storage.py", "tasks/stage.py"} <= names
+    assert not any(name.startswith("flows/") for name in names)  # where training runs is not what it makes
+    assert "convflow/cli.py" not in names
+    download = {str(path.relative_to(REPO)) for path in code_closure("convflow.tasks.download_and_split")}
+    assert "tasks/layers.py" not in download and "convflow/tables.py" in download
+
+
+@pytest.mark.slow
+def test_editing_imported_code_misses_the_stages_that_import_it(tmp_path):
+    runner = CopyRunner(tmp_path)
+    assert runner.imported_from().startswith(str(runner.copy))  # the copy runs, not the checkout
+
+    assert runner.cache_hits() == []
+    edit(runner.copy, "cli.py")  # no stage imports the CLI
+    assert runner.cache_hits() == STAGES[:-1]  # write_report always runs: it reports this run
+    edit(runner.copy, "tasks/layers.py")  # custom Keras layers: the model stages, not the data ones
+    assert runner.cache_hits() == ["download_and_split", "to_tfrecords"]
+    edit(runner.copy, "tables.py")  # Parquet schemas: download_and_split writes splits.parquet
+    assert runner.cache_hits() == []
+    edit(runner.copy, "config.py")  # every stage reads its config slice through it
+    assert runner.cache_hits() == []
