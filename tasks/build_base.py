@@ -16,6 +16,8 @@ IMAGENET_MEANS_BGR = (103.939, 116.779, 123.68)
 IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)
 IMAGENET_STD_RGB = (0.229, 0.224, 0.225)
 WEIGHTS_HOST = ("storage.googleapis.com", 443)
+# (filters, kernel size) of the two convolutions: the MNIST tutorial's CNN and the low-level ConvNet's.
+TWO_CONV_CNNS = {"mnist_cnn": ((32, 5), (64, 5)), "convnet": ((32, 5), (64, 3))}
 
 
 class WeightsError(ValueError):
@@ -28,18 +30,10 @@ def _seed_cnn(name: str, inputs):
     from keras import layers
 
     x = layers.Rescaling(1.0 / 255, name="rescale")(inputs)
-    if name == "mnist_cnn":
-        x = layers.Conv2D(32, 5, padding="same", activation="relu")(x)
-        x = layers.MaxPooling2D(2)(x)
-        x = layers.Conv2D(64, 5, padding="same", activation="relu")(x)
-        x = layers.MaxPooling2D(2)(x)
-        x = layers.Flatten()(x)
-        return layers.Dense(1024, activation="relu")(x)
-    if name == "convnet":
-        x = layers.Conv2D(32, 5, activation="relu", padding="same")(x)
-        x = layers.MaxPooling2D(2)(x)
-        x = layers.Conv2D(64, 3, activation="relu", padding="same")(x)
-        x = layers.MaxPooling2D(2)(x)
+    if name in TWO_CONV_CNNS:  # conv + pool twice, then a dense layer of 1024
+        for filters, kernel in TWO_CONV_CNNS[name]:
+            x = layers.Conv2D(filters, kernel, padding="same", activation="relu")(x)
+            x = layers.MaxPooling2D(2)(x)
         x = layers.Flatten()(x)
         return layers.Dense(1024, activation="relu")(x)
     if name == "augment_cnn":

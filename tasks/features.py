@@ -1,7 +1,7 @@
 """The TFRecord feature spec: one definition, used by the writer (to_tfrecords) and every reader.
 
 Images are stored as raw uint8 bytes at the model's size, uncompressed by default: decoding costs
-a reshape, not a JPEG/PNG decode or an inflate, on every epoch. benchmarks/run.py's layout table
+a reshape, not a JPEG/PNG decode or an inflate, on every epoch. benchmarks/layout.py's table
 measured it the fastest to write and to read of raw, GZIP raw, PNG and JPEG records for both
 MNIST and 96/224 px photos (GZIP: 5x smaller for MNIST, but 5-25x slower to write photos).
 `data.compression: gzip` trades that speed for disk space; a shard's name says its compression.

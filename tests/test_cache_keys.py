@@ -42,7 +42,9 @@ class CopyRunner:
 
     def imported_from(self) -> str:
         check = "import convflow.tasks.train as module; print(module.__file__)"
-        return subprocess.run([PYTHON, "-c", check], env=self.env, capture_output=True, text=True,
+        # From the run's folder, as the runs below: `python -c` puts its working folder first on
+        # sys.path, and in the checkout that would be the checkout's convflow.
+        return subprocess.run([PYTHON, "-c", check], env=self.env, cwd=self.root, capture_output=True, text=True,
                               check=True).stdout.strip()
 
     def cache_hits(self) -> list[str]:
