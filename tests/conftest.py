@@ -3,6 +3,7 @@ digits pipeline run stage by stage once per session (12x12 digits, mnist_cnn, tw
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import os
@@ -11,6 +12,8 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,22 +24,23 @@ REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 CONVFLOW = str(Path(sys.executable).with_name("convflow"))
 
-# The shape of the `smoke` pipeline in pipelines.yaml, one epoch shorter.
-TINY_PIPELINES = {
-    "defaults": {
-        "data": {"split": {"train": 0.8, "validation": 0.1, "test": 0.1}},
-        "train": {"batch_size": 64, "seed": 0, "learning_rate": 0.001},
-        "evaluate": {"top_k": 3},
-    },
-    "pipelines": {
-        "tiny": {
-            "data": {"source": "sklearn:digits", "image_size": [12, 12], "channels": 1},
-            "model": {"base": "mnist_cnn"},
-            "train": {"epochs": 1, "batch_size": 128},
-            "evaluate": {"min_accuracy": 0.5},
-        }
-    },
-}
+
+def _tiny_pipelines() -> dict:
+    """pipelines.yaml's `defaults` and its `smoke` pipeline, one epoch shorter, named `tiny`."""
+    document = yaml.safe_load((REPO / "pipelines.yaml").read_text())
+    tiny = document["pipelines"]["smoke"]
+    tiny["train"]["epochs"] -= 1
+    assert tiny["train"]["epochs"] >= 1, "the smoke pipeline in pipelines.yaml is too short to shrink"
+    return {"defaults": document["defaults"], "pipelines": {"tiny": tiny}}
+
+
+TINY_PIPELINES = _tiny_pipelines()
+
+# The stages of a run, in order.
+STAGES = [
+    "download_and_split", "to_tfrecords", "build_base", "freeze_and_wrap",
+    "train", "evaluate", "export_savedmodel", "write_report",
+]
 
 # Generated folders are small, so their test share is larger than the default 0.1: every class
 # then has test examples (split_dataset refuses a split that lacks a class).
@@ -76,6 +80,76 @@ def subprocess_env() -> dict[str, str]:
     return env
 
 
+# ----------------------------------------------------------------------------- convflow commands
+
+
+def last_json_line(output: str) -> dict:
+    """The JSON document on the last line of `output` (`--json` prints its summary there)."""
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def wait_for(condition, timeout: float, describe, interval: float = 0.5):
+    """condition()'s first true value, asked every `interval` s; fail with describe() after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = condition()
+        if result:
+            return result
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout} s: {describe()}")
+
+
+@dataclasses.dataclass
+class ConvflowRun:
+    """A `convflow ... --json` that exited 0: the summary on its last stdout line, and its output."""
+
+    summary: dict
+    stdout: str
+    stderr: str
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+
+def start_convflow(args: list[str], *, cwd: Path | None = None, env: dict[str, str] | None = None,
+                   program: Sequence[str] = (CONVFLOW,)) -> subprocess.Popen:
+    """`convflow ARGS` started (`program`: another way in to convflow's main), its output captured;
+    env: subprocess_env() unless given."""
+    return subprocess.Popen([*program, *args], cwd=cwd, env=subprocess_env() if env is None else env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish_convflow(process: subprocess.Popen, timeout: float = 540) -> ConvflowRun:
+    """Wait for a started `convflow ... --json` (killed after `timeout` s), assert it exited 0, parse its summary."""
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        raise
+    assert process.returncode == 0, stdout[-3000:] + stderr[-5000:]
+    return ConvflowRun(last_json_line(stdout), stdout, stderr)
+
+
+def run_convflow(args: list[str], *, cwd: Path | None = None, env: dict[str, str] | None = None,
+                 timeout: float = 540, program: Sequence[str] = (CONVFLOW,)) -> ConvflowRun:
+    """`convflow ARGS` (with --json among them) as a subprocess that must exit 0; its summary and output."""
+    return finish_convflow(start_convflow(args, cwd=cwd, env=env, program=program), timeout)
+
+
+def run_tiny(root: Path, env: dict[str, str] | None = None) -> dict:
+    """`convflow run tiny --json` in `root` (pipelines.yaml there, artifacts/ beside it); its summary
+    with `cached` (stage name: cache hit, in run order), `run_dir` and `output` added."""
+    run = run_convflow(["run", "tiny", "-f", "pipelines.yaml", "--artifacts", "artifacts", "--json"],
+                       cwd=root, env=env)
+    summary = run.summary
+    summary["cached"] = {stage["name"]: stage["cached"] for stage in summary["stages"]}
+    summary["run_dir"] = root / "artifacts" / "tiny" / summary["run_id"]
+    summary["output"] = run.output
+    return summary
+
+
 # ----------------------------------------------------------------------------- pipelines files
 
 
@@ -101,16 +175,7 @@ class TinyRunner:
         write_yaml(self.file, document)
 
     def run(self) -> dict:
-        result = subprocess.run(
-            [CONVFLOW, "run", "tiny", "-f", "pipelines.yaml", "--artifacts", "artifacts", "--json"],
-            capture_output=True, text=True, env=subprocess_env(), cwd=self.root, timeout=540,
-        )
-        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-        summary = json.loads(result.stdout.strip().splitlines()[-1])
-        summary["cached"] = {stage["name"]: stage["cached"] for stage in summary["stages"]}
-        summary["run_dir"] = self.artifacts / "tiny" / summary["run_id"]
-        summary["output"] = result.stdout + result.stderr
-        return summary
+        return run_tiny(self.root)
 
     def catalog_ids(self) -> list[str]:
         import pyarrow.parquet as pq

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 from conftest import PYTHON, subprocess_env
@@ -84,3 +85,24 @@ class PrefectServer(Background):
                         return
             time.sleep(0.5)
         raise RuntimeError(f"prefect server did not answer in {timeout} s:\n{self.output()[-3000:]}")
+
+
+@contextlib.contextmanager
+def started_server(home: Path) -> Iterator[PrefectServer]:
+    """A PrefectServer under `home`, ready, stopped on leaving (a module's `server` fixture)."""
+    server = PrefectServer(home)
+    try:
+        server.wait_until_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+@contextlib.contextmanager
+def prefect_client(server: PrefectServer):
+    """A synchronous Prefect client of `server`."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: server.api_url}), get_client(sync_client=True) as client:
+        yield client

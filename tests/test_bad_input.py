@@ -23,15 +23,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import TINY_PIPELINES, make_image_folder, subprocess_env, write_idx, write_yaml
+from conftest import (
+    FOLDER_SPLIT, TINY_PIPELINES, last_json_line, make_image_folder, subprocess_env, write_idx, write_yaml,
+)
 from convflow import sources
 from convflow.cli import EXIT_BAD_CONFIG, main
 from convflow.config import ModelConfig
 from convflow.sources import DataError
 from convflow.tasks.download_and_split import check_image_sizes, split_dataset
 from convflow.tasks.stage import is_transient, retry_on_transient_error
-
-FOLDER_SPLIT = {"train": 0.5, "validation": 0.2, "test": 0.3}
 
 
 def pipelines_with(tmp_path: Path, dotted: str | None = None, value=None, *, name: str = "tiny") -> Path:
@@ -477,7 +477,7 @@ def test_temporary_server_process_freezes_what_prefects_server_import_built():
     result = subprocess.run([sys.executable, "-c", SERVE_WITHOUT_LISTENING], capture_output=True, text=True,
                             env=subprocess_env(), timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
-    served = json.loads(result.stdout.splitlines()[-1])
+    served = last_json_line(result.stdout)
     assert served["app"] == "FastAPI"
     assert served["options"] == {"host": "127.0.0.1", "port": 8123, "log_level": "error", "lifespan": "on"}
     assert served["gc_enabled"] is True

@@ -4,18 +4,14 @@ module no stage imports (the CLI) changes nothing."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from conftest import CONVFLOW, PYTHON, REPO, TINY_PIPELINES, subprocess_env, write_yaml
+from conftest import PYTHON, REPO, STAGES, TINY_PIPELINES, run_tiny, subprocess_env, write_yaml
 from convflow.tasks.stage import code_closure
-
-STAGES = ["download_and_split", "to_tfrecords", "build_base", "freeze_and_wrap", "train", "evaluate",
-          "export_savedmodel", "write_report"]
 
 
 def installed_copy(destination: Path) -> Path:
@@ -49,13 +45,7 @@ class CopyRunner:
 
     def cache_hits(self) -> list[str]:
         """`convflow run tiny` with the copy's code; the stages that were cache hits."""
-        result = subprocess.run(
-            [CONVFLOW, "run", "tiny", "-f", "pipelines.yaml", "--artifacts", "artifacts", "--json"],
-            env=self.env, cwd=self.root, capture_output=True, text=True, timeout=540,
-        )
-        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-        stages = json.loads(result.stdout.strip().splitlines()[-1])["stages"]
-        return [stage["name"] for stage in stages if stage["cached"]]
+        return [name for name, cached in run_tiny(self.root, env=self.env)["cached"].items() if cached]
 
 
 def test_code_closure_follows_imports_but_not_the_flows():

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import copy
-import json
 import subprocess
 import sys
 
 import pytest
 
-from conftest import CONVFLOW, REPO, TINY_PIPELINES, subprocess_env, write_yaml
+from conftest import CONVFLOW, REPO, TINY_PIPELINES, last_json_line, run_convflow, subprocess_env, write_yaml
 from convflow.cli import EXIT_BAD_CONFIG, main
 
 
@@ -135,7 +134,7 @@ def test_run_freezes_its_imports_only_in_a_process_that_ends_with_it(caller, pip
     )
     assert result.returncode == 1, result.stderr[-3000:]
     assert "convflow run tiny failed: RuntimeError: stopped before the flow" in result.stderr
-    collector = json.loads(result.stdout.splitlines()[-1])
+    collector = last_json_line(result.stdout)
     assert collector["enabled"] is True
     if caller == "console-script":
         assert collector["frozen"] > 100_000, collector
@@ -157,13 +156,9 @@ def test_run_from_python_after_prefect_was_imported_uses_convflows_server(pipeli
     # temporary server for the flow, and its events worker failed against it. The flow now runs
     # with the address of convflow's server in its Prefect settings.
     env = {**subprocess_env(), "PREFECT_API_URL": ""}
-    result = subprocess.run(
-        [sys.executable, "-c", IN_PROCESS_RUN_AFTER_PREFECT, "run", "tiny", "-f", str(pipelines_file),
-         "--artifacts", str(tmp_path / "artifacts"), "--json"],
-        capture_output=True, text=True, env=env, timeout=300,
-    )
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-4000:]
-    assert json.loads(result.stdout.splitlines()[-1])["status"] in ("completed", "not-promoted")
+    run = run_convflow(["run", "tiny", "-f", str(pipelines_file), "--artifacts", str(tmp_path / "artifacts"), "--json"],
+                       program=[sys.executable, "-c", IN_PROCESS_RUN_AFTER_PREFECT], env=env, timeout=300)
+    output = run.output
+    assert run.summary["status"] in ("completed", "not-promoted")
     assert "Starting temporary server" not in output, output[-4000:]
     assert "failed with" not in output, output[-4000:]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import CONVFLOW, REPO, subprocess_env, write_yaml
+from conftest import CONVFLOW, REPO, run_convflow, subprocess_env, write_yaml
 from convflow import registry, tables
 from convflow.config import ConfigError, load_pipeline, load_pipelines, variant_specs
 from convflow.tasks.compare_variant import VariantResult, promote_winner, rank_variants
@@ -170,12 +170,8 @@ def test_nothing_is_promoted_without_promote_best_or_a_winner(tmp_path):
 
 def _run_compare(root: Path, document: dict, *extra: str) -> dict:
     write_yaml(root / "pipelines.yaml", document)
-    result = subprocess.run(
-        [CONVFLOW, "compare", "tiny", "-f", "pipelines.yaml", "--artifacts", "artifacts", "--json", *extra],
-        capture_output=True, text=True, env=subprocess_env(), cwd=root, timeout=900,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_convflow(["compare", "tiny", "-f", "pipelines.yaml", "--artifacts", "artifacts", "--json", *extra],
+                        cwd=root, timeout=900).summary
 
 
 @pytest.fixture(scope="module")

@@ -5,35 +5,22 @@ pointer stays valid."""
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import CONVFLOW, TINY_PIPELINES, subprocess_env, write_yaml
+from conftest import STAGES, TINY_PIPELINES, finish_convflow, start_convflow, write_yaml
 from convflow import registry, tables
-
-STAGES = [
-    "download_and_split", "to_tfrecords", "build_base", "freeze_and_wrap",
-    "train", "evaluate", "export_savedmodel", "write_report",
-]
 
 
 @pytest.mark.slow
 def test_same_pipeline_twice_at_once(tmp_path):
     write_yaml(tmp_path / "pipelines.yaml", TINY_PIPELINES)
     artifacts = tmp_path / "artifacts"
-    command = [CONVFLOW, "run", "tiny", "-f", "pipelines.yaml", "--artifacts", "artifacts", "--json"]
-    processes = [
-        subprocess.Popen(command, cwd=tmp_path, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for _ in range(2)
-    ]
-    outputs = [process.communicate(timeout=900) for process in processes]
-
-    for process, (out, err) in zip(processes, outputs):
-        assert process.returncode == 0, out[-2000:] + err[-4000:]
-    summaries = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    args = ["run", "tiny", "-f", "pipelines.yaml", "--artifacts", "artifacts", "--json"]
+    processes = [start_convflow(args, cwd=tmp_path) for _ in range(2)]
+    summaries = [finish_convflow(process, timeout=900).summary for process in processes]
     run_ids = [summary["run_id"] for summary in summaries]
     assert len(set(run_ids)) == 2
     for summary in summaries:

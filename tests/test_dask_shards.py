@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import distributed  # the dev extra's prefect-dask brings it: missing, the test must fail, not skip
 import numpy as np
 import pytest
 
@@ -9,8 +10,6 @@ from convflow.config import DataConfig
 from convflow.tasks import features
 from convflow.tasks.download_and_split import split_dataset
 from convflow.tasks.to_tfrecords import write_tfrecords
-
-distributed = pytest.importorskip("distributed")
 
 
 def _read_all(tfrecords, split):

@@ -25,38 +25,20 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import CONVFLOW, PYTHON, TINY_PIPELINES, subprocess_env, write_yaml
+from conftest import PYTHON, STAGES, TINY_PIPELINES, run_tiny, subprocess_env, write_yaml
 from convflow import registry, tables
 from convflow.tasks.stage import hash_json
 
-STAGES = [
-    "download_and_split", "to_tfrecords", "build_base", "freeze_and_wrap",
-    "train", "evaluate", "export_savedmodel", "write_report",
-]
 HOLD_TIMEOUT_SECONDS = 420
 HELD_CONVFLOW = Path(__file__).with_name("held_convflow.py")
 ACCURACY_TOLERANCE = 0.02
 
 
-def _command(root: Path) -> list[str]:
-    return [CONVFLOW, "run", "tiny", "-f", str(root / "pipelines.yaml"), "--artifacts", str(root / "artifacts"), "--json"]
-
-
-def run_to_completion(root: Path) -> dict:
-    """`convflow run tiny` in `root` (pipelines.yaml there, artifacts/ beside it); its JSON summary."""
-    result = subprocess.run(_command(root), capture_output=True, text=True, env=subprocess_env(), timeout=540)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    summary = json.loads(result.stdout.strip().splitlines()[-1])
-    summary["cached"] = {stage["name"]: stage["cached"] for stage in summary["stages"]}
-    summary["run_dir"] = root / "artifacts" / "tiny" / summary["run_id"]
-    summary["output"] = result.stdout + result.stderr
-    return summary
-
-
 def kill_while_holding(root: Path, stage: str) -> Path:
     """Start `convflow run` held at `stage`, SIGKILL its process group once the stage holds;
     return the killed run's folder."""
-    command = [PYTHON, str(HELD_CONVFLOW), stage, *_command(root)[1:]]
+    command = [PYTHON, str(HELD_CONVFLOW), stage, "run", "tiny", "-f", str(root / "pipelines.yaml"),
+               "--artifacts", str(root / "artifacts"), "--json"]
     log_path = root / f"killed-at-{stage}.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT,
@@ -160,7 +142,7 @@ def reference(tmp_path_factory) -> dict:
     """One uninterrupted run of the tiny pipeline, for every fault test to compare with."""
     root = tmp_path_factory.mktemp("reference")
     write_yaml(root / "pipelines.yaml", FAULT_PIPELINES)
-    summary = run_to_completion(root)
+    summary = run_tiny(root)
     artifacts = root / "artifacts"
     summary["catalog"] = pq.read_table(artifacts / "runs.parquet").to_pylist()
     summary["splits"] = splits_content(artifacts)
@@ -193,7 +175,7 @@ class KillChain:
                     "production": registry.current(self.artifacts, "tiny"),
                 })
             else:
-                self.launches.append(run_to_completion(self.root))
+                self.launches.append(run_tiny(self.root))
         return self.launches[index]
 
 

@@ -13,13 +13,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import TinyRunner
+from conftest import STAGES, TinyRunner
 from convflow.cli import main
-
-STAGES = [
-    "download_and_split", "to_tfrecords", "build_base", "freeze_and_wrap",
-    "train", "evaluate", "export_savedmodel", "write_report",
-]
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,7 @@ same time all land in the catalog."""
 
 from __future__ import annotations
 
-import json
 import subprocess
-import time
 from pathlib import Path
 
 import duckdb
@@ -15,7 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import CONVFLOW, PYTHON, TINY_PIPELINES, subprocess_env, write_yaml
+from conftest import (
+    CONVFLOW, PYTHON, TINY_PIPELINES, finish_convflow, start_convflow, subprocess_env, wait_for, write_yaml,
+)
 from convflow import tables
 
 # Each run's Parquet tables, by the catalog column that holds their path.
@@ -43,6 +43,7 @@ import datetime, sys, time
 from pathlib import Path
 from convflow import tables
 catalog, start, name, count = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+start.with_name(f"{name}.ready").touch()  # imported: at the start line
 while not start.exists():
     time.sleep(0.01)
 now = datetime.datetime.now(datetime.timezone.utc)
@@ -62,8 +63,11 @@ def test_two_processes_appending_at_once_lose_no_row(tmp_path):
         subprocess.Popen([PYTHON, "-c", APPENDER, str(catalog), str(start), name, "40"], env=subprocess_env())
         for name in ("a", "b")
     ]
-    time.sleep(2)  # both are importing, then waiting at the start line
-    start.touch()
+    ready = [tmp_path / f"{name}.ready" for name in ("a", "b")]
+    wait_for(lambda: all(marker.exists() for marker in ready) or any(a.poll() is not None for a in appenders),
+             120, lambda: "the appenders did not reach the start line", interval=0.01)
+    assert all(appender.poll() is None for appender in appenders), "an appender ended before the start line"
+    start.touch()  # both are waiting at the start line: they append at the same time
     assert [appender.wait(timeout=120) for appender in appenders] == [0, 0]
 
     run_ids = pq.read_table(catalog).column("run_id").to_pylist()
@@ -94,17 +98,10 @@ def two_runs(tmp_path_factory):
     document["pipelines"]["digits-b"] = {**tiny, "train": {**tiny["train"], "seed": 1}}
     write_yaml(root / "pipelines.yaml", document)
     runs = {
-        name: subprocess.Popen(
-            [CONVFLOW, "run", name, "-f", "pipelines.yaml", "--artifacts", "artifacts", "--json"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(), cwd=root,
-        )
+        name: start_convflow(["run", name, "-f", "pipelines.yaml", "--artifacts", "artifacts", "--json"], cwd=root)
         for name in ("digits-a", "digits-b")
     }
-    summaries = {}
-    for name, process in runs.items():
-        stdout, stderr = process.communicate(timeout=600)
-        assert process.returncode == 0, stdout[-2000:] + stderr[-4000:]
-        summaries[name] = json.loads(stdout.strip().splitlines()[-1])
+    summaries = {name: finish_convflow(process, timeout=600).summary for name, process in runs.items()}
     return {"artifacts": root / "artifacts", "summaries": summaries}
 
 

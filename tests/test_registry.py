@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import CONVFLOW, run_convflow
 from convflow import registry
-
-CONVFLOW = [sys.executable, "-m", "convflow.cli"]
 
 
 def _fake_saved_model(root: Path, content: bytes) -> Path:
@@ -71,12 +68,8 @@ def _pipelines(path: Path, epochs: int) -> Path:
 
 def _run(tmp_path: Path, epochs: int) -> dict:
     pipelines = _pipelines(tmp_path / f"pipelines-{epochs}.yaml", epochs)
-    result = subprocess.run(
-        [*CONVFLOW, "run", "gate", "-f", str(pipelines), "--artifacts", str(tmp_path / "artifacts"), "--json"],
-        capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_convflow(["run", "gate", "-f", str(pipelines), "--artifacts", str(tmp_path / "artifacts"), "--json"],
+                        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}).summary
 
 
 def test_worse_model_is_not_promoted_better_one_is_and_rollback_restores(tmp_path):
@@ -98,7 +91,7 @@ def test_worse_model_is_not_promoted_better_one_is_and_rollback_restores(tmp_pat
     assert (models / "1" / "saved_model.pb").exists()  # the old version stays on disk
 
     rolled = subprocess.run(
-        [*CONVFLOW, "rollback", "gate", "--artifacts", str(tmp_path / "artifacts")], capture_output=True, text=True
+        [CONVFLOW, "rollback", "gate", "--artifacts", str(tmp_path / "artifacts")], capture_output=True, text=True
     )
     assert rolled.returncode == 0, rolled.stderr
     assert "production is now version 1" in rolled.stdout

@@ -3,14 +3,14 @@ is escaped while figures stay markup."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import run_convflow
 
 SECTIONS = (
     "summary", "dataset", "augmentation", "model", "training", "confusion", "per-class", "samples",
@@ -32,13 +32,8 @@ def report(tmp_path_factory) -> Path:
         "    model: {base: mnist_cnn}\n"
         "    train: {epochs: 1, batch_size: 128, augment: true}\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-m", "convflow.cli", "run", "report", "-f", str(pipelines),
-         "--artifacts", str(root / "artifacts"), "--json"],
-        capture_output=True, text=True,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return Path(json.loads(result.stdout.strip().splitlines()[-1])["report"])
+    run = run_convflow(["run", "report", "-f", str(pipelines), "--artifacts", str(root / "artifacts"), "--json"])
+    return Path(run.summary["report"])
 
 
 def test_report_is_self_contained_with_every_section(report):

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
+
+from conftest import CONVFLOW, run_convflow, subprocess_env
 
 EPOCHS = 5
 
@@ -33,9 +33,9 @@ def _history_lines(artifacts: Path) -> int:
 
 def test_killed_run_resumes_from_last_completed_epoch(tmp_path):
     pipelines, artifacts = _pipelines(tmp_path / "pipelines.yaml"), tmp_path / "artifacts"
-    command = [sys.executable, "-m", "convflow.cli", "run", "resume", "-f", str(pipelines),
-               "--artifacts", str(artifacts), "--json"]
-    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
+    args = ["run", "resume", "-f", str(pipelines), "--artifacts", str(artifacts), "--json"]
+    first = subprocess.Popen([CONVFLOW, *args], env=subprocess_env(), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 300
     while _history_lines(artifacts) < 2:  # epochs 1 and 2 are checkpointed: epoch 3 is running
         assert first.poll() is None, "the run ended before it could be killed"
@@ -45,9 +45,7 @@ def test_killed_run_resumes_from_last_completed_epoch(tmp_path):
     first.wait()
     assert not list(artifacts.glob("resume/*/train/model.keras")), "a killed run left a complete-looking model"
 
-    second = subprocess.run(command, capture_output=True, text=True)
-    assert second.returncode == 0, second.stderr[-3000:]
-    summary = json.loads(second.stdout.strip().splitlines()[-1])
+    summary = run_convflow(args).summary
     resumed = summary["resumed_from_epoch"]
     assert 2 <= resumed < EPOCHS
     train_dir = Path(summary["saved_model"]).parents[2] / "train"

@@ -9,10 +9,8 @@ let a process worker run the deployment.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import subprocess
-import time
 import zoneinfo
 from pathlib import Path
 
@@ -20,15 +18,11 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import CONVFLOW, PYTHON, REPO, TINY_PIPELINES, subprocess_env, write_yaml
+from conftest import CONVFLOW, PYTHON, REPO, STAGES, TINY_PIPELINES, subprocess_env, wait_for, write_yaml
 from convflow.cli import main
 from convflow.flows import deployments
-from prefect_server import PREFECT, Background, PrefectServer
+from prefect_server import PREFECT, Background, prefect_client, started_server
 
-STAGES = [
-    "download_and_split", "to_tfrecords", "build_base", "freeze_and_wrap",
-    "train", "evaluate", "export_savedmodel", "write_report",
-]
 FLOW = "convflow-train"
 
 
@@ -110,15 +104,6 @@ def test_scheduling_code_does_not_import_tensorflow():
 # ----------------------------------------------------------------------------- a real server
 
 
-@contextlib.contextmanager
-def prefect_client(server: PrefectServer):
-    from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    with temporary_settings({PREFECT_API_URL: server.api_url}), get_client(sync_client=True) as client:
-        yield client
-
-
 def read_deployments(client, name: str):
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowFilter, FlowFilterName
 
@@ -152,24 +137,10 @@ def task_runs_of(client, flow_run_id) -> dict[str, str]:
     return {task_run.name.rsplit("-", 1)[0]: task_run.state_name for task_run in task_runs}
 
 
-def wait_for(condition, timeout: float, describe, interval: float = 3):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = condition()
-        if result:
-            return result
-        time.sleep(interval)
-    pytest.fail(f"timed out after {timeout} s: {describe()}")
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    server = PrefectServer(tmp_path_factory.mktemp("prefect-server-home"))
-    try:
-        server.wait_until_ready()
+    with started_server(tmp_path_factory.mktemp("prefect-server-home")) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +157,7 @@ def served(server, tmp_path_factory):
             )
             runs = wait_for(
                 lambda: (found := finished_runs(client, deployment.id)) and len(found) >= 2 and found,
-                480, lambda: serve.output()[-5000:],
+                480, lambda: serve.output()[-5000:], interval=3,
             )
             task_runs = [task_runs_of(client, run.id) for run in runs[:2]]
     finally:
@@ -285,7 +256,7 @@ def test_deploy_twice_registers_once_and_a_worker_runs_it(server, served):
             finished = [
                 wait_for(
                     lambda: (run := client.read_flow_run(flow_run.id)).state.is_final() and run,
-                    420, lambda: worker.output()[-5000:],
+                    420, lambda: worker.output()[-5000:], interval=3,
                 )
                 for flow_run in (unchanged, forced)
             ]

@@ -6,13 +6,12 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
+import tensorflow_datasets as tfds
 
 from convflow import sources
 from convflow.config import DataConfig
 from convflow.sources import DataError
 from convflow.tasks.download_and_split import split_dataset
-
-tfds = pytest.importorskip("tensorflow_datasets")
 
 
 @pytest.fixture

@@ -21,10 +21,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import CONVFLOW, TINY_PIPELINES, write_yaml
+from conftest import CONVFLOW, TINY_PIPELINES, last_json_line, wait_for, write_yaml
 from convflow.cli import main
 from convflow.config import ConfigError, load_pipeline
-from prefect_server import Background, PrefectServer
+from prefect_server import Background, PrefectServer, prefect_client, started_server
 
 POOL = "gpu"
 HEARTBEAT_SECONDS = 30  # Prefect's minimum
@@ -43,15 +43,6 @@ def pool_pipelines(pool: str = POOL, name: str = "tiny") -> dict:
     return document
 
 
-@contextlib.contextmanager
-def prefect_client(server: PrefectServer):
-    from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    with temporary_settings({PREFECT_API_URL: server.api_url}), get_client(sync_client=True) as client:
-        yield client
-
-
 def train_runs(client, pipeline: str) -> dict[int, object]:
     """The pipeline's train attempts by number (from their names, "<pipeline> train, attempt N")."""
     from prefect.client.schemas.filters import FlowFilter, FlowFilterName
@@ -59,16 +50,6 @@ def train_runs(client, pipeline: str) -> dict[int, object]:
     runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["convflow-train-stage"])))
     prefix = f"{pipeline} train, attempt "
     return {int(run.name[len(prefix):]): run for run in runs if run.name.startswith(prefix)}
-
-
-def wait_for(condition, timeout: float, describe, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = condition()
-        if result:
-            return result
-        time.sleep(interval)
-    pytest.fail(f"timed out after {timeout} s: {describe()}")
 
 
 def parent_pid(pid: int) -> int:
@@ -130,7 +111,7 @@ class PipelineRun(Background):
         self.process.wait(timeout=timeout)
         output = self.output()
         assert self.process.returncode == 0, output[-6000:]
-        return json.loads(output.strip().splitlines()[-1])
+        return last_json_line(output)
 
 
 # ----------------------------------------------------------------------------- without a server
@@ -191,12 +172,8 @@ def test_worker_limit_must_be_positive(capsys):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    server = PrefectServer(tmp_path_factory.mktemp("pool-server-home"))
-    try:
-        server.wait_until_ready()
+    with started_server(tmp_path_factory.mktemp("pool-server-home")) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
