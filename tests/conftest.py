@@ -41,6 +41,8 @@ STAGES = [
     "download_and_split", "to_tfrecords", "build_base", "freeze_and_wrap",
     "train", "evaluate", "export_savedmodel", "write_report",
 ]
+# A training flow run's task runs: the stages, and promotion after export (never cached).
+TASKS = [*STAGES[:7], "promote", STAGES[7]]
 
 # Generated folders are small, so their test share is larger than the default 0.1: every class
 # then has test examples (split_dataset refuses a split that lacks a class).

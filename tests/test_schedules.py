@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import CONVFLOW, PYTHON, REPO, STAGES, TINY_PIPELINES, subprocess_env, wait_for, write_yaml
+from conftest import CONVFLOW, PYTHON, REPO, TASKS, TINY_PIPELINES, subprocess_env, wait_for, write_yaml
 from convflow.cli import main
 from convflow.flows import deployments
 from prefect_server import PREFECT, Background, prefect_client, started_server
@@ -167,13 +167,13 @@ def served(server, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_scheduled_run_completes_all_eight_stages(served):
+def test_scheduled_run_completes_all_eight_stages_and_promotion(served):
     first = served["runs"][0]
     assert first.state_type.value == "COMPLETED", (first.state, served["log"][-5000:])
     assert first.state_name == "Completed" and first.name == "tiny"
     assert first.auto_scheduled and "scheduled" in first.tags
     assert first.parameters["scheduled"] is True and first.parameters["force"] is False
-    assert served["task_runs"][0] == dict.fromkeys(STAGES, "Completed")
+    assert served["task_runs"][0] == dict.fromkeys(TASKS, "Completed")
 
     catalog = pq.read_table(served["artifacts"] / "runs.parquet").to_pylist()
     assert catalog[0]["status"] == "completed" and catalog[0]["promoted_version"] == 1
@@ -267,4 +267,4 @@ def test_deploy_twice_registers_once_and_a_worker_runs_it(server, served):
     assert finished[0].state_name == "Unchanged", (finished[0].state, worker.output()[-5000:])
     # ... unless forced: then every stage runs (the cached ones as cache hits).
     assert finished[1].state_name == "Completed", (finished[1].state, worker.output()[-5000:])
-    assert sorted(forced_stages) == sorted(STAGES)
+    assert sorted(forced_stages) == sorted(TASKS)
