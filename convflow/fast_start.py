@@ -68,6 +68,24 @@ def _lock_startup() -> int:
     return descriptor
 
 
+def wait_until_healthy(api_url: str, process: subprocess.Popen, timeout: float, poll: float = 0.05) -> None:
+    """Block until the Prefect API at `api_url`, served by `process`, answers its health check.
+
+    Raises:
+        RuntimeError: the process exited, or the API did not answer within `timeout` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the Prefect server at {api_url} exited with code {process.returncode}")
+        with contextlib.suppress(OSError):
+            with urllib.request.urlopen(f"{api_url}/health", timeout=max(1.0, poll)) as response:
+                if response.status == 200:
+                    return
+        time.sleep(poll)
+    raise RuntimeError(f"the Prefect server at {api_url} did not answer within {timeout:.0f} s")
+
+
 class TemporaryServer:
     """A Prefect API server on 127.0.0.1 that lives as long as this object's `with` block."""
 
@@ -100,16 +118,7 @@ class TemporaryServer:
             self._release_startup_lock()
 
     def _wait_for_health(self) -> None:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"temporary Prefect server exited with code {self.process.returncode}")
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(f"{self.api_url}/health", timeout=1) as response:
-                    if response.status == 200:
-                        return
-            time.sleep(0.05)
-        raise RuntimeError(f"temporary Prefect server on port {self.port} did not start in {STARTUP_TIMEOUT_SECONDS} s")
+        wait_until_healthy(self.api_url, self.process, STARTUP_TIMEOUT_SECONDS)
 
     def _release_startup_lock(self) -> None:
         if self._startup_lock is not None:

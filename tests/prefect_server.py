@@ -11,8 +11,6 @@ import os
 import signal
 import socket
 import subprocess
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -75,16 +73,12 @@ class PrefectServer(Background):
         super().__init__(command, server_env, home / "server.log")
 
     def wait_until_ready(self, timeout: float = 180) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"prefect server exited with {self.process.returncode}:\n{self.output()[-3000:]}")
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            time.sleep(0.5)
-        raise RuntimeError(f"prefect server did not answer in {timeout} s:\n{self.output()[-3000:]}")
+        from convflow.fast_start import wait_until_healthy
+
+        try:
+            wait_until_healthy(self.api_url, self.process, timeout, poll=0.5)
+        except RuntimeError as error:
+            raise RuntimeError(f"{error}:\n{self.output()[-3000:]}") from None
 
 
 @contextlib.contextmanager
