@@ -68,29 +68,39 @@ def _dump_model(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON-able: {value!r}")
 
 
-def _source_file(module_name: str) -> Path | None:
-    """The .py file of module `module_name`; None for a name that is no module (a class, say)."""
+def _spec(module_name: str):
+    """The module's spec, found without importing it (only the packages above it are imported)."""
     try:
-        spec = importlib.util.find_spec(module_name)
-    except ImportError:  # "a.b.Name": a.b is a module, not a package
+        return importlib.util.find_spec(module_name)
+    except ImportError:
         return None
+
+
+def _source_file(module_name: str) -> Path | None:
+    spec = _spec(module_name)
     return Path(spec.origin) if spec is not None and spec.origin and spec.origin.endswith(".py") else None
 
 
 def _convflow_imports(source: Path, package: str) -> set[str]:
     """The convflow modules `source` imports anywhere (at its top or inside a function), read from
-    its syntax tree: `from convflow.x import y` names convflow.x and, when it is a module, convflow.x.y.
-    The flows are left out: they decide where and when a stage runs (train on a work pool, say),
-    never what it writes."""
+    its syntax tree: `from convflow.x import y` names convflow.x, and convflow.x.y when convflow.x is
+    a package. The flows are left out: they decide where and when a stage runs (train on a work
+    pool, say), never what it writes."""
     names: set[str] = set()
     for node in ast.walk(ast.parse(source.read_bytes())):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
             names.add(node.module)
-            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+            if node.module.startswith(package) and _is_package(node.module):
+                names.update(f"{node.module}.{alias.name}" for alias in node.names)
     return {name for name in names if (name == package or name.startswith(package + "."))
             and not name.startswith(f"{package}.{ORCHESTRATION_PACKAGE}")}
+
+
+def _is_package(module_name: str) -> bool:
+    spec = _spec(module_name)
+    return spec is not None and spec.submodule_search_locations is not None
 
 
 @functools.cache

@@ -59,6 +59,22 @@ def test_code_closure_follows_imports_but_not_the_flows():
     assert "tasks/layers.py" not in download and "convflow/tables.py" in download
 
 
+def test_code_closure_is_read_without_importing_tensorflow():
+    """The closure is read from source: a cache hit must not pay for importing TensorFlow (it once
+    imported tasks/layers.py, and Keras with it, to look up `from ... import ReverseChannels`)."""
+    check = (
+        "import sys\n"
+        "from convflow.tasks import build_base, evaluate, train\n"
+        "from convflow.tasks.stage import code_closure\n"
+        "for module in (build_base, evaluate, train):\n"
+        "    code_closure(module.__name__)\n"
+        "heavy = [name for name in ('tensorflow', 'keras', 'convflow.tasks.layers') if name in sys.modules]\n"
+        "sys.exit(f'imported {heavy}' if heavy else 0)\n"
+    )
+    result = subprocess.run([PYTHON, "-c", check], env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
 @pytest.mark.slow
 def test_editing_imported_code_misses_the_stages_that_import_it(tmp_path):
     runner = CopyRunner(tmp_path)
