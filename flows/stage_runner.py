@@ -23,11 +23,15 @@ class StageRunner:
     def __init__(self, run: RunContext) -> None:
         self.results = results_folder(run.artifacts_root)
         self.timings: list[StageRun] = []
+        # Naming the storage costs each task a Prefect client (~20 ms); the CLI and deployments set
+        # it as the default already (run_settings), so only other callers pay that.
+        self._storage = {} if _default_storage_is(self.results) else {"result_storage": self.results}
 
     def run(self, stage: Task, *args: Any) -> Any:
         """Run `stage` to completion and return its record; a failed stage raises its error."""
         started = time.perf_counter()
-        state = stage.with_options(result_storage=self.results)(*args, return_state=True)
+        task = stage.with_options(**self._storage) if self._storage else stage
+        state = task(*args, return_state=True)
         result = state.result()  # raises the stage's exception if it failed
         storage_key = getattr(getattr(state.data, "metadata", None), "storage_key", None)
         self.timings.append(
@@ -43,3 +47,11 @@ class StageRunner:
     @property
     def last_cached(self) -> bool:
         return bool(self.timings) and self.timings[-1].cached
+
+
+def _default_storage_is(folder: Path) -> bool:
+    """Whether Prefect's default result storage in this context is the local folder `folder`."""
+    from prefect.settings import get_current_settings
+
+    results = get_current_settings().results
+    return results.default_storage_block is None and Path(results.local_storage_path).resolve() == folder

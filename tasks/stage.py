@@ -81,7 +81,8 @@ def _source_file(module_name: str) -> Path | None:
     return Path(spec.origin) if spec is not None and spec.origin and spec.origin.endswith(".py") else None
 
 
-def _convflow_imports(source: Path, package: str) -> set[str]:
+@functools.cache  # each source file is read once per process, however many closures hold it
+def _convflow_imports(source: Path, package: str) -> frozenset[str]:
     """The convflow modules `source` imports anywhere (at its top or inside a function), read from
     its syntax tree: `from convflow.x import y` names convflow.x, and convflow.x.y when convflow.x is
     a package. The flows are left out: they decide where and when a stage runs (train on a work
@@ -94,8 +95,8 @@ def _convflow_imports(source: Path, package: str) -> set[str]:
             names.add(node.module)
             if node.module.startswith(package) and _is_package(node.module):
                 names.update(f"{node.module}.{alias.name}" for alias in node.names)
-    return {name for name in names if (name == package or name.startswith(package + "."))
-            and not name.startswith(f"{package}.{ORCHESTRATION_PACKAGE}")}
+    return frozenset(name for name in names if (name == package or name.startswith(package + "."))
+                     and not name.startswith(f"{package}.{ORCHESTRATION_PACKAGE}"))
 
 
 def _is_package(module_name: str) -> bool:

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import CONVFLOW, REPO, TINY_PIPELINES, last_json_line, run_convflow, subprocess_env, write_yaml
+from conftest import CONVFLOW, REPO, STAGES, TINY_PIPELINES, last_json_line, run_convflow, subprocess_env, write_yaml
 from convflow.cli import EXIT_BAD_CONFIG, main
 
 
@@ -162,3 +162,31 @@ def test_run_from_python_after_prefect_was_imported_uses_convflows_server(pipeli
     assert run.summary["status"] in ("completed", "not-promoted")
     assert "Starting temporary server" not in output, output[-4000:]
     assert "failed with" not in output, output[-4000:]
+
+
+FLOW_CALLED_FROM_PYTHON = """
+import sys
+from convflow.flows.train_pipeline import train_pipeline
+
+summary = train_pipeline("tiny", sys.argv[1], sys.argv[2])
+print(summary.status)
+"""
+
+
+@pytest.mark.slow
+def test_flow_called_from_python_caches_beside_the_artifacts(pipelines_file, tmp_path):
+    """No CLI, no settings: the stages' results still go to <artifacts>/.prefect-results, where a
+    `convflow run` on the same artifacts finds them, and not to Prefect's default storage."""
+    home = tmp_path / "prefect-home"
+    env = {**subprocess_env(), "PREFECT_HOME": str(home)}
+    artifacts = tmp_path / "artifacts"
+    result = subprocess.run([sys.executable, "-c", FLOW_CALLED_FROM_PYTHON, str(pipelines_file), str(artifacts)],
+                            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-4000:]
+    stored = sorted(path.name.rsplit("-", 1)[0] for path in (artifacts / ".prefect-results").iterdir())
+    assert set(stored) == set(STAGES), stored
+    assert not (home / "storage").exists() or not any((home / "storage").iterdir())
+
+    rerun = run_convflow(["run", "tiny", "-f", str(pipelines_file), "--artifacts", str(artifacts), "--json"],
+                         env=env, cwd=tmp_path)
+    assert [stage["cached"] for stage in rerun.summary["stages"]] == [True] * 7 + [False]
