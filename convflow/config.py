@@ -26,7 +26,7 @@ from convflow.model_zoo import get_base_spec
 # A mapping shown as a bad value is cut when longer than this: a whole pipeline buries the message.
 MAX_SHOWN_SECTION = 80
 PIPELINE_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
-SOURCE_SCHEMES = ("sklearn", "tfds", "folder", "idx")
+SOURCE_SCHEMES = ("sklearn", "tfds", "folder", "idx", "parquet")
 SKLEARN_DATASETS = ("digits",)
 
 
@@ -61,7 +61,7 @@ class DataConfig(StrictModel):
     # Where the work runs, not what it makes: left out of stage cache keys and the config hash.
     EXECUTION_ONLY: ClassVar[frozenset[str]] = frozenset({"dask_scheduler"})
 
-    source: str = Field(description="sklearn:digits | tfds:NAME | folder:PATH | idx:PATH")
+    source: str = Field(description="sklearn:digits | tfds:NAME | folder:PATH | idx:PATH | parquet:PATH")
     image_size: tuple[int, int] = Field(description="Height, width the model sees.")
     channels: Literal[1, 3] = Field(3, description="1 for grayscale, 3 for RGB.")
     split: SplitFractions = SplitFractions()
@@ -80,6 +80,11 @@ class DataConfig(StrictModel):
         None,
         description="Dask scheduler address (tcp://host:8786): its workers decode and write the TFRecord "
         "shards; they must see the same artifacts and data paths. Default: this machine's cores.",
+    )
+    columns: dict[Literal["image", "label", "split"], str] | None = Field(
+        None,
+        description="parquet sources: the column names of the image (bytes, a {bytes, path} struct or a path), "
+        "label (string or integer) and optional split, where they differ from image, label and split.",
     )
     tfds_split: dict[Literal["train", "validation", "test"], str] | None = Field(
         None,
@@ -102,7 +107,7 @@ class DataConfig(StrictModel):
             raise ValueError(f"must look like one of {[s + ':...' for s in SOURCE_SCHEMES]}")
         if scheme == "sklearn" and rest not in SKLEARN_DATASETS:
             raise ValueError(f"unknown sklearn dataset {rest!r}; expected one of {list(SKLEARN_DATASETS)}")
-        if scheme in ("folder", "idx"):
+        if scheme in ("folder", "idx", "parquet"):
             return f"{scheme}:{_resolve(rest, info)}"
         return source
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from convflow.config import DataConfig
+from convflow.parquet_source import fingerprint_files, load_parquet
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 SPLIT_NAMES = ("train", "validation", "test")
@@ -61,6 +62,8 @@ def source_fingerprint(data: DataConfig) -> str:
                 if path.is_file():
                     stat = path.stat()
                     digest.update(f"{path.relative_to(root)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    if data.scheme == "parquet":
+        digest.update("\n".join(fingerprint_files(data.location)).encode())
     if data.scheme == "tfds" and data.data_dir:
         digest.update(data.data_dir.encode())
     return digest.hexdigest()[:24]
@@ -73,7 +76,8 @@ def load_source(data: DataConfig, scratch_dir: Path) -> LoadedSource:
     Raises:
         DataError: the source is missing, empty, has one class, or a file is unusable.
     """
-    readers = {"sklearn": _load_sklearn, "idx": _load_idx, "folder": _load_folder, "tfds": _load_tfds}
+    readers = {"sklearn": _load_sklearn, "idx": _load_idx, "folder": _load_folder, "tfds": _load_tfds,
+               "parquet": load_parquet}
     loaded = readers[data.scheme](data, scratch_dir)
     if len(loaded.labels) == 0:
         raise DataError(f"{data.source}: no usable examples")
