@@ -39,9 +39,11 @@ import input_pipeline
 import layout
 import mnist
 import placement
+import predict
 from common import CODE, ROOT, Row
 
-SECTIONS = {"digits": digits, "mnist": mnist, "input": input_pipeline, "layout": layout, "placement": placement}
+SECTIONS = {"digits": digits, "mnist": mnist, "input": input_pipeline, "layout": layout, "placement": placement,
+            "predict": predict}
 
 
 def measure(section: str, repeats: int) -> tuple[list[Row], list[dict]]:

@@ -49,6 +49,17 @@ def _add_flow_commands(commands) -> None:
         "--dask", type=int, metavar="N", help="run the variants on a local Dask cluster of N worker processes"
     )
 
+    predict = commands.add_parser("predict", parents=[_common_options(pipelines_file=False)],
+                                  help="score images or a Parquet table with a pipeline's model; write Parquet")
+    predict.add_argument("pipeline", help="the pipeline whose model scores (its production model by default)")
+    predict.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders, globs or Parquet tables")
+    which = predict.add_mutually_exclusive_group()
+    which.add_argument("--version", type=_positive_int, help="a promoted version instead of production")
+    which.add_argument("--run", dest="run_id", help="the model a run exported, promoted or not")
+    predict.add_argument("--output",
+                         help="Parquet file to write (default: <artifacts>/<pipeline>/predictions/<time>.parquet)")
+    predict.add_argument("--json", action="store_true", help="print what was written as JSON on the last line")
+
     validate = commands.add_parser("validate", help="check a pipelines file; exit 2 on any mistake")
     validate.add_argument("file", nargs="?", default="pipelines.yaml")
 
@@ -394,6 +405,28 @@ def _worker(args: argparse.Namespace) -> int:
     os.execv(sys.executable, command)  # the worker's pid is this command's: signals reach it directly
 
 
+def _predict(args: argparse.Namespace) -> int:
+    import datetime
+
+    from convflow.predict import PredictError, choose_model, predict
+
+    artifacts = _prepare_environment(args.artifacts)
+    try:
+        model = choose_model(artifacts, args.pipeline, args.version, args.run_id)
+        now = datetime.datetime.now(datetime.timezone.utc)
+        output = Path(args.output) if args.output else artifacts / args.pipeline / "predictions" / f"{now:%Y%m%dT%H%M%SZ}.parquet"
+        written, scored, failed = predict(model, args.inputs, output.resolve())
+    except PredictError as error:
+        print(f"convflow predict: {error}", file=sys.stderr)
+        return 1
+    version = f"version {model.version}" if model.version is not None else f"run {model.run_id}"
+    print(f"{args.pipeline} {version}: {scored} scored, {failed} with errors -> {written}")
+    if args.json:
+        print(json.dumps({"output": str(written), "scored": scored, "errors": failed, "pipeline": args.pipeline,
+                          "model_version": model.version, "run_id": model.run_id}))
+    return 0
+
+
 def _registry_command(args: argparse.Namespace) -> int:
     from convflow import registry
 
@@ -418,7 +451,7 @@ def main(argv: list[str] | None = None, *, exits_after: bool = False) -> int:
         "run": lambda a: _run(a, exits_after), "compare": lambda a: _compare(a, exits_after),
         "validate": lambda a: _validate(a.file), "runs": _runs,
         "promote": _registry_command, "rollback": _registry_command,
-        "serve": _schedules_command, "deploy": _schedules_command, "worker": _worker,
+        "serve": _schedules_command, "deploy": _schedules_command, "worker": _worker, "predict": _predict,
     }
     return handlers[args.command](args)
 

@@ -57,6 +57,21 @@ PREDICTIONS_SCHEMA = _schema(
     table="One row per test example: the model's prediction and class probabilities.",
 )
 
+BATCH_PREDICTIONS_SCHEMA = _schema(
+    ("input", pa.string(), "The input: an image file's path, or <table>#<row> for a row of a Parquet table."),
+    ("sha256", pa.string(), "sha256 of the input's encoded bytes; null when it could not be read."),
+    ("predicted", pa.string(), "Predicted class name; null when the input could not be scored."),
+    ("probability", pa.float64(), "Probability of the predicted class."),
+    ("probabilities", pa.list_(pa.float32()), "Probability per class, in label order."),
+    ("error", pa.string(), "Why the input was not scored (unreadable, not an image); null when scored."),
+    ("pipeline", pa.string(), "The pipeline whose model scored."),
+    ("model_version", pa.int64(), "Registry version of the model; null for a run's unpromoted model."),
+    ("run_id", pa.string(), "The run that trained the model."),
+    ("scored_at", pa.timestamp("us", tz="UTC"), "When this scoring started."),
+    nullable=("sha256", "predicted", "probability", "probabilities", "error", "model_version"),
+    table="`convflow predict`: one row per input, scored by a SavedModel's serving signature.",
+)
+
 HISTORY_SCHEMA = _schema(
     ("epoch", pa.int64(), "1-based epoch number."),
     ("phase", pa.string(), "head (base frozen) or fine_tune (top of the base unfrozen)."),

@@ -1,0 +1,89 @@
+"""`convflow predict`: a folder, a Parquet table and a corrupt file scored by a trained pipeline's
+production model; the probabilities are the SavedModel's own; DuckDB reads the output."""
+
+from __future__ import annotations
+
+import copy
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import FOLDER_SPLIT, TINY_PIPELINES, make_image_folder, run_convflow, write_yaml
+from convflow import tables
+
+CLASSES = ("cat", "dog", "owl")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict:
+    """A folder pipeline trained once: its root, images and the run's summary."""
+    root = tmp_path_factory.mktemp("predict")
+    images = make_image_folder(root / "images", classes=CLASSES, per_class=12)
+    document = copy.deepcopy(TINY_PIPELINES)
+    document["pipelines"]["tiny"]["data"] = {"source": "folder:images", "image_size": [16, 16], "channels": 3,
+                                             "split": FOLDER_SPLIT}
+    document["pipelines"]["tiny"]["evaluate"] = {"min_accuracy": 0.0}
+    write_yaml(root / "pipelines.yaml", document)
+    run = run_convflow(["run", "tiny", "-f", "pipelines.yaml", "--artifacts", "artifacts", "--json"], cwd=root)
+    return {"root": root, "images": images, "summary": run.summary}
+
+
+def saved_model_probabilities(saved_model: str, files: list) -> np.ndarray:
+    import tensorflow as tf
+    from PIL import Image
+
+    loaded = tf.saved_model.load(saved_model)
+    pixels = np.stack([np.asarray(Image.open(path).convert("RGB"), np.uint8) for path in files])
+    return loaded.signatures["serving_default"](images=tf.constant(pixels))["probabilities"].numpy()
+
+
+@pytest.mark.slow
+def test_folder_and_corrupt_file_scored_with_the_production_model(trained):
+    root = trained["root"]
+    (root / "more").mkdir()
+    (root / "more" / "broken.png").write_bytes(b"\x89PNG not really")
+    run = run_convflow(["predict", "tiny", "images", "more", "--artifacts", "artifacts", "--output", "out.parquet",
+                        "--json"], cwd=root)
+    assert run.summary["scored"] == 36 and run.summary["errors"] == 1 and run.summary["model_version"] == 1
+
+    rows = pq.read_table(root / "out.parquet").to_pylist()
+    files = sorted(trained["images"].glob("*/*.png"))
+    assert [row["input"] for row in rows[:36]] == [f"images/{path.relative_to(trained['images'])}" for path in files]
+    expected = saved_model_probabilities(trained["summary"]["saved_model"], files)
+    assert np.allclose([row["probabilities"] for row in rows[:36]], expected, atol=1e-6)
+    assert [row["predicted"] for row in rows[:36]] == [CLASSES[i] for i in expected.argmax(axis=1)]
+    broken = rows[36]
+    assert broken["input"] == "more/broken.png" and broken["error"].startswith("cannot decode")
+    assert broken["predicted"] is None and broken["sha256"] is not None
+    assert {row["run_id"] for row in rows} == {trained["summary"]["run_id"]}
+
+    described = duckdb.sql(f"SELECT value FROM parquet_kv_metadata('{root / 'out.parquet'}') "
+                           "WHERE key = 'description'").fetchall()
+    assert described and "convflow predict" in described[0][0].decode()
+    assert pq.read_schema(root / "out.parquet").equals(tables.BATCH_PREDICTIONS_SCHEMA, check_metadata=False)
+
+
+@pytest.mark.slow
+def test_parquet_table_rows_are_scored_by_row(trained):
+    root = trained["root"]
+    files = sorted(trained["images"].glob("*/*.png"))[:5]
+    pq.write_table(pa.table({"image": pa.array([path.read_bytes() for path in files] + [None], pa.binary())}),
+                   root / "batch.parquet")
+    run = run_convflow(["predict", "tiny", "batch.parquet", "--artifacts", "artifacts", "--output", "rows.parquet",
+                        "--json"], cwd=root)
+    rows = pq.read_table(root / "rows.parquet").to_pylist()
+    assert [row["input"] for row in rows] == [f"batch.parquet#{row}" for row in range(6)]
+    assert rows[5]["error"] == "no image" and run.summary["errors"] == 1
+    expected = saved_model_probabilities(trained["summary"]["saved_model"], files)
+    assert np.allclose([row["probabilities"] for row in rows[:5]], expected, atol=1e-6)
+
+
+def test_no_production_model_is_a_clear_error(tmp_path, capsys):
+    from convflow.cli import main
+
+    assert main(["predict", "nothing", str(tmp_path), "--artifacts", str(tmp_path / "artifacts")]) == 1
+    err = capsys.readouterr().err
+    assert "convflow predict: pipeline 'nothing' has no production model under" in err and "--run" in err
