@@ -32,7 +32,8 @@ PLAIN_PREDICT = textwrap.dedent('''
 
 
 def write_images(folder: Path) -> None:
-    """IMAGES 8x8 digits as 8-bit PNGs, each a little different (noise), as a folder of scans."""
+    """IMAGES digits at 28x28 (the model's input size, so neither side resizes) as 8-bit PNGs, each a
+    little different (noise), as a folder of scans."""
     from PIL import Image
     from sklearn.datasets import load_digits
 
@@ -41,7 +42,8 @@ def write_images(folder: Path) -> None:
     folder.mkdir(parents=True)
     for index in range(IMAGES):
         noise = rng.integers(0, 8, size=digits.shape[1:], dtype=np.uint8)
-        Image.fromarray(np.clip(digits[index % len(digits)] + noise, 0, 255)).save(folder / f"{index:05d}.png")
+        image = Image.fromarray(np.clip(digits[index % len(digits)] + noise, 0, 255))
+        image.resize((28, 28), Image.BILINEAR).save(folder / f"{index:05d}.png")
 
 
 def repeat(scratch: Path) -> dict:
