@@ -375,7 +375,7 @@ def _schedules_command(args: argparse.Namespace) -> int:
         print(f"convflow {args.command}: {error}", file=sys.stderr)
         return 1
     for name, deployment_id in created.items():
-        print(f"deployed convflow-train/{name} on work pool {args.pool} ({deployment_id})")
+        print(f"deployed {name} on work pool {args.pool} ({deployment_id})")
     print(f"start a worker to run them: prefect worker start --pool {args.pool}")
     return 0
 

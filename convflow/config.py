@@ -267,6 +267,25 @@ class ScheduleConfig(StrictModel):
         return self
 
 
+class ScoreConfig(StrictModel):
+    """Scheduled scoring: the production model scores what it has not scored yet, into a
+    partitioned Parquet table (`convflow-score/<pipeline>`, served or deployed like training)."""
+
+    input: list[str] = Field(min_length=1, description="Image files, folders, globs or Parquet tables to score.")
+    output: str = Field(description="Folder of the predictions table, partitioned by scored_date=YYYY-MM-DD.")
+    schedule: ScheduleConfig = Field(description="When scoring runs.")
+
+    @field_validator("input")
+    @classmethod
+    def _resolve_inputs(cls, inputs: list[str], info: ValidationInfo) -> list[str]:
+        return [_resolve(item, info) for item in inputs]
+
+    @field_validator("output")
+    @classmethod
+    def _resolve_output(cls, output: str, info: ValidationInfo) -> str:
+        return _resolve(output, info)
+
+
 class VariantConfig(StrictModel):
     """One variant of a comparison: overrides deep-merged over its pipeline, validated as a pipeline
     when the comparison runs (a variant whose merged config is invalid fails alone)."""
@@ -320,6 +339,7 @@ class PipelineSpec(StrictModel):
         "the production model's; always trains every time. `convflow run` always runs the stages.",
     )
     compare: CompareConfig | None = Field(None, description="Variants that `convflow compare` runs side by side.")
+    score: ScoreConfig | None = Field(None, description="Scheduled scoring with the production model.")
 
     @model_validator(mode="after")
     def _fits_base(self) -> PipelineSpec:
@@ -349,7 +369,7 @@ class PipelineSpec(StrictModel):
         data stages run or store their files are left out."""
         payload = self.model_dump(
             mode="json",
-            exclude={"schedule": True, "name": True, "retrain": True, "compare": True,
+            exclude={"schedule": True, "name": True, "retrain": True, "compare": True, "score": True,
                      "data": {*DataConfig.EXECUTION_ONLY, "compression"}, "train": set(TrainConfig.EXECUTION_ONLY)},
         )
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]

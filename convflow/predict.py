@@ -141,9 +141,8 @@ def _batches(inputs: Iterator[Input], channels: int) -> Iterator[tuple[list[Inpu
         yield [i for i, _ in run], np.stack([p for _, p in run]), []
 
 
-def predict(model: ScoringModel, inputs: list[str], output: Path, progress=sys.stderr) -> tuple[Path, int, int]:
-    """Score every input with `model` and write `output` (Parquet, tables.BATCH_PREDICTIONS_SCHEMA);
-    returns the output path, rows scored and rows with an error."""
+def score(model: ScoringModel, items: Iterator[Input], progress=sys.stderr) -> tuple[list[dict], int]:
+    """One output row per input (BATCH_PREDICTIONS_SCHEMA's columns) and how many have an error."""
     import tensorflow as tf
 
     loaded = tf.saved_model.load(str(model.saved_model))  # kept referenced while its signature runs
@@ -152,19 +151,69 @@ def predict(model: ScoringModel, inputs: list[str], output: Path, progress=sys.s
     scored_at = datetime.datetime.now(datetime.timezone.utc)
     rows: list[dict] = []
     errors = 0
-    for items, pixels, batch_errors in _batches(gather_inputs(inputs), channels):
+    for batch, pixels, batch_errors in _batches(items, channels):
         if pixels is None:
-            rows.append(_row(items[0], model, scored_at, error=batch_errors[0]))
+            rows.append(_row(batch[0], model, scored_at, error=batch_errors[0]))
             errors += 1
             continue
         result = serve(images=tf.constant(pixels))
         probabilities = result["probabilities"].numpy()
         classes = [name.decode() for name in result["classes"].numpy()]
-        rows += [_row(item, model, scored_at, probabilities[i], classes[i]) for i, item in enumerate(items)]
+        rows += [_row(item, model, scored_at, probabilities[i], classes[i]) for i, item in enumerate(batch)]
         print(f"scored {len(rows):,} inputs ({errors} with errors)", file=progress, flush=True)
+    return rows, errors
+
+
+def predict(model: ScoringModel, inputs: list[str], output: Path, progress=sys.stderr) -> tuple[Path, int, int]:
+    """Score every input with `model` and write `output` (Parquet, tables.BATCH_PREDICTIONS_SCHEMA);
+    returns the output path, rows scored and rows with an error."""
+    rows, errors = score(model, gather_inputs(inputs), progress)
     output.parent.mkdir(parents=True, exist_ok=True)
     tables.write_parquet(_table(rows), output)  # atomically: a reader never sees half a table
     return output, len(rows) - errors, errors
+
+
+def already_scored(output_root: Path, model: ScoringModel) -> set[str]:
+    """Content hashes that `model` (same version and run) scored into `output_root` before."""
+    import pyarrow.parquet as pq
+
+    seen: set[str] = set()
+    for part in sorted(output_root.glob("scored_date=*/*.parquet")):
+        for row in pq.read_table(part, columns=["sha256", "model_version", "run_id", "error"]).to_pylist():
+            if row["error"] is None and (row["model_version"], row["run_id"]) == (model.version, model.run_id):
+                seen.add(row["sha256"])
+    return seen
+
+
+def score_new(model: ScoringModel, inputs: list[str], output_root: Path, progress=sys.stderr) -> dict:
+    """Score the inputs `model` has not scored yet (by content hash) into a new partition
+    `output_root/scored_date=YYYY-MM-DD/<time>.parquet`; after a promotion everything is new to
+    the new model. Returns what it did: the partition (None when nothing was new), rows, errors,
+    the inputs skipped as already scored, and the predicted classes' counts."""
+    seen = already_scored(output_root, model)
+    skipped = 0
+
+    def unseen() -> Iterator[Input]:
+        nonlocal skipped
+        for item in gather_inputs(inputs):
+            if item.content is not None and hashlib.sha256(item.content).hexdigest() in seen:
+                skipped += 1
+                continue
+            yield item
+
+    rows, errors = score(model, unseen(), progress)
+    partition = None
+    if rows:
+        now = datetime.datetime.now(datetime.timezone.utc)
+        partition = output_root / f"scored_date={now:%Y-%m-%d}" / f"{now:%H%M%S%f}.parquet"
+        partition.parent.mkdir(parents=True, exist_ok=True)
+        tables.write_parquet(_table(rows), partition)
+    counts: dict[str, int] = {}
+    for row in rows:
+        if row["predicted"] is not None:
+            counts[row["predicted"]] = counts.get(row["predicted"], 0) + 1
+    return {"partition": str(partition) if partition else None, "scored": len(rows) - errors, "errors": errors,
+            "already_scored": skipped, "per_class": counts}
 
 
 def _row(item: Input, model: ScoringModel, scored_at, probabilities=None, predicted: str | None = None,

@@ -1,8 +1,9 @@
-"""Scheduled pipelines as Prefect deployments of the training flow: served by one long-running
-process (`convflow serve`) or registered on a work pool for workers (`convflow deploy`).
+"""Scheduled pipelines as Prefect deployments: served by one long-running process (`convflow
+serve`) or registered on a work pool for workers (`convflow deploy`).
 
-Each pipeline with a `schedule:` becomes the deployment `convflow-train/<pipeline>`. Deployments
-are upserted by that name, so serving or deploying again updates them and never duplicates one.
+Each pipeline with a `schedule:` becomes the deployment `convflow-train/<pipeline>` of the
+training flow, and each with a `score:` section `convflow-score/<pipeline>` of the scoring flow.
+Deployments are upserted by name, so serving or deploying again never duplicates one.
 """
 
 from __future__ import annotations
@@ -36,13 +37,13 @@ class DeploymentError(ValueError):
 
 
 def scheduled_pipelines(pipelines_file: Path) -> dict[str, PipelineSpec]:
-    """The pipelines of `pipelines_file` that have a schedule.
+    """The pipelines of `pipelines_file` that have a training schedule or a scoring section.
 
     Raises:
         ConfigError: the file is invalid.
-        DeploymentError: no pipeline has a schedule.
+        DeploymentError: no pipeline has either.
     """
-    scheduled = {name: spec for name, spec in load_pipelines(pipelines_file).items() if spec.schedule}
+    scheduled = {name: spec for name, spec in load_pipelines(pipelines_file).items() if spec.schedule or spec.score}
     if not scheduled:
         raise DeploymentError(
             f"{pipelines_file}: no pipeline has a schedule; add e.g. "
@@ -72,14 +73,35 @@ def _deployment_options(spec: PipelineSpec, pipelines_file: Path, artifacts: Pat
     }
 
 
+def _score_options(spec: PipelineSpec, pipelines_file: Path, artifacts: Path) -> dict[str, Any]:
+    return {
+        "name": spec.name,
+        "schedules": [prefect_schedule(spec.score.schedule)],
+        "parameters": {"pipeline": spec.name, "pipelines_file": str(pipelines_file), "artifacts": str(artifacts)},
+        "concurrency_limit": 1,  # two scoring runs would score the same new inputs twice
+        "tags": TAGS,
+        "description": f"Scheduled scoring by pipeline {spec.name!r}'s production model into {spec.score.output}.",
+    }
+
+
+def _flows_and_options(pipelines_file: Path, artifacts: Path, force: bool):
+    """(flow, deployment options) of every deployment the file asks for: training, then scoring."""
+    from convflow.flows.score import score_pipeline
+
+    specs = scheduled_pipelines(pipelines_file).values()
+    return [
+        *((train_pipeline, _deployment_options(spec, pipelines_file, artifacts, force)) for spec in specs
+          if spec.schedule),
+        *((score_pipeline, _score_options(spec, pipelines_file, artifacts)) for spec in specs if spec.score),
+    ]
+
+
 def served_deployments(pipelines_file: Path, artifacts: Path, force: bool = False) -> list[RunnerDeployment]:
-    """One deployment per scheduled pipeline, for `prefect.serve`; the flow is imported by module."""
+    """One deployment per schedule, for `prefect.serve`; the flows are imported by module."""
     pipelines_file, artifacts = Path(pipelines_file).resolve(), Path(artifacts).resolve()
     return [
-        train_pipeline.to_deployment(
-            **_deployment_options(spec, pipelines_file, artifacts, force), entrypoint_type=EntrypointType.MODULE_PATH
-        )
-        for spec in scheduled_pipelines(pipelines_file).values()
+        flow.to_deployment(**options, entrypoint_type=EntrypointType.MODULE_PATH)
+        for flow, options in _flows_and_options(pipelines_file, artifacts, force)
     ]
 
 
@@ -123,15 +145,20 @@ def ensure_process_pool(pool: str) -> bool:
 
 def deploy_pipelines(pipelines_file: Path, artifacts: Path, pool: str, force: bool = False) -> dict[str, UUID]:
     """Register every scheduled pipeline on work pool `pool` (created as a process pool if missing);
-    returns the deployment id per pipeline. Workers run the flow from SOURCE_ROOT."""
+    returns the id per deployment name (`<flow>/<pipeline>`). Workers run the flows from SOURCE_ROOT."""
     pipelines_file, artifacts = Path(pipelines_file).resolve(), Path(artifacts).resolve()
-    specs = scheduled_pipelines(pipelines_file)
+    planned = _flows_and_options(pipelines_file, artifacts, force)
     ensure_process_pool(pool)
-    flow = train_pipeline.from_source(source=str(SOURCE_ROOT), entrypoint=ENTRYPOINT)
-    return {
-        name: flow.deploy(
-            **_deployment_options(spec, pipelines_file, artifacts, force), work_pool_name=pool,
-            job_variables={"env": process_environment(artifacts)}, print_next_steps=False, ignore_warnings=True,
+    created = {}
+    for flow, options in planned:
+        from_source = flow.from_source(source=str(SOURCE_ROOT), entrypoint=_entrypoint(flow))
+        created[f"{flow.name}/{options['name']}"] = from_source.deploy(
+            **options, work_pool_name=pool, job_variables={"env": process_environment(artifacts)},
+            print_next_steps=False, ignore_warnings=True,
         )
-        for name, spec in specs.items()
-    }
+    return created
+
+
+def _entrypoint(flow) -> str:
+    """`<flows folder>/<module>.py:<function>` of one of convflow's flows, relative to SOURCE_ROOT."""
+    return f"{FLOWS_DIR.name}/{flow.fn.__module__.rsplit('.', 1)[-1]}.py:{flow.fn.__name__}"
