@@ -38,12 +38,13 @@ import digits
 import input_pipeline
 import layout
 import mnist
+import parquet_memory
 import placement
 import predict
 from common import CODE, ROOT, Row
 
 SECTIONS = {"digits": digits, "mnist": mnist, "input": input_pipeline, "layout": layout, "placement": placement,
-            "predict": predict}
+            "predict": predict, "parquet-memory": parquet_memory}
 
 
 def measure(section: str, repeats: int) -> tuple[list[Row], list[dict]]:
