@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import json
 import shutil
 import subprocess
 
@@ -13,7 +14,7 @@ import duckdb
 import pytest
 
 from conftest import CONVFLOW, FOLDER_SPLIT, TINY_PIPELINES, make_image_folder, run_convflow, write_yaml
-from prefect_server import PREFECT, Background, started_server
+from prefect_server import PREFECT, Background, prefect_client, started_server
 
 CLASSES = ("cat", "dog", "owl")
 
@@ -44,6 +45,16 @@ def scored_rows(root) -> list[tuple]:
         f"FROM read_parquet('{root / 'scored'}/*/*.parquet', hive_partitioning = true) "
         "ORDER BY model_version, input"
     ).fetchall()
+
+
+def scoring_artifacts(server) -> list[dict]:
+    """The table artifacts the scoring runs published (the Prefect UI shows them on each run)."""
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with prefect_client(server) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["tiny-scoring"])))
+    tables = [json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data for artifact in found]
+    return [{row["what"]: row["value"] for row in table} for table in tables]
 
 
 def train(root, env, epochs: int) -> dict:
@@ -79,9 +90,11 @@ def test_scoring_runs_score_only_what_the_production_model_has_not(tmp_path):
             third = scored_rows(root)
         finally:
             worker.stop()
+        shown = scoring_artifacts(server)
     today = datetime.datetime.now(datetime.timezone.utc).date()
     assert len(first) == 6 and {row[1:] for row in first} == {(1, today)}
     assert sorted(row[0] for row in second if row not in first) == ["new-img-010.png", "new-img-011.png"]
     assert len(second) == 8
     rescored = [row for row in third if row[1] == 2]
     assert len(third) == 16 and sorted(row[0] for row in rescored) == sorted(row[0] for row in second)
+    assert sorted(table["scored"] for table in shown) == [2, 6, 8]  # one table per scoring run
