@@ -89,13 +89,13 @@ def _inputs_of(path: Path) -> Iterator[Input]:
 
 
 def _table_inputs(path: Path, column: str = "image") -> Iterator[Input]:
-    import pyarrow.parquet as pq
+    from convflow.parquet_source import open_streaming
 
-    table = pq.ParquetFile(path)
+    table = open_streaming(path)
     if column not in table.schema_arrow.names:
         raise PredictError(f"{path}: no {column!r} column; its columns are {table.schema_arrow.names}")
     row = 0
-    for batch in table.iter_batches(batch_size=BATCH_SIZE, columns=[column]):
+    for batch in table.iter_batches(batch_size=BATCH_SIZE, columns=[column], use_threads=False):
         for value in batch.column(0).to_pylist():
             yield _table_input(path, row, value)
             row += 1

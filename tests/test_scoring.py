@@ -98,3 +98,21 @@ def test_scoring_runs_score_only_what_the_production_model_has_not(tmp_path):
     rescored = [row for row in third if row[1] == 2]
     assert len(third) == 16 and sorted(row[0] for row in rescored) == sorted(row[0] for row in second)
     assert sorted(table["scored"] for table in shown) == [2, 6, 8]  # one table per scoring run
+
+
+def test_a_score_section_is_served_beside_training(tmp_path):
+    from pathlib import Path
+
+    from convflow.flows import deployments
+
+    document = scoring_document()
+    document["pipelines"]["tiny"]["schedule"] = {"cron": "0 3 * * 1"}
+    path = write_yaml(tmp_path / "pipelines.yaml", document)
+    built = {(d.flow_name, d.name): d for d in deployments.served_deployments(path, Path("artifacts"))}
+
+    assert sorted(built) == [("convflow-score", "tiny"), ("convflow-train", "tiny")]
+    scoring = built[("convflow-score", "tiny")]
+    assert scoring.entrypoint == "convflow.flows.score.score_pipeline"
+    assert [schedule.schedule.cron for schedule in scoring.schedules] == ["0 3 * * 1"]
+    assert scoring.parameters == {"pipeline": "tiny", "pipelines_file": str(path.resolve()),
+                                  "artifacts": str(Path("artifacts").resolve())}
