@@ -136,19 +136,28 @@ def _add_row(file: Path, index: int, row: int, image: Any, label: Any, split: An
     rows.labels.append(label)
 
 
+def image_cell(value: Any, table: Path) -> tuple[bytes | None, Path | None, str | None]:
+    """A table's image value as its encoded bytes, or the file a path names (relative to the table's
+    folder), or why there is neither; also `convflow predict`'s reading of a table."""
+    if isinstance(value, dict):  # Hugging Face's Image feature: bytes, or a path when bytes is null
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, bytes | bytearray):
+        return bytes(value), None, None
+    if isinstance(value, str) and value:
+        path = Path(value) if Path(value).is_absolute() else table.parent / value
+        return (None, path, None) if path.is_file() else (None, None, f"image file {path} does not exist")
+    return None, None, "no image"
+
+
 def _image_path(image: Any, file: Path, stem: Path) -> tuple[Path | None, str | None]:
     """The file holding the row's image (bytes are written to `stem` + a suffix), or why there is none."""
-    if isinstance(image, dict):  # Hugging Face's Image feature: bytes, or a path when bytes is null
-        image = image.get("bytes") or image.get("path")
-    if isinstance(image, bytes | bytearray):
-        suffix = next((suffix for magic, suffix in MAGIC_SUFFIXES if image.startswith(magic)), ".img")
-        path = stem.with_suffix(suffix)
-        path.write_bytes(image)
-        return path, None
-    if isinstance(image, str) and image:
-        path = Path(image) if Path(image).is_absolute() else file.parent / image
-        return (path, None) if path.is_file() else (None, f"image file {path} does not exist")
-    return None, "no image"
+    content, path, problem = image_cell(image, file)
+    if content is None:
+        return path, problem
+    suffix = next((suffix for magic, suffix in MAGIC_SUFFIXES if content.startswith(magic)), ".img")
+    path = stem.with_suffix(suffix)
+    path.write_bytes(content)
+    return path, None
 
 
 def _label_indices(values: list[Any], data: DataConfig) -> tuple[np.ndarray, list[str]]:

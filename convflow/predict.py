@@ -102,13 +102,12 @@ def _table_inputs(path: Path, column: str = "image") -> Iterator[Input]:
 
 
 def _table_input(table: Path, row: int, value) -> Input:
-    if isinstance(value, dict):  # Hugging Face's Image feature
-        value = value.get("bytes") or value.get("path")
-    if isinstance(value, str):
-        path = Path(value) if Path(value).is_absolute() else table.parent / value
-        return Input(f"{table}#{row}", path.read_bytes() if path.is_file() else None,
-                     None if path.is_file() else f"image file {path} does not exist")
-    return Input(f"{table}#{row}", value, None if value else "no image")
+    from convflow.parquet_source import image_cell
+
+    content, path, problem = image_cell(value, table)
+    if path is not None:
+        content = path.read_bytes()
+    return Input(f"{table}#{row}", content, problem or (None if content else "no image"))
 
 
 def _decode(content: bytes, channels: int) -> np.ndarray:
