@@ -214,6 +214,12 @@ def import_tensorflow_in_background() -> None:
     threading.Thread(target=load, name="import-tensorflow", daemon=True).start()
 
 
+def in_flow_run_process() -> bool:
+    """Whether this process was started by a Prefect worker or runner to run one flow run (they
+    hand it the run's id in PREFECT__FLOW_RUN_ID)."""
+    return bool(os.environ.get("PREFECT__FLOW_RUN_ID"))
+
+
 def _import_flow_run_modules() -> None:
     for name in FLOW_RUN_MODULES:
         with contextlib.suppress(ImportError):  # one a later Prefect moved is imported when needed

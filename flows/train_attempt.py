@@ -22,8 +22,10 @@ from convflow.flows.train_on_pool import TRAIN_FLOW, attempts_dir
 from convflow.tasks.train import train_here
 
 # Imported by the worker's new process to run this flow: TensorFlow's import overlaps the Prefect
-# engine's start of the flow run (API calls, state changes) instead of following it.
-fast_start.import_tensorflow_in_background()
+# engine's start of the flow run (API calls, state changes) instead of following it. Not in
+# `convflow worker`, which imports this module only to register the deployment.
+if fast_start.in_flow_run_process():
+    fast_start.import_tensorflow_in_background()
 
 
 class SharedArtifactsError(RuntimeError):
