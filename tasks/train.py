@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from convflow import tables
 from convflow.config import FineTuneConfig, TrainConfig
-from convflow.storage import staged_output
+from convflow.storage import locked, staged_output
 from convflow.tasks import features
 from convflow.tasks.records import TFRecordSet, TrainedModel, WrappedModel
 from convflow.tasks.stage import RunContext, hash_json, stage_task
@@ -360,7 +360,7 @@ def train_here(
     key = checkpoint_key(wrapped, tfrecords, settings, fine_tune)
     checkpoint_dir = checkpoint_dir_for(run, key)
     checkpoint_dir.parent.mkdir(parents=True, exist_ok=True)
-    with tables.locked(checkpoint_dir):  # the lock file is <key>.lock beside the folder
+    with locked(checkpoint_dir):  # the lock file is <key>.lock beside the folder
         earlier = finished(key)
         if earlier is not None:
             return earlier
