@@ -1,7 +1,7 @@
 """Side-by-side benchmarks: convflow against plain Keras, its input pipeline, Prefect's cost.
 
     .venv/bin/python benchmarks/run.py [--repeats N] [--mnist-repeats M]
-                                       [--only digits|mnist|input|layout|placement ...] [--working-tree]
+                                       [--only digits|mnist|input|layout|placement|predict|parquet-memory|transfer ...] [--working-tree]
 
 It measures convflow as committed at HEAD (convflow/, flows/, tasks/ and pipelines.yaml exported to
 a temporary folder, laid out as the installed package is), so that edits made to the working tree
@@ -14,7 +14,8 @@ working tree instead. Prints a table per section and rewrites that section of be
 Each section is a module of this folder (its docstring says what it measures; --help lists them)
 with TITLE (the heading of its block in RESULTS.md), repeat(scratch) -> measurements and
 rows(medians) -> table rows; common.py holds what they share, including where the code under
-test lies. Sections (all by default): digits, mnist, input (input_pipeline.py), layout, placement.
+test lies. Sections (all by default): digits, mnist, input (input_pipeline.py), layout, placement, predict,
+parquet-memory, transfer.
 """
 
 from __future__ import annotations
@@ -41,10 +42,11 @@ import mnist
 import parquet_memory
 import placement
 import predict
+import transfer
 from common import CODE, ROOT, Row
 
 SECTIONS = {"digits": digits, "mnist": mnist, "input": input_pipeline, "layout": layout, "placement": placement,
-            "predict": predict, "parquet-memory": parquet_memory}
+            "predict": predict, "parquet-memory": parquet_memory, "transfer": transfer}
 
 
 def measure(section: str, repeats: int) -> tuple[list[Row], list[dict]]:

@@ -13,17 +13,81 @@ from pathlib import Path
 from convflow.run_settings import flow_call_settings, process_environment
 
 EXIT_BAD_CONFIG = 2
+# The commands that import TensorFlow, whose start-up log --verbose shows.
+TENSORFLOW_COMMANDS = ("run", "compare", "predict", "init")
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="convflow", description="Train, evaluate, export and report CNN image classifiers as Prefect flows."
     )
+    parser.add_argument("--version", action="version", version=f"convflow {_installed_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     _add_flow_commands(commands)
     _add_catalog_commands(commands)
     _add_server_commands(commands)
+    _add_init_command(commands)
+    for name in TENSORFLOW_COMMANDS:
+        commands.choices[name].add_argument(
+            "-v", "--verbose", action="store_true",
+            help="show TensorFlow's native start-up log too (hidden by default; TF_CPP_MIN_LOG_LEVEL, when set, rules)")
     return parser
+
+
+def _installed_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("convflow")
+    except PackageNotFoundError:
+        return "(not installed)"
+
+
+def _add_init_command(commands) -> None:
+    init = commands.add_parser("init", help="look at a data source and append a pipeline for it to a pipelines file")
+    init.add_argument("name", help="name of the new pipeline; an existing one is never replaced")
+    init.add_argument("source", metavar="SOURCE",
+                      help="a folder of images (one sub-folder per class), IDX files, a Parquet table, or "
+                           "folder:PATH | idx:PATH | parquet:PATH | tfds:NAME")
+    init.add_argument("-f", "--file", default="pipelines.yaml",
+                      help="pipelines file to append to, created if missing (default: ./pipelines.yaml)")
+    init.add_argument("--weights", type=Path, metavar="PATH",
+                      help="Keras Applications MobileNet weights (.h5): a pretrained base instead of a CNN from scratch")
+
+
+def _init(args: argparse.Namespace) -> int:
+    from convflow.init_pipeline import InitError, append_pipeline, check_name, check_new_name, report_lines
+    from convflow.sources import DataError
+    from convflow.survey import source_of, survey_source
+
+    file = Path(args.file)
+    try:
+        check_name(args.name)
+        check_new_name(file, args.name)  # before the source is read: that can take a while
+        survey = survey_source(source_of(args.source))
+        appended = append_pipeline(file, args.name, survey, args.weights)
+    except (InitError, DataError) as error:
+        print(f"convflow init: {error}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    print("\n".join(report_lines(args.name, survey, appended, args.file)))
+    return 0
+
+
+def _tensorflow_log(args: argparse.Namespace, exits_after: bool) -> None:
+    """TensorFlow's native log as the user asked for it: a TF_CPP_MIN_LOG_LEVEL of their own rules;
+    --verbose shows everything; else its warnings and errors, without its info lines and without the
+    start-up lines that no level hides, filtered out of the console script's stderr (native_log).
+    Tests that call main() in-process keep their own stderr."""
+    if "TF_CPP_MIN_LOG_LEVEL" in os.environ or args.command not in TENSORFLOW_COMMANDS:
+        return
+    if args.verbose:
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
+        return
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "1"
+    if exits_after:
+        from convflow.native_log import filter_native_log
+
+        filter_native_log()
 
 
 def _common_options(pipelines_file: bool = True) -> argparse.ArgumentParser:
@@ -210,11 +274,42 @@ def _call_flow(label: str, command, load_flow, artifacts: Path, *args, warm_tens
         return command.call(load_flow, *args, settings=settings, warm_tensorflow=warm_tensorflow)
     except Exception as error:  # the flow already logged the traceback
         print(f"{label} failed: {type(error).__name__}: {error}", file=sys.stderr)
+        if server is None and _is_lost_connection(error):
+            print(_LOST_SERVER_HINT.format(label=label), file=sys.stderr)
         return None
 
 
+# The Prefect client retries a lost connection (PREFECT_CLIENT_MAX_RETRIES, with back-off: about a
+# minute by default), so a server restarted within that finishes the run; a longer absence fails it.
+_LOST_SERVER_HINT = (
+    "  the Prefect server (PREFECT_API_URL) was away for longer than its client retries; once it is back, run "
+    "`{label}` again: finished stages are cache hits and training resumes from its last checkpoint"
+)
+
+
+def _is_lost_connection(error: BaseException) -> bool:
+    import httpx
+
+    return isinstance(error, httpx.TransportError) or isinstance(error.__cause__, httpx.TransportError)
+
+
+def _load_one(path: str, name: str):
+    """Pipeline `name` of `path`, validated before anything is written; each other invalid
+    pipeline of the file is a warning on stderr, not an error (`convflow validate` is strict).
+
+    Raises:
+        ConfigError: `name` itself is invalid or missing, or the file is unusable.
+    """
+    from convflow.config import check_pipeline
+
+    spec, warnings = check_pipeline(path, name)
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return spec
+
+
 def _run(args: argparse.Namespace, exits_after: bool) -> int:
-    from convflow.config import ConfigError, load_pipeline
+    from convflow.config import ConfigError
     from convflow.fast_start import FlowCommand
 
     artifacts = _prepare_environment(args.artifacts)
@@ -222,10 +317,14 @@ def _run(args: argparse.Namespace, exits_after: bool) -> int:
     # all that follows until the flow is called. A refused config stops it; nothing is written.
     with FlowCommand(exits_after) as command:
         try:
-            spec = load_pipeline(args.file, args.name)  # validate before anything is written
+            spec = _load_one(args.file, args.name)
         except ConfigError as error:
             print("\n".join(error.problems), file=sys.stderr)
             return EXIT_BAD_CONFIG
+        refused = _refused_by_server(f"run {args.name}") if command.server is None else None
+        if refused:
+            print(refused, file=sys.stderr)
+            return 1
         problem = _unreachable_pool(spec, command.server) or _unwritable(artifacts)
         if problem:
             print(f"convflow run {args.name}: {problem}", file=sys.stderr)
@@ -238,9 +337,18 @@ def _run(args: argparse.Namespace, exits_after: bool) -> int:
         return 1
     seconds = time.perf_counter() - started
     _print_summary(summary, seconds)
+    _print_ui_address(artifacts, summary.run_id, temporary_server=command.server is not None)
     if args.json:
         print(json.dumps(_summary_json(summary, seconds)))
     return 0
+
+
+def _print_ui_address(artifacts: Path, run_id: str, temporary_server: bool) -> None:
+    from convflow.ui_address import flow_run_id, ui_lines
+
+    flow_run = flow_run_id(artifacts, run_id)
+    if flow_run is not None:
+        print("\n".join(ui_lines(flow_run, temporary_server)))
 
 
 def _summary_json(summary, seconds: float) -> dict:
@@ -284,16 +392,20 @@ def _print_comparison(comparison, rows: list[dict], seconds: float) -> None:
 
 
 def _compare(args: argparse.Namespace, exits_after: bool) -> int:
-    from convflow.config import ConfigError, load_pipeline
+    from convflow.config import ConfigError
 
     try:
-        spec = load_pipeline(args.file, args.name)  # validate before anything is written
+        spec = _load_one(args.file, args.name)
     except ConfigError as error:
         print("\n".join(error.problems), file=sys.stderr)
         return EXIT_BAD_CONFIG
     if spec.compare is None:
         print(f"pipelines.{args.name}.compare: required by convflow compare (a list of variants)", file=sys.stderr)
         return EXIT_BAD_CONFIG
+    refused = _refused_by_server(f"compare {args.name}")
+    if refused:
+        print(refused, file=sys.stderr)
+        return 1
     artifacts = _prepare_environment(args.artifacts)
     started = time.perf_counter()
     from convflow.fast_start import FlowCommand
@@ -353,6 +465,33 @@ def _missing_server(command: str) -> str | None:
     )
 
 
+def _refused_by_server(command: str) -> str | None:
+    """Why the Prefect server at PREFECT_API_URL refuses this command's requests (basic auth), in
+    one line, or None; None also without PREFECT_API_URL (a temporary server). Asked before anything
+    is written, instead of a traceback mid-run."""
+    import httpx
+    from prefect.client.orchestration import get_client
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings().api
+    if not settings.url:
+        return None
+    try:
+        with get_client(sync_client=True) as client:
+            client.hello()  # authenticated, unlike /health
+    except httpx.TransportError:
+        return None  # not a refusal: the command meets it where it happens
+    except httpx.HTTPStatusError as error:
+        if error.response.status_code != 401:
+            return None
+        if settings.auth_string is None:
+            return (f"convflow {command}: the Prefect server at {settings.url} requires basic auth (401 Unauthorized); "
+                    "set PREFECT_API_AUTH_STRING=USER:PASSWORD, the server's PREFECT_SERVER_API_AUTH_STRING")
+        return (f"convflow {command}: the Prefect server at {settings.url} refused PREFECT_API_AUTH_STRING "
+                "(401 Unauthorized); set it to the server's PREFECT_SERVER_API_AUTH_STRING (USER:PASSWORD)")
+    return None
+
+
 def _schedules_command(args: argparse.Namespace) -> int:
     """`convflow serve` and `convflow deploy`: the file is checked first, then the server."""
     from convflow.config import ConfigError
@@ -360,7 +499,7 @@ def _schedules_command(args: argparse.Namespace) -> int:
 
     try:
         deployments.scheduled_pipelines(Path(args.file))
-        problem = _missing_server(args.command)
+        problem = _missing_server(args.command) or _refused_by_server(args.command)
         if problem:
             print(problem, file=sys.stderr)
             return 1
@@ -383,7 +522,7 @@ def _schedules_command(args: argparse.Namespace) -> int:
 def _worker(args: argparse.Namespace) -> int:
     """`convflow worker`: the pool, its train deployment and the lost-worker automation (created or
     updated), then Prefect's own process worker in place of this process."""
-    problem = _missing_server("worker")
+    problem = _missing_server("worker") or _refused_by_server("worker")
     if problem:
         print(problem, file=sys.stderr)
         return 1
@@ -447,11 +586,13 @@ def _registry_command(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None, *, exits_after: bool = False) -> int:
     """Run one convflow command; `exits_after`: the process ends with it (the console script)."""
     args = _parser().parse_args(argv)
+    _tensorflow_log(args, exits_after)
     handlers = {
         "run": lambda a: _run(a, exits_after), "compare": lambda a: _compare(a, exits_after),
         "validate": lambda a: _validate(a.file), "runs": _runs,
         "promote": _registry_command, "rollback": _registry_command,
         "serve": _schedules_command, "deploy": _schedules_command, "worker": _worker, "predict": _predict,
+        "init": _init,
     }
     return handlers[args.command](args)
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import re
 import zoneinfo
 from pathlib import Path
@@ -22,6 +24,7 @@ from pydantic import (
 )
 
 from convflow.model_zoo import get_base_spec
+from convflow.yaml_loader import duplicate_keys
 
 # A mapping shown as a bad value is cut when longer than this: a whole pipeline buries the message.
 MAX_SHOWN_SECTION = 80
@@ -200,6 +203,22 @@ class TrainConfig(StrictModel):
     seed: int = Field(0, ge=0, description="Seeds weights, shuffling and augmentation.")
     shuffle_buffer: int = Field(10_000, ge=0, description="Examples in the shuffle buffer; 0: no shuffle.")
     augment: bool = Field(False, description="Random flip, rotation, zoom and contrast on training images.")
+    cache_features: bool = Field(
+        True,
+        description="With a frozen base and no augmentation, run the frozen base over each split once and "
+        "train the head on its stored features (float16) instead of running the base in every epoch; the "
+        "saved model is still base + head. Fine-tuning trains on images.",
+    )
+    precision: Literal["float32", "mixed_float16", "mixed_bfloat16"] = Field(
+        "float32",
+        description="Keras dtype policy while training; the output layer stays float32. mixed_float16 pays "
+        "on GPUs with tensor cores, mixed_bfloat16 on TPUs and recent GPUs and CPUs (benchmarks/RESULTS.md).",
+    )
+    jit_compile: bool | Literal["auto"] = Field(
+        "auto",
+        description="XLA-compile training steps. auto (Keras' rule): on when a GPU is present, off on CPUs only, "
+        "where XLA made convflow's CNNs slower (benchmarks/RESULTS.md).",
+    )
     deterministic: bool = Field(False, description="Deterministic TF ops: identical weights on CPU.")
     checkpoint_seconds: float = Field(
         10.0, ge=0,
@@ -211,7 +230,7 @@ class TrainConfig(StrictModel):
         32, ge=1,
         description="Training steps run per call into TensorFlow (Keras' steps_per_execution; at most one "
         "epoch's): fewer Python round trips between steps, so faster epochs. Batch-level callbacks see every "
-        "Nth batch.",
+        "Nth batch. 1 when training on several GPUs, where Keras' multi-step loop fails (keras-team/keras#19246).",
     )
 
     work_pool: SafeName | None = Field(
@@ -442,8 +461,11 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(path, [f"{path}: file not found"]) from None
     try:
         document = yaml.safe_load(text)
+        duplicates = duplicate_keys(text)
     except yaml.YAMLError as error:
         raise ConfigError(path, [f"{path}: not valid YAML: {error}"]) from None
+    if duplicates:
+        raise ConfigError(path, [f"{path}: {duplicate}" for duplicate in duplicates])
     if not isinstance(document, dict) or not isinstance(document.get("pipelines"), dict):
         raise ConfigError(path, [f"{path}: must be a mapping with a 'pipelines:' mapping"])
     unknown = sorted(set(document) - {"defaults", "pipelines"})
@@ -452,45 +474,95 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return document
 
 
-def load_pipelines(path: str | Path) -> dict[str, PipelineSpec]:
-    """Load and validate every pipeline of a pipelines file.
+def _validate_each(path: Path) -> tuple[dict[str, PipelineSpec], dict[str, list[str]]]:
+    """Every pipeline of the file validated on its own: the valid ones, and each invalid one's
+    problems, one line each. A file that cannot be read as a pipelines file raises.
 
     Raises:
-        ConfigError: listing every problem found, each with its path and bad value.
+        ConfigError: the file is missing, not YAML, or not shaped like a pipelines file.
     """
-    path = Path(path)
     document = _read_yaml(path)
     defaults = document.get("defaults") or {}
     if not isinstance(defaults, dict):
         raise ConfigError(path, ["defaults: must be a mapping"])
     specs: dict[str, PipelineSpec] = {}
-    problems: list[str] = []
+    problems: dict[str, list[str]] = {}
     context = {"base_dir": str(path.resolve().parent)}
-    for name, body in document["pipelines"].items():
-        prefix = f"pipelines.{name}"
+    for key, body in document["pipelines"].items():
+        name, prefix = str(key), f"pipelines.{key}"
         if not isinstance(body, dict):
-            problems.append(f"{prefix}: must be a mapping")
+            problems[name] = [f"{prefix}: must be a mapping"]
             continue
-        merged = _deep_merge(defaults, body)
         try:
-            specs[name] = PipelineSpec.model_validate({**merged, "name": str(name)}, context=context)
+            specs[name] = PipelineSpec.model_validate({**_deep_merge(defaults, body), "name": name}, context=context)
         except ValidationError as error:
-            problems.extend(_format_error(prefix, item) for item in error.errors())
+            problems[name] = [_format_error(prefix, item) for item in error.errors()]
+    return specs, problems
+
+
+def load_pipelines(path: str | Path) -> dict[str, PipelineSpec]:
+    """Load and validate every pipeline of a pipelines file (validate, serve and deploy: a person
+    is there to fix any mistake).
+
+    Raises:
+        ConfigError: listing every problem found, each with its path and bad value.
+    """
+    path = Path(path)
+    specs, problems = _validate_each(path)
     if problems:
-        raise ConfigError(path, problems)
+        raise ConfigError(path, [line for lines in problems.values() for line in lines])
     return specs
 
 
-def load_pipeline(path: str | Path, name: str) -> PipelineSpec:
-    """Load one pipeline by name; the whole file must be valid.
+def check_pipeline(path: str | Path, name: str) -> tuple[PipelineSpec, list[str]]:
+    """Load one pipeline by name (with `defaults:`); the other pipelines' mistakes do not stop it.
+
+    Returns:
+        The pipeline, and one warning per other pipeline that is invalid, naming it and its problems.
 
     Raises:
-        ConfigError: the file is invalid or has no pipeline `name`.
+        ConfigError: pipeline `name` is invalid or missing, or the file itself is unusable.
     """
-    specs = load_pipelines(path)
+    path = Path(path)
+    specs, problems = _validate_each(path)
+    if name in problems:
+        raise ConfigError(path, problems[name])
     if name not in specs:
-        raise ConfigError(Path(path), [f"pipelines.{name}: no such pipeline; expected one of {sorted(specs)}"])
-    return specs[name]
+        known = sorted([*specs, *problems])
+        raise ConfigError(path, [f"pipelines.{name}: no such pipeline; expected one of {known}"])
+    warnings = [
+        f"{path}: pipeline {other!r} is invalid and cannot run until it is fixed ({name} is not affected): "
+        + "; ".join(lines)
+        for other, lines in problems.items()
+    ]
+    return specs[name], warnings
+
+
+def load_pipeline(path: str | Path, name: str) -> PipelineSpec:
+    """Load one pipeline by name, as check_pipeline; inside a Prefect flow or task run, each other
+    invalid pipeline is logged as a warning in that run's log (one broken entry of a shared file
+    must not stop every scheduled retraining, but it must be seen).
+
+    Raises:
+        ConfigError: pipeline `name` is invalid or missing, or the file itself is unusable.
+    """
+    spec, warnings = check_pipeline(path, name)
+    if warnings:
+        _log_warnings(warnings)
+    return spec
+
+
+def _log_warnings(warnings: list[str]) -> None:
+    """To the current Prefect run's log (the UI shows it), else to the `convflow.config` logger."""
+    logger = None
+    with contextlib.suppress(Exception):  # no run context: a plain Python caller
+        from prefect import get_run_logger
+
+        logger = get_run_logger()
+    # Asked for after Prefect's import, whose logging set-up disables loggers that exist before it.
+    logger = logger or logging.getLogger("convflow.config")
+    for warning in warnings:
+        logger.warning(warning)
 
 
 def variant_specs(spec: PipelineSpec, base_dir: str | Path) -> dict[str, PipelineSpec | list[str]]:

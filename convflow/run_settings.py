@@ -34,11 +34,21 @@ def flow_call_settings(artifacts_root: str | Path, temporary_api_url: str | None
     Prefect before the server started (main() called from Python) keeps the address it read then
     and would start Prefect's own temporary server as well; and no flow-run heartbeats, which let a
     lasting server mark a crashed run, while a temporary server dies with this process and joining
-    the heartbeat thread (it sleeps in 1 s steps) adds up to a second to every run's end.
+    the heartbeat thread (it sleeps in 1 s steps) adds up to a second to every run's end. Prefect's
+    "View at" link then names the run's address on a lasting server (ui_address), not on the
+    temporary one, which is gone by the time anyone opens it.
     """
-    from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, PREFECT_LOCAL_STORAGE_PATH
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+        PREFECT_LOCAL_STORAGE_PATH,
+        PREFECT_UI_URL,
+    )
+
+    from convflow.ui_address import lasting_ui_url
 
     settings: dict[Any, Any] = {PREFECT_LOCAL_STORAGE_PATH: results_folder(artifacts_root)}
     if temporary_api_url is not None:
-        settings.update({PREFECT_API_URL: temporary_api_url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
+        settings.update({PREFECT_API_URL: temporary_api_url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None,
+                         PREFECT_UI_URL: lasting_ui_url()})
     return settings

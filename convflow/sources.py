@@ -7,9 +7,11 @@ folders, TFDS splits).
 
 from __future__ import annotations
 
+import concurrent.futures
 import difflib
 import gzip
 import hashlib
+import os
 import socket
 import struct
 from dataclasses import dataclass, field
@@ -203,6 +205,16 @@ def check_image_file(path: Path) -> tuple[str | None, tuple[int, int]]:
     return None, size
 
 
+def _checked(paths: list[Path]) -> list[tuple[str | None, tuple[int, int]]]:
+    """check_image_file of each path (those without an image suffix refused unread), in threads:
+    Pillow decodes without the GIL, so every core checks."""
+    def check(path: Path) -> tuple[str | None, tuple[int, int]]:
+        return check_image_file(path) if path.suffix.lower() in IMAGE_SUFFIXES else ("not an image file", (0, 0))
+
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
+        return list(pool.map(check, paths))
+
+
 def _class_folders(root: Path) -> list[Path]:
     return sorted(path for path in root.iterdir() if path.is_dir() and not path.name.startswith("."))
 
@@ -234,12 +246,8 @@ def _scan_class_folder(folder: Path, root: Path, label: int, split: str | None, 
     if not folder.is_dir():
         return []
     usable = 0
-    for path in sorted(folder.iterdir()):
-        if not path.is_file() or path.name.startswith("."):
-            continue
-        problem, size = (
-            ("not an image file", (0, 0)) if path.suffix.lower() not in IMAGE_SUFFIXES else check_image_file(path)
-        )
+    paths = [path for path in sorted(folder.iterdir()) if path.is_file() and not path.name.startswith(".")]
+    for path, (problem, size) in zip(paths, _checked(paths)):
         if problem:
             loaded.skipped.append(f"{path}: {problem}")
             continue

@@ -15,7 +15,7 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from convflow import registry, runs
-from convflow.config import CompareConfig, ConfigError, PipelineSpec, load_pipeline, variant_specs
+from convflow.config import CompareConfig, ConfigError, PipelineSpec, check_pipeline, load_pipeline, variant_specs
 from convflow.flows.stage_runner import StageRunner
 from convflow.sources import source_fingerprint
 from convflow.tasks.build_base import build_base, weights_fingerprint
@@ -146,7 +146,7 @@ def run_comparison(
         ConfigError: the pipeline is invalid or has no compare section.
         ImportError: Dask asked for without prefect-dask installed.
     """
-    spec = load_pipeline(pipelines_file, pipeline)
+    spec, _ = check_pipeline(pipelines_file, pipeline)  # compare_pipeline logs the other pipelines' mistakes
     if spec.compare is None:
         raise ConfigError(Path(pipelines_file), [f"pipelines.{pipeline}.compare: required by convflow compare"])
     variants = variant_specs(spec, Path(pipelines_file).resolve().parent)

@@ -10,7 +10,7 @@ from prefect import Task
 
 from convflow.run_settings import results_folder
 from convflow.tasks.records import StageRun
-from convflow.tasks.stage import RunContext
+from convflow.tasks.stage import RunContext, run_logger
 
 
 class StageRunner:
@@ -34,14 +34,15 @@ class StageRunner:
         state = task(*args, return_state=True)
         result = state.result()  # raises the stage's exception if it failed
         storage_key = getattr(getattr(state.data, "metadata", None), "storage_key", None)
-        self.timings.append(
-            StageRun(
-                name=stage.name,
-                seconds=round(time.perf_counter() - started, 3),
-                cached=state.name == "Cached",
-                cache_key=Path(storage_key).name if storage_key else None,
-            )
+        timing = StageRun(
+            name=stage.name,
+            seconds=round(time.perf_counter() - started, 3),
+            cached=state.name == "Cached",
+            cache_key=Path(storage_key).name if storage_key else None,
         )
+        self.timings.append(timing)
+        how = "cached" if timing.cached else f"{timing.seconds:.1f} s"
+        run_logger().info(f"{stage.name} ({how}): {result.log_line()}")
         return result
 
     @property

@@ -54,6 +54,9 @@ class ComparisonReport(StageRecord):
     def required_files(self) -> list[str]:
         return [self.report_html, self.comparison_parquet]
 
+    def log_line(self) -> str:
+        return f"comparison report at {self.report_html}, table at {self.comparison_parquet}"
+
 
 def comparison_table(comparison: Comparison) -> pa.Table:
     """comparison.parquet: one row per variant (tables.COMPARISON_SCHEMA)."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +22,12 @@ from convflow.tasks.stage import RunContext, hash_json, stage_task
 
 
 def _example_hashes(loaded: LoadedSource) -> list[str]:
+    """The sha256 of each example's bytes; files are read and hashed in threads (hashlib lets go of
+    the GIL on large buffers)."""
     if loaded.images is not None:
         return [hashlib.sha256(image.tobytes()).hexdigest() for image in loaded.images]
-    return [hashlib.sha256(Path(path).read_bytes()).hexdigest() for path in loaded.files]
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
+        return list(pool.map(lambda path: hashlib.sha256(Path(path).read_bytes()).hexdigest(), loaded.files))
 
 
 def _split_by_hash(sha256: str, predefined: str | None, carved: list[str], data: DataConfig) -> str:

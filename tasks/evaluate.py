@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -29,12 +30,33 @@ def _graph_forward(model):
     return tf.function(lambda images: model(images, training=False), reduce_retracing=True)
 
 
+# The classifier last loaded or saved in this process, by file: train saves the model that evaluate
+# and then export load, which in one process (`convflow run`) would each read and rebuild it again.
+_last_classifier: tuple[tuple, object] | None = None
+
+
+def _file_identity(model_path: str | Path) -> tuple:
+    status = os.stat(model_path)
+    return os.path.realpath(model_path), status.st_size, status.st_mtime_ns
+
+
+def remember_classifier(model_path: str | Path, model) -> None:
+    """`model` is what `model_path` holds (just saved there): load_classifier returns it while the file is unchanged."""
+    global _last_classifier
+    _last_classifier = (_file_identity(model_path), model)
+
+
 def load_classifier(model_path: str):
+    """The Keras classifier at `model_path`; the same object again while that file is unchanged."""
     import keras
 
     import convflow.tasks.layers  # noqa: F401  (registers custom layers for loading)
 
-    return keras.models.load_model(model_path, compile=False)
+    if _last_classifier is not None and _last_classifier[0] == _file_identity(model_path):
+        return _last_classifier[1]
+    model = keras.models.load_model(model_path, compile=False)
+    remember_classifier(model_path, model)
+    return model
 
 
 def predict_split(model_path: str, tfrecords: TFRecordSet, split: str, batch_size: int = 256):

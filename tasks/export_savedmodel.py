@@ -21,7 +21,7 @@ import numpy as np
 
 from convflow import fast_start
 from convflow.storage import staged_output
-from convflow.tasks.evaluate import predict_split, probabilities_from_logits
+from convflow.tasks.evaluate import load_classifier, predict_split, probabilities_from_logits
 from convflow.tasks.records import Evaluation, ExportedModel, TFRecordSet, TrainedModel
 from convflow.tasks.stage import RunContext, stage_task
 from convflow.tasks.verify_export import ExportMismatch
@@ -138,11 +138,9 @@ def export_model(
     Raises:
         ExportMismatch: the reloaded SavedModel's probabilities differ by more than TOLERANCE.
     """
-    import keras
-
     with fast_start.take_prestarted(FRESH_PROCESS, FreshProcessCheck) as fresh_process:  # TF already imported
         images, expected = _test_split_expectations(trained, tfrecords, evaluation)
-        model = keras.models.load_model(trained.model_path, compile=False)
+        model = load_classifier(trained.model_path)
         relative = Path(name) / str(MODEL_VERSION)
         with staged_output(output_dir) as staging:
             _serving_archive(model, tfrecords).write_out(str(staging / relative), verbose=False)

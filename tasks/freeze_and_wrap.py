@@ -67,6 +67,7 @@ def freeze_and_wrap_model(
         trainable_params=count_params(classifier.trainable_weights),
         total_params=count_params(classifier.weights),
         fingerprint=hash_json([base_model.fingerprint, model, num_classes, seed])[:24],
+        features_fingerprint=hash_json([base_model.fingerprint, model.pooling or get_base_spec(model.base).default_pooling])[:24],
     )
 
 

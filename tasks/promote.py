@@ -11,7 +11,7 @@ from prefect.cache_policies import NO_CACHE
 
 from convflow import registry
 from convflow.tasks.records import Evaluation, ExportedModel, TrainedModel
-from convflow.tasks.stage import RunContext, retry_on_transient_error
+from convflow.tasks.stage import RunContext, retry_on_transient_error, run_logger
 
 
 def promote_if_passed(
@@ -35,4 +35,9 @@ def promote_if_passed(
       retry_condition_fn=retry_on_transient_error)
 def promote(exported: ExportedModel, trained: TrainedModel, evaluation: Evaluation, run: RunContext) -> ExportedModel:
     """Prefect task over promote_if_passed; transient I/O errors retry."""
-    return promote_if_passed(exported, trained, evaluation, run)
+    promoted = promote_if_passed(exported, trained, evaluation, run)
+    if promoted.promoted_version is None:
+        run_logger().info(f"not promoted: {evaluation.gate_reason}")
+    else:
+        run_logger().info(f"production model of {run.pipeline}: version {promoted.promoted_version}")
+    return promoted

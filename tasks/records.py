@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import pydantic
 from pydantic import ConfigDict, Field
@@ -41,6 +42,10 @@ class StageRecord(pydantic.BaseModel):
                 problems.append(f"{path}: {file.stat().st_size} bytes, written as {size}")
         return sorted(set(problems))
 
+    def log_line(self) -> str:
+        """What the stage made, in one line for the run's log (the Prefect UI's Logs tab)."""
+        return f"wrote {self.output_dir}"
+
 
 def _sizes(paths: list[str]) -> dict[str, int]:
     sizes: dict[str, int] = {}
@@ -65,6 +70,11 @@ class SplitSet(StageRecord):
     def required_files(self) -> list[str]:
         return [self.splits_parquet, *([self.images_npy] if self.images_npy else [])]
 
+    def log_line(self) -> str:
+        splits = ", ".join(f"{split} {count:,}" for split, count in self.counts.items())
+        line = f"{sum(self.counts.values()):,} examples in {len(self.label_names)} classes ({splits})"
+        return line + (f"; {len(self.skipped)} unusable files skipped" if self.skipped else "")
+
 
 class TFRecordSet(StageRecord):
     """to_tfrecords: sharded TFRecords per split, raw uint8 images at the model's size."""
@@ -81,6 +91,12 @@ class TFRecordSet(StageRecord):
     def required_files(self) -> list[str]:
         return [path for paths in self.shards.values() for path in paths]
 
+    def log_line(self) -> str:
+        shards = sum(len(paths) for paths in self.shards.values())
+        height, width = self.image_size
+        return (f"{shards} shards, {sum(self.file_sizes.values()) / 1e6:.1f} MB of {height}x{width}x{self.channels} "
+                f"images ({self.compression} compression) in {Path(self.output_dir)}")
+
 
 class BaseNetwork(StageRecord):
     """build_base: the base network, saved as a .keras file."""
@@ -94,6 +110,10 @@ class BaseNetwork(StageRecord):
     def required_files(self) -> list[str]:
         return [self.model_path]
 
+    def log_line(self) -> str:
+        weights = "pretrained weights" if self.pretrained else "random weights"
+        return f"{self.base} for {'x'.join(map(str, self.input_shape))} inputs, {weights}"
+
 
 class WrappedModel(StageRecord):
     """freeze_and_wrap: base (frozen when pretrained) + pooling + dropout + dense head, untrained."""
@@ -103,9 +123,16 @@ class WrappedModel(StageRecord):
     trainable_params: int
     total_params: int
     fingerprint: str
+    features_fingerprint: str = Field(
+        "", description="Hash of what the frozen front (base + pooling) computes: keys its cached features."
+    )
 
     def required_files(self) -> list[str]:
         return [self.model_path]
+
+    def log_line(self) -> str:
+        frozen = "frozen base" if self.base_frozen else "trainable base"
+        return f"{frozen} + head: {self.trainable_params:,} of {self.total_params:,} parameters trainable"
 
 
 class TrainedModel(StageRecord):
@@ -122,9 +149,21 @@ class TrainedModel(StageRecord):
     fingerprint: str
     host: str = Field("", description="Host name of the machine that trained (the last attempt's, on a work pool).")
     pid: int = Field(0, description="Process id that trained (the flow's, or a work-pool worker's flow run's).")
+    head_trained_on: Literal["images", "cached features"] = Field(
+        "images", description="What the head phase fed: images through the whole model, or the frozen base's cached features."
+    )
+    precision: str = Field("float32", description="train.precision: the Keras dtype policy it trained under.")
+    replicas: int = Field(1, description="Devices that trained in step (MirroredStrategy), each on train.batch_size examples.")
+    tensorboard_dir: str | None = Field(None, description="TensorBoard event files of this training (`tensorboard --logdir`).")
 
     def required_files(self) -> list[str]:
         return [self.model_path, self.history_parquet, self.model_summary_parquet]
+
+    def log_line(self) -> str:
+        resumed = f", resumed after epoch {self.resumed_from_epoch}" if self.resumed_from_epoch else ""
+        fed = "the head on cached features" if self.head_trained_on == "cached features" else "on images"
+        return (f"{self.epochs} epochs in {self.train_seconds:.1f} s ({self.images_per_second:,.0f} images/s), {fed}, "
+                f"{self.precision}, {self.replicas} replica(s) on {self.host}{resumed}")
 
 
 class Evaluation(StageRecord):
@@ -144,6 +183,10 @@ class Evaluation(StageRecord):
     def required_files(self) -> list[str]:
         return [self.metrics_parquet, self.predictions_parquet, self.confusion_json, self.samples_npz]
 
+    def log_line(self) -> str:
+        verdict = "passed" if self.passed_gate else "failed"
+        return f"test accuracy {self.test_accuracy:.4f}, loss {self.test_loss:.4f}; the gate {verdict}: {self.gate_reason}"
+
 
 class ExportedModel(StageRecord):
     """export_savedmodel: a TF-Serving layout <name>/<version>/ whose signature takes raw images."""
@@ -155,6 +198,11 @@ class ExportedModel(StageRecord):
     def required_files(self) -> list[str]:
         return [self.saved_model]
 
+    def log_line(self) -> str:
+        version = Path(self.saved_model).name
+        return (f"SavedModel version {version} at {self.saved_model} (largest difference from Keras "
+                f"{self.max_abs_difference:.1e})")
+
 
 class Report(StageRecord):
     """write_report: one self-contained HTML page."""
@@ -163,6 +211,9 @@ class Report(StageRecord):
 
     def required_files(self) -> list[str]:
         return [self.report_html]
+
+    def log_line(self) -> str:
+        return f"report at {self.report_html}"
 
 
 class StageRun(pydantic.BaseModel):

@@ -45,6 +45,18 @@ class RunContext(pydantic.BaseModel):
         return self.run_dir / stage
 
 
+def run_logger() -> logging.Logger | logging.LoggerAdapter:
+    """Prefect's run logger inside a flow or task run, so a line shows in the run's Logs tab in the UI
+    (and in the terminal); outside one, the "convflow" logger."""
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    if FlowRunContext.get() is None and TaskRunContext.get() is None:
+        return logging.getLogger("convflow")
+    from prefect.logging import get_run_logger
+
+    return get_run_logger()
+
+
 def hash_json(value: Any) -> str:
     """A stable sha256 of a JSON-able value; pydantic models in it are dumped first.
 

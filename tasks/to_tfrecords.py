@@ -121,7 +121,9 @@ def write_tfrecords(split_set: SplitSet, data: DataConfig, output_dir: Path) -> 
                 ]
                 for job in jobs:
                     job.result()
-        digests = {path.name: sha256_file(path) for path in sorted(staging.iterdir())}
+        written = sorted(staging.iterdir())
+        with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:  # hashlib runs without the GIL
+            digests = dict(zip((path.name for path in written), pool.map(sha256_file, written)))
     return TFRecordSet(
         output_dir=str(output_dir),
         shards=shards,

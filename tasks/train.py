@@ -10,6 +10,7 @@ import socket
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +19,10 @@ import pyarrow as pa
 from convflow import tables
 from convflow.config import FineTuneConfig, TrainConfig
 from convflow.storage import locked, staged_output
-from convflow.tasks import features
+from convflow.tasks import base_features, features, train_callbacks
+from convflow.tasks.evaluate import remember_classifier
 from convflow.tasks.records import TFRecordSet, TrainedModel, WrappedModel
-from convflow.tasks.stage import RunContext, hash_json, stage_task
+from convflow.tasks.stage import RunContext, hash_json, run_logger, stage_task
 
 
 def checkpoint_key(
@@ -28,65 +30,6 @@ def checkpoint_key(
 ) -> str:
     """Names the checkpoint folder: the same model, data and settings resume the same training."""
     return hash_json([wrapped.fingerprint, tfrecords.fingerprint, settings, fine_tune])[:24]
-
-
-def _history_logger(path: Path):
-    """A callback that appends each finished epoch to `path` (JSON lines) and notes where fit began.
-
-    fit's own History would hold only the epochs of the last attempt. Epochs trained after the
-    last checkpoint are trained and logged again by a resumed run; the last record of an epoch wins.
-    """
-    import keras
-
-    class HistoryLog(keras.callbacks.Callback):
-        first_epoch: int | None = None
-
-        def on_epoch_begin(self, epoch, logs=None):
-            if self.first_epoch is None:
-                self.first_epoch = epoch
-            self._started = time.perf_counter()
-
-        phase = "head"
-
-        def on_epoch_end(self, epoch, logs=None):
-            row = {"epoch": epoch + 1, "phase": self.phase, "seconds": time.perf_counter() - self._started,
-                   "host": socket.gethostname(), "pid": os.getpid()}
-            row.update({key: float(value) for key, value in (logs or {}).items()})
-            with open(path, "a") as handle:
-                handle.write(json.dumps(row) + "\n")
-
-    return HistoryLog()
-
-
-def _progress_artifact(label: str | None, total_epochs: int):
-    """A callback that shows training's progress in the Prefect UI: a progress artifact of the
-    train task run (or of the train flow run on a work pool), "<label>: epochs of <total>", updated at each epoch's end (a resumed run starts
-    from its epoch). None without a label or outside a Prefect task run. A failed update is
-    logged; training goes on.
-    """
-    from prefect.context import FlowRunContext, TaskRunContext
-
-    if label is None or (TaskRunContext.get() is None and FlowRunContext.get() is None):
-        return None
-    description = f"{label}: epochs of {total_epochs}"
-    import keras
-    from prefect.artifacts import create_progress_artifact, update_progress_artifact
-    from prefect.logging import get_run_logger
-
-    class EpochProgress(keras.callbacks.Callback):
-        artifact_id = None
-
-        def on_epoch_end(self, epoch, logs=None):
-            percent = 100.0 * (epoch + 1) / total_epochs
-            try:
-                if self.artifact_id is None:
-                    self.artifact_id = create_progress_artifact(percent, description=description)
-                else:
-                    update_progress_artifact(self.artifact_id, percent)
-            except Exception as error:  # the UI's progress bar is not worth a failed training
-                get_run_logger().warning(f"training progress not shown in Prefect: {error}")
-
-    return EpochProgress()
 
 
 def _read_history(path: Path, epochs: int) -> pa.Table:
@@ -102,10 +45,57 @@ def _read_history(path: Path, epochs: int) -> pa.Table:
 
 
 def _strategy():
+    """MirroredStrategy over the GPUs, or over several logical CPU devices when someone configured them
+    (tf.config.set_logical_device_configuration: how the tests exercise the multi-GPU path); else the
+    default strategy. Each replica takes train.batch_size examples per step."""
     import tensorflow as tf
 
     gpus = tf.config.list_logical_devices("GPU")
-    return tf.distribute.MirroredStrategy() if gpus else tf.distribute.get_strategy()
+    if gpus:
+        return tf.distribute.MirroredStrategy()
+    cpus = tf.config.list_logical_devices("CPU")
+    if len(cpus) > 1:
+        return tf.distribute.MirroredStrategy([device.name for device in cpus])
+    return tf.distribute.get_strategy()
+
+
+def with_precision(model, precision: str):
+    """A copy of `model` whose layers compute under the dtype policy `precision`, the output layer
+    ("logits") kept in float32 so losses and probabilities stay float32; the same weights.
+
+    Saved models keep their layers' policies, so setting Keras' global policy would not reach a
+    loaded model: its layers are rebuilt from their configs with the new policy instead.
+    """
+    import keras
+
+    if all(layer.dtype_policy.name == precision for layer in _leaf_layers(model) if layer.name != "logits"):
+        return model
+
+    def rebuilt(layer):
+        config = layer.get_config()
+        config["dtype"] = "float32" if layer.name == "logits" else precision
+        return layer.__class__.from_config(config)
+
+    copy = keras.models.clone_model(model, clone_function=rebuilt, recursive=True)
+    copy.set_weights(model.get_weights())
+    _copy_trainable(model, copy)
+    return copy
+
+
+def _leaf_layers(model):
+    for layer in model.layers:
+        yield from _leaf_layers(layer) if hasattr(layer, "layers") else [layer]
+
+
+def _copy_trainable(source, copy) -> None:
+    """Give each layer of `copy` its twin's trainable flag: a cloned nested model comes back trainable,
+    and setting a model's flag sets all its layers', so containers go first, then what they hold."""
+    copy.trainable = source.trainable
+    for source_layer, copy_layer in zip(source.layers, copy.layers):
+        if hasattr(source_layer, "layers"):
+            _copy_trainable(source_layer, copy_layer)
+        else:
+            copy_layer.trainable = source_layer.trainable
 
 
 def _optimizer(settings: TrainConfig, learning_rate: float):
@@ -174,6 +164,16 @@ def augmentation_preview(tfrecords: TFRecordSet, seed: int, images: int = 4, ver
     return np.clip(np.stack(rows, axis=1), 0, 255).astype(np.uint8).reshape(-1, *first.shape[1:])
 
 
+def _steps_per_execution(settings: TrainConfig, steps_per_epoch: int) -> int:
+    """train.steps_per_execution, at most one epoch's; 1 with several replicas, where Keras 3's
+    multi-step loop fails ("You must feed a value for placeholder tensor", keras-team/keras#19246)."""
+    import tensorflow as tf
+
+    if tf.distribute.get_strategy().num_replicas_in_sync > 1:
+        return 1
+    return max(1, min(settings.steps_per_execution, steps_per_epoch))
+
+
 def _compile(model, settings: TrainConfig, learning_rate: float, steps_per_epoch: int) -> None:
     import keras
 
@@ -184,7 +184,8 @@ def _compile(model, settings: TrainConfig, learning_rate: float, steps_per_epoch
         loss, metrics = keras.losses.SparseCategoricalCrossentropy(from_logits=True), ["accuracy"]
     model.compile(
         optimizer=_optimizer(settings, learning_rate), loss=loss, metrics=metrics,
-        steps_per_execution=max(1, min(settings.steps_per_execution, steps_per_epoch)),
+        steps_per_execution=_steps_per_execution(settings, steps_per_epoch),
+        jit_compile=settings.jit_compile,
     )
 
 
@@ -234,52 +235,118 @@ def _backup_and_restore(backup_dir: Path, every_seconds: float):
 
 
 def _fit(model, training, validation, callbacks, backup, initial_epoch: int, epochs: int) -> float:
-    """model.fit from `initial_epoch` to `epochs`; returns its wall seconds."""
+    """model.fit from `initial_epoch` to `epochs`; returns its wall seconds.
+
+    Inside a Prefect run the epoch recorder logs each epoch through the run logger (the terminal and
+    the UI); Keras' own epoch lines would repeat them in the terminal, so they show only outside one.
+    """
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    in_prefect_run = FlowRunContext.get() is not None or TaskRunContext.get() is not None
     started = time.perf_counter()
     with warnings.catch_warnings():
         # tf.data input: Keras' notes about `shuffle` and unknown dataset length do not apply.
         warnings.filterwarnings("ignore", message=".*shuffle=True.*")
         warnings.filterwarnings("ignore", message=".*ran out of data.*")
         model.fit(
-            training, validation_data=validation, initial_epoch=initial_epoch, epochs=epochs, verbose=2,
-            callbacks=[backup, *callbacks],
+            training, validation_data=validation, initial_epoch=initial_epoch, epochs=epochs,
+            verbose=0 if in_prefect_run else 2, callbacks=[backup, *callbacks],
         )
     return time.perf_counter() - started
 
 
-def _fit_phases(model_path: str, checkpoint_dir: Path, settings: TrainConfig, fine_tune: FineTuneConfig | None,
-                datasets, callbacks: list, steps_per_epoch: int, history_log) -> tuple[object, float]:
+@dataclass
+class Training:
+    """One training's settings and the per-epoch callbacks its phases share."""
+
+    tfrecords: TFRecordSet
+    settings: TrainConfig
+    fine_tune: FineTuneConfig | None
+    checkpoint_dir: Path
+    global_batch: int
+    recorder: object  # train_callbacks.epoch_recorder
+    callbacks: list
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.tfrecords.counts["train"] / self.global_batch)
+
+    def image_datasets(self):
+        return _datasets(self.tfrecords, self.settings, self.global_batch)
+
+    def backup(self, name: str):
+        return _backup_and_restore(self.checkpoint_dir / name, self.settings.checkpoint_seconds)
+
+
+def _feature_datasets(front, training: Training, cache: Path):
+    """(training, validation) batches of the frozen front's features, read from `cache` or computed into it."""
+    log = run_logger().info
+    splits = ["train"] + (["validation"] if training.tfrecords.counts.get("validation") else [])
+    infer = base_features.feature_function(front, training.tfrecords)
+    extracted = {split: base_features.load_or_extract(infer, training.tfrecords, split, cache, log) for split in splits}
+    settings = training.settings
+    train_set = base_features.feature_dataset(extracted["train"], training.global_batch, settings.shuffle_buffer,
+                                              settings.seed)
+    validation = extracted.get("validation")
+    return train_set, base_features.feature_dataset(validation, training.global_batch) if validation else None
+
+
+def _fit_head(model, training: Training, feature_cache: Path | None) -> float:
+    """The head phase: on the frozen front's cached features when `feature_cache` is given, else on images."""
+    settings = training.settings
+    if feature_cache is not None:
+        front, fitted = base_features.split_front_and_head(model)
+        datasets = _feature_datasets(front, training, feature_cache)
+    else:
+        fitted, datasets = model, training.image_datasets()
+    _compile(fitted, settings, settings.learning_rate, training.steps_per_epoch)
+    return _fit(fitted, *datasets, training.callbacks, training.backup("backup"), 0, settings.epochs)
+
+
+def _fit_phases(model_path: str, training: Training, feature_cache: Path | None) -> tuple[object, float]:
     """The head phase (unless head.keras says it finished), then fine-tuning when asked; the model
-    and the seconds spent in model.fit."""
+    and the seconds spent in model.fit (feature extraction included)."""
     import keras
 
-    head_model = checkpoint_dir / "head.keras"
+    settings, fine_tune = training.settings, training.fine_tune
+    head_model = training.checkpoint_dir / "head.keras"
     total_epochs = settings.epochs + (fine_tune.epochs if fine_tune else 0)
     fit_seconds = 0.0
     model = keras.models.load_model(head_model if head_model.exists() else model_path, compile=False)
+    model = with_precision(model, settings.precision)
     if not head_model.exists():
-        _compile(model, settings, settings.learning_rate, steps_per_epoch)
-        backup = _backup_and_restore(checkpoint_dir / "backup", settings.checkpoint_seconds)
-        fit_seconds += _fit(model, *datasets, callbacks, backup, 0, settings.epochs)
+        fit_seconds += _fit_head(model, training, feature_cache)
         if fine_tune:
             model.save(head_model)
     if fine_tune:
         unfreeze_top(model, fine_tune)
-        _compile(model, settings, fine_tune.learning_rate, steps_per_epoch)
-        history_log.phase = "fine_tune"
-        backup = _backup_and_restore(checkpoint_dir / "backup-fine-tune", settings.checkpoint_seconds)
-        fit_seconds += _fit(model, *datasets, callbacks, backup, settings.epochs, total_epochs)
+        _compile(model, settings, fine_tune.learning_rate, training.steps_per_epoch)
+        training.recorder.phase = "fine_tune"
+        fit_seconds += _fit(model, *training.image_datasets(), training.callbacks, training.backup("backup-fine-tune"),
+                            settings.epochs, total_epochs)
     return model, fit_seconds
 
 
 def _save_outputs(model, tfrecords: TFRecordSet, settings: TrainConfig, checkpoint_dir: Path, output_dir: Path,
                   total_epochs: int) -> None:
+    """The trained model in float32 (whatever train.precision was: evaluation, export and serving then
+    see one model), its history, its layers, and the TensorBoard logs."""
+    saved = with_precision(model, "float32")
     with staged_output(output_dir) as staging:
-        model.save(staging / "model.keras")
+        saved.save(staging / "model.keras")
         tables.write_parquet(_read_history(checkpoint_dir / "history.jsonl", total_epochs), staging / "history.parquet")
         tables.write_parquet(model_summary(model), staging / "model_summary.parquet")
+        if (checkpoint_dir / "tensorboard").exists():
+            shutil.copytree(checkpoint_dir / "tensorboard", staging / "tensorboard")
         if settings.augment:
             np.save(staging / "augmentation.npy", augmentation_preview(tfrecords, settings.seed))
+    remember_classifier(output_dir / "model.keras", saved)  # evaluate, next, uses it as it is
+
+
+def _hyperparameters(settings: TrainConfig, fine_tune: FineTuneConfig | None, head_trained_on: str) -> dict:
+    values = settings.model_dump(mode="json", exclude=set(TrainConfig.EXECUTION_ONLY))
+    values.update({f"fine_tune.{name}": value for name, value in (fine_tune.model_dump(mode="json") if fine_tune else {}).items()})
+    return {**values, "head_trained_on": head_trained_on}
 
 
 def _seed(settings: TrainConfig) -> None:
@@ -302,30 +369,36 @@ def train_model(
     output_dir: Path,
     fine_tune: FineTuneConfig | None = None,
     progress_label: str | None = None,
+    feature_cache: Path | None = None,
 ) -> TrainedModel:
     """Fit the head (and then fine-tune the base's top layers, when asked).
 
     Every epoch is checkpointed under `checkpoint_dir`; a rerun after a crash resumes from the
     last completed epoch, and a finished head phase is kept as head.keras so fine-tuning
-    resumes without redoing it. With `progress_label`, inside a Prefect run, each epoch
-    updates a progress artifact the Prefect UI shows.
+    resumes without redoing it. With a frozen base and no augmentation (and train.cache_features),
+    the head phase trains on the frozen base's features, kept in `feature_cache` (default: inside
+    the checkpoint folder, gone after training). With `progress_label`, inside a Prefect run, each
+    epoch updates a progress artifact the Prefect UI shows.
     """
     _seed(settings)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     strategy = _strategy()
-    global_batch = settings.batch_size * strategy.num_replicas_in_sync
-    history_log = _history_logger(checkpoint_dir / "history.jsonl")
     total_epochs = settings.epochs + (fine_tune.epochs if fine_tune else 0)
-    progress = _progress_artifact(progress_label, total_epochs)
-    callbacks = [history_log, *([progress] if progress else [])]
-    datasets = _datasets(tfrecords, settings, global_batch)
-    steps_per_epoch = math.ceil(tfrecords.counts["train"] / global_batch)
+    on_features = base_features.applies(wrapped, settings.augment, settings.cache_features)
+    head_trained_on = "cached features" if on_features else "images"
+    recorder = train_callbacks.epoch_recorder(checkpoint_dir / "history.jsonl", total_epochs)
+    progress = train_callbacks.progress_artifact(progress_label, total_epochs)
+    train_callbacks.write_hyperparameters(checkpoint_dir / "tensorboard", _hyperparameters(settings, fine_tune, head_trained_on))
+    callbacks = [recorder, train_callbacks.tensorboard(checkpoint_dir / "tensorboard"), *([progress] if progress else [])]
+    training = Training(tfrecords, settings, fine_tune, checkpoint_dir, settings.batch_size * strategy.num_replicas_in_sync,
+                        recorder, callbacks)
+    run_logger().info(_plan_line(wrapped, settings, head_trained_on, strategy.num_replicas_in_sync, training.global_batch))
     started = time.perf_counter()
     with strategy.scope():
-        model, fit_seconds = _fit_phases(wrapped.model_path, checkpoint_dir, settings, fine_tune, datasets, callbacks,
-                                         steps_per_epoch, history_log)
+        cache = (feature_cache or checkpoint_dir / "features") if on_features else None
+        model, fit_seconds = _fit_phases(wrapped.model_path, training, cache)
     seconds = time.perf_counter() - started
-    resumed_from = history_log.first_epoch if history_log.first_epoch is not None else total_epochs
+    resumed_from = recorder.first_epoch if recorder.first_epoch is not None else total_epochs
     trained_epochs = total_epochs - resumed_from
     _save_outputs(model, tfrecords, settings, checkpoint_dir, output_dir, total_epochs)
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
@@ -337,7 +410,20 @@ def train_model(
         epochs=total_epochs, resumed_from_epoch=resumed_from, train_seconds=seconds,
         images_per_second=tfrecords.counts["train"] * trained_epochs / fit_seconds if trained_epochs else 0.0,
         fingerprint=checkpoint_key(wrapped, tfrecords, settings, fine_tune), host=socket.gethostname(), pid=os.getpid(),
+        head_trained_on=head_trained_on, precision=settings.precision, replicas=strategy.num_replicas_in_sync,
+        tensorboard_dir=str(output_dir / "tensorboard"),
     )
+
+
+def _plan_line(wrapped: WrappedModel, settings: TrainConfig, head_trained_on: str, replicas: int, global_batch: int) -> str:
+    if not wrapped.base_frozen:
+        what = "the whole network on images"
+    elif head_trained_on == "images":
+        what = "the head on images " + ("(train.augment is on)" if settings.augment else "(train.cache_features is off)")
+    else:
+        what = "the head on cached features of the frozen base"
+    return (f"training {wrapped.trainable_params:,} of {wrapped.total_params:,} parameters for {settings.epochs} epochs: "
+            f"{what}; {settings.precision}; {replicas} replica(s), batch {global_batch}")
 
 
 def checkpoint_dir_for(run: RunContext, key: str) -> Path:
@@ -365,7 +451,9 @@ def train_here(
         if earlier is not None:
             return earlier
         return train_model(wrapped, tfrecords, settings, checkpoint_dir, run.stage_dir("train"), fine_tune,
-                           progress_label=f"{run.pipeline} run {run.run_id}, training")
+                           progress_label=f"{run.pipeline} run {run.run_id}, training",
+                           feature_cache=base_features.cache_dir(Path(run.artifacts_root), run.pipeline, wrapped,
+                                                                 tfrecords, settings.precision))
 
 
 @stage_task(retries=2, retry_delay_seconds=[10, 60])

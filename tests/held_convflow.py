@@ -4,7 +4,8 @@
 
 wraps `convflow.storage.publish` so that the stage STAGE, with its output complete in a hidden
 temporary folder, writes `<run-dir>/<STAGE>.held` instead of renaming that folder into place and
-waits to be killed. Every other stage publishes as usual. The seam is installed here, in the test
+waits to be killed, or for the test to write `<run-dir>/<STAGE>.release`: then it removes both
+markers and publishes. Every other stage publishes as usual. The seam is installed here, in the test
 process, so convflow's own code reads no test setting.
 """
 
@@ -23,9 +24,13 @@ def hold_at(stage: str) -> None:
     def held_publish(staged: Path, final_dir: Path) -> None:
         if final_dir.name != stage:
             return publish(staged, final_dir)
-        (final_dir.parent / f"{stage}.held").touch()
-        while True:  # until the test kills the process group
-            time.sleep(1)
+        held, release = final_dir.parent / f"{stage}.held", final_dir.parent / f"{stage}.release"
+        held.touch()
+        while not release.exists():  # until the test kills the process group, or releases the stage
+            time.sleep(0.2)
+        held.unlink()
+        release.unlink()
+        return publish(staged, final_dir)
 
     storage.publish = held_publish
 

@@ -57,12 +57,15 @@ class Background:
 class PrefectServer(Background):
     """`prefect server start --host 127.0.0.1 --port P`; `env` is for clients of this server."""
 
-    def __init__(self, home: Path, **settings: str):
-        self.port = free_port()
+    def __init__(self, home: Path, port: int | None = None, **settings: str):
+        self.home, self.settings = home, settings
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.api_url = f"{self.url}/api"
         home.mkdir(parents=True, exist_ok=True)
         self.env = {**subprocess_env(), "PREFECT_HOME": str(home), "PREFECT_API_URL": self.api_url}
+        if "PREFECT_SERVER_API_AUTH_STRING" in settings:  # behind basic auth: clients send the same
+            self.env["PREFECT_API_AUTH_STRING"] = settings["PREFECT_SERVER_API_AUTH_STRING"]
         server_env = {
             **self.env,
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -70,7 +73,11 @@ class PrefectServer(Background):
             **settings,
         }
         command = [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(self.port)]
-        super().__init__(command, server_env, home / "server.log")
+        super().__init__(command, server_env, home / f"server-{len(list(home.glob('server*.log')))}.log")
+
+    def restarted(self) -> PrefectServer:
+        """The same server started again (port, home, database, settings), once this one stopped."""
+        return PrefectServer(self.home, self.port, **self.settings)
 
     def wait_until_ready(self, timeout: float = 180) -> None:
         from convflow.fast_start import wait_until_healthy
@@ -82,9 +89,10 @@ class PrefectServer(Background):
 
 
 @contextlib.contextmanager
-def started_server(home: Path) -> Iterator[PrefectServer]:
-    """A PrefectServer under `home`, ready, stopped on leaving (a module's `server` fixture)."""
-    server = PrefectServer(home)
+def started_server(home: Path, **settings: str) -> Iterator[PrefectServer]:
+    """A PrefectServer under `home` with server `settings`, ready, stopped on leaving (a module's
+    `server` fixture)."""
+    server = PrefectServer(home, **settings)
     try:
         server.wait_until_ready()
         yield server
@@ -96,7 +104,8 @@ def started_server(home: Path) -> Iterator[PrefectServer]:
 def prefect_client(server: PrefectServer):
     """A synchronous Prefect client of `server`."""
     from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
-    with temporary_settings({PREFECT_API_URL: server.api_url}), get_client(sync_client=True) as client:
+    settings = {PREFECT_API_URL: server.api_url, PREFECT_API_AUTH_STRING: server.env.get("PREFECT_API_AUTH_STRING")}
+    with temporary_settings(settings), get_client(sync_client=True) as client:
         yield client

@@ -84,6 +84,15 @@ def test_malformed_yaml(tmp_path, capsys):
     assert f"{path}: not valid YAML: while parsing a flow sequence" in err and "line 2, column 16" in err, err
 
 
+def test_a_key_written_twice(tmp_path, capsys):
+    path = write_yaml(tmp_path / "pipelines.yaml", "pipelines:\n  tiny:\n    train: {epochs: 1}\n"
+                      "    train: {epochs: 3}\n")
+    code, err = validate(path, capsys)
+    assert code == EXIT_BAD_CONFIG
+    assert (f"{path}: pipelines.tiny.train: key 'train' written twice, on lines 3 and 4 (the second would "
+            "silently replace the first); keep one") in err, err
+
+
 def test_image_size_below_the_base_minimum(tmp_path, capsys):
     path = pipelines_with(tmp_path, "model", {"base": "mobilenet"})
     code, err = validate(path, capsys)

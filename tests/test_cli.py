@@ -190,3 +190,13 @@ def test_flow_called_from_python_caches_beside_the_artifacts(pipelines_file, tmp
     rerun = run_convflow(["run", "tiny", "-f", str(pipelines_file), "--artifacts", str(artifacts), "--json"],
                          env=env, cwd=tmp_path)
     assert [stage["cached"] for stage in rerun.summary["stages"]] == [True] * 7 + [False]
+
+
+def test_version_is_the_installed_package_version():
+    from importlib.metadata import version
+
+    result = subprocess.run([CONVFLOW, "--version"], capture_output=True, text=True, env=subprocess_env(), timeout=60)
+
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"convflow {version('convflow')}"
+    assert version("convflow").count(".") >= 1

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
 import pytest
 
 from conftest import REPO, write_yaml
-from convflow.config import ConfigError, load_pipeline, load_pipelines
+from convflow.config import ConfigError, check_pipeline, load_pipeline, load_pipelines
 
 
 def _set(document: dict, dotted: str, value) -> dict:
@@ -264,3 +265,63 @@ def test_schedule_values_are_checked_at_load_time(tmp_path, tiny_document, sched
     _set(tiny_document, "schedule", schedule)
     with pytest.raises(ConfigError, match=rf"pipelines\.tiny\.schedule.*{field}"):
         load_pipelines(write_yaml(tmp_path / "pipelines.yaml", tiny_document))
+
+
+def _with_broken_pipeline(document: dict) -> dict:
+    """`document` plus pipeline `broken`: tiny's body with two mistakes."""
+    broken = {**document["pipelines"]["tiny"], "train": {"epochs": 0, "epoch": 3}}
+    document["pipelines"]["broken"] = broken
+    return document
+
+
+def test_one_broken_pipeline_stops_only_itself(tmp_path, tiny_document):
+    """A typo in one entry of a shared file must not stop the other pipelines' runs: the valid one
+    loads, with one warning naming the broken one and each of its problems."""
+    path = write_yaml(tmp_path / "pipelines.yaml", _with_broken_pipeline(tiny_document))
+
+    spec, warnings = check_pipeline(path, "tiny")
+
+    assert spec.name == "tiny" and spec.train.epochs == tiny_document["pipelines"]["tiny"]["train"]["epochs"]
+    assert spec.train.batch_size == 128 and spec.evaluate.top_k == 3  # defaults: merged as before
+    [warning] = warnings
+    assert warning.startswith(f"{path}: pipeline 'broken' is invalid")
+    assert "pipelines.broken.train.epochs: 0 — must be ≥ 1" in warning
+    assert "pipelines.broken.train.epoch: 3 — unknown key" in warning
+    with pytest.raises(ConfigError) as caught:
+        load_pipeline(path, "broken")
+    assert len(caught.value.problems) == 2 and all(p.startswith("pipelines.broken.") for p in caught.value.problems)
+    with pytest.raises(ConfigError, match=r"pipelines\.broken\.train\.epochs"):
+        load_pipelines(path)  # validate, serve and deploy stay strict
+
+
+def test_load_pipeline_logs_the_other_broken_pipelines(tmp_path, tiny_document):
+    import prefect  # noqa: F401  its logging set-up (on first import) replaces handlers set before it
+
+    path = write_yaml(tmp_path / "pipelines.yaml", _with_broken_pipeline(tiny_document))
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("convflow.config")
+    logger.addHandler(handler)
+    try:
+        assert load_pipeline(path, "tiny").name == "tiny"
+    finally:
+        logger.removeHandler(handler)
+    [record] = records
+    assert record.levelname == "WARNING" and "pipeline 'broken' is invalid" in record.getMessage()
+
+
+def test_a_broken_file_or_defaults_still_stops_every_pipeline(tmp_path, tiny_document):
+    """Mistakes shared by every pipeline are no other pipeline's: they stop the one asked for."""
+    tiny_document["defaults"]["train"]["learning_rate"] = 0
+    with pytest.raises(ConfigError, match=r"pipelines\.tiny\.train\.learning_rate: 0 — must be > 0"):
+        check_pipeline(write_yaml(tmp_path / "defaults.yaml", tiny_document), "tiny")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        check_pipeline(write_yaml(tmp_path / "broken.yaml", "pipelines: {tiny: [unclosed"), "tiny")
+
+
+def test_unknown_name_lists_broken_pipelines_too(tmp_path, tiny_document):
+    path = write_yaml(tmp_path / "pipelines.yaml", _with_broken_pipeline(tiny_document))
+    expected = "pipelines.nope: no such pipeline; expected one of ['broken', 'tiny']"
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        check_pipeline(path, "nope")

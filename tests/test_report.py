@@ -44,6 +44,9 @@ def test_report_is_self_contained_with_every_section(report):
     samples = page.split('id="samples"')[1].split("<h2")[0]
     assert samples.count("<figure>") == samples.count("<figcaption>") == 16  # each test image with its caption
     assert "src=\"http" not in page and "href=\"http" not in page  # nothing to fetch
+    training = page.split('id="training"')[1].split("<h2")[0]
+    assert "Trained on images in every epoch." in training  # augmentation on: no cached features
+    assert "Precision float32, 1 replica(s)." in training and "tensorboard --logdir " in training
 
 
 def _chromium() -> str:

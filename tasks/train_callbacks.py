@@ -1,0 +1,100 @@
+"""The Keras callbacks of the train stage: what each epoch leaves behind for people and for resuming.
+
+- EpochRecorder: one JSON line per epoch (the history that survives resumes) and one log line per
+  epoch through Prefect's run logger, so a run's Logs tab in the UI tells how training went.
+- progress_artifact: the run's progress bar in the Prefect UI.
+- tensorboard: per-epoch scalars and the run's settings for `tensorboard --logdir`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+from convflow.tasks.stage import run_logger
+
+
+def _format_metrics(logs: dict) -> str:
+    return ", ".join(f"{name} {value:.4f}" for name, value in logs.items() if name != "learning_rate")
+
+
+def epoch_recorder(path: Path, total_epochs: int):
+    """A callback that appends each finished epoch to `path` (JSON lines), logs it, and notes where fit began.
+
+    fit's own History would hold only the epochs of the last attempt. Epochs trained after the
+    last checkpoint are trained and logged again by a resumed run; the last record of an epoch wins.
+    """
+    import keras
+
+    class EpochRecorder(keras.callbacks.Callback):
+        first_epoch: int | None = None
+        phase = "head"
+
+        def on_epoch_begin(self, epoch, logs=None):
+            if self.first_epoch is None:
+                self.first_epoch = epoch
+            self._started = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            seconds = time.perf_counter() - self._started
+            metrics = {key: float(value) for key, value in (logs or {}).items()}
+            row = {"epoch": epoch + 1, "phase": self.phase, "seconds": seconds, "host": socket.gethostname(),
+                   "pid": os.getpid(), **metrics}
+            with open(path, "a") as handle:
+                handle.write(json.dumps(row) + "\n")
+            run_logger().info(f"epoch {epoch + 1}/{total_epochs} ({self.phase}): {_format_metrics(metrics)}; "
+                              f"{seconds:.1f} s")
+
+    return EpochRecorder()
+
+
+def progress_artifact(label: str | None, total_epochs: int):
+    """A callback that shows training's progress in the Prefect UI: a progress artifact of the
+    train task run (or of the train flow run on a work pool), "<label>: epochs of <total>", updated
+    at each epoch's end (a resumed run starts from its epoch). None without a label or outside a
+    Prefect run. A failed update is logged; training goes on.
+    """
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    if label is None or (TaskRunContext.get() is None and FlowRunContext.get() is None):
+        return None
+    description = f"{label}: epochs of {total_epochs}"
+    import keras
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+    class EpochProgress(keras.callbacks.Callback):
+        artifact_id = None
+
+        def on_epoch_end(self, epoch, logs=None):
+            percent = 100.0 * (epoch + 1) / total_epochs
+            try:
+                if self.artifact_id is None:
+                    self.artifact_id = create_progress_artifact(percent, description=description)
+                else:
+                    update_progress_artifact(self.artifact_id, percent)
+            except Exception as error:  # the UI's progress bar is not worth a failed training
+                run_logger().warning(f"training progress not shown in Prefect: {error}")
+
+    return EpochProgress()
+
+
+def write_hyperparameters(log_dir: Path, settings: dict) -> None:
+    """The run's settings in TensorBoard's HParams tab (flat name -> number, string or bool)."""
+    import tensorflow as tf
+    from tensorboard.plugins.hparams import api as hparams
+
+    values = {name: value for name, value in settings.items() if isinstance(value, (bool, int, float, str))}
+    with tf.summary.create_file_writer(str(log_dir)).as_default():
+        hparams.hparams(values)
+
+
+def tensorboard(log_dir: Path):
+    """Keras' TensorBoard callback, per epoch: losses, accuracies and the learning rate under
+    `log_dir`/train and `log_dir`/validation. No graph or histograms: they cost time every run and
+    few look at them."""
+    import keras
+
+    return keras.callbacks.TensorBoard(str(log_dir), histogram_freq=0, write_graph=False, update_freq="epoch")
