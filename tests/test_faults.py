@@ -15,6 +15,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -99,9 +100,15 @@ def stage_files(stage_dir: Path) -> list[str]:
     return sorted(str(path.relative_to(stage_dir)) for path in stage_dir.rglob("*") if path.is_file())
 
 
+def _kinds_of_files(stage_dir: Path) -> list[str]:
+    """stage_files, TensorBoard's event files as one name per folder: their names hold the time, host
+    and process, and a resumed training adds a file of its own to each folder (TensorBoard reads all)."""
+    return sorted({re.sub(r"events\.out\.tfevents\..*$", "events.out.tfevents.*", name) for name in stage_files(stage_dir)})
+
+
 def assert_stage_complete(stage_dir: Path, reference_dir: Path) -> None:
     """A stage folder is complete: the files of the reference run's folder, each readable."""
-    assert stage_files(stage_dir) == stage_files(reference_dir), f"{stage_dir} differs from a complete one"
+    assert _kinds_of_files(stage_dir) == _kinds_of_files(reference_dir), f"{stage_dir} differs from a complete one"
     for relative in stage_files(stage_dir):
         _readable(stage_dir / relative)
 

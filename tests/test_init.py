@@ -214,7 +214,8 @@ def test_cats_vs_dogs_keeps_its_train_and_validation_folders(tmp_path, capsys):
     assert code == 0
     assert "splits defined by the source: train 400, validation 200" in out
     spec = load_pipeline(file, "cats")
-    assert (spec.model.base, spec.model.alpha, spec.model.weights) == ("mobilenet", 0.25, str(MOBILENET_WEIGHTS))
+    assert (spec.model.base, spec.model.alpha) == ("mobilenet", 0.25)
+    assert Path(spec.model.weights).resolve() == MOBILENET_WEIGHTS.resolve()  # ../shared may be a link
     assert spec.data.resize == "pad" and spec.data.channels == 3
 
     split_set = split_dataset(spec.data, tmp_path / "download_and_split")
