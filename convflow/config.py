@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import logging
 import re
 import zoneinfo
 from pathlib import Path
@@ -554,13 +552,9 @@ def load_pipeline(path: str | Path, name: str) -> PipelineSpec:
 
 def _log_warnings(warnings: list[str]) -> None:
     """To the current Prefect run's log (the UI shows it), else to the `convflow.config` logger."""
-    logger = None
-    with contextlib.suppress(Exception):  # no run context: a plain Python caller
-        from prefect import get_run_logger
+    from convflow.run_log import run_logger
 
-        logger = get_run_logger()
-    # Asked for after Prefect's import, whose logging set-up disables loggers that exist before it.
-    logger = logger or logging.getLogger("convflow.config")
+    logger = run_logger("convflow.config")
     for warning in warnings:
         logger.warning(warning)
 

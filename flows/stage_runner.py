@@ -10,7 +10,8 @@ from prefect import Task
 
 from convflow.run_settings import results_folder
 from convflow.tasks.records import StageRun
-from convflow.tasks.stage import RunContext, run_logger
+from convflow.run_log import run_logger
+from convflow.tasks.stage import RunContext
 
 
 class StageRunner:

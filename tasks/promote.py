@@ -11,7 +11,8 @@ from prefect.cache_policies import NO_CACHE
 
 from convflow import registry
 from convflow.tasks.records import Evaluation, ExportedModel, TrainedModel
-from convflow.tasks.stage import RunContext, retry_on_transient_error, run_logger
+from convflow.run_log import run_logger
+from convflow.tasks.stage import RunContext, retry_on_transient_error
 
 
 def promote_if_passed(

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import ast
-import contextlib
 import functools
 import hashlib
 import importlib.util
 import json
-import logging
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +18,7 @@ from prefect import Task, task
 from prefect.cache_policies import CachePolicy
 from prefect.client.schemas.objects import State, TaskRun
 
+from convflow.run_log import run_logger
 from convflow.tasks.records import StageRecord
 
 # Errors that say the input is wrong: retrying cannot help, so the task fails at once.
@@ -43,18 +42,6 @@ class RunContext(pydantic.BaseModel):
 
     def stage_dir(self, stage: str) -> Path:
         return self.run_dir / stage
-
-
-def run_logger() -> logging.Logger | logging.LoggerAdapter:
-    """Prefect's run logger inside a flow or task run, so a line shows in the run's Logs tab in the UI
-    (and in the terminal); outside one, the "convflow" logger."""
-    from prefect.context import FlowRunContext, TaskRunContext
-
-    if FlowRunContext.get() is None and TaskRunContext.get() is None:
-        return logging.getLogger("convflow")
-    from prefect.logging import get_run_logger
-
-    return get_run_logger()
 
 
 def hash_json(value: Any) -> str:
@@ -177,13 +164,8 @@ def _first_usable_generation(result_store: Any, base_key: str) -> str:
 
 
 def _log_cache_miss(key: str, problems: list[str]) -> None:
-    logger = logging.getLogger("convflow.cache")
-    with contextlib.suppress(Exception):
-        from prefect import get_run_logger
-
-        logger = get_run_logger()
     shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
-    logger.warning(f"cache entry {key} is not usable ({shown}): the stage runs again")
+    run_logger("convflow.cache").warning(f"cache entry {key} is not usable ({shown}): the stage runs again")
 
 
 def is_transient(error: BaseException | None) -> bool:

@@ -22,7 +22,8 @@ from convflow.storage import locked, staged_output
 from convflow.tasks import base_features, features, train_callbacks
 from convflow.tasks.evaluate import remember_classifier
 from convflow.tasks.records import TFRecordSet, TrainedModel, WrappedModel
-from convflow.tasks.stage import RunContext, hash_json, run_logger, stage_task
+from convflow.run_log import run_logger
+from convflow.tasks.stage import RunContext, hash_json, stage_task
 
 
 def checkpoint_key(
