@@ -1,7 +1,7 @@
 """Side-by-side benchmarks: convflow against plain Keras, its input pipeline, Prefect's cost.
 
     .venv/bin/python benchmarks/run.py [--repeats N] [--mnist-repeats M]
-                                       [--only digits|mnist|input|layout|placement|predict|parquet-memory|transfer ...] [--working-tree]
+                                       [--only digits|mnist|input|layout|placement|predict|parquet-memory|transfer|scale ...] [--working-tree]
 
 It measures convflow as committed at HEAD (convflow/, flows/, tasks/ and pipelines.yaml exported to
 a temporary folder, laid out as the installed package is), so that edits made to the working tree
@@ -15,7 +15,7 @@ Each section is a module of this folder (its docstring says what it measures; --
 with TITLE (the heading of its block in RESULTS.md), repeat(scratch) -> measurements and
 rows(medians) -> table rows; common.py holds what they share, including where the code under
 test lies. Sections (all by default): digits, mnist, input (input_pipeline.py), layout, placement, predict,
-parquet-memory, transfer.
+parquet-memory, transfer, scale.
 """
 
 from __future__ import annotations
@@ -42,11 +42,12 @@ import mnist
 import parquet_memory
 import placement
 import predict
+import scale
 import transfer
 from common import CODE, ROOT, Row
 
 SECTIONS = {"digits": digits, "mnist": mnist, "input": input_pipeline, "layout": layout, "placement": placement,
-            "predict": predict, "parquet-memory": parquet_memory, "transfer": transfer}
+            "predict": predict, "parquet-memory": parquet_memory, "transfer": transfer, "scale": scale}
 
 
 def measure(section: str, repeats: int) -> tuple[list[Row], list[dict]]:

@@ -14,7 +14,7 @@ from convflow.run_settings import flow_call_settings, process_environment
 
 EXIT_BAD_CONFIG = 2
 # The commands that import TensorFlow, whose start-up log --verbose shows.
-TENSORFLOW_COMMANDS = ("run", "compare", "predict", "init")
+TENSORFLOW_COMMANDS = ("run", "compare", "tune", "predict", "init")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -112,6 +112,11 @@ def _add_flow_commands(commands) -> None:
     compare.add_argument(
         "--dask", type=int, metavar="N", help="run the variants on a local Dask cluster of N worker processes"
     )
+
+    tune = commands.add_parser("tune", parents=[common],
+                               help="search a pipeline's tune settings, then train the final model with the best")
+    tune.add_argument("name", help="pipeline name in the pipelines file; it needs a tune section")
+    tune.add_argument("--json", action="store_true", help="print the trials and the final run as JSON on the last line")
 
     predict = commands.add_parser("predict", parents=[_common_options(pipelines_file=False)],
                                   help="score images or a Parquet table with a pipeline's model; write Parquet")
@@ -430,6 +435,47 @@ def _compare(args: argparse.Namespace, exits_after: bool) -> int:
     return 0 if comparison.winner else 1
 
 
+def _load_tune_pipeline():
+    from convflow.flows.tune import tune_pipeline
+
+    return tune_pipeline
+
+
+def _tune(args: argparse.Namespace, exits_after: bool) -> int:
+    """`convflow tune NAME`: the search, each trial printed; exit 0 once the final model trained."""
+    from convflow.config import ConfigError
+    from convflow.fast_start import FlowCommand
+
+    try:
+        spec = _load_one(args.file, args.name)
+    except ConfigError as error:
+        print("\n".join(error.problems), file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    if spec.tune is None:
+        print(f"pipelines.{args.name}.tune: required by convflow tune (a space of settings)", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    artifacts = _prepare_environment(args.artifacts)
+    started = time.perf_counter()
+    with FlowCommand(exits_after) as command:
+        tuning = _call_flow(f"convflow tune {args.name}", command, _load_tune_pipeline, artifacts,
+                            args.name, str(Path(args.file).resolve()), str(artifacts), warm_tensorflow=True)
+    if tuning is None:
+        return 1
+    for trial in tuning.trials:
+        score = "failed: " + (trial.error or "") if trial.score is None else f"{tuning.objective} {trial.score:.4f}"
+        print(f"trial {trial.trial_id}: {json.dumps(trial.settings)}, {trial.epochs} epochs: {score}")
+    final = tuning.final
+    print(f"final model: run {final.run_id}, test accuracy {final.test_accuracy:.4f}, "
+          f"{'passed' if final.passed_gate else 'failed'} the gate" if final else "no trial completed: no final model")
+    print(f"report: {tuning.report}")
+    if args.json:
+        payload = tuning.model_dump(mode="json", exclude={"final"})
+        payload.update(final={**_summary_json(final, 0.0), "passed_gate": final.passed_gate} if final else None,
+                       seconds=round(time.perf_counter() - started, 3))
+        print(json.dumps(payload))
+    return 0 if final else 1
+
+
 def _runs(args: argparse.Namespace) -> int:
     from convflow import tables
 
@@ -589,6 +635,7 @@ def main(argv: list[str] | None = None, *, exits_after: bool = False) -> int:
     _tensorflow_log(args, exits_after)
     handlers = {
         "run": lambda a: _run(a, exits_after), "compare": lambda a: _compare(a, exits_after),
+        "tune": lambda a: _tune(a, exits_after),
         "validate": lambda a: _validate(a.file), "runs": _runs,
         "promote": _registry_command, "rollback": _registry_command,
         "serve": _schedules_command, "deploy": _schedules_command, "worker": _worker, "predict": _predict,

@@ -75,6 +75,12 @@ class DataConfig(StrictModel):
         description="TFRecord compression: none is the fastest to write and read (benchmarks/RESULTS.md); "
         "gzip stores small grayscale images in about a fifth of the space.",
     )
+    record_format: Literal["auto", "raw", "jpeg", "png"] = Field(
+        "auto",
+        description="How records store images: raw uint8 pixels (fastest to decode, largest), jpeg (lossy, "
+        "quality 95) or png (lossless); auto picks raw while the decoded dataset fits the reader's memory cache "
+        "or images are at most 64x64x3, else jpeg (png for grayscale): the measurements in benchmarks/RESULTS.md.",
+    )
     label_names: list[str] | None = Field(None, description="Class names, in label order.")
     data_dir: str | None = Field(None, description="Pre-downloaded TFDS directory (tfds sources).")
     dask_scheduler: str | None = Field(
@@ -142,6 +148,10 @@ class FineTuneConfig(StrictModel):
 
 
 class ModelConfig(StrictModel):
+    # What fits only the base it was written for: a compare variant naming another base drops
+    # these from its pipeline unless it sets them.
+    BASE_SPECIFIC: ClassVar[tuple[str, ...]] = ("alpha", "weights", "freeze", "fine_tune")
+
     base: str = Field(description="A seed CNN (mnist_cnn, ...) or a tf.keras.applications name.")
     weights: str = Field("none", description="imagenet | none | path to .h5/.keras | run:<pipeline>")
     alpha: float | None = Field(None, gt=0, description="Width multiplier of MobileNet bases.")
@@ -193,14 +203,97 @@ class ModelConfig(StrictModel):
         return self.pretrained if self.freeze is None else self.freeze
 
 
+# train.augment's layers and each one's default setting: a factor of the image (rotation, zoom,
+# contrast), RandAugment's magnitude, MixUp's and CutMix's Beta alpha; flip takes none.
+AUGMENT_LAYERS: dict[str, float | None] = {
+    "flip": None, "rotation": 0.1, "zoom": 0.1, "contrast": 0.1, "randaugment": 0.5, "mixup": 0.2, "cutmix": 1.0,
+}
+# The largest setting of each (beyond an alpha of 10 the mix is about always 50:50).
+AUGMENT_MAXIMUM = {"rotation": 1.0, "zoom": 1.0, "contrast": 1.0, "randaugment": 1.0, "mixup": 10.0, "cutmix": 10.0}
+# `augment: true`: the tutorials' set, as convflow has always applied it.
+DEFAULT_AUGMENT = ("flip", "rotation", "zoom", "contrast")
+
+
+def _augment_step(item: str | dict) -> dict[str, float | None]:
+    """One item of train.augment as {name: setting}, the setting given or the layer's default."""
+    name, value = next(iter(item.items())) if isinstance(item, dict) and len(item) == 1 else (item, None)
+    if not isinstance(name, str) or name not in AUGMENT_LAYERS:
+        raise ValueError(f"{item!r}: each item must be one of {list(AUGMENT_LAYERS)}, alone or as {{name: setting}}")
+    if name == "flip":
+        if value is not None:
+            raise ValueError("flip takes no setting")
+        return {name: None}
+    value = AUGMENT_LAYERS[name] if value is None else value
+    if not 0 < value <= AUGMENT_MAXIMUM[name]:
+        raise ValueError(f"{name}: {value!r} must be > 0 and ≤ {AUGMENT_MAXIMUM[name]:g}")
+    return {name: float(value)}
+
+
+def _augment_steps(augment: bool | list) -> bool | list[dict[str, float | None]]:
+    """`augment` as true, false or a list of {layer: setting}, each setting given or its default."""
+    if isinstance(augment, bool):
+        return augment
+    if not augment:
+        raise ValueError("an empty list: use false for no augmentation")
+    return [_augment_step(item) for item in augment]
+
+
+class LearningRateSchedule(StrictModel):
+    """How the learning rate moves over train.epochs (Keras schedules and callbacks)."""
+
+    kind: Literal["constant", "cosine", "step", "reduce_on_plateau"] = Field(
+        "constant", description="constant; cosine decay to 0 after warmup_epochs of linear warm-up; step: times "
+        "factor every step_epochs; reduce_on_plateau: times factor when validation loss stalls for patience epochs.",
+    )
+    warmup_epochs: int = Field(0, ge=0, description="cosine: epochs of linear warm-up from 0 to learning_rate.")
+    step_epochs: int = Field(10, ge=1, description="step: epochs between drops.")
+    factor: float = Field(0.1, gt=0, lt=1, description="step and reduce_on_plateau: what each drop multiplies by.")
+    patience: int = Field(2, ge=1, description="reduce_on_plateau: epochs without improvement before a drop.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, value: Any) -> Any:
+        return {"kind": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _settings_of_its_kind(self) -> LearningRateSchedule:
+        if self.warmup_epochs and self.kind != "cosine":
+            raise ValueError(f"warmup_epochs applies to the cosine schedule, not {self.kind}")
+        return self
+
+
+class EarlyStoppingConfig(StrictModel):
+    """Stop when the validation metric stops improving, and keep the best epoch's weights."""
+
+    patience: int = Field(3, ge=1, description="Epochs without improvement before training stops.")
+    metric: Literal["val_loss", "val_accuracy"] = Field("val_loss", description="The validation metric watched.")
+
+
 class TrainConfig(StrictModel):
     epochs: int = Field(10, ge=1, description="Passes over the training split.")
     batch_size: int = Field(64, ge=1, description="Examples per step (per replica on GPUs).")
     learning_rate: float = Field(1e-3, gt=0, description="Optimizer learning rate.")
-    optimizer: Literal["adam", "sgd", "rmsprop"] = "adam"
+    optimizer: Literal["adam", "adamw", "sgd", "rmsprop"] = "adam"
+    weight_decay: float | None = Field(
+        None, ge=0, lt=1, description="Decoupled weight decay; default: the optimizer's (adamw 0.004, the others none)."
+    )
+    schedule: LearningRateSchedule = Field(
+        LearningRateSchedule(), description="Learning-rate schedule: a kind's name or {kind: ..., its settings}."
+    )
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="Cross-entropy against labels smoothed by this much.")
+    class_weight: Literal["balanced"] | None = Field(
+        None, description="balanced: weigh each class's loss by n / (classes x its training examples)."
+    )
+    early_stopping: EarlyStoppingConfig | None = Field(
+        None, description="Stop after `patience` epochs without improvement and keep the best epoch's weights."
+    )
     seed: int = Field(0, ge=0, description="Seeds weights, shuffling and augmentation.")
     shuffle_buffer: int = Field(10_000, ge=0, description="Examples in the shuffle buffer; 0: no shuffle.")
-    augment: bool = Field(False, description="Random flip, rotation, zoom and contrast on training images.")
+    augment: bool | list[str | dict[str, float | None]] = Field(
+        False,
+        description="Keras preprocessing layers on training images: true (flip, rotation, zoom, contrast), or a "
+        f"list of {list(AUGMENT_LAYERS)}, each alone or with its setting ({{rotation: 0.2}}).",
+    )
     cache_features: bool = Field(
         True,
         description="With a frozen base and no augmentation, run the frozen base over each split once and "
@@ -246,6 +339,36 @@ class TrainConfig(StrictModel):
     # Where and how training runs and how often it checkpoints change no weight: left out of cache
     # keys and the config hash, so moving training to a GPU pool reuses cached results.
     EXECUTION_ONLY: ClassVar[frozenset[str]] = frozenset({"checkpoint_seconds", "work_pool", "max_attempts"})
+    # Recipe settings added after models were in production: hashed only when set, so a pipeline that
+    # does not use them keeps its config hash (and is not retrained for the upgrade alone).
+    HASHED_WHEN_SET: ClassVar[frozenset[str]] = frozenset(
+        {"weight_decay", "schedule", "label_smoothing", "class_weight", "early_stopping"}
+    )
+
+    @field_validator("augment")
+    @classmethod
+    def _known_augmentations(cls, augment: bool | list) -> bool | list:
+        return _augment_steps(augment)
+
+    @field_validator("weight_decay")
+    @classmethod
+    def _weight_decay_applies(cls, weight_decay: float | None, info: ValidationInfo) -> float | None:
+        optimizer = info.data.get("optimizer")
+        if weight_decay is not None and optimizer != "adamw":
+            raise ValueError(f"applies to optimizer adamw, not {optimizer}")
+        return weight_decay
+
+    @property
+    def augment_steps(self) -> list[dict[str, float | None]]:
+        """The augmentation layers as {name: setting}; none when augment is false."""
+        if self.augment is True:
+            return _augment_steps(list(DEFAULT_AUGMENT))
+        return self.augment or []
+
+    @property
+    def mixes_labels(self) -> bool:
+        """MixUp and CutMix blend two images' labels: training then needs one-hot labels."""
+        return any(name in ("mixup", "cutmix") for step in self.augment_steps for name in step)
 
 
 class EvaluateConfig(StrictModel):
@@ -308,7 +431,11 @@ class VariantConfig(StrictModel):
     when the comparison runs (a variant whose merged config is invalid fails alone)."""
 
     name: SafeName = Field(description="Names the variant in the report and its run id.")
-    model: dict[str, Any] = Field(default_factory=dict, description="Overrides of the pipeline's model section.")
+    model: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Overrides of the pipeline's model section; naming another base drops the pipeline's "
+        "base-specific settings (ModelConfig.BASE_SPECIFIC) the variant does not set.",
+    )
     train: dict[str, Any] = Field(default_factory=dict, description="Overrides of the pipeline's train section.")
     evaluate: dict[str, Any] = Field(default_factory=dict, description="Overrides of the pipeline's evaluate section.")
 
@@ -343,6 +470,67 @@ class CompareConfig(StrictModel):
         return variants
 
 
+class SearchRange(StrictModel):
+    """One tuned setting's candidates: `values`, or a range from min to max (log-spaced with log: true,
+    on a grid with step)."""
+
+    values: list[float] | None = Field(None, min_length=1, description="The candidates, tried as given.")
+    min: float | None = Field(None, description="Lowest value of a range.")
+    max: float | None = Field(None, description="Highest value of a range.")
+    log: bool = Field(False, description="Sample the range on a log scale (learning rates).")
+    step: float | None = Field(None, gt=0, description="Grid step of the range.")
+
+    @model_validator(mode="after")
+    def _values_or_range(self) -> SearchRange:
+        if (self.values is None) == (self.min is None or self.max is None):
+            raise ValueError("give either values or both min and max")
+        if self.min is not None and self.max is not None and not self.min < self.max:
+            raise ValueError(f"min {self.min:g} must be below max {self.max:g}")
+        if self.log and (self.min or 0) <= 0:
+            raise ValueError("a log range needs min > 0")
+        return self
+
+
+class TuneConfig(StrictModel):
+    """`convflow tune`: a KerasTuner search over named settings, scored on the validation split only;
+    the best setting then trains the final model through the usual gate. `convflow run` ignores it."""
+
+    # What each tunable name sets, and the bounds of its values.
+    SETTINGS: ClassVar[dict[str, tuple[str, float, float]]] = {
+        "learning_rate": ("train.learning_rate", 1e-7, 1.0),
+        "dropout": ("model.dropout", 0.0, 0.95),
+        "batch_size": ("train.batch_size", 1, 65536),
+        "unfreeze_top": ("model.fine_tune.unfreeze_top", 1, 10_000),
+        "augment_strength": ("train.augment (each setting times it)", 0.01, 10.0),
+    }
+    INTEGER_SETTINGS: ClassVar[frozenset[str]] = frozenset({"batch_size", "unfreeze_top"})
+
+    algorithm: Literal["random", "hyperband"] = Field(
+        "random", description="random: KerasTuner's random search; hyperband: many short trials, the best trained longer."
+    )
+    max_trials: int = Field(10, ge=1, description="Trials in all (Hyperband may stop sooner).")
+    objective: Literal["val_accuracy", "val_loss"] = Field(
+        "val_accuracy", description="Validation metric that ranks trials (the test split stays for the gate)."
+    )
+    epochs: int | None = Field(None, ge=1, description="Epochs per trial (Hyperband's most); default train.epochs.")
+    seed: int = Field(0, ge=0, description="Seeds the search.")
+    space: dict[str, SearchRange] = Field(min_length=1, description=f"Settings to search: any of {list(SETTINGS)}.")
+
+    @field_validator("space")
+    @classmethod
+    def _known_settings(cls, space: dict[str, SearchRange]) -> dict[str, SearchRange]:
+        for name, candidates in space.items():
+            if name not in cls.SETTINGS:
+                raise ValueError(f"unknown setting {name!r}; expected any of {list(cls.SETTINGS)}")
+            _, low, high = cls.SETTINGS[name]
+            values = candidates.values or [candidates.min, candidates.max]
+            if not all(low <= value <= high for value in values):
+                raise ValueError(f"{name}: {values} must lie within {low:g} and {high:g}")
+            if name in cls.INTEGER_SETTINGS and not all(float(value).is_integer() for value in values):
+                raise ValueError(f"{name}: {values} must be whole numbers")
+        return space
+
+
 class PipelineSpec(StrictModel):
     name: SafeName
     data: DataConfig
@@ -357,6 +545,7 @@ class PipelineSpec(StrictModel):
     )
     compare: CompareConfig | None = Field(None, description="Variants that `convflow compare` runs side by side.")
     score: ScoreConfig | None = Field(None, description="Scheduled scoring with the production model.")
+    tune: TuneConfig | None = Field(None, description="A search over settings that `convflow tune` runs.")
 
     @model_validator(mode="after")
     def _fits_base(self) -> PipelineSpec:
@@ -381,14 +570,46 @@ class PipelineSpec(StrictModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _validation_split_when_watched(self) -> PipelineSpec:
+        watched = [name for name, on in (("train.early_stopping", self.train.early_stopping is not None),
+                                         ("train.schedule reduce_on_plateau", self.train.schedule.kind == "reduce_on_plateau"))
+                   if on]
+        # tfds sources bring their own validation split or carve one out of train
+        if watched and self.data.split.validation == 0 and self.data.scheme != "tfds":
+            raise ValueError(f"{' and '.join(watched)} watch the validation split: set data.split.validation > 0")
+        return self
+
+    @model_validator(mode="after")
+    def _tuned_settings_apply(self) -> PipelineSpec:
+        space = self.tune.space if self.tune else {}
+        if "unfreeze_top" in space and (self.model.fine_tune is None or self.model.fine_tune.unfreeze_top is None):
+            raise ValueError("tune.space.unfreeze_top tunes model.fine_tune.unfreeze_top: add a fine_tune section "
+                             "that sets it")
+        if "augment_strength" in space and not self.train.augment:
+            raise ValueError("tune.space.augment_strength scales train.augment: turn augmentation on")
+        if self.tune and self.data.split.validation == 0 and self.data.scheme != "tfds":
+            raise ValueError("tune scores trials on the validation split: set data.split.validation > 0")
+        return self
+
+    @model_validator(mode="after")
+    def _mixing_needs_softmax(self) -> PipelineSpec:
+        if self.train.mixes_labels and self.model.binary_head:
+            raise ValueError("train.augment mixup and cutmix blend one-hot labels: set model.binary_head: false")
+        return self
+
     def config_hash(self) -> str:
         """Hash of everything that shapes the model; the schedule, retraining policy and how the
         data stages run or store their files are left out."""
         payload = self.model_dump(
             mode="json",
-            exclude={"schedule": True, "name": True, "retrain": True, "compare": True, "score": True,
+            exclude={"schedule": True, "name": True, "retrain": True, "compare": True, "score": True, "tune": True,
                      "data": {*DataConfig.EXECUTION_ONLY, "compression"}, "train": set(TrainConfig.EXECUTION_ONLY)},
         )
+        defaults = TrainConfig().model_dump(mode="json")
+        for name in TrainConfig.HASHED_WHEN_SET:
+            if payload["train"][name] == defaults[name]:
+                del payload["train"][name]
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -559,6 +780,37 @@ def _log_warnings(warnings: list[str]) -> None:
         logger.warning(warning)
 
 
+def _without_base_settings(body: dict[str, Any], model_overrides: dict[str, Any]) -> dict[str, Any]:
+    """The pipeline without the model settings that belong to its base, when a variant names
+    another base and does not set them itself: a MobileNet's alpha, or its weights file, fits no other."""
+    new_base = model_overrides.get("base")
+    if new_base is None or new_base == body["model"]["base"]:
+        return body
+    dropped = set(ModelConfig.BASE_SPECIFIC) - set(model_overrides)
+    return {**body, "model": {key: value for key, value in body["model"].items() if key not in dropped}}
+
+
+def tuned_spec(spec: PipelineSpec, settings: dict[str, float]) -> PipelineSpec:
+    """`spec` with tuned `settings` (TuneConfig names) in place, without its tune section.
+
+    Raises:
+        ValidationError: the settings make the pipeline invalid.
+    """
+    body = spec.model_dump(mode="json", exclude={"tune"})
+    for name, value in settings.items():
+        if name == "augment_strength":
+            steps = spec.train.augment_steps
+            body["train"]["augment"] = [{layer: None if setting is None else min(setting * value, AUGMENT_MAXIMUM[layer])
+                                         for layer, setting in step.items()} for step in steps]
+            continue
+        section, *path = TuneConfig.SETTINGS[name][0].split(".")
+        target = body[section]
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = int(value) if name in TuneConfig.INTEGER_SETTINGS else float(value)
+    return PipelineSpec.model_validate(body)
+
+
 def variant_specs(spec: PipelineSpec, base_dir: str | Path) -> dict[str, PipelineSpec | list[str]]:
     """Each compare variant of `spec` as a pipeline of its own (the pipeline deep-merged with the
     variant's overrides, named like the pipeline, without a compare section), or that variant's
@@ -571,7 +823,8 @@ def variant_specs(spec: PipelineSpec, base_dir: str | Path) -> dict[str, Pipelin
         overrides = variant.model_dump(include={"model", "train", "evaluate"})
         try:
             results[variant.name] = PipelineSpec.model_validate(
-                _deep_merge(body, overrides), context={"base_dir": str(base_dir)}
+                _deep_merge(_without_base_settings(body, overrides["model"]), overrides),
+                context={"base_dir": str(base_dir)},
             )
         except ValidationError as error:
             prefix = f"pipelines.{spec.name}.compare.variants.{variant.name}"

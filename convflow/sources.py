@@ -11,22 +11,27 @@ import concurrent.futures
 import difflib
 import gzip
 import hashlib
+import itertools
 import os
 import socket
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from convflow.config import DataConfig
+from convflow.parallel import ordered_map
 from convflow.parquet_source import fingerprint_files, load_parquet
+from convflow.progress import StageProgress
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 SPLIT_NAMES = ("train", "validation", "test")
 # A header claiming more pixels than this is refused before decoding (a decompression bomb).
 MAX_PIXELS = 50_000_000
 NETWORK_PROBE = ("storage.googleapis.com", 443)
+TFDS_HASH_CHUNK = 256  # TFDS examples held at a time while hashing
 
 
 class DataError(ValueError):
@@ -37,8 +42,9 @@ class DataError(ValueError):
 class LoadedSource:
     """Examples of one source, before splitting.
 
-    Exactly one of `images` (N x H x W x C uint8) and `files` is set; `sizes` holds each file's
-    (height, width) as found on disk.
+    At most one of `images` (N x H x W x C uint8) and `files` is set; neither for TFDS, whose
+    examples to_tfrecords streams from the dataset again (`hashes` then holds their content
+    hashes). `sizes` holds each image's (height, width) as found.
     """
 
     labels: np.ndarray
@@ -49,6 +55,18 @@ class LoadedSource:
     sizes: list[tuple[int, int]] = field(default_factory=list)
     predefined_split: list[str | None] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    hashes: list[str] | None = None
+    channels: int | None = None  # of a TFDS source's images (the others' are in `images` or `files`)
+
+
+@dataclass(frozen=True)
+class TfdsExample:
+    """One example of a TFDS source, as read from the dataset."""
+
+    example_id: str
+    image: np.ndarray
+    label: int
+    split: str | None
 
 
 def source_fingerprint(data: DataConfig) -> str:
@@ -187,32 +205,46 @@ def _load_idx(data: DataConfig, scratch_dir: Path) -> LoadedSource:
 
 
 def check_image_file(path: Path) -> tuple[str | None, tuple[int, int]]:
-    """Why an image file is unusable (None if it decodes), and its (height, width)."""
+    """Why an image file is unusable (None if usable), and its (height, width)."""
+    return check_image_bytes(Path(path).read_bytes())
+
+
+def inspect_image_file(path: str) -> tuple[str | None, tuple[int, int], str]:
+    """check_image_file of `path` (unread if its name is not an image's), and the sha256 of its
+    bytes: the file is read once for both."""
+    if not path.lower().endswith(IMAGE_SUFFIXES):
+        return "not an image file", (0, 0), ""
+    content = Path(path).read_bytes()
+    return (*check_image_bytes(content), hashlib.sha256(content).hexdigest())
+
+
+def check_image_bytes(content: bytes) -> tuple[str | None, tuple[int, int]]:
+    """Why an image file's bytes are unusable (None if usable), and its (height, width).
+
+    A JPEG is not decoded here: to_tfrecords decodes every image once, and says which file if one
+    fails. Its header is read and its scan must reach the end-of-image marker (a cut-off file does
+    not); other formats are decoded, as their damage shows nowhere else.
+    """
+    import io
+
     from PIL import Image
 
-    if path.stat().st_size == 0:
+    if not content:
         return "empty file", (0, 0)
     try:
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(content)) as image:
             size = (image.height, image.width)
             if image.width * image.height > MAX_PIXELS:
                 return f"{image.width}x{image.height} exceeds {MAX_PIXELS} pixels", size
-            image.load()
+            if image.format != "JPEG":
+                image.load()
+            elif content.rfind(b"\xff\xd9") < image.tile[0].offset:  # the scan starts at the tile's offset
+                return "cannot decode: image file is truncated", (0, 0)
     except Image.DecompressionBombError as error:  # refused by Pillow before our own size check
         return f"exceeds {MAX_PIXELS} pixels: {error}", (0, 0)
     except Exception as error:  # PIL raises many types for bad files
         return f"cannot decode: {error}", (0, 0)
     return None, size
-
-
-def _checked(paths: list[Path]) -> list[tuple[str | None, tuple[int, int]]]:
-    """check_image_file of each path (those without an image suffix refused unread), in threads:
-    Pillow decodes without the GIL, so every core checks."""
-    def check(path: Path) -> tuple[str | None, tuple[int, int]]:
-        return check_image_file(path) if path.suffix.lower() in IMAGE_SUFFIXES else ("not an image file", (0, 0))
-
-    with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
-        return list(pool.map(check, paths))
 
 
 def _class_folders(root: Path) -> list[Path]:
@@ -234,31 +266,50 @@ def _load_folder(data: DataConfig, scratch_dir: Path) -> LoadedSource:
             raise DataError(f"split {split!r} has no example of class(es) {missing}: {split_dirs[split]} has no "
                             "folder for them")
     loaded = LoadedSource(labels=np.zeros(0, np.int64), label_names=class_names, example_ids=[], files=[])
-    labels: list[int] = []
-    for split, split_root in layout.items():
-        for label, class_name in enumerate(class_names):
-            labels += _scan_class_folder(split_root / class_name, root, label, split, loaded)
-    loaded.labels = np.asarray(labels, np.int64)
+    folders = [(split, label, split_root / name) for split, split_root in layout.items()
+               for label, name in enumerate(class_names) if (split_root / name).is_dir()]
+    loaded.labels = _scan_class_folders(folders, root, loaded)
     return loaded
 
 
-def _scan_class_folder(folder: Path, root: Path, label: int, split: str | None, loaded: LoadedSource) -> list[int]:
-    if not folder.is_dir():
-        return []
-    usable = 0
-    paths = [path for path in sorted(folder.iterdir()) if path.is_file() and not path.name.startswith(".")]
-    for path, (problem, size) in zip(paths, _checked(paths)):
+def _scan_class_folders(folders: list[tuple[str | None, int, Path]], root: Path, loaded: LoadedSource) -> np.ndarray:
+    """Check and hash every file of the class folders in one pass over all cores; add the usable
+    ones to `loaded` (the others to its skipped list); return their labels."""
+    files = {folder: _image_files(folder) for *_, folder in folders}
+    listed = ((split, label, folder, path) for split, label, folder in folders for path in files[folder])
+    usable: dict[Path, int] = dict.fromkeys((folder for *_, folder in folders), 0)
+    labels: list[int] = []
+    loaded.hashes = []
+    prefix = len(str(root)) + 1
+    progress = StageProgress("download_and_split", sum(map(len, files.values())))
+    for (split, label, folder, path), (problem, size, sha256) in ordered_map(_inspected, listed):
+        progress.update(progress.done + 1)
         if problem:
             loaded.skipped.append(f"{path}: {problem}")
             continue
-        loaded.files.append(str(path))
+        loaded.files.append(path)
         loaded.sizes.append(size)
-        loaded.example_ids.append(str(path.relative_to(root)))
+        loaded.example_ids.append(path[prefix:])
         loaded.predefined_split.append(split)
-        usable += 1
-    if usable == 0:
-        raise DataError(f"class folder {folder} has no usable image")
-    return [label] * usable
+        loaded.hashes.append(sha256)
+        labels.append(label)
+        usable[folder] += 1
+    progress.finish()
+    empty = next((folder for folder, count in usable.items() if count == 0), None)
+    if empty is not None:
+        raise DataError(f"class folder {empty} has no usable image")
+    return np.asarray(labels, np.int64)
+
+
+def _inspected(entry: tuple) -> tuple[tuple, tuple[str | None, tuple[int, int], str]]:
+    return entry, inspect_image_file(entry[-1])
+
+
+def _image_files(folder: Path) -> list[str]:
+    """The files of a class folder (hidden ones left out), sorted by name."""
+    with os.scandir(folder) as entries:
+        names = sorted(entry.name for entry in entries if entry.is_file() and not entry.name.startswith("."))
+    return [os.path.join(folder, name) for name in names]
 
 
 def _network_available(timeout: float = 3.0) -> bool:
@@ -269,7 +320,7 @@ def _network_available(timeout: float = 3.0) -> bool:
         return False
 
 
-def _load_tfds(data: DataConfig, scratch_dir: Path) -> LoadedSource:
+def _tfds_builder(data: DataConfig):
     import tensorflow_datasets as tfds
 
     name = data.location
@@ -291,7 +342,54 @@ def _load_tfds(data: DataConfig, scratch_dir: Path) -> LoadedSource:
                 f".download_and_prepare()\"`, copy DIR here and set data.data_dir: DIR"
             )
         builder.download_and_prepare()
-    return _read_tfds_splits(builder, data, scratch_dir / "images")
+    return builder
+
+
+def iter_tfds_examples(data: DataConfig) -> Iterator[TfdsExample]:
+    """The examples of a `tfds:` source, split by split in the dataset's own order (the same on
+    every pass: download_and_split hashes them, to_tfrecords writes them)."""
+    import tensorflow_datasets as tfds
+
+    builder = _tfds_builder(data)
+    image_key, label_key = _tfds_keys(builder)
+    for expression, split in _tfds_split_plan(builder, data).items():
+        for index, example in enumerate(tfds.as_numpy(builder.as_dataset(split=expression, shuffle_files=False))):
+            yield TfdsExample(f"{expression}/{index}", example[image_key], int(example[label_key]), split)
+
+
+def _load_tfds(data: DataConfig, scratch_dir: Path) -> LoadedSource:
+    """Labels, splits and content hashes of a TFDS source; no image files (to_tfrecords streams the
+    examples again, straight into shards)."""
+    builder = _tfds_builder(data)
+    _, label_key = _tfds_keys(builder)
+    loaded = LoadedSource(labels=np.zeros(0, np.int64), label_names=list(builder.info.features[label_key].names),
+                          example_ids=[], hashes=[])
+    labels: list[int] = []
+    examples = iter_tfds_examples(data)
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
+        while chunk := list(itertools.islice(examples, TFDS_HASH_CHUNK)):
+            loaded.hashes += pool.map(lambda example: png_sha256(example.image), chunk)
+            for example in chunk:
+                loaded.sizes.append(tuple(example.image.shape[:2]))
+                loaded.channels = max(loaded.channels or 0, example.image.shape[2] if example.image.ndim == 3 else 1)
+                loaded.example_ids.append(example.example_id)
+                loaded.predefined_split.append(example.split)
+                labels.append(example.label)
+    loaded.labels = np.asarray(labels, np.int64)
+    return loaded
+
+
+def png_sha256(image: np.ndarray) -> str:
+    """The sha256 of the PNG file Pillow makes of `image`: a TFDS example's content hash, the same as
+    when each example was saved as such a file, so splits assigned by hash stay where they were."""
+    import io
+
+    from PIL import Image
+
+    pixels = image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8)).save(buffer, "PNG")
+    return hashlib.sha256(buffer.getvalue()).hexdigest()
 
 
 def _tfds_keys(builder) -> tuple[str, str]:
@@ -313,34 +411,3 @@ def _tfds_split_plan(builder, data: DataConfig) -> dict[str, str | None]:
         return {expression: split for split, expression in data.tfds_split.items()}
     names = list(builder.info.splits) or ["train", "test"]  # no split metadata under tfds mock_data
     return {name: name if name in SPLIT_NAMES else None for name in names}
-
-
-def _read_tfds_splits(builder, data: DataConfig, images_dir: Path) -> LoadedSource:
-    import tensorflow_datasets as tfds
-
-    image_key, label_key = _tfds_keys(builder)
-    images_dir.mkdir(parents=True, exist_ok=True)
-    loaded = LoadedSource(
-        labels=np.zeros(0, np.int64), label_names=list(builder.info.features[label_key].names),
-        example_ids=[], files=[],
-    )
-    labels: list[int] = []
-    for expression, split in _tfds_split_plan(builder, data).items():
-        stem = "".join(ch if ch.isalnum() else "_" for ch in expression)
-        for index, example in enumerate(tfds.as_numpy(builder.as_dataset(split=expression))):
-            path = images_dir / f"{stem}-{index:06d}.png"
-            _save_png(example[image_key], path)
-            loaded.files.append(str(path))
-            loaded.sizes.append(tuple(example[image_key].shape[:2]))
-            loaded.example_ids.append(f"{expression}/{index}")
-            loaded.predefined_split.append(split)
-            labels.append(int(example[label_key]))
-    loaded.labels = np.asarray(labels, np.int64)
-    return loaded
-
-
-def _save_png(image: np.ndarray, path: Path) -> None:
-    from PIL import Image
-
-    pixels = image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image
-    Image.fromarray(pixels.astype(np.uint8)).save(path)

@@ -94,7 +94,8 @@ def _image_shape(loaded: LoadedSource) -> tuple[tuple[int, int], bool, int]:
     widths = [width for _, width in loaded.sizes]
     median = (int(statistics.median(heights)), int(statistics.median(widths)))
     ratios = {round(height / width, 2) for height, width in loaded.sizes}
-    return median, len(ratios) > 1, _channels(loaded.files)
+    channels = loaded.channels if loaded.files is None else _channels(loaded.files)  # TFDS: no files
+    return median, len(ratios) > 1, channels
 
 
 def _channels(files: list[str]) -> int:

@@ -162,6 +162,21 @@ COMPARISON_SCHEMA = _schema(
 )
 
 
+TRIALS_SCHEMA = _schema(
+    ("trial_id", pa.string(), "The trial, as KerasTuner's oracle numbered it; its folder is <tune-id>/trials/<trial_id>/."),
+    ("status", pa.string(), "completed, or failed (an error while building or training it)."),
+    ("settings", pa.string(), "The trial's settings as JSON, by tune.space name."),
+    ("epochs", pa.int64(), "Head epochs it trained (Hyperband gives trials different ones)."),
+    ("objective", pa.string(), "The validation metric trials are ranked by (tune.objective)."),
+    ("score", pa.float64(), "The objective on the validation split at the kept epoch; null when failed."),
+    ("seconds", pa.float64(), "Wall time of the trial."),
+    ("error", pa.string(), "Why it failed; null when it completed."),
+    ("best", pa.bool_(), "The trial whose settings trained the final model."),
+    nullable=("score", "error"),
+    table="One tune run (`convflow tune`): one row per trial, failed ones included.",
+)
+
+
 def write_parquet(table: pa.Table, path: Path) -> None:
     """Write `table` to `path` through a temporary file, so readers never see half a file."""
     with atomic_file(path) as temporary:

@@ -11,7 +11,7 @@ from prefect.runtime import flow_run
 from prefect.states import Completed
 
 from convflow import registry, retraining, runs
-from convflow.config import load_pipeline
+from convflow.config import load_pipeline, tuned_spec
 from convflow.flows.stage_runner import StageRunner
 from convflow.sources import source_fingerprint
 from convflow.tasks.build_base import build_base, weights_fingerprint
@@ -34,16 +34,18 @@ def new_run_id(now: datetime.datetime) -> str:
 @flow(name="convflow-train", flow_run_name="{pipeline}")
 def train_pipeline(
     pipeline: str, pipelines_file: str = "pipelines.yaml", artifacts: str = "artifacts",
-    scheduled: bool = False, force: bool = False,
+    scheduled: bool = False, force: bool = False, tuned: dict[str, float] | None = None,
 ) -> RunSummary:
     """Download, preprocess, build, wrap, train, evaluate, export, promote and report one pipeline.
 
     A `scheduled` run follows the pipeline's `retrain` policy: with the data and config that made
     the production model, it stops after download_and_split and records "unchanged"; `force`
-    trains anyway.
+    trains anyway. `tuned`: settings found by `convflow tune` (tune.space names) in place of the pipeline's.
     """
     started = datetime.datetime.now(datetime.timezone.utc)
     spec = load_pipeline(pipelines_file, pipeline)
+    if tuned:
+        spec = tuned_spec(spec, tuned)
     run = RunContext(pipeline=pipeline, run_id=new_run_id(started), artifacts_root=str(Path(artifacts).resolve()))
     stages = StageRunner(run)
     split_set = stages.run(download_and_split, spec.data, source_fingerprint(spec.data), run)
@@ -66,7 +68,7 @@ def train_pipeline(
         exported = stages.run(export_savedmodel, trained, evaluation, tfrecords, run)
     exported = promote(exported, trained, evaluation, run)
     report = stages.run(write_report, spec.config_hash(), split_set, trained, evaluation, exported, stages.timings,
-                        run)
+                        run, tfrecords)
     summary = runs.summarize(run, started, spec.config_hash(), split_set, trained, evaluation, exported, report,
                              stages.timings)
     runs.record(summary, run, flow_run.id, split_set, trained, evaluation)

@@ -22,8 +22,10 @@ from convflow.tasks.stage import RunContext, hash_json, stage_task
 
 
 def _example_hashes(loaded: LoadedSource) -> list[str]:
-    """The sha256 of each example's bytes; files are read and hashed in threads (hashlib lets go of
-    the GIL on large buffers)."""
+    """The sha256 of each example's bytes. Folder and TFDS sources come hashed; other sources' files
+    are read and hashed in threads (hashlib lets go of the GIL on large buffers)."""
+    if loaded.hashes is not None:
+        return loaded.hashes
     if loaded.images is not None:
         return [hashlib.sha256(image.tobytes()).hexdigest() for image in loaded.images]
     with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:

@@ -5,10 +5,15 @@ a reshape, not a JPEG/PNG decode or an inflate, on every epoch. benchmarks/layou
 measured it the fastest to write and to read of raw, GZIP raw, PNG and JPEG records for both
 MNIST and 96/224 px photos (GZIP: 5x smaller for MNIST, but 5-25x slower to write photos).
 `data.compression: gzip` trades that speed for disk space; a shard's name says its compression.
+
+`data.record_format` stores images as raw bytes, JPEG or PNG instead; a shard's name says its
+format too (`.jpeg.tfrecord`, `.png.tfrecord`; raw shards keep their plain name), so every reader
+decodes what was written without being told. `auto` chooses by `choose_record_format`'s rule.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -17,6 +22,13 @@ if TYPE_CHECKING:
 
 # data.compression -> (TFRecord compression type, shard file suffix)
 COMPRESSIONS = {"none": ("", ".tfrecord"), "gzip": ("GZIP", ".tfrecord.gz")}
+RECORD_FORMATS = ("raw", "jpeg", "png")
+JPEG_QUALITY = 95
+# auto's rule (benchmarks/RESULTS.md, "Data at scale"): raw while the decoded dataset fits the
+# reader's in-memory cache (only the first epoch reads the disk) or while an image is small
+# enough that reading its raw bytes from disk beats decoding it; JPEG beyond (PNG for grayscale:
+# lossless, and JPEG saves little on one channel).
+AUTO_RAW_MAX_IMAGE_BYTES = 64 * 64 * 3
 IMAGE = "image"
 LABEL = "label"
 EXAMPLE_ID = "example_id"
@@ -30,11 +42,21 @@ class ExampleEncoder:
     key order (deterministic serialization), so the same images make byte-identical shards in
     every process; the order of a protobuf map's entries otherwise differs from one to another.
     Not thread-safe: one encoder per writing thread.
+
+    The message is made anew every REUSE_LIMIT images: protobuf (upb) keeps every value ever
+    assigned to a field in the message's arena until the message is freed, so one message kept for
+    a whole stage grew by an image per image written.
     """
 
+    REUSE_LIMIT = 64
+
     def __init__(self) -> None:
+        self._new_message()
+
+    def _new_message(self) -> None:
         import tensorflow as tf
 
+        self._uses = 0
         self._example = tf.train.Example()
         fields = self._example.features.feature
         self._image = fields[IMAGE].bytes_list.value
@@ -45,10 +67,66 @@ class ExampleEncoder:
         self._example_id.append(b"")
 
     def encode(self, image: np.ndarray, label: int, example_id: str) -> bytes:
-        self._image[0] = image.tobytes()
+        return self.encode_bytes(image.tobytes(), label, example_id)
+
+    def encode_bytes(self, image: bytes, label: int, example_id: str) -> bytes:
+        """An Example of an image already in its record format (encode_image)."""
+        self._uses += 1
+        if self._uses > self.REUSE_LIMIT:
+            self._new_message()
+            self._uses = 1
+        self._image[0] = image
         self._label[0] = int(label)
         self._example_id[0] = example_id.encode()
         return self._example.SerializeToString(deterministic=True)
+
+
+def encode_image(image: np.ndarray, record_format: str) -> bytes:
+    """An image's bytes as a record holds them: raw pixels, or a JPEG/PNG file made by Pillow
+    (it releases the GIL while encoding, so writer threads share the cores)."""
+    if record_format == "raw":
+        return image.tobytes()
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    pixels = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+    if record_format == "jpeg":
+        pixels.save(buffer, "JPEG", quality=JPEG_QUALITY)
+    else:
+        pixels.save(buffer, "PNG", compress_level=1)  # level 6 (the default) writes 3x slower for 10% less
+    return buffer.getvalue()
+
+
+def choose_record_format(record_format: str, image_size: tuple[int, int], channels: int, examples: int) -> str:
+    """`data.record_format` resolved: itself, or for `auto` the format its rule picks for
+    `examples` images of `image_size` x `channels`."""
+    if record_format != "auto":
+        return record_format
+    image_bytes = image_size[0] * image_size[1] * channels
+    if image_bytes <= AUTO_RAW_MAX_IMAGE_BYTES or _fits_in_memory_budget(examples * image_bytes):
+        return "raw"
+    return "jpeg" if channels == 3 else "png"
+
+
+def shard_name(split: str, number: int, count: int, examples: int, record_format: str, compression: str) -> str:
+    """A shard's file name: its split, place, example count, record format and compression."""
+    kind = "" if record_format == "raw" else f".{record_format}"
+    return f"{split}-{number:05d}-of-{count:05d}.n{examples}{kind}{shard_suffix(compression)}"
+
+
+def record_format_of(shards: list[str]) -> str:
+    """The record format of shards written by to_tfrecords, from their file names.
+
+    Raises:
+        ValueError: the shards do not all share one format.
+    """
+    kinds = {next((kind for kind in RECORD_FORMATS[1:] if f".{kind}.tfrecord" in Path(shard).name), "raw")
+             for shard in shards}
+    if len(kinds) != 1:
+        raise ValueError(f"shards must share one record format ({sorted(kinds)} found): {shards}")
+    return kinds.pop()
 
 
 def feature_spec() -> dict[str, tf.io.FixedLenFeature]:
@@ -77,15 +155,21 @@ def compression_type(shards: list[str]) -> str:
     return kinds.pop()
 
 
-def make_parser(height: int, width: int, channels: int):
+def make_parser(height: int, width: int, channels: int, record_format: str = "raw"):
     """Return a batched parser: serialized Examples -> {image uint8 [B,H,W,C], label, example_id}."""
     import tensorflow as tf
 
     spec = feature_spec()
+    shape = tf.TensorSpec([height, width, channels], tf.uint8)
+    decode = {"jpeg": lambda data: tf.io.decode_jpeg(data, channels=channels),
+              "png": lambda data: tf.io.decode_png(data, channels=channels)}.get(record_format)
 
     def parse(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
         parsed = tf.io.parse_example(serialized, spec)
-        images = tf.io.decode_raw(parsed[IMAGE], tf.uint8)
+        if decode is None:
+            images = tf.io.decode_raw(parsed[IMAGE], tf.uint8)
+        else:  # one op per batch; batches decode in parallel (read_dataset's map)
+            images = tf.map_fn(decode, parsed[IMAGE], fn_output_signature=shape)
         parsed[IMAGE] = tf.reshape(images, [-1, height, width, channels])
         return parsed
 
@@ -100,11 +184,15 @@ CACHE_MEMORY_SHARE = 0.25
 
 def _fits_in_memory(shards: list[str], image_size: tuple[int, int], channels: int) -> bool:
     """Whether the decoded split fits the cache budget; the record count is in each shard's name."""
-    import os
     import re
 
     records = sum(int(match.group(1)) for shard in shards if (match := re.search(r"\.n(\d+)\.", shard)))
-    decoded_bytes = records * image_size[0] * image_size[1] * channels
+    return _fits_in_memory_budget(records * image_size[0] * image_size[1] * channels)
+
+
+def _fits_in_memory_budget(decoded_bytes: int) -> bool:
+    import os
+
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return decoded_bytes <= CACHE_MEMORY_SHARE * memory
 
@@ -138,7 +226,7 @@ def read_dataset(
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=True,
     )
-    parse = make_parser(*image_size, channels)
+    parse = make_parser(*image_size, channels, record_format_of(shards))
     fields = (IMAGE, LABEL, EXAMPLE_ID) if with_ids else (IMAGE, LABEL)
 
     def parse_batch(serialized):  # tuples built per batch: a per-example map costs 3-4x the read rate

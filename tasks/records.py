@@ -77,10 +77,12 @@ class SplitSet(StageRecord):
 
 
 class TFRecordSet(StageRecord):
-    """to_tfrecords: sharded TFRecords per split, raw uint8 images at the model's size."""
+    """to_tfrecords: sharded TFRecords per split, images at the model's size (raw uint8, JPEG or PNG)."""
 
     shards: dict[str, list[str]] = Field(description="Shard paths per split.")
     compression: str = Field("none", description="data.compression they were written with: none | gzip.")
+    record_format: str = Field("raw", description="How records hold images: raw | jpeg | png (data.record_format, "
+                               "auto resolved).")
     counts: dict[str, int]
     image_size: tuple[int, int]
     channels: int
@@ -95,7 +97,7 @@ class TFRecordSet(StageRecord):
         shards = sum(len(paths) for paths in self.shards.values())
         height, width = self.image_size
         return (f"{shards} shards, {sum(self.file_sizes.values()) / 1e6:.1f} MB of {height}x{width}x{self.channels} "
-                f"images ({self.compression} compression) in {Path(self.output_dir)}")
+                f"images ({self.record_format} records, {self.compression} compression) in {Path(self.output_dir)}")
 
 
 class BaseNetwork(StageRecord):
@@ -155,6 +157,9 @@ class TrainedModel(StageRecord):
     precision: str = Field("float32", description="train.precision: the Keras dtype policy it trained under.")
     replicas: int = Field(1, description="Devices that trained in step (MirroredStrategy), each on train.batch_size examples.")
     tensorboard_dir: str | None = Field(None, description="TensorBoard event files of this training (`tensorboard --logdir`).")
+    schedule: str = Field("constant", description="train.schedule in words.")
+    best_epoch: int | None = Field(None, description="train.early_stopping: the epoch whose weights were kept (1-based).")
+    stopped_epoch: int | None = Field(None, description="train.early_stopping: the epoch it stopped after; None: ran all.")
 
     def required_files(self) -> list[str]:
         return [self.model_path, self.history_parquet, self.model_summary_parquet]

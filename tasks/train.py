@@ -19,7 +19,7 @@ import pyarrow as pa
 from convflow import tables
 from convflow.config import FineTuneConfig, TrainConfig
 from convflow.storage import locked, staged_output
-from convflow.tasks import base_features, features, train_callbacks
+from convflow.tasks import base_features, features, train_callbacks, train_recipe
 from convflow.tasks.evaluate import remember_classifier
 from convflow.tasks.records import TFRecordSet, TrainedModel, WrappedModel
 from convflow.run_log import run_logger
@@ -99,41 +99,31 @@ def _copy_trainable(source, copy) -> None:
             copy_layer.trainable = source_layer.trainable
 
 
-def _optimizer(settings: TrainConfig, learning_rate: float):
-    import keras
+def _with_labels_for_loss(dataset, settings: TrainConfig, tfrecords: TFRecordSet, binary: bool, training: bool):
+    """`dataset` with the labels the loss takes: one-hot (and mixed, in training) where the recipe needs it."""
+    import tensorflow as tf
 
-    optimizers = {"adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD, "rmsprop": keras.optimizers.RMSprop}
-    return optimizers[settings.optimizer](learning_rate=learning_rate)
-
-
-def _augmentation(seed: int):
-    import keras
-    from keras import layers
-
-    return keras.Sequential(
-        [
-            layers.RandomFlip("horizontal", seed=seed),
-            layers.RandomRotation(0.1, seed=seed),
-            layers.RandomZoom(0.1, seed=seed),
-            layers.RandomContrast(0.1, seed=seed),
-        ],
-        name="augmentation",
-    )
+    transform = train_recipe.label_transform(settings, len(tfrecords.label_names), binary)
+    if dataset is None or transform is None:
+        return dataset
+    mapped = dataset.map(lambda images, labels: transform(images, labels, training), num_parallel_calls=tf.data.AUTOTUNE)
+    return mapped.prefetch(tf.data.AUTOTUNE)
 
 
-def _datasets(tfrecords: TFRecordSet, settings: TrainConfig, global_batch: int):
+def _datasets(tfrecords: TFRecordSet, settings: TrainConfig, global_batch: int, binary: bool):
     common = {"image_size": tfrecords.image_size, "channels": tfrecords.channels, "batch_size": global_batch}
     training = features.read_dataset(
         tfrecords.shards["train"],
         shuffle_buffer=settings.shuffle_buffer,
         seed=settings.seed,
-        augment=_augmentation(settings.seed) if settings.augment else None,
+        augment=train_recipe.image_augmentation(settings),
         **common,
     )
     validation = None
     if tfrecords.counts.get("validation"):
         validation = features.read_dataset(tfrecords.shards["validation"], **common)
-    return training, validation
+    return (_with_labels_for_loss(training, settings, tfrecords, binary, training=True),
+            _with_labels_for_loss(validation, settings, tfrecords, binary, training=False))
 
 
 def model_summary(model) -> pa.Table:
@@ -154,13 +144,13 @@ def model_summary(model) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=tables.MODEL_SUMMARY_SCHEMA)
 
 
-def augmentation_preview(tfrecords: TFRecordSet, seed: int, images: int = 4, versions: int = 4):
-    """A few training images, each followed by augmented versions of it (uint8)."""
+def augmentation_preview(tfrecords: TFRecordSet, settings: TrainConfig, images: int = 4, versions: int = 4):
+    """A few training images, each followed by versions of it through train.augment's per-image layers (uint8)."""
     import numpy as np
 
     first = next(iter(features.read_dataset(tfrecords.shards["train"], tfrecords.image_size,
                                             tfrecords.channels, images, cache=False)))[0]
-    augment = _augmentation(seed)
+    augment = train_recipe.image_augmentation(settings)
     rows = [first.numpy()] + [augment(first, training=True).numpy() for _ in range(versions)]
     return np.clip(np.stack(rows, axis=1), 0, 255).astype(np.uint8).reshape(-1, *first.shape[1:])
 
@@ -175,16 +165,12 @@ def _steps_per_execution(settings: TrainConfig, steps_per_epoch: int) -> int:
     return max(1, min(settings.steps_per_execution, steps_per_epoch))
 
 
-def _compile(model, settings: TrainConfig, learning_rate: float, steps_per_epoch: int) -> None:
-    import keras
-
-    if model.output_shape[-1] == 1:  # a binary head: one logit for the second class
-        loss = keras.losses.BinaryCrossentropy(from_logits=True)
-        metrics = [keras.metrics.BinaryAccuracy(name="accuracy", threshold=0.0)]
-    else:
-        loss, metrics = keras.losses.SparseCategoricalCrossentropy(from_logits=True), ["accuracy"]
+def _compile(model, settings: TrainConfig, learning_rate: float, steps_per_epoch: int, epochs: int) -> None:
+    """Compile for one phase of `epochs` epochs: the schedule spans that phase."""
+    loss, metrics = train_recipe.loss_and_metrics(settings, model.output_shape[-1])
+    rate = train_recipe.learning_rate(settings.schedule, learning_rate, epochs, steps_per_epoch)
     model.compile(
-        optimizer=_optimizer(settings, learning_rate), loss=loss, metrics=metrics,
+        optimizer=train_recipe.optimizer(settings, rate), loss=loss, metrics=metrics,
         steps_per_execution=_steps_per_execution(settings, steps_per_epoch),
         jit_compile=settings.jit_compile,
     )
@@ -216,10 +202,11 @@ def unfreeze_top(model, fine_tune: FineTuneConfig) -> None:
         layer.trainable = index >= boundary and not isinstance(layer, keras.layers.BatchNormalization)
 
 
-def _backup_and_restore(backup_dir: Path, every_seconds: float):
+def _backup_and_restore(backup_dir: Path, every_seconds: float, early_stop=None):
     """Keras' BackupAndRestore, saving at an epoch's end only once `every_seconds` have passed
     since its last save (or the start of training): on a small model a save costs as much as a
-    short epoch. What it saved is what a rerun resumes from."""
+    short epoch. What it saved is what a rerun resumes from; `early_stop`'s state is saved with it,
+    so a resumed run knows the best epoch so far and its weights."""
     import keras
 
     class TimedBackupAndRestore(keras.callbacks.BackupAndRestore):
@@ -229,14 +216,17 @@ def _backup_and_restore(backup_dir: Path, every_seconds: float):
 
         def on_epoch_end(self, epoch, logs=None):
             if time.monotonic() - self._saved_at >= every_seconds:
+                if early_stop is not None:
+                    early_stop.save_state()
                 super().on_epoch_end(epoch, logs)
                 self._saved_at = time.monotonic()
 
     return TimedBackupAndRestore(str(backup_dir))
 
 
-def _fit(model, training, validation, callbacks, backup, initial_epoch: int, epochs: int) -> float:
-    """model.fit from `initial_epoch` to `epochs`; returns its wall seconds.
+def _fit(model, datasets, training: Training, phase: str, initial_epoch: int, epochs: int) -> float:
+    """model.fit of one phase from `initial_epoch` to `epochs` on (training, validation) `datasets`,
+    checkpointed in the phase's folder; returns its wall seconds.
 
     Inside a Prefect run the epoch recorder logs each epoch through the run logger (the terminal and
     the UI); Keras' own epoch lines would repeat them in the terminal, so they show only outside one.
@@ -244,15 +234,23 @@ def _fit(model, training, validation, callbacks, backup, initial_epoch: int, epo
     from prefect.context import FlowRunContext, TaskRunContext
 
     in_prefect_run = FlowRunContext.get() is not None or TaskRunContext.get() is not None
+    # Early stopping ahead of the checkpoint: at an epoch's end it judges the epoch before the
+    # checkpoint saves its state.
+    stopper = training.early_stopping(phase)
+    backup = training.backup(phase, stopper)
+    leading = [stopper, backup] if stopper else [backup]
     started = time.perf_counter()
     with warnings.catch_warnings():
         # tf.data input: Keras' notes about `shuffle` and unknown dataset length do not apply.
         warnings.filterwarnings("ignore", message=".*shuffle=True.*")
         warnings.filterwarnings("ignore", message=".*ran out of data.*")
         model.fit(
-            training, validation_data=validation, initial_epoch=initial_epoch, epochs=epochs,
-            verbose=0 if in_prefect_run else 2, callbacks=[backup, *callbacks],
+            datasets[0], validation_data=datasets[1], initial_epoch=initial_epoch, epochs=epochs,
+            verbose=0 if in_prefect_run else 2, class_weight=training.class_weight,
+            callbacks=[*leading, *train_recipe.plateau_callbacks(training.settings.schedule), *training.callbacks],
         )
+    if stopper is not None:
+        training.record_stop(phase, stopper)
     return time.perf_counter() - started
 
 
@@ -267,19 +265,45 @@ class Training:
     global_batch: int
     recorder: object  # train_callbacks.epoch_recorder
     callbacks: list
+    class_weight: dict[int, float] | None = None
 
     @property
     def steps_per_epoch(self) -> int:
         return math.ceil(self.tfrecords.counts["train"] / self.global_batch)
 
-    def image_datasets(self):
-        return _datasets(self.tfrecords, self.settings, self.global_batch)
+    def image_datasets(self, binary: bool):
+        return _datasets(self.tfrecords, self.settings, self.global_batch, binary)
 
-    def backup(self, name: str):
-        return _backup_and_restore(self.checkpoint_dir / name, self.settings.checkpoint_seconds)
+    def backup(self, phase: str, early_stop=None):
+        return _backup_and_restore(self._backup_dir(phase), self.settings.checkpoint_seconds, early_stop)
+
+    def early_stopping(self, phase: str):
+        """train.early_stopping's callback for one phase, its state kept in the phase's checkpoint; None when off."""
+        config = self.settings.early_stopping
+        if config is None:
+            return None
+        return train_callbacks.early_stopping(config.patience, config.metric, self._backup_dir(phase))
+
+    def _backup_dir(self, phase: str) -> Path:
+        return self.checkpoint_dir / ("backup" if phase == "head" else f"backup-{phase}")
+
+    @property
+    def _stops_file(self) -> Path:
+        return self.checkpoint_dir / "early_stopping.json"
+
+    def record_stop(self, phase: str, stopper) -> None:
+        """Where early stopping ended a phase (1-based epochs); kept beside the checkpoints so a
+        resumed fine-tuning still knows the head phase's."""
+        stops = self.stops()
+        stops[phase] = {"best_epoch": stopper.best_epoch + 1,
+                        "stopped_epoch": stopper.stopped_epoch + 1 if stopper.stopped_epoch else None}
+        self._stops_file.write_text(json.dumps(stops))
+
+    def stops(self) -> dict[str, dict]:
+        return json.loads(self._stops_file.read_text()) if self._stops_file.exists() else {}
 
 
-def _feature_datasets(front, training: Training, cache: Path):
+def _feature_datasets(front, training: Training, cache: Path, binary: bool):
     """(training, validation) batches of the frozen front's features, read from `cache` or computed into it."""
     log = run_logger().info
     splits = ["train"] + (["validation"] if training.tfrecords.counts.get("validation") else [])
@@ -289,19 +313,23 @@ def _feature_datasets(front, training: Training, cache: Path):
     train_set = base_features.feature_dataset(extracted["train"], training.global_batch, settings.shuffle_buffer,
                                               settings.seed)
     validation = extracted.get("validation")
-    return train_set, base_features.feature_dataset(validation, training.global_batch) if validation else None
+    validation_set = base_features.feature_dataset(validation, training.global_batch) if validation else None
+    # Features never carry augmentation (applies() sends it to images): one-hot labels at most.
+    return tuple(_with_labels_for_loss(dataset, settings, training.tfrecords, binary, training=False)
+                 for dataset in (train_set, validation_set))
 
 
 def _fit_head(model, training: Training, feature_cache: Path | None) -> float:
     """The head phase: on the frozen front's cached features when `feature_cache` is given, else on images."""
     settings = training.settings
+    binary = model.output_shape[-1] == 1
     if feature_cache is not None:
         front, fitted = base_features.split_front_and_head(model)
-        datasets = _feature_datasets(front, training, feature_cache)
+        datasets = _feature_datasets(front, training, feature_cache, binary)
     else:
-        fitted, datasets = model, training.image_datasets()
-    _compile(fitted, settings, settings.learning_rate, training.steps_per_epoch)
-    return _fit(fitted, *datasets, training.callbacks, training.backup("backup"), 0, settings.epochs)
+        fitted, datasets = model, training.image_datasets(binary)
+    _compile(fitted, settings, settings.learning_rate, training.steps_per_epoch, settings.epochs)
+    return _fit(fitted, datasets, training, "head", 0, settings.epochs)
 
 
 def _fit_phases(model_path: str, training: Training, feature_cache: Path | None) -> tuple[object, float]:
@@ -321,11 +349,15 @@ def _fit_phases(model_path: str, training: Training, feature_cache: Path | None)
             model.save(head_model)
     if fine_tune:
         unfreeze_top(model, fine_tune)
-        _compile(model, settings, fine_tune.learning_rate, training.steps_per_epoch)
+        _compile(model, settings, fine_tune.learning_rate, training.steps_per_epoch, fine_tune.epochs)
         training.recorder.phase = "fine_tune"
-        fit_seconds += _fit(model, *training.image_datasets(), training.callbacks, training.backup("backup-fine-tune"),
+        fit_seconds += _fit(model, training.image_datasets(model.output_shape[-1] == 1), training, "fine-tune",
                             settings.epochs, total_epochs)
     return model, fit_seconds
+
+
+def _previews_augmentation(settings: TrainConfig) -> bool:
+    return any(name in train_recipe.IMAGE_LAYERS for step in settings.augment_steps for name in step)
 
 
 def _save_outputs(model, tfrecords: TFRecordSet, settings: TrainConfig, checkpoint_dir: Path, output_dir: Path,
@@ -339,13 +371,15 @@ def _save_outputs(model, tfrecords: TFRecordSet, settings: TrainConfig, checkpoi
         tables.write_parquet(model_summary(model), staging / "model_summary.parquet")
         if (checkpoint_dir / "tensorboard").exists():
             shutil.copytree(checkpoint_dir / "tensorboard", staging / "tensorboard")
-        if settings.augment:
-            np.save(staging / "augmentation.npy", augmentation_preview(tfrecords, settings.seed))
+        if _previews_augmentation(settings):
+            np.save(staging / "augmentation.npy", augmentation_preview(tfrecords, settings))
     remember_classifier(output_dir / "model.keras", saved)  # evaluate, next, uses it as it is
 
 
 def _hyperparameters(settings: TrainConfig, fine_tune: FineTuneConfig | None, head_trained_on: str) -> dict:
     values = settings.model_dump(mode="json", exclude=set(TrainConfig.EXECUTION_ONLY))
+    values.update(schedule=describe_schedule(settings), augment=json.dumps(values["augment"]),
+                  early_stopping=json.dumps(values["early_stopping"]))
     values.update({f"fine_tune.{name}": value for name, value in (fine_tune.model_dump(mode="json") if fine_tune else {}).items()})
     return {**values, "head_trained_on": head_trained_on}
 
@@ -392,7 +426,8 @@ def train_model(
     train_callbacks.write_hyperparameters(checkpoint_dir / "tensorboard", _hyperparameters(settings, fine_tune, head_trained_on))
     callbacks = [recorder, train_callbacks.tensorboard(checkpoint_dir / "tensorboard"), *([progress] if progress else [])]
     training = Training(tfrecords, settings, fine_tune, checkpoint_dir, settings.batch_size * strategy.num_replicas_in_sync,
-                        recorder, callbacks)
+                        recorder, callbacks,
+                        train_recipe.class_weights(tfrecords) if settings.class_weight == "balanced" else None)
     run_logger().info(_plan_line(wrapped, settings, head_trained_on, strategy.num_replicas_in_sync, training.global_batch))
     started = time.perf_counter()
     with strategy.scope():
@@ -400,20 +435,33 @@ def train_model(
         model, fit_seconds = _fit_phases(wrapped.model_path, training, cache)
     seconds = time.perf_counter() - started
     resumed_from = recorder.first_epoch if recorder.first_epoch is not None else total_epochs
-    trained_epochs = total_epochs - resumed_from
+    trained_epochs = recorder.epochs_run
+    stop = training.stops().get("fine-tune" if fine_tune else "head", {})
     _save_outputs(model, tfrecords, settings, checkpoint_dir, output_dir, total_epochs)
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return TrainedModel(
         output_dir=str(output_dir), model_path=str(output_dir / "model.keras"),
         history_parquet=str(output_dir / "history.parquet"),
         model_summary_parquet=str(output_dir / "model_summary.parquet"),
-        augmentation_npy=str(output_dir / "augmentation.npy") if settings.augment else None,
+        augmentation_npy=str(output_dir / "augmentation.npy") if _previews_augmentation(settings) else None,
         epochs=total_epochs, resumed_from_epoch=resumed_from, train_seconds=seconds,
         images_per_second=tfrecords.counts["train"] * trained_epochs / fit_seconds if trained_epochs else 0.0,
         fingerprint=checkpoint_key(wrapped, tfrecords, settings, fine_tune), host=socket.gethostname(), pid=os.getpid(),
         head_trained_on=head_trained_on, precision=settings.precision, replicas=strategy.num_replicas_in_sync,
-        tensorboard_dir=str(output_dir / "tensorboard"),
+        tensorboard_dir=str(output_dir / "tensorboard"), schedule=describe_schedule(settings),
+        best_epoch=stop.get("best_epoch"), stopped_epoch=stop.get("stopped_epoch"),
     )
+
+
+def describe_schedule(settings: TrainConfig) -> str:
+    """train.schedule in words, for the report: "cosine, 2 warm-up epochs"."""
+    schedule = settings.schedule
+    details = {
+        "constant": "", "cosine": f", {schedule.warmup_epochs} warm-up epochs" if schedule.warmup_epochs else "",
+        "step": f", x{schedule.factor:g} every {schedule.step_epochs} epochs",
+        "reduce_on_plateau": f", x{schedule.factor:g} after {schedule.patience} epochs without a lower validation loss",
+    }
+    return f"{schedule.kind}{details[schedule.kind]}"
 
 
 def _plan_line(wrapped: WrappedModel, settings: TrainConfig, head_trained_on: str, replicas: int, global_batch: int) -> str:

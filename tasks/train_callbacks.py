@@ -32,6 +32,7 @@ def epoch_recorder(path: Path, total_epochs: int):
     class EpochRecorder(keras.callbacks.Callback):
         first_epoch: int | None = None
         phase = "head"
+        epochs_run = 0  # in this process: a resumed run does not count the epochs restored
 
         def on_epoch_begin(self, epoch, logs=None):
             if self.first_epoch is None:
@@ -40,6 +41,7 @@ def epoch_recorder(path: Path, total_epochs: int):
 
         def on_epoch_end(self, epoch, logs=None):
             seconds = time.perf_counter() - self._started
+            self.epochs_run += 1
             metrics = {key: float(value) for key, value in (logs or {}).items()}
             row = {"epoch": epoch + 1, "phase": self.phase, "seconds": seconds, "host": socket.gethostname(),
                    "pid": os.getpid(), **metrics}
@@ -98,3 +100,40 @@ def tensorboard(log_dir: Path):
     import keras
 
     return keras.callbacks.TensorBoard(str(log_dir), histogram_freq=0, write_graph=False, update_freq="epoch")
+
+
+def early_stopping(patience: int, metric: str, state_dir: Path):
+    """Keras' EarlyStopping with restore_best_weights, whose state survives a resume.
+
+    Keras keeps the best value, its epoch, the epochs waited and the best weights in memory only,
+    so a run resumed from a checkpoint would forget the best epoch before the crash. `save_state`
+    (called by the checkpoint callback just before it saves) writes them to `state_dir`, the
+    checkpoint's folder, and a resumed fit reads them back: the state matches the checkpoint's epoch.
+    """
+    import keras
+    import numpy as np
+
+    state_file, weights_file = state_dir / "early_stopping.json", state_dir / "best.weights.npz"
+
+    class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
+        def on_train_begin(self, logs=None):
+            super().on_train_begin(logs)
+            if state_file.exists() and weights_file.exists():
+                state = json.loads(state_file.read_text())
+                self.best, self.best_epoch, self.wait = state["best"], state["best_epoch"], state["wait"]
+                with np.load(weights_file) as stored:
+                    self.best_weights = [stored[f"w{index}"] for index in range(len(stored.files))]
+
+        def save_state(self):
+            if self.best_weights is None:
+                return
+            from convflow.storage import atomic_file
+
+            state_dir.mkdir(parents=True, exist_ok=True)
+            with atomic_file(weights_file) as temporary, open(temporary, "wb") as handle:
+                np.savez(handle, **{f"w{index}": weight for index, weight in enumerate(self.best_weights)})
+            with atomic_file(state_file) as temporary:
+                Path(temporary).write_text(json.dumps({"best": float(self.best), "best_epoch": self.best_epoch,
+                                                       "wait": self.wait}))
+
+    return ResumableEarlyStopping(monitor=metric, patience=patience, restore_best_weights=True, verbose=0)

@@ -17,7 +17,7 @@ from markupsafe import Markup
 
 from convflow.storage import staged_output
 from convflow.tasks.figures import figure_tag, image_grid, page_sources, pyplot, render_page
-from convflow.tasks.records import Evaluation, ExportedModel, Report, SplitSet, StageRun, TrainedModel
+from convflow.tasks.records import Evaluation, ExportedModel, Report, SplitSet, StageRun, TFRecordSet, TrainedModel
 from convflow.tasks.stage import RunContext, hash_json, sha256_file, stage_task
 
 # Under <artifacts>/<pipeline>/: rendered figures, reused by reports of the same model and evaluation.
@@ -189,6 +189,7 @@ def report_figures(
 def render_report(
     pipeline: str, run_id: str, config_hash: str, split_set: SplitSet, trained: TrainedModel,
     evaluation: Evaluation, exported: ExportedModel, stages: list[StageRun], figures: dict[str, Markup],
+    tfrecords: TFRecordSet | None = None,
 ) -> str:
     """The report's HTML: every figure embedded, no external file needed."""
     parameters, layers = _layers(trained.model_summary_parquet)
@@ -203,7 +204,7 @@ def render_report(
         "lineage": _lineage(config_hash, split_set.data_fingerprint),
     }
     return render_page(
-        "report.html.j2", pipeline=pipeline, run_id=run_id, split_set=split_set, trained=trained,
+        "report.html.j2", pipeline=pipeline, run_id=run_id, split_set=split_set, tfrecords=tfrecords, trained=trained,
         evaluation=evaluation, exported=exported, figures=figures, parameters=parameters,
         class_count_splits=class_count_splits, tables={name: _text_rows(rows) for name, rows in tables.items()},
     )
@@ -248,13 +249,13 @@ def _publish_artifacts(report: Report, evaluation: Evaluation, pipeline: str) ->
 @stage_task()
 def write_report(
     config_hash: str, split_set: SplitSet, trained: TrainedModel, evaluation: Evaluation,
-    exported: ExportedModel, stages: list[StageRun], run: RunContext,
+    exported: ExportedModel, stages: list[StageRun], run: RunContext, tfrecords: TFRecordSet | None = None,
 ) -> Report:
     """Prefect task over write_report_html; also publishes summary, metrics and link artifacts."""
     report = write_report_html(
         run.stage_dir("write_report"), Path(run.artifacts_root) / run.pipeline / FIGURE_CACHE,
         pipeline=run.pipeline, run_id=run.run_id, config_hash=config_hash, split_set=split_set, trained=trained,
-        evaluation=evaluation, exported=exported, stages=stages,
+        evaluation=evaluation, exported=exported, stages=stages, tfrecords=tfrecords,
     )
     _publish_artifacts(report, evaluation, run.pipeline)
     return report

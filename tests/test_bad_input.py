@@ -66,6 +66,8 @@ CONFIG_CASES = {
     "negative split": ("data.split", {"train": 1.2, "validation": -0.1, "test": -0.1}, "pipelines.tiny.data.split.validation: -0.1 — must be ≥ 0"),
     "unknown base model": ("model.base", "resnet9000", "pipelines.tiny.model.base: \"resnet9000\" — unknown base model 'resnet9000'; expected one of ['augment_cnn'"),
     "unknown source": ("data.source", "s3://bucket/cats", 'pipelines.tiny.data.source: "s3://bucket/cats" — must look like one of'),
+    "unknown record format": ("data.record_format", "webp", "pipelines.tiny.data.record_format: \"webp\" — must be one of "
+                              "'auto', 'raw', 'jpeg' or 'png'"),
 }
 
 

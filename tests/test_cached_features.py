@@ -96,3 +96,26 @@ def test_front_and_head_split_needs_a_convflow_wrapper():
     model = keras.Model(inputs, keras.layers.Dense(2, name="logits")(inputs))
     with pytest.raises(ValueError, match="cannot cache features: the model has no pool or base layer"):
         base_features.split_front_and_head(model)
+
+
+def test_recipe_settings_hold_on_cached_features(tmp_path, rgb_tfrecords, built):  # noqa: F811
+    """Label smoothing, class weights, a schedule and early stopping train the head on features as on images;
+    early stopping keeps the best epoch's head."""
+    _, wrapped = built
+    settings = TrainConfig(epochs=6, batch_size=16, learning_rate=0.05, label_smoothing=0.1, class_weight="balanced",
+                           schedule="step", early_stopping={"patience": 1, "metric": "val_loss"}, checkpoint_seconds=0)
+
+    trained = train_model(wrapped, rgb_tfrecords, settings, tmp_path / "ckpt", tmp_path / "train")
+
+    assert trained.head_trained_on == "cached features"
+    history = pq.read_table(trained.history_parquet).to_pydict()
+    assert trained.best_epoch == int(np.argmin(history["val_loss"])) + 1
+    assert trained.stopped_epoch in (None, trained.best_epoch + 1)
+    import keras
+
+    model, smoothed = _load(trained.model_path), keras.losses.CategoricalCrossentropy(from_logits=True,
+                                                                                    label_smoothing=0.1)
+    batches = read_dataset(rgb_tfrecords.shards["validation"], rgb_tfrecords.image_size, 3, 256, cache=False)
+    images, labels = (np.concatenate(parts) for parts in zip(*((x.numpy(), y.numpy()) for x, y in batches)))
+    loss = float(smoothed(np.eye(2)[labels], model(images, training=False)))
+    assert loss == pytest.approx(history["val_loss"][trained.best_epoch - 1], rel=1e-3)  # the best epoch's head

@@ -60,6 +60,40 @@ def test_variants_deep_merge_over_the_pipeline(tmp_path, tiny_document):
     assert variants["own-weights"].model.weights == str(tmp_path / "configs" / "weights" / "seed.h5")
 
 
+MOBILENET_WEIGHTS = REPO.parent / "shared" / "weights" / "mobilenet_2_5_224_tf_no_top.h5"
+
+
+def _mobilenet_document(tiny_document: dict, images: Path, variants: list[dict]) -> dict:
+    """tiny on 32x32 RGB images with the frozen MobileNet 0.25 of ../shared/weights, and `variants`."""
+    tiny = tiny_document["pipelines"]["tiny"]
+    tiny["data"] = {"source": f"folder:{images}", "image_size": [32, 32], "channels": 3,
+                    "split": {"train": 0.5, "validation": 0.2, "test": 0.3}}
+    tiny["model"] = {"base": "mobilenet", "alpha": 0.25, "weights": str(MOBILENET_WEIGHTS), "dropout": 0.2,
+                     "fine_tune": {"epochs": 1, "unfreeze_top": 5}}
+    tiny["evaluate"] = {"min_accuracy": 0.0}
+    return _compare_document(tiny_document, variants)
+
+
+def test_a_variant_naming_another_base_drops_the_settings_of_the_pipelines_base(tmp_path, tiny_document):
+    document = _mobilenet_document(tiny_document, tmp_path / "images", [
+        {"name": "seed-cnn", "model": {"base": "augment_cnn"}},
+        {"name": "v2-scratch", "model": {"base": "mobilenet_v2", "weights": "none"}},
+        {"name": "v2-own-alpha", "model": {"base": "mobilenet_v2", "alpha": 0.5, "freeze": True}},
+        {"name": "same-base", "model": {"base": "mobilenet", "dropout": 0.5}},
+    ])
+    spec = load_pipeline(write_yaml(tmp_path / "pipelines.yaml", document), "tiny")
+
+    variants = variant_specs(spec, tmp_path)
+
+    seed_cnn, v2_scratch, v2_own_alpha, same_base = variants.values()
+    assert (seed_cnn.model.base, seed_cnn.model.alpha, seed_cnn.model.weights) == ("augment_cnn", None, "none")
+    assert seed_cnn.model.fine_tune is None and seed_cnn.model.dropout == 0.2  # dropout is the head's: kept
+    assert (v2_scratch.model.alpha, v2_scratch.model.weights, v2_scratch.model.frozen) == (None, "none", False)
+    assert (v2_own_alpha.model.alpha, v2_own_alpha.model.weights, v2_own_alpha.model.frozen) == (0.5, "none", True)
+    assert same_base.model.alpha == 0.25 and same_base.model.weights == str(MOBILENET_WEIGHTS)
+    assert same_base.model.fine_tune == spec.model.fine_tune
+
+
 def test_an_invalid_variant_is_reported_alone(tmp_path, tiny_document):
     document = _compare_document(tiny_document, [
         {"name": "good"},
@@ -280,3 +314,22 @@ def test_with_dask_the_variants_run_in_separate_worker_processes(tmp_path, tiny_
     assert all(row["status"] == "completed" for row in summary["variants"])
     assert summary["runner"] == "dask (2 worker processes)"
     assert len(set(pids)) == 2 and summary["flow_pid"] not in pids
+
+
+@pytest.mark.slow
+def test_variants_that_change_a_mobilenet_pipelines_base_all_run(tmp_path, tiny_document):
+    from conftest import make_image_folder
+
+    images = make_image_folder(tmp_path / "images", classes=("cat", "dog"), per_class=20, size=(32, 32))
+    document = _mobilenet_document(tiny_document, images, [
+        {"name": "seed-cnn", "model": {"base": "augment_cnn"}},
+        {"name": "v2-scratch", "model": {"base": "mobilenet_v2", "weights": "none"}},
+    ])
+
+    summary = _run_compare(tmp_path, document)
+
+    variants = {row["variant"]: row for row in summary["variants"]}
+    assert set(variants) == {"seed-cnn", "v2-scratch"}
+    for name, row in variants.items():
+        assert row["status"] == "completed" and row["error"] is None, (name, row["error"])
+        assert row["total_params"] == row["trainable_params"] > 0  # trained from scratch: nothing frozen

@@ -124,3 +124,41 @@ def test_comparison_text_is_escaped():
     assert "<script" not in page
     assert page.count("&lt;script&gt;") >= 10
     assert '<tr class="failed"><td><b>&lt;script&gt;' in page  # markup from the template itself stays
+
+
+def test_the_report_shows_the_schedule_and_early_stoppings_epoch(tmp_path, digits_split, digits_trained,
+                                                                  digits_tfrecords):
+    from convflow.config import EvaluateConfig
+    from convflow.tasks.evaluate import evaluate_model
+    from convflow.tasks.records import ExportedModel
+    from convflow.tasks.write_report import render_report, report_figures
+
+    evaluation = evaluate_model(digits_trained, digits_tfrecords, EvaluateConfig(top_k=3), tmp_path / "evaluate")
+    trained = digits_trained.model_copy(update={"schedule": "cosine, 2 warm-up epochs", "best_epoch": 3,
+                                                "stopped_epoch": 5})
+    page = render_report(
+        pipeline="tiny", run_id="run", config_hash="hash", split_set=digits_split, trained=trained,
+        evaluation=evaluation, exported=ExportedModel(output_dir=str(tmp_path), saved_model="m", max_abs_difference=0.0),
+        stages=[], figures=report_figures(digits_split, trained, evaluation),
+    )
+
+    training = page.split('id="training"')[1].split("<h2")[0]
+    assert "Learning-rate schedule: cosine, 2 warm-up epochs." in training
+    assert "Early stopping kept the weights of epoch 3 and stopped after epoch 5." in training
+
+
+def test_the_report_shows_the_record_format(tmp_path, digits_split, digits_trained, digits_tfrecords):
+    from convflow.config import EvaluateConfig
+    from convflow.tasks.evaluate import evaluate_model
+    from convflow.tasks.records import ExportedModel
+    from convflow.tasks.write_report import render_report, report_figures
+
+    evaluation = evaluate_model(digits_trained, digits_tfrecords, EvaluateConfig(top_k=3), tmp_path / "evaluate")
+    page = render_report(
+        pipeline="tiny", run_id="run", config_hash="hash", split_set=digits_split, trained=digits_trained,
+        evaluation=evaluation, exported=ExportedModel(output_dir=str(tmp_path), saved_model="m", max_abs_difference=0.0),
+        stages=[], figures=report_figures(digits_split, digits_trained, evaluation), tfrecords=digits_tfrecords,
+    )
+
+    dataset = page.split('id="dataset"')[1].split("<h2")[0]
+    assert "Records: raw images at 12x12x1,\nnone compression; 3 shards," in dataset

@@ -1,17 +1,23 @@
-"""tfds: sources through the real TFDS loader, on tfds.testing.mock_data; offline failure."""
+"""tfds: sources through the real TFDS loader, on tfds.testing.mock_data, straight into shards; offline failure."""
 
 from __future__ import annotations
 
+import hashlib
 import time
+from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import tensorflow_datasets as tfds
+from PIL import Image
 
-from convflow import sources
+from convflow import imaging, sources
 from convflow.config import DataConfig
 from convflow.sources import DataError
-from convflow.tasks.download_and_split import split_dataset
+from convflow.tasks.download_and_split import _split_by_hash, split_dataset
+from convflow.tasks.to_tfrecords import write_tfrecords
+from test_to_tfrecords import read_split
 
 
 @pytest.fixture
@@ -32,9 +38,38 @@ def test_tfds_source_reads_mock_data(tmp_path, online, name, channels, classes):
     assert split_set.label_names == classes
     assert len(rows) == sum(split_set.counts.values()) > 0
     assert set(rows["split"]) <= {"train", "validation", "test"}
-    assert rows["path"].map(lambda path: path.startswith(str(tmp_path / "split" / "images"))).all()
-    assert all((tmp_path / "split" / "images").joinpath(p.split("/")[-1]).exists() for p in rows["path"])
+    assert rows["path"].isna().all() and not list(tmp_path.rglob("*.png"))  # no image files in between
     assert rows["label"].between(0, len(classes) - 1).all()
+
+
+def _old_png_hash(image: np.ndarray, path: Path) -> str:
+    """What download_and_split hashed before: the PNG file it saved of each TFDS example."""
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_tfds_goes_straight_into_shards_with_the_splits_of_before(tmp_path, online):
+    data = DataConfig(source="tfds:mnist", image_size=(20, 20), channels=1, data_dir=str(tmp_path / "tfds"),
+                      record_format="png", shard_size=16)
+    with tfds.testing.mock_data(num_examples=40, policy=tfds.testing.MockPolicy.USE_CODE):
+        split_set = split_dataset(data, tmp_path / "split")
+        tfrecords = write_tfrecords(split_set, data, tmp_path / "tfr")
+        examples = {example.example_id: example for example in sources.iter_tfds_examples(data)}
+    rows = pq.read_table(split_set.splits_parquet).to_pandas().set_index("example_id")
+
+    assert not [path for path in tmp_path.rglob("*") if path.suffix == ".png"]
+    before = tmp_path / "before.png"
+    carved = ["train", "validation"]  # mock mnist has train and test splits: validation is carved from train
+    for example_id, example in examples.items():
+        assert rows.at[example_id, "sha256"] == _old_png_hash(example.image, before)
+        assert rows.at[example_id, "split"] == _split_by_hash(rows.at[example_id, "sha256"], example.split, carved, data)
+    assert tfrecords.record_format == "png" and len(tfrecords.shards["train"]) > 1
+    for split in ("train", "validation", "test"):
+        read = read_split(tfrecords, split)
+        assert set(read) == set(rows.index[rows["split"] == split])
+        for example_id, (image, label) in read.items():
+            np.testing.assert_array_equal(image, imaging.load_array(examples[example_id].image, (20, 20), 1, "stretch"))
+            assert label == examples[example_id].label
 
 
 def test_tfds_slicing_maps_to_splits(tmp_path, online):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 import re
 from pathlib import Path
@@ -10,9 +11,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import tensorflow as tf
+from PIL import Image
 
 from conftest import FOLDER_SPLIT, data_config, make_idx_folder
 from convflow import imaging
+from convflow.sources import DataError
 from convflow.tasks import features
 from convflow.tasks.download_and_split import split_dataset
 from convflow.tasks.to_tfrecords import write_tfrecords
@@ -275,3 +278,114 @@ def test_where_shards_are_written_is_not_part_of_the_cache_key_or_config_hash(di
 
     assert spec(on_dask).config_hash() == spec(gzipped).config_hash() == spec(digits_data).config_hash()
     assert spec(digits_data.model_copy(update={"image_size": (14, 14)})).config_hash() != spec(digits_data).config_hash()
+
+
+def test_record_format_enters_the_cache_key(digits_data):
+    keys = {_to_tfrecords_cache_key(digits_data.model_copy(update={"record_format": fmt}))
+            for fmt in ("auto", "raw", "jpeg", "png")}
+    assert len(keys) == 4
+
+
+@pytest.mark.parametrize("record_format", ["png", "jpeg"])
+def test_encoded_records_round_trip(folder_split, tmp_path, record_format):
+    data, split_set = folder_split(image_size=(16, 20), channels=3, record_format=record_format, shard_size=25)
+    tfrecords = write_tfrecords(split_set, data, tmp_path / "tfr")
+    path_of = dict(zip(*pq.read_table(split_set.splits_parquet, columns=["example_id", "path"]).to_pydict().values()))
+
+    assert tfrecords.record_format == record_format
+    shards = tfrecords.required_files()
+    assert all(shard.endswith(f".{record_format}.tfrecord") for shard in shards) and len(shards) > 3
+    first = read_raw(shards[0])[0].features.feature[features.IMAGE].bytes_list.value[0]
+    assert first.startswith(b"\x89PNG" if record_format == "png" else b"\xff\xd8")
+    for split in ("train", "validation", "test"):
+        examples = read_split(tfrecords, split)
+        assert len(examples) == tfrecords.counts[split] == split_set.counts[split]
+        for example_id, (image, _) in examples.items():
+            expected = imaging.load_file(path_of[example_id], (16, 20), 3, "stretch")
+            if record_format == "png":  # lossless
+                np.testing.assert_array_equal(image, expected)
+            else:  # lossy: what Pillow decodes of the same JPEG (these test images are noise, far from it)
+                jpeg = np.asarray(Image.open(io.BytesIO(features.encode_image(expected, "jpeg"))))
+                assert np.abs(image.astype(int) - jpeg).mean() < 3  # decoders upsample colour a little differently
+
+
+def test_auto_picks_raw_for_small_or_cached_datasets_and_encodes_large_photos():
+    choose = features.choose_record_format
+    assert choose("auto", (28, 28), 1, 70_000) == "raw"  # MNIST: small images, fits the cache
+    assert choose("auto", (64, 64), 3, 10_000_000) == "raw"  # small images: reading raw bytes beats decoding
+    assert choose("auto", (224, 224), 3, 1_000) == "raw"  # cached in memory after the first epoch
+    assert choose("auto", (224, 224), 3, 1_280_000) == "jpeg"  # ImageNet: 190 GB raw, read every epoch
+    assert choose("auto", (224, 224), 1, 10_000_000) == "png"  # grayscale stays lossless
+    assert choose("jpeg", (28, 28), 1, 10) == "jpeg"
+
+
+def test_shards_of_mixed_record_formats_are_refused(digits_tfrecords, tmp_path):
+    mixed = [digits_tfrecords.shards["train"][0], str(tmp_path / "train-00000-of-00001.n1.png.tfrecord")]
+    with pytest.raises(ValueError, match="share one record format"):
+        features.read_dataset(mixed, digits_tfrecords.image_size, 1, 32)
+
+
+def test_a_dask_job_writes_the_shard_this_process_streams(image_folder, tmp_path, monkeypatch):
+    """A Dask worker writes a shard on its own (_decode_and_write_shard): the same bytes as this
+    process streams into it through its threads; the progress bar counts every image."""
+    from convflow.tasks import to_tfrecords
+
+    data = data_config(f"folder:{image_folder}", split=FOLDER_SPLIT, shard_size=20, record_format="png")
+    split_set = split_dataset(data, tmp_path / "split")
+    shown = []
+    monkeypatch.setattr(to_tfrecords.StageProgress, "_show", lambda self: shown.append(self.done))
+    streamed = write_tfrecords(split_set, data, tmp_path / "here")
+    assert shown[-1] == sum(split_set.counts.values()) == 60
+
+    (tmp_path / "jobs").mkdir()
+    for job in to_tfrecords._shard_jobs(split_set, to_tfrecords._shard_plan(split_set.counts, data, "png", tmp_path / "jobs")):
+        to_tfrecords._decode_and_write_shard(job, None, data, "png")
+    assert len(streamed.required_files()) > 2
+    for shard in streamed.required_files():
+        assert Path(shard).read_bytes() == (tmp_path / "jobs" / Path(shard).name).read_bytes(), shard
+
+
+def test_an_image_that_fails_to_decode_is_named_and_nothing_is_written(image_folder, tmp_path, monkeypatch):
+    """download_and_split reads a JPEG's header and end marker only; an image whose data is damaged
+    between them fails to_tfrecords' decode, which names the file and leaves no output."""
+    data = data_config(f"folder:{image_folder}", split=FOLDER_SPLIT)
+    split_set = split_dataset(data, tmp_path / "split")
+    damaged = pq.read_table(split_set.splits_parquet, columns=["path"])["path"][7].as_py()
+    load_file = imaging.load_file
+
+    def failing(path, *args):
+        if path == damaged:
+            raise OSError("broken data stream when reading image file")
+        return load_file(path, *args)
+
+    monkeypatch.setattr(imaging, "load_file", failing)
+    with pytest.raises(DataError, match=re.escape(f"{damaged}: cannot decode: broken data stream")):
+        write_tfrecords(split_set, data, tmp_path / "tfr")
+    assert not (tmp_path / "tfr").exists()
+
+
+def test_the_example_encoder_stays_byte_exact_as_it_renews_its_message():
+    """ExampleEncoder makes a new message every REUSE_LIMIT images (protobuf's arena keeps every
+    value assigned); each record is still what a fresh tf.train.Example serializes."""
+    encoder = features.ExampleEncoder()
+    for index in range(3 * features.ExampleEncoder.REUSE_LIMIT + 5):
+        image = bytes([index % 256]) * (index + 1)
+        expected = tf.train.Example(features=tf.train.Features(feature={
+            features.IMAGE: tf.train.Feature(bytes_list=tf.train.BytesList(value=[image])),
+            features.LABEL: tf.train.Feature(int64_list=tf.train.Int64List(value=[index])),
+            features.EXAMPLE_ID: tf.train.Feature(bytes_list=tf.train.BytesList(value=[str(index).encode()])),
+        })).SerializeToString(deterministic=True)
+        assert encoder.encode_bytes(image, index, str(index)) == expected
+
+
+def test_each_data_stage_shows_its_progress_bar(image_folder, tmp_path, caplog):
+    from convflow.progress import progress_line
+
+    assert progress_line("to_tfrecords", 2_500, 10_000, 2.0) == (
+        "to_tfrecords: [#####---------------] 2,500/10,000 images (25%), 1,250 images/s")
+    data = data_config(f"folder:{image_folder}", split=FOLDER_SPLIT)
+    with caplog.at_level("INFO", logger="convflow"):
+        write_tfrecords(split_dataset(data, tmp_path / "split"), data, tmp_path / "tfr")
+    bars = [record.getMessage() for record in caplog.records if "images/s" in record.getMessage()]
+    assert [bar.split(" images (")[0] for bar in bars] == [
+        "download_and_split: [####################] 60/60", "to_tfrecords: [####################] 60/60"]
