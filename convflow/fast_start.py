@@ -287,13 +287,15 @@ _prestarted: dict[str, Any] = {}
 def prestarted(name: str, start: Callable[[], Any], enabled: bool = True) -> Iterator[None]:
     """Start a helper (`start()`, an object with stop()) now, for a stage inside this block to take
     with take_prestarted(`name`), so its start-up overlaps the stages before. Leaving the block
-    stops it if no stage took it (the stage was a cache hit, or an earlier one failed)."""
-    if enabled:
+    stops it if no stage took it (the stage was a cache hit, or an earlier one failed). Inside an
+    outer block that started one already, it starts none and leaves the outer's to the outer."""
+    started_here = enabled and name not in _prestarted
+    if started_here:
         _prestarted[name] = start()
     try:
         yield
     finally:
-        waiting = _prestarted.pop(name, None)
+        waiting = _prestarted.pop(name, None) if started_here else None
         if waiting is not None:
             waiting.stop()
 

@@ -50,6 +50,11 @@ class StageRunner:
     def last_cached(self) -> bool:
         return bool(self.timings) and self.timings[-1].cached
 
+    @property
+    def missed_any(self) -> bool:
+        """Whether a stage so far missed its cache (the stages after it then miss too)."""
+        return any(not timing.cached for timing in self.timings)
+
 
 def _default_storage_is(folder: Path) -> bool:
     """Whether Prefect's default result storage in this context is the local folder `folder`."""

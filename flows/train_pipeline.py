@@ -57,15 +57,17 @@ def train_pipeline(
             get_run_logger().info(reason)
             return Completed(name="Unchanged", message=reason)
     tfrecords = stages.run(to_tfrecords, split_set, spec.data, run)
-    base = stages.run(build_base, spec.model, weights_fingerprint(spec.model, Path(run.artifacts_root)), tfrecords,
-                      spec.train.seed, run)
-    wrapped = stages.run(freeze_and_wrap, base, spec.model, len(tfrecords.label_names), spec.train.seed, run)
-    trained = stages.run(train, wrapped, tfrecords, spec.train, spec.model.fine_tune, run)
-    production = registry.rival(Path(run.artifacts_root), pipeline, trained.model_path)
-    # A new model will be exported: the export check's fresh process imports TensorFlow meanwhile.
-    with prestarted_fresh_process(enabled=not stages.last_cached):
-        evaluation = stages.run(evaluate, trained, tfrecords, spec.evaluate, production, run)
-        exported = stages.run(export_savedmodel, trained, evaluation, tfrecords, run)
+    # After a stage that missed its cache, the model will be new and exported: the export check's
+    # fresh process imports TensorFlow meanwhile (on a CPU, while Python builds and traces the model).
+    with prestarted_fresh_process(enabled=stages.missed_any):
+        base = stages.run(build_base, spec.model, weights_fingerprint(spec.model, Path(run.artifacts_root)),
+                          tfrecords, spec.train.seed, run)
+        wrapped = stages.run(freeze_and_wrap, base, spec.model, len(tfrecords.label_names), spec.train.seed, run)
+        trained = stages.run(train, wrapped, tfrecords, spec.train, spec.model.fine_tune, run)
+        production = registry.rival(Path(run.artifacts_root), pipeline, trained.model_path)
+        with prestarted_fresh_process(enabled=not stages.last_cached):  # when the data stages were cached
+            evaluation = stages.run(evaluate, trained, tfrecords, spec.evaluate, production, run)
+            exported = stages.run(export_savedmodel, trained, evaluation, tfrecords, run)
     exported = promote(exported, trained, evaluation, run)
     report = stages.run(write_report, spec.config_hash(), split_set, trained, evaluation, exported, stages.timings,
                         run, tfrecords)

@@ -15,6 +15,7 @@ from convflow.registry import Production
 from convflow.storage import staged_output
 from convflow.tasks import features
 from convflow.tasks.records import Evaluation, TFRecordSet, TrainedModel, WrappedModel
+from convflow.tasks.serving import serving_function
 from convflow.tasks.stage import RunContext, stage_task
 
 # Test images kept for the report (sample predictions, worst mistakes, feature maps).
@@ -77,6 +78,27 @@ def predict_with(model, tfrecords: TFRecordSet, split: str, batch_size: int = 25
         labels.append(batch_labels.numpy())
         ids += [value.decode() for value in batch_ids.numpy()]
     return np.concatenate(images), np.concatenate(labels), ids, np.concatenate(logits)
+
+
+def serve_split(serve, tfrecords: TFRecordSet, split: str, batch_size: int = 256):
+    """Run a serving function (tasks/serving.py) over one split: (images uint8, labels, example ids,
+    probabilities float64). The export stage saves that same function, so this is what the
+    SavedModel must answer."""
+    import tensorflow as tf
+
+    dataset = features.read_dataset(
+        tfrecords.shards[split], tfrecords.image_size, tfrecords.channels, batch_size, cache=False, with_ids=True
+    )
+    images, labels, ids, probabilities = [], [], [], []
+    for batch_images, batch_labels, batch_ids in dataset:
+        pixels = tf.cast(batch_images, tf.uint8)  # whole numbers 0..255 already: exact
+        probabilities.append(serve(pixels)["probabilities"].numpy())
+        images.append(pixels.numpy())
+        labels.append(batch_labels.numpy())
+        ids += [value.decode() for value in batch_ids.numpy()]
+    probabilities = np.concatenate(probabilities).astype(np.float64)
+    # float32 rows sum to 1 within ~1e-7; scikit-learn's log_loss wants float64's precision
+    return np.concatenate(images), np.concatenate(labels), ids, probabilities / probabilities.sum(axis=1, keepdims=True)
 
 
 def probabilities_from_logits(logits: np.ndarray) -> np.ndarray:
@@ -198,8 +220,7 @@ def evaluate_model(
     from sklearn.metrics import confusion_matrix, log_loss
 
     model = load_classifier(trained.model_path)
-    images, labels, ids, logits = predict_with(model, tfrecords, "test")
-    probabilities = probabilities_from_logits(logits)
+    images, labels, ids, probabilities = serve_split(serving_function(model, tfrecords), tfrecords, "test")
     classes = list(range(len(tfrecords.label_names)))
     loss = float(log_loss(labels, probabilities, labels=classes))
     metrics = _metrics_table(labels, probabilities, loss, tfrecords.label_names, settings.top_k)

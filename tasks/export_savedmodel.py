@@ -1,7 +1,8 @@
 """Stage 7, export_savedmodel: a TF-Serving SavedModel whose signature takes raw uint8 images (the
 promote task after it makes a gate-passing one the production model).
 
-The signature resizes and rescales inside the graph, so clients send images as they have them.
+The signature is tasks/serving.py's function, which resizes and rescales inside the graph, so
+clients send images as they have them; evaluate scored the test split through the same function.
 Before promotion, the SavedModel is reloaded in a fresh Python process (nothing of the exporting
 process's objects or registrations can help it load) and its probabilities on the test split must
 equal the Keras model's, as the evaluate stage recorded them. That process is started first and
@@ -21,8 +22,9 @@ import numpy as np
 
 from convflow import fast_start
 from convflow.storage import staged_output
-from convflow.tasks.evaluate import load_classifier, predict_split, probabilities_from_logits
+from convflow.tasks.evaluate import load_classifier, serve_split
 from convflow.tasks.records import Evaluation, ExportedModel, TFRecordSet, TrainedModel
+from convflow.tasks.serving import serving_function
 from convflow.tasks.stage import RunContext, stage_task
 from convflow.tasks.verify_export import ExportMismatch
 
@@ -31,28 +33,13 @@ MODEL_VERSION = 1
 
 def _serving_archive(model, tfrecords: TFRecordSet):
     import keras
-    import tensorflow as tf
 
-    height, width = tfrecords.image_size
-    label_names = tf.constant(tfrecords.label_names)
     archive = keras.export.ExportArchive()
-    archive.track(model)
-
-    def serve(images):
-        pixels = tf.cast(images, tf.float32)
-        same_size = tf.logical_and(tf.shape(pixels)[1] == height, tf.shape(pixels)[2] == width)
-        pixels = tf.cond(same_size, lambda: pixels, lambda: tf.image.resize(pixels, [height, width]))
-        pixels = tf.ensure_shape(pixels, [None, height, width, tfrecords.channels])
-        logits = tf.cast(model(pixels, training=False), tf.float32)
-        if logits.shape[-1] == 1:  # binary head: the one logit is the second class's
-            positive = tf.sigmoid(logits)
-            probabilities = tf.concat([1.0 - positive, positive], axis=1)
-        else:
-            probabilities = tf.nn.softmax(logits)
-        return {"probabilities": probabilities, "classes": tf.gather(label_names, tf.argmax(probabilities, axis=1))}
-
-    signature = [tf.TensorSpec([None, None, None, tfrecords.channels], tf.uint8, name="images")]
-    archive.add_endpoint(name="serving_default", fn=serve, input_signature=signature)
+    # The function evaluate scored the test split with, already traced when evaluate ran here.
+    # ExportArchive saves the variables it uses. `archive.track(model)` is left out: it walks the
+    # whole model for lookup tables (an image classifier has none) and traces each Keras model's
+    # own default signature, which no one serves: seconds of an export on a CPU.
+    archive.add_endpoint(name="serving_default", fn=serving_function(model, tfrecords))
     return archive
 
 
@@ -62,8 +49,9 @@ def _test_split_expectations(
     """The test split's uint8 images and the Keras model's probabilities for them: from the
     evaluate stage's predictions.parquet when given (no second pass of the model), else computed."""
     if evaluation is None:
-        images, _, _, logits = predict_split(trained.model_path, tfrecords, "test")
-        return images, probabilities_from_logits(logits)
+        model = load_classifier(trained.model_path)
+        images, _, _, probabilities = serve_split(serving_function(model, tfrecords), tfrecords, "test")
+        return images, probabilities
     import pyarrow.parquet as pq
 
     from convflow.tasks.features import read_dataset

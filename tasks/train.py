@@ -19,7 +19,7 @@ import pyarrow as pa
 from convflow import tables
 from convflow.config import FineTuneConfig, TrainConfig
 from convflow.storage import locked, staged_output
-from convflow.tasks import base_features, features, train_callbacks, train_recipe
+from convflow.tasks import base_features, features, serving, train_callbacks, train_recipe
 from convflow.tasks.evaluate import remember_classifier
 from convflow.tasks.records import TFRecordSet, TrainedModel, WrappedModel
 from convflow.run_log import run_logger
@@ -325,11 +325,26 @@ def _fit_head(model, training: Training, feature_cache: Path | None) -> float:
     binary = model.output_shape[-1] == 1
     if feature_cache is not None:
         front, fitted = base_features.split_front_and_head(model)
+        serving_traced = _trace_serving_ahead(model, training)
         datasets = _feature_datasets(front, training, feature_cache, binary)
+        if serving_traced is not None:
+            serving_traced.exception()  # the trace calls the head's layers too: it ends before fit does
     else:
         fitted, datasets = model, training.image_datasets(binary)
     _compile(fitted, settings, settings.learning_rate, training.steps_per_epoch, settings.epochs)
     return _fit(fitted, datasets, training, "head", 0, settings.epochs)
+
+
+def _trace_serving_ahead(model, training: Training):
+    """Trace the serving function of `model` while the frozen base computes its features (see
+    serving.trace_ahead), when `model` is the object evaluate and export will get: trained in
+    float32 (another precision saves a float32 copy) by one replica (a MirroredStrategy's
+    variables are read inside its scope only). Fine-tuning after the head trains the same object."""
+    import tensorflow as tf
+
+    if training.settings.precision != "float32" or tf.distribute.has_strategy():
+        return None
+    return serving.trace_ahead(model, training.tfrecords)
 
 
 def _fit_phases(model_path: str, training: Training, feature_cache: Path | None) -> tuple[object, float]:
