@@ -313,6 +313,22 @@ def _load_one(path: str, name: str):
     return spec
 
 
+def _has_section(args: argparse.Namespace, section: str, what: str) -> bool:
+    """Whether pipeline args.name loads and has the `section` that `convflow <section>` needs; if not,
+    says why on stderr (the config's problems, or the missing section and `what` it holds)."""
+    from convflow.config import ConfigError
+
+    try:
+        spec = _load_one(args.file, args.name)
+    except ConfigError as error:
+        print("\n".join(error.problems), file=sys.stderr)
+        return False
+    if getattr(spec, section) is None:
+        print(f"pipelines.{args.name}.{section}: required by convflow {section} ({what})", file=sys.stderr)
+        return False
+    return True
+
+
 def _run(args: argparse.Namespace, exits_after: bool) -> int:
     from convflow.config import ConfigError
     from convflow.fast_start import FlowCommand
@@ -397,15 +413,7 @@ def _print_comparison(comparison, rows: list[dict], seconds: float) -> None:
 
 
 def _compare(args: argparse.Namespace, exits_after: bool) -> int:
-    from convflow.config import ConfigError
-
-    try:
-        spec = _load_one(args.file, args.name)
-    except ConfigError as error:
-        print("\n".join(error.problems), file=sys.stderr)
-        return EXIT_BAD_CONFIG
-    if spec.compare is None:
-        print(f"pipelines.{args.name}.compare: required by convflow compare (a list of variants)", file=sys.stderr)
+    if not _has_section(args, "compare", "a list of variants"):
         return EXIT_BAD_CONFIG
     refused = _refused_by_server(f"compare {args.name}")
     if refused:
@@ -443,16 +451,9 @@ def _load_tune_pipeline():
 
 def _tune(args: argparse.Namespace, exits_after: bool) -> int:
     """`convflow tune NAME`: the search, each trial printed; exit 0 once the final model trained."""
-    from convflow.config import ConfigError
     from convflow.fast_start import FlowCommand
 
-    try:
-        spec = _load_one(args.file, args.name)
-    except ConfigError as error:
-        print("\n".join(error.problems), file=sys.stderr)
-        return EXIT_BAD_CONFIG
-    if spec.tune is None:
-        print(f"pipelines.{args.name}.tune: required by convflow tune (a space of settings)", file=sys.stderr)
+    if not _has_section(args, "tune", "a space of settings"):
         return EXIT_BAD_CONFIG
     artifacts = _prepare_environment(args.artifacts)
     started = time.perf_counter()

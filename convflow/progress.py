@@ -28,7 +28,7 @@ class StageProgress:
         self.stage, self.total, self.every = stage, total, every
         self.done = 0
         self._started = self._shown = time.perf_counter()
-        self._artifact_id = None
+        self._artifact: ProgressArtifact | None = None
 
     def update(self, done: int) -> None:
         self.done = done
@@ -42,19 +42,34 @@ class StageProgress:
     def _show(self) -> None:
         self._shown = time.perf_counter()
         run_logger().info(progress_line(self.stage, self.done, self.total, self._shown - self._started))
-        self._show_in_prefect(100.0 * self.done / max(self.total, 1))
+        if self._artifact is None and in_prefect_run():
+            self._artifact = ProgressArtifact(f"{self.stage}: images of {self.total:,}", self.stage)
+        if self._artifact is not None:
+            self._artifact.show(100.0 * self.done / max(self.total, 1))
 
-    def _show_in_prefect(self, percent: float) -> None:
-        from prefect.context import FlowRunContext, TaskRunContext
 
-        if TaskRunContext.get() is None and FlowRunContext.get() is None:
-            return
+def in_prefect_run() -> bool:
+    """Whether this code runs inside a Prefect task or flow run (a progress artifact has a run to belong to)."""
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    return TaskRunContext.get() is not None or FlowRunContext.get() is not None
+
+
+class ProgressArtifact:
+    """A Prefect progress artifact of the current run, made at its first `show`. A failed update is
+    logged ("<what> progress not shown in Prefect"); the work it shows goes on."""
+
+    def __init__(self, description: str, what: str) -> None:
+        self.description, self.what = description, what
+        self._artifact_id = None
+
+    def show(self, percent: float) -> None:
         from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
         try:
             if self._artifact_id is None:
-                self._artifact_id = create_progress_artifact(percent, description=f"{self.stage}: images of {self.total:,}")
+                self._artifact_id = create_progress_artifact(percent, description=self.description)
             else:
                 update_progress_artifact(self._artifact_id, percent)
-        except Exception as error:  # the UI's progress bar is not worth a failed stage
-            run_logger().warning(f"{self.stage} progress not shown in Prefect: {error}")
+        except Exception as error:  # the UI's progress bar is not worth failed work
+            run_logger().warning(f"{self.what} progress not shown in Prefect: {error}")

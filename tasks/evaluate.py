@@ -67,38 +67,38 @@ def predict_split(model_path: str, tfrecords: TFRecordSet, split: str, batch_siz
 
 def predict_with(model, tfrecords: TFRecordSet, split: str, batch_size: int = 256):
     """Run a loaded Keras model over one split: (images uint8, labels, example ids, logits)."""
+    import tensorflow as tf
+
     forward = _graph_forward(model)
-    dataset = features.read_dataset(
-        tfrecords.shards[split], tfrecords.image_size, tfrecords.channels, batch_size, cache=False, with_ids=True
-    )
-    images, labels, ids, logits = [], [], [], []
-    for batch_images, batch_labels, batch_ids in dataset:
-        logits.append(np.asarray(forward(batch_images)))
-        images.append(batch_images.numpy().astype(np.uint8))
-        labels.append(batch_labels.numpy())
-        ids += [value.decode() for value in batch_ids.numpy()]
-    return np.concatenate(images), np.concatenate(labels), ids, np.concatenate(logits)
+    return _over_split(lambda pixels: np.asarray(forward(tf.cast(pixels, tf.float32))), tfrecords, split, batch_size)
 
 
 def serve_split(serve, tfrecords: TFRecordSet, split: str, batch_size: int = 256):
     """Run a serving function (tasks/serving.py) over one split: (images uint8, labels, example ids,
     probabilities float64). The export stage saves that same function, so this is what the
     SavedModel must answer."""
+    images, labels, ids, probabilities = _over_split(lambda pixels: serve(pixels)["probabilities"].numpy(),
+                                                     tfrecords, split, batch_size)
+    probabilities = probabilities.astype(np.float64)
+    # float32 rows sum to 1 within ~1e-7; scikit-learn's log_loss wants float64's precision
+    return images, labels, ids, probabilities / probabilities.sum(axis=1, keepdims=True)
+
+
+def _over_split(score, tfrecords: TFRecordSet, split: str, batch_size: int):
+    """(images uint8, labels, example ids, score(uint8 image batch) stacked) over one split, in shard order."""
     import tensorflow as tf
 
     dataset = features.read_dataset(
         tfrecords.shards[split], tfrecords.image_size, tfrecords.channels, batch_size, cache=False, with_ids=True
     )
-    images, labels, ids, probabilities = [], [], [], []
+    images, labels, ids, outputs = [], [], [], []
     for batch_images, batch_labels, batch_ids in dataset:
         pixels = tf.cast(batch_images, tf.uint8)  # whole numbers 0..255 already: exact
-        probabilities.append(serve(pixels)["probabilities"].numpy())
+        outputs.append(score(pixels))
         images.append(pixels.numpy())
         labels.append(batch_labels.numpy())
         ids += [value.decode() for value in batch_ids.numpy()]
-    probabilities = np.concatenate(probabilities).astype(np.float64)
-    # float32 rows sum to 1 within ~1e-7; scikit-learn's log_loss wants float64's precision
-    return np.concatenate(images), np.concatenate(labels), ids, probabilities / probabilities.sum(axis=1, keepdims=True)
+    return np.concatenate(images), np.concatenate(labels), ids, np.concatenate(outputs)
 
 
 def probabilities_from_logits(logits: np.ndarray) -> np.ndarray:

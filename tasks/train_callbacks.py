@@ -59,26 +59,17 @@ def progress_artifact(label: str | None, total_epochs: int):
     at each epoch's end (a resumed run starts from its epoch). None without a label or outside a
     Prefect run. A failed update is logged; training goes on.
     """
-    from prefect.context import FlowRunContext, TaskRunContext
+    from convflow.progress import ProgressArtifact, in_prefect_run
 
-    if label is None or (TaskRunContext.get() is None and FlowRunContext.get() is None):
+    if label is None or not in_prefect_run():
         return None
-    description = f"{label}: epochs of {total_epochs}"
     import keras
-    from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
     class EpochProgress(keras.callbacks.Callback):
-        artifact_id = None
+        artifact = ProgressArtifact(f"{label}: epochs of {total_epochs}", "training")
 
         def on_epoch_end(self, epoch, logs=None):
-            percent = 100.0 * (epoch + 1) / total_epochs
-            try:
-                if self.artifact_id is None:
-                    self.artifact_id = create_progress_artifact(percent, description=description)
-                else:
-                    update_progress_artifact(self.artifact_id, percent)
-            except Exception as error:  # the UI's progress bar is not worth a failed training
-                run_logger().warning(f"training progress not shown in Prefect: {error}")
+            self.artifact.show(100.0 * (epoch + 1) / total_epochs)
 
     return EpochProgress()
 
