@@ -115,7 +115,8 @@ def _partition_value(file: Path, key: str) -> str | None:
 
 def _add_row(file: Path, index: int, row: int, image: Any, label: Any, split: Any, images_dir: Path,
              rows: _Rows) -> None:
-    from convflow.sources import SPLIT_NAMES, check_image_file
+    from convflow.imaging import check_image_file
+    from convflow.sources import SPLIT_NAMES
 
     where = f"{file} row {row}"
     path, problem = _image_path(image, file, images_dir / f"{index:04d}-{row:08d}")

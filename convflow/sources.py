@@ -7,6 +7,7 @@ folders, TFDS splits).
 
 from __future__ import annotations
 
+import array
 import concurrent.futures
 import difflib
 import gzip
@@ -22,20 +23,15 @@ from pathlib import Path
 import numpy as np
 
 from convflow.config import DataConfig
-from convflow.parallel import ordered_map
+from convflow.errors import DataError
+from convflow.imaging import inspect_image_file, inspect_image_files
+from convflow.parallel import PROCESSES_FROM, ordered_map
 from convflow.parquet_source import fingerprint_files, load_parquet
 from convflow.progress import StageProgress
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 SPLIT_NAMES = ("train", "validation", "test")
-# A header claiming more pixels than this is refused before decoding (a decompression bomb).
-MAX_PIXELS = 50_000_000
 NETWORK_PROBE = ("storage.googleapis.com", 443)
 TFDS_HASH_CHUNK = 256  # TFDS examples held at a time while hashing
-
-
-class DataError(ValueError):
-    """The data itself is unusable: the message names the file, folder or value."""
 
 
 @dataclass
@@ -43,8 +39,9 @@ class LoadedSource:
     """Examples of one source, before splitting.
 
     At most one of `images` (N x H x W x C uint8) and `files` is set; neither for TFDS, whose
-    examples to_tfrecords streams from the dataset again (`hashes` then holds their content
-    hashes). `sizes` holds each image's (height, width) as found.
+    examples to_tfrecords streams from the dataset again. `digests` (N x 32 uint8), where set,
+    holds the sha256 of each example's bytes as read (folders, TFDS); download_and_split hashes
+    the others. `sizes` holds each image's (height, width) as found.
     """
 
     labels: np.ndarray
@@ -52,10 +49,10 @@ class LoadedSource:
     example_ids: list[str]
     images: np.ndarray | None = None
     files: list[str] | None = None
-    sizes: list[tuple[int, int]] = field(default_factory=list)
+    sizes: list[tuple[int, int]] | np.ndarray = field(default_factory=list)
     predefined_split: list[str | None] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
-    hashes: list[str] | None = None
+    digests: np.ndarray | None = None
     channels: int | None = None  # of a TFDS source's images (the others' are in `images` or `files`)
 
 
@@ -204,49 +201,6 @@ def _load_idx(data: DataConfig, scratch_dir: Path) -> LoadedSource:
     )
 
 
-def check_image_file(path: Path) -> tuple[str | None, tuple[int, int]]:
-    """Why an image file is unusable (None if usable), and its (height, width)."""
-    return check_image_bytes(Path(path).read_bytes())
-
-
-def inspect_image_file(path: str) -> tuple[str | None, tuple[int, int], str]:
-    """check_image_file of `path` (unread if its name is not an image's), and the sha256 of its
-    bytes: the file is read once for both."""
-    if not path.lower().endswith(IMAGE_SUFFIXES):
-        return "not an image file", (0, 0), ""
-    content = Path(path).read_bytes()
-    return (*check_image_bytes(content), hashlib.sha256(content).hexdigest())
-
-
-def check_image_bytes(content: bytes) -> tuple[str | None, tuple[int, int]]:
-    """Why an image file's bytes are unusable (None if usable), and its (height, width).
-
-    A JPEG is not decoded here: to_tfrecords decodes every image once, and says which file if one
-    fails. Its header is read and its scan must reach the end-of-image marker (a cut-off file does
-    not); other formats are decoded, as their damage shows nowhere else.
-    """
-    import io
-
-    from PIL import Image
-
-    if not content:
-        return "empty file", (0, 0)
-    try:
-        with Image.open(io.BytesIO(content)) as image:
-            size = (image.height, image.width)
-            if image.width * image.height > MAX_PIXELS:
-                return f"{image.width}x{image.height} exceeds {MAX_PIXELS} pixels", size
-            if image.format != "JPEG":
-                image.load()
-            elif content.rfind(b"\xff\xd9") < image.tile[0].offset:  # the scan starts at the tile's offset
-                return "cannot decode: image file is truncated", (0, 0)
-    except Image.DecompressionBombError as error:  # refused by Pillow before our own size check
-        return f"exceeds {MAX_PIXELS} pixels: {error}", (0, 0)
-    except Exception as error:  # PIL raises many types for bad files
-        return f"cannot decode: {error}", (0, 0)
-    return None, size
-
-
 def _class_folders(root: Path) -> list[Path]:
     return sorted(path for path in root.iterdir() if path.is_dir() and not path.name.startswith("."))
 
@@ -274,35 +228,47 @@ def _load_folder(data: DataConfig, scratch_dir: Path) -> LoadedSource:
 
 def _scan_class_folders(folders: list[tuple[str | None, int, Path]], root: Path, loaded: LoadedSource) -> np.ndarray:
     """Check and hash every file of the class folders in one pass over all cores; add the usable
-    ones to `loaded` (the others to its skipped list); return their labels."""
+    ones to `loaded` (the others to its skipped list); return their labels.
+
+    Per image this keeps its path, example id and split, and packed arrays of its digest, size and
+    label (about 200 bytes an image in all), not Python objects for each of them."""
     files = {folder: _image_files(folder) for *_, folder in folders}
+    total = sum(map(len, files.values()))
     listed = ((split, label, folder, path) for split, label, folder in folders for path in files[folder])
+    paths = (path for *_, folder in folders for path in files[folder])
+    inspect, chunk = _inspect_task(total)
+    inspected = ordered_map(inspect, paths, chunk=chunk, processes=total >= PROCESSES_FROM)
     usable: dict[Path, int] = dict.fromkeys((folder for *_, folder in folders), 0)
-    labels: list[int] = []
-    loaded.hashes = []
+    labels, sizes, digests = array.array("q"), array.array("i"), bytearray()
     prefix = len(str(root)) + 1
-    progress = StageProgress("download_and_split", sum(map(len, files.values())))
-    for (split, label, folder, path), (problem, size, sha256) in ordered_map(_inspected, listed):
+    progress = StageProgress("download_and_split", total)
+    for (split, label, folder, path), (problem, size, digest) in zip(listed, inspected):
         progress.update(progress.done + 1)
         if problem:
             loaded.skipped.append(f"{path}: {problem}")
             continue
         loaded.files.append(path)
-        loaded.sizes.append(size)
         loaded.example_ids.append(path[prefix:])
         loaded.predefined_split.append(split)
-        loaded.hashes.append(sha256)
+        sizes.extend(size)
+        digests += digest
         labels.append(label)
         usable[folder] += 1
     progress.finish()
     empty = next((folder for folder, count in usable.items() if count == 0), None)
     if empty is not None:
         raise DataError(f"class folder {empty} has no usable image")
-    return np.asarray(labels, np.int64)
+    loaded.sizes = np.frombuffer(sizes, np.int32).reshape(-1, 2)
+    loaded.digests = np.frombuffer(digests, np.uint8).reshape(-1, 32)
+    return np.frombuffer(labels, np.int64).copy()
 
 
-def _inspected(entry: tuple) -> tuple[tuple, tuple[str | None, tuple[int, int], str]]:
-    return entry, inspect_image_file(entry[-1])
+def _inspect_task(total: int) -> tuple:
+    """ordered_map's function and chunk for checking `total` files: chunks of a few hundred files
+    a worker process (one pickled message per chunk, not per file), or a file a thread task."""
+    if total >= PROCESSES_FROM:
+        return inspect_image_files, 256
+    return inspect_image_file, 32
 
 
 def _image_files(folder: Path) -> list[str]:
@@ -363,12 +329,13 @@ def _load_tfds(data: DataConfig, scratch_dir: Path) -> LoadedSource:
     builder = _tfds_builder(data)
     _, label_key = _tfds_keys(builder)
     loaded = LoadedSource(labels=np.zeros(0, np.int64), label_names=list(builder.info.features[label_key].names),
-                          example_ids=[], hashes=[])
+                          example_ids=[])
     labels: list[int] = []
+    digests = bytearray()
     examples = iter_tfds_examples(data)
     with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
         while chunk := list(itertools.islice(examples, TFDS_HASH_CHUNK)):
-            loaded.hashes += pool.map(lambda example: png_sha256(example.image), chunk)
+            digests += b"".join(pool.map(lambda example: png_sha256(example.image), chunk))
             for example in chunk:
                 loaded.sizes.append(tuple(example.image.shape[:2]))
                 loaded.channels = max(loaded.channels or 0, example.image.shape[2] if example.image.ndim == 3 else 1)
@@ -376,10 +343,11 @@ def _load_tfds(data: DataConfig, scratch_dir: Path) -> LoadedSource:
                 loaded.predefined_split.append(example.split)
                 labels.append(example.label)
     loaded.labels = np.asarray(labels, np.int64)
+    loaded.digests = np.frombuffer(digests, np.uint8).reshape(-1, 32)
     return loaded
 
 
-def png_sha256(image: np.ndarray) -> str:
+def png_sha256(image: np.ndarray) -> bytes:
     """The sha256 of the PNG file Pillow makes of `image`: a TFDS example's content hash, the same as
     when each example was saved as such a file, so splits assigned by hash stay where they were."""
     import io
@@ -389,7 +357,7 @@ def png_sha256(image: np.ndarray) -> str:
     pixels = image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image
     buffer = io.BytesIO()
     Image.fromarray(pixels.astype(np.uint8)).save(buffer, "PNG")
-    return hashlib.sha256(buffer.getvalue()).hexdigest()
+    return hashlib.sha256(buffer.getvalue()).digest()
 
 
 def _tfds_keys(builder) -> tuple[str, str]:

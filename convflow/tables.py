@@ -6,6 +6,7 @@ import datetime
 import json
 import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -181,6 +182,13 @@ def write_parquet(table: pa.Table, path: Path) -> None:
     """Write `table` to `path` through a temporary file, so readers never see half a file."""
     with atomic_file(path) as temporary:
         pq.write_table(table, temporary)
+
+
+def write_parquet_parts(parts: Iterable[pa.Table], schema: pa.Schema, path: Path) -> None:
+    """write_parquet of a table made a part at a time (a row group each), never held whole."""
+    with atomic_file(path) as temporary, pq.ParquetWriter(temporary, schema) as writer:
+        for part in parts:
+            writer.write_table(part)
 
 
 RUN_RECORD = "run.json"

@@ -17,13 +17,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    import numpy as np
     import tensorflow as tf
 
 # data.compression -> (TFRecord compression type, shard file suffix)
 COMPRESSIONS = {"none": ("", ".tfrecord"), "gzip": ("GZIP", ".tfrecord.gz")}
 RECORD_FORMATS = ("raw", "jpeg", "png")
-JPEG_QUALITY = 95
 # auto's rule (benchmarks/RESULTS.md, "Data at scale"): raw while the decoded dataset fits the
 # reader's in-memory cache (only the first epoch reads the disk) or while an image is small
 # enough that reading its raw bytes from disk beats decoding it; JPEG beyond (PNG for grayscale:
@@ -32,71 +30,6 @@ AUTO_RAW_MAX_IMAGE_BYTES = 64 * 64 * 3
 IMAGE = "image"
 LABEL = "label"
 EXAMPLE_ID = "example_id"
-
-
-class ExampleEncoder:
-    """Serializes images (uint8, H x W x C) as tf.train.Example records.
-
-    One Example message is filled in again for each image: building three Features and an Example
-    per image took several times as long (benchmarks/RESULTS.md). Its features are written in
-    key order (deterministic serialization), so the same images make byte-identical shards in
-    every process; the order of a protobuf map's entries otherwise differs from one to another.
-    Not thread-safe: one encoder per writing thread.
-
-    The message is made anew every REUSE_LIMIT images: protobuf (upb) keeps every value ever
-    assigned to a field in the message's arena until the message is freed, so one message kept for
-    a whole stage grew by an image per image written.
-    """
-
-    REUSE_LIMIT = 64
-
-    def __init__(self) -> None:
-        self._new_message()
-
-    def _new_message(self) -> None:
-        import tensorflow as tf
-
-        self._uses = 0
-        self._example = tf.train.Example()
-        fields = self._example.features.feature
-        self._image = fields[IMAGE].bytes_list.value
-        self._label = fields[LABEL].int64_list.value
-        self._example_id = fields[EXAMPLE_ID].bytes_list.value
-        self._image.append(b"")
-        self._label.append(0)
-        self._example_id.append(b"")
-
-    def encode(self, image: np.ndarray, label: int, example_id: str) -> bytes:
-        return self.encode_bytes(image.tobytes(), label, example_id)
-
-    def encode_bytes(self, image: bytes, label: int, example_id: str) -> bytes:
-        """An Example of an image already in its record format (encode_image)."""
-        self._uses += 1
-        if self._uses > self.REUSE_LIMIT:
-            self._new_message()
-            self._uses = 1
-        self._image[0] = image
-        self._label[0] = int(label)
-        self._example_id[0] = example_id.encode()
-        return self._example.SerializeToString(deterministic=True)
-
-
-def encode_image(image: np.ndarray, record_format: str) -> bytes:
-    """An image's bytes as a record holds them: raw pixels, or a JPEG/PNG file made by Pillow
-    (it releases the GIL while encoding, so writer threads share the cores)."""
-    if record_format == "raw":
-        return image.tobytes()
-    import io
-
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    pixels = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
-    if record_format == "jpeg":
-        pixels.save(buffer, "JPEG", quality=JPEG_QUALITY)
-    else:
-        pixels.save(buffer, "PNG", compress_level=1)  # level 6 (the default) writes 3x slower for 10% less
-    return buffer.getvalue()
 
 
 def choose_record_format(record_format: str, image_size: tuple[int, int], channels: int, examples: int) -> str:

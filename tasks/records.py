@@ -88,7 +88,7 @@ class TFRecordSet(StageRecord):
     channels: int
     label_names: list[str]
     data_fingerprint: str
-    fingerprint: str = Field(description="sha256 over the shards' bytes.")
+    fingerprint: str = Field(description="Hash over the shards' contents (each shard: the sha256 of its parts' sha256s).")
 
     def required_files(self) -> list[str]:
         return [path for paths in self.shards.values() for path in paths]

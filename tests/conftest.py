@@ -373,3 +373,16 @@ def digits_trained(tmp_path_factory, digits_wrapped, digits_tfrecords, digits_tr
 
     root = tmp_path_factory.mktemp("digits-train")
     return train_model(digits_wrapped, digits_tfrecords, digits_train_config, root / "checkpoint", root / "train")
+
+
+def split_as_before(sha256: str, predefined: str | None, carved: list[str], split_fractions: dict[str, float]) -> str:
+    """The split download_and_split gave an example one at a time, before it assigned them as
+    arrays: the specification the arrays must keep, so no example ever changes split."""
+    if predefined is not None and predefined not in carved:
+        return predefined
+    position = int(sha256[:15], 16) / 16**15 * sum(split_fractions[name] for name in carved)
+    for name in carved:
+        position -= split_fractions[name]
+        if position < 0:
+            return name
+    return carved[-1]

@@ -26,7 +26,7 @@ import pytest
 from conftest import (
     FOLDER_SPLIT, TINY_PIPELINES, last_json_line, make_image_folder, subprocess_env, write_idx, write_yaml,
 )
-from convflow import sources
+from convflow import imaging, sources
 from convflow.cli import EXIT_BAD_CONFIG, main
 from convflow.config import ModelConfig
 from convflow.sources import DataError
@@ -285,8 +285,8 @@ def test_unusable_image_files_are_skipped_and_listed(tmp_path):
         root / "cat" / "corrupt.jpg": (b"\xff\xd8\xff\xe0 not really a JPEG" * 4, "cannot decode: "),
         root / "dog" / "empty.png": (b"", "empty file"),
         root / "dog" / "truncated.png": (good[: len(good) // 2], "cannot decode: image file is truncated"),
-        root / "owl" / "huge.png": (png_header(20_000, 20_000), f"exceeds {sources.MAX_PIXELS} pixels"),
-        root / "owl" / "big.png": (png_header(8_000, 8_000), f"8000x8000 exceeds {sources.MAX_PIXELS} pixels"),
+        root / "owl" / "huge.png": (png_header(20_000, 20_000), f"exceeds {imaging.MAX_PIXELS} pixels"),
+        root / "owl" / "big.png": (png_header(8_000, 8_000), f"8000x8000 exceeds {imaging.MAX_PIXELS} pixels"),
         root / "cat" / "notes.txt": (b"not an image", "not an image file"),
         root / "owl" / "labels.csv": (b"file,label\n", "not an image file"),
     }
@@ -365,11 +365,11 @@ FULL_DISK_RUN = textwrap.dedent(
         from convflow import tables
         import convflow.flows.train_pipeline as flow
 
-        def full_disk(table, path):
+        def full_disk(*table, path):  # splits.parquet is written a part at a time
             print(f"writing {path}", flush=True)
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-        tables.write_parquet = full_disk
+        tables.write_parquet_parts = lambda parts, schema, path: full_disk(path=path)
         # The real task (its retries and retry condition), without minutes of retry delay.
         flow.download_and_split = flow.download_and_split.with_options(retry_delay_seconds=0)
         server.wait_until_ready()

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import FOLDER_SPLIT, REPO, data_config, make_idx_folder, save_image, write_idx
+from conftest import FOLDER_SPLIT, REPO, data_config, make_idx_folder, save_image, split_as_before, write_idx
 from convflow import tables
 from convflow.sources import DataError, read_idx
 from convflow.tasks.download_and_split import split_dataset
@@ -289,3 +289,38 @@ def test_data_fingerprint_hashes_the_sorted_example_hashes_labels_and_splits(dig
 
     rows = _rows(digits_split)
     assert digits_split.data_fingerprint == hash_json(sorted(zip(rows["sha256"], rows["label"], rows["split"])))[:24]
+
+
+@pytest.mark.parametrize("predefined", [None, "test", "mixed"])
+def test_splits_counts_and_fingerprint_from_packed_arrays_are_those_of_one_example_at_a_time(predefined):
+    """download_and_split keeps packed arrays, not a Python object per example: every example keeps
+    the split it was given one at a time, and the fingerprint and duplicate counts are unchanged.
+    Random digests with repeats (some in two splits when the source predefines splits)."""
+    from convflow.config import SplitFractions
+    from convflow.tasks import download_and_split as stage
+    from convflow.tasks.stage import hash_json
+
+    rng = np.random.default_rng(7)
+    distinct = rng.integers(0, 256, (3_000, 32), dtype=np.uint8)
+    digests = distinct[rng.integers(0, len(distinct), 5_000)]
+    digests[:40, :8] = 0  # the smallest positions; and the largest, next
+    digests[40:80, :8] = 255
+    labels = rng.integers(0, 4, len(digests)).astype(np.int64)
+    given = {None: [None] * len(digests), "test": ["test"] * len(digests),
+             "mixed": rng.choice(np.array([None, "train", "test"], dtype=object), len(digests)).tolist()}[predefined]
+    data = data_config("sklearn:digits", split=SplitFractions(train=0.7, validation=0.1, test=0.2))
+
+    codes = stage._assign_splits(digests, given, data)
+    hexes = [bytes(digest).hex() for digest in digests]
+    carved = stage._carved_splits(given)
+    expected = [split_as_before(sha, split, carved, data.split.model_dump()) for sha, split in zip(hexes, given)]
+    names = [stage.SPLIT_NAMES[code] for code in codes]
+    assert names == expected
+
+    assert stage._data_fingerprint(digests, labels, codes) == hash_json(sorted(zip(hexes, labels.tolist(), names)))[:24]
+    splits_of: dict[str, set[str]] = {}
+    for sha, name in zip(hexes, names):
+        splits_of.setdefault(sha, set()).add(name)
+    across = sum(1 for found_in in splits_of.values() if len(found_in) > 1)
+    assert stage._duplicate_counts(digests, codes) == (len(hexes) - len(set(hexes)), across)
+    assert predefined != "mixed" or across > 0

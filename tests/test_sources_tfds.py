@@ -15,8 +15,9 @@ from PIL import Image
 from convflow import imaging, sources
 from convflow.config import DataConfig
 from convflow.sources import DataError
-from convflow.tasks.download_and_split import _split_by_hash, split_dataset
+from convflow.tasks.download_and_split import split_dataset
 from convflow.tasks.to_tfrecords import write_tfrecords
+from conftest import split_as_before
 from test_to_tfrecords import read_split
 
 
@@ -62,7 +63,8 @@ def test_tfds_goes_straight_into_shards_with_the_splits_of_before(tmp_path, onli
     carved = ["train", "validation"]  # mock mnist has train and test splits: validation is carved from train
     for example_id, example in examples.items():
         assert rows.at[example_id, "sha256"] == _old_png_hash(example.image, before)
-        assert rows.at[example_id, "split"] == _split_by_hash(rows.at[example_id, "sha256"], example.split, carved, data)
+        assert rows.at[example_id, "split"] == split_as_before(rows.at[example_id, "sha256"], example.split, carved,
+                                                               data.split.model_dump())
     assert tfrecords.record_format == "png" and len(tfrecords.shards["train"]) > 1
     for split in ("train", "validation", "test"):
         read = read_split(tfrecords, split)
