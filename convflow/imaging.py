@@ -51,8 +51,13 @@ def _model_image(image: Image.Image, size: tuple[int, int], channels: int, resiz
 
 def load_file(path: str, size: tuple[int, int], channels: int, resize: str) -> np.ndarray:
     with Image.open(path) as image:
-        image.draft(MODES[channels], (size[1], size[0]))  # JPEG: decode at reduced scale when large
+        _draft(image, size, channels)
         return to_model_size(image, size, channels, resize)
+
+
+def _draft(image: Image.Image, size: tuple[int, int], channels: int) -> None:
+    """JPEG: decode at a reduced scale when the image is large (still at least `size`)."""
+    image.draft(MODES[channels], (size[1], size[0]))
 
 
 def load_array(pixels: np.ndarray, size: tuple[int, int], channels: int, resize: str) -> np.ndarray:
@@ -85,7 +90,7 @@ class RecordImages:
     """How an example's source becomes its record's image bytes (resized, then encoded as
     `record_format`): a file's path, a row of `images_npy`, or (TFDS) the image itself.
 
-    It pickles, and called on a list of sources it encodes them all: one task for a worker process.
+    It pickles, so that worker processes can encode with it.
     """
 
     size: tuple[int, int]
@@ -93,9 +98,6 @@ class RecordImages:
     resize: str
     record_format: str
     images_npy: str | None = None
-
-    def __call__(self, sources: list) -> list[bytes]:
-        return [self.one(source) for source in sources]
 
     def one(self, source: str | int | np.ndarray) -> bytes:
         if isinstance(source, str):
@@ -117,7 +119,7 @@ class RecordImages:
                 image.draft(image.mode, (max(1, image.width // 8), max(1, image.height // 8)))
                 image.load()
                 return content
-            image.draft(MODES[self.channels], (self.size[1], self.size[0]))  # JPEG: decode at reduced scale when large
+            _draft(image, self.size, self.channels)
             return _encode_model_image(_model_image(image, self.size, self.channels, self.resize), self.record_format)
 
     def _keeps_as_it_is(self, image: Image.Image) -> bool:
@@ -150,11 +152,6 @@ def inspect_image_file(path: str) -> tuple[str | None, tuple[int, int], bytes]:
         return "not an image file", (0, 0), b""
     content = Path(path).read_bytes()
     return (*check_image_bytes(content), hashlib.sha256(content).digest())
-
-
-def inspect_image_files(paths: list[str]) -> list[tuple[str | None, tuple[int, int], bytes]]:
-    """inspect_image_file of each path: one task for a worker process."""
-    return [inspect_image_file(path) for path in paths]
 
 
 def check_image_bytes(content: bytes) -> tuple[str | None, tuple[int, int]]:

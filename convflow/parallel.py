@@ -17,6 +17,7 @@ from __future__ import annotations
 import atexit
 import collections
 import concurrent.futures
+import functools
 import itertools
 import multiprocessing
 import os
@@ -44,17 +45,17 @@ def worker_count() -> int:
     return os.cpu_count() or 1
 
 
-def ordered_map(function: Callable[[list[Item]], list[Result]] | Callable[[Item], Result], items: Iterable[Item],
-                chunk: int = CHUNK, processes: bool = False) -> Iterator[Result]:
-    """`function` of each item, in the items' order, on a thread per core (or, with `processes`, a
-    worker process per core: then `function` takes a whole chunk, a list of items, and returns a
-    list of results; it and the items must pickle), at most two chunks per worker in flight. An
-    exception of `function` is raised here, where its item's result would be."""
+def ordered_map(function: Callable[[Item], Result], items: Iterable[Item], chunk: int = CHUNK,
+                processes: bool = False) -> Iterator[Result]:
+    """`function` of each item, in the items' order, a chunk of items a task, on a thread per core
+    (or, with `processes`, a worker process per core: then `function` and the items must pickle),
+    at most two chunks per worker in flight. An exception of `function` is raised here, where its
+    item's result would be."""
     items = iter(items)
     # A daemonic process (a Dask worker's) may not start processes: its chunks go to threads.
     in_workers = processes and not multiprocessing.current_process().daemon
     pool = _worker_pool() if in_workers else concurrent.futures.ThreadPoolExecutor(worker_count())
-    run = function if processes else _each(function)
+    run = functools.partial(_each, function)
     try:
         pending: collections.deque = collections.deque()
         while batch := list(itertools.islice(items, chunk)):
@@ -72,8 +73,9 @@ def ordered_map(function: Callable[[list[Item]], list[Result]] | Callable[[Item]
             pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _each(function: Callable[[Item], Result]) -> Callable[[list[Item]], list[Result]]:
-    return lambda batch: [function(item) for item in batch]
+def _each(function: Callable[[Item], Result], batch: list[Item]) -> list[Result]:
+    """One task: `function` of each item of a chunk (a module-level function, so that it pickles)."""
+    return [function(item) for item in batch]
 
 
 def _result(future: concurrent.futures.Future) -> list:

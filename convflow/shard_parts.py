@@ -28,12 +28,9 @@ class PartJob:
     last: bool
 
 
-def write_parts(jobs: list[PartJob], images: RecordImages, compression: str) -> list[tuple[bytes, int]]:
-    """Write each job's part file; the part's sha256 digest and record count, for each."""
-    written = []
-    for job in jobs:
-        with ShardFile(job.path, compression) as part:
-            for label, example_id, source in zip(job.labels, job.example_ids, job.sources):
-                part.write(encode_example(images.one(source), label, example_id))
-        written.append((part.part_digests[0], part.records))
-    return written
+def write_part(job: PartJob, images: RecordImages, compression: str) -> tuple[bytes, int]:
+    """Write the job's part file; the part's sha256 digest and record count."""
+    with ShardFile(job.path, compression) as part:
+        for label, example_id, source in zip(job.labels, job.example_ids, job.sources):
+            part.write(encode_example(images.one(source), label, example_id))
+    return part.part_digests[0], part.records

@@ -24,8 +24,8 @@ import numpy as np
 
 from convflow.config import DataConfig
 from convflow.errors import DataError
-from convflow.imaging import inspect_image_file, inspect_image_files
-from convflow.parallel import PROCESSES_FROM, ordered_map
+from convflow.imaging import inspect_image_file
+from convflow.parallel import CHUNK, PROCESSES_FROM, ordered_map
 from convflow.parquet_source import fingerprint_files, load_parquet
 from convflow.progress import StageProgress
 
@@ -231,13 +231,14 @@ def _scan_class_folders(folders: list[tuple[str | None, int, Path]], root: Path,
     ones to `loaded` (the others to its skipped list); return their labels.
 
     Per image this keeps its path, example id and split, and packed arrays of its digest, size and
-    label (about 200 bytes an image in all), not Python objects for each of them."""
+    label (about 250 bytes an image in all), not Python objects for each of them."""
     files = {folder: _image_files(folder) for *_, folder in folders}
     total = sum(map(len, files.values()))
     listed = ((split, label, folder, path) for split, label, folder in folders for path in files[folder])
     paths = (path for *_, folder in folders for path in files[folder])
-    inspect, chunk = _inspect_task(total)
-    inspected = ordered_map(inspect, paths, chunk=chunk, processes=total >= PROCESSES_FROM)
+    in_workers = total >= PROCESSES_FROM
+    # a few hundred files a worker process's task: one pickled message per chunk, not per file
+    inspected = ordered_map(inspect_image_file, paths, chunk=256 if in_workers else CHUNK, processes=in_workers)
     usable: dict[Path, int] = dict.fromkeys((folder for *_, folder in folders), 0)
     labels, sizes, digests = array.array("q"), array.array("i"), bytearray()
     prefix = len(str(root)) + 1
@@ -261,14 +262,6 @@ def _scan_class_folders(folders: list[tuple[str | None, int, Path]], root: Path,
     loaded.sizes = np.frombuffer(sizes, np.int32).reshape(-1, 2)
     loaded.digests = np.frombuffer(digests, np.uint8).reshape(-1, 32)
     return np.frombuffer(labels, np.int64).copy()
-
-
-def _inspect_task(total: int) -> tuple:
-    """ordered_map's function and chunk for checking `total` files: chunks of a few hundred files
-    a worker process (one pickled message per chunk, not per file), or a file a thread task."""
-    if total >= PROCESSES_FROM:
-        return inspect_image_files, 256
-    return inspect_image_file, 32
 
 
 def _image_files(folder: Path) -> list[str]:

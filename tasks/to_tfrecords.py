@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import itertools
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +17,7 @@ from convflow.config import DataConfig
 from convflow.parallel import PROCESSES_FROM, ordered_map
 from convflow.progress import StageProgress
 from convflow.record_writer import PART_RECORDS, ShardFile, ShardOfParts, encode_example
-from convflow.shard_parts import PartJob, write_parts
+from convflow.shard_parts import PartJob, write_part
 from convflow.sources import SPLIT_NAMES, DataError, iter_tfds_examples
 from convflow.storage import staged_output
 from convflow.tasks import features
@@ -128,7 +128,7 @@ def _write_in_workers(examples: Iterator[Example], images: imaging.RecordImages,
     """Each shard of `plan` written a part at a time by worker processes, the parts joined here in
     order: the same bytes as _write_here writes. Their names and digests."""
     jobs, of_jobs = itertools.tee(_part_jobs(examples, plan))
-    write = functools.partial(write_parts, images=images, compression=compression)
+    write = functools.partial(write_part, images=images, compression=compression)
     shards: dict[str, ShardOfParts] = {}
     digests, done = {}, 0
     try:
@@ -148,30 +148,40 @@ def _write_in_workers(examples: Iterator[Example], images: imaging.RecordImages,
     return digests
 
 
+@dataclass
+class _FillingShard:
+    """A shard whose parts are being made: the examples of its next part, and how many of its
+    examples are still to come."""
+
+    path: str
+    left: int
+    parts: int = 0
+    part: list[Example] = field(default_factory=list)
+
+
 def _part_jobs(examples: Iterator[Example], plan: dict[str, list[tuple[Path, int]]]) -> Iterator[PartJob]:
     """The examples, in order, as parts of their split's shards: PART_RECORDS examples each, a
     shard's last part what is left of it."""
     shards = {split: iter(planned) for split, planned in plan.items()}
-    filling: dict[str, list] = {}  # split -> [shard path, examples still to come, part number, examples]
+    filling: dict[str, _FillingShard] = {}
     for example in examples:
         if example.split not in filling:
             path, size = next(shards[example.split])
-            filling[example.split] = [str(path), size, 0, []]
-        current = filling[example.split]
-        current[3].append(example)
-        current[1] -= 1
-        if len(current[3]) == PART_RECORDS or current[1] == 0:
-            shard, left, number, part = current
-            yield PartJob(shard, f"{shard}.part{number:05d}", [e.label for e in part], [e.example_id for e in part],
-                          [e.source for e in part], last=left == 0)
-            current[2:] = [number + 1, []]
-            if left == 0:
+            filling[example.split] = _FillingShard(str(path), size)
+        shard = filling[example.split]
+        shard.part.append(example)
+        shard.left -= 1
+        if len(shard.part) == PART_RECORDS or shard.left == 0:
+            yield PartJob(shard.path, f"{shard.path}.part{shard.parts:05d}", [e.label for e in shard.part],
+                          [e.example_id for e in shard.part], [e.source for e in shard.part], last=shard.left == 0)
+            shard.parts, shard.part = shard.parts + 1, []
+            if shard.left == 0:
                 del filling[example.split]
 
 
 def _decode_and_write_shard(job: ShardJob, images_npy: str | None, data: DataConfig, record_format: str
                             ) -> tuple[str, str]:
-    """One shard, start to end, on a Dask worker: its file name and sha256."""
+    """One shard, start to end, on a Dask worker: its file name and digest."""
     images = _record_images(images_npy, data, record_format)
     sources = job.files if job.files is not None else job.indices
     writers = _ShardWriters({"shard": [(Path(job.path), len(sources))]}, data.compression)
@@ -186,7 +196,7 @@ def _decode_and_write_shard(job: ShardJob, images_npy: str | None, data: DataCon
 
 def _write_on_dask(address: str, jobs: list[ShardJob], images_npy: str | None, data: DataConfig,
                    record_format: str) -> dict[str, str]:
-    """Each shard written by a worker of the Dask cluster; their names and sha256s."""
+    """Each shard written by a worker of the Dask cluster; their names and digests."""
     from distributed import Client
 
     with Client(address) as client:
@@ -216,9 +226,11 @@ def write_tfrecords(split_set: SplitSet, data: DataConfig, output_dir: Path) -> 
     """Resize each example of `split_set` to `data.image_size` and write TFRecord shards in
     `data.record_format` (auto: features.choose_record_format), compressed as `data.compression` says.
 
-    Examples stream from splits.parquet (and TFDS examples from their dataset) through threads that
-    decode them, into each split's shards in turn, so memory holds a few chunks of images, never the
-    dataset; or each shard is written by a worker of the Dask cluster at `data.dask_scheduler`.
+    Examples stream from splits.parquet (and TFDS examples from their dataset) into each split's
+    shards in turn, so memory holds a few chunks of images, never the dataset. Image files are
+    decoded by worker processes from PROCESSES_FROM of them on (each writes parts of shards, joined
+    here), else in threads; or each shard is written by a worker of the Dask cluster at
+    `data.dask_scheduler`.
 
     Raises:
         DataError: an image file does not decode, naming it; nothing is written.
