@@ -57,7 +57,7 @@ def mnist_classifier():
     """convflow's mnist_cnn classifier (build_base + freeze_and_wrap), compiled as train compiles it."""
     import keras
 
-    from convflow.config import ModelConfig
+    from convflow.config.schema import ModelConfig
     from convflow.tasks.build_base import make_base
     from convflow.tasks.freeze_and_wrap import wrap
 
@@ -87,8 +87,8 @@ def repeat(scratch: Path) -> dict:
     import_code_under_test()
     import pyarrow.parquet as pq
 
-    from convflow.config import DataConfig
-    from convflow.tasks.features import read_dataset
+    from convflow.config.schema import DataConfig
+    from convflow.tfrecords.features import read_dataset
 
     mnist = DataConfig(source=f"idx:{DATA / 'mnist'}", image_size=(28, 28), channels=1)
     flowers = DataConfig(source=f"folder:{DATA / 'flowers'}", image_size=(96, 96), channels=3)

@@ -21,8 +21,8 @@ LAYOUT_SHARD = 1_000
 
 def layout_images() -> dict[str, np.ndarray]:
     """MNIST train (60,000 at 28x28x1) and 1,000 flowers photos at 96 and at 224 px."""
-    from convflow import imaging
-    from convflow.sources import read_idx
+    from convflow.data import imaging
+    from convflow.data.sources import read_idx
 
     photos = sorted(str(path) for path in (DATA / "flowers").rglob("*.jpg"))[::4][:1_000]
     return {
@@ -38,7 +38,7 @@ def write_layout(images: np.ndarray, encoding: str, compression: str, directory:
 
     import tensorflow as tf
 
-    from convflow.tasks import features
+    from convflow.tfrecords import features
     from convflow.tasks.to_tfrecords import _write_shard
 
     directory.mkdir(parents=True)
@@ -72,7 +72,7 @@ def encoded_dataset(paths: list[str], shape: tuple[int, ...], batch_size: int):
     """PNG/JPEG records decoded per image: the same interleave, batching and prefetch as read_dataset."""
     import tensorflow as tf
 
-    from convflow.tasks import features
+    from convflow.tfrecords import features
 
     spec = {features.IMAGE: tf.io.FixedLenFeature([], tf.string)}
 
@@ -88,7 +88,7 @@ def encoded_dataset(paths: list[str], shape: tuple[int, ...], batch_size: int):
 
 def repeat(scratch: Path) -> dict:
     import_code_under_test()
-    from convflow.tasks.features import read_dataset
+    from convflow.tfrecords.features import read_dataset
 
     result = {}
     for dataset, images in layout_images().items():

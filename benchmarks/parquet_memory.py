@@ -18,7 +18,7 @@ ROWS_PER_BATCH = 200
 DATA_STAGES = textwrap.dedent('''
     import json, sys, time
     from pathlib import Path
-    from convflow.config import DataConfig
+    from convflow.config.schema import DataConfig
     from convflow.tasks.download_and_split import split_dataset
     from convflow.tasks.to_tfrecords import write_tfrecords
 

@@ -38,7 +38,7 @@ DATA_STAGES = textwrap.dedent('''
     import json, sys, time
     from pathlib import Path
     import tensorflow  # imported before the clock starts, as the keras pass imports keras
-    from convflow.config import DataConfig
+    from convflow.config.schema import DataConfig
     from convflow.tasks.download_and_split import split_dataset
     from convflow.tasks.to_tfrecords import write_tfrecords
 
@@ -178,8 +178,8 @@ def _drop_from_page_cache(paths: list[str]) -> None:
 def _write_read_shards(pixels: int, record_format: str, directory: Path) -> list[str]:
     """READ_IMAGES[pixels] real photos (cats_vs_dogs, up to 500 px, repeated) at `pixels` square, in
     to_tfrecords' shards of 1,000."""
-    from convflow.config import DataConfig
-    from convflow.tasks import features
+    from convflow.config.schema import DataConfig
+    from convflow.tfrecords import features
     from convflow.tasks.to_tfrecords import ShardJob, _decode_and_write_shard
 
     photos = sorted(str(path) for path in (DATA / "cats_vs_dogs").rglob("*.jpg"))
@@ -197,7 +197,7 @@ def _write_read_shards(pixels: int, record_format: str, directory: Path) -> list
 
 
 def cold_reads(scratch: Path) -> dict:
-    from convflow.tasks import features
+    from convflow.tfrecords import features
 
     result = {}
     for pixels in READ_IMAGES:
@@ -240,7 +240,7 @@ def _stage_rows(m: dict) -> list[Row]:
 
 
 def _read_rows(m: dict) -> list[Row]:
-    from convflow.tasks import features
+    from convflow.tfrecords import features
 
     import_code_under_test()
     result = []

@@ -14,10 +14,11 @@ from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from convflow import registry, runs
-from convflow.config import CompareConfig, ConfigError, PipelineSpec, check_pipeline, load_pipeline, variant_specs
+from convflow.catalog import registry
+from convflow.catalog import runs
+from convflow.config.schema import CompareConfig, ConfigError, PipelineSpec, check_pipeline, load_pipeline, variant_specs
 from convflow.flows.stage_runner import StageRunner
-from convflow.sources import source_fingerprint
+from convflow.data.sources import source_fingerprint
 from convflow.tasks.build_base import build_base, weights_fingerprint
 from convflow.tasks.compare_report import Comparison, compare_report
 from convflow.tasks.compare_variant import (
@@ -28,8 +29,8 @@ from convflow.tasks.download_and_split import check_image_sizes, download_and_sp
 from convflow.tasks.evaluate import evaluate, score_untrained
 from convflow.tasks.export_savedmodel import export_savedmodel
 from convflow.tasks.freeze_and_wrap import freeze_and_wrap
-from convflow.tasks.records import TFRecordSet
-from convflow.tasks.stage import RunContext
+from convflow.core.records import TFRecordSet
+from convflow.core.stage import RunContext
 from convflow.tasks.to_tfrecords import to_tfrecords
 from convflow.tasks.train import train
 

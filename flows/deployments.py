@@ -18,8 +18,8 @@ from uuid import UUID
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
 from prefect.schedules import Cron, Interval, Schedule
 
-from convflow.config import PipelineSpec, ScheduleConfig, load_pipelines
-from convflow.run_settings import process_environment
+from convflow.config.schema import PipelineSpec, ScheduleConfig, load_pipelines
+from convflow.runtime.settings import process_environment
 from convflow.flows.train_pipeline import train_pipeline
 
 TAGS = ["convflow", "scheduled"]

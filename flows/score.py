@@ -9,8 +9,8 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from convflow.config import ConfigError, load_pipeline
-from convflow.predict import choose_model, score_new
+from convflow.config.schema import ConfigError, load_pipeline
+from convflow.scoring.predict import choose_model, score_new
 
 
 @task(name="score_new_inputs", cache_policy=NO_CACHE)

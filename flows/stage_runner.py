@@ -8,10 +8,10 @@ from typing import Any
 
 from prefect import Task
 
-from convflow.run_settings import results_folder
-from convflow.tasks.records import StageRun
-from convflow.run_log import run_logger
-from convflow.tasks.stage import RunContext
+from convflow.runtime.settings import results_folder
+from convflow.core.records import StageRun
+from convflow.runtime.run_log import run_logger
+from convflow.core.stage import RunContext
 
 
 class StageRunner:

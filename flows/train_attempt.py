@@ -13,11 +13,11 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from convflow import fast_start
-from convflow.config import FineTuneConfig, TrainConfig
-from convflow.storage import atomic_write_text
-from convflow.tasks.records import TFRecordSet, TrainedModel, WrappedModel
-from convflow.tasks.stage import RunContext
+from convflow.runtime import fast_start
+from convflow.config.schema import FineTuneConfig, TrainConfig
+from convflow.core.storage import atomic_write_text
+from convflow.core.records import TFRecordSet, TrainedModel, WrappedModel
+from convflow.core.stage import RunContext
 from convflow.flows.train_on_pool import TRAIN_FLOW, attempts_dir
 from convflow.tasks.train import train_here
 

@@ -20,9 +20,9 @@ from pathlib import Path
 
 from prefect import get_run_logger
 
-from convflow.config import FineTuneConfig, TrainConfig
-from convflow.tasks.records import TFRecordSet, TrainedModel, WrappedModel
-from convflow.tasks.stage import RunContext
+from convflow.config.schema import FineTuneConfig, TrainConfig
+from convflow.core.records import TFRecordSet, TrainedModel, WrappedModel
+from convflow.core.stage import RunContext
 
 TRAIN_FLOW = "convflow-train-stage"  # the flow of flows/train_attempt.py, which the workers run
 LOST_WORKER_AUTOMATION = "convflow: crash train runs without heartbeats"

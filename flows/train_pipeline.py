@@ -10,18 +10,20 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from prefect.states import Completed
 
-from convflow import registry, retraining, runs
-from convflow.config import load_pipeline, tuned_spec
+from convflow.catalog import registry
+from convflow.catalog import retraining
+from convflow.catalog import runs
+from convflow.config.schema import load_pipeline, tuned_spec
 from convflow.flows.stage_runner import StageRunner
-from convflow.sources import source_fingerprint
+from convflow.data.sources import source_fingerprint
 from convflow.tasks.build_base import build_base, weights_fingerprint
 from convflow.tasks.download_and_split import check_image_sizes, download_and_split
 from convflow.tasks.evaluate import evaluate
 from convflow.tasks.export_savedmodel import export_savedmodel, prestarted_fresh_process
 from convflow.tasks.freeze_and_wrap import freeze_and_wrap
 from convflow.tasks.promote import promote
-from convflow.tasks.records import RunSummary
-from convflow.tasks.stage import RunContext
+from convflow.core.records import RunSummary
+from convflow.core.stage import RunContext
 from convflow.tasks.to_tfrecords import to_tfrecords
 from convflow.tasks.train import train
 from convflow.tasks.write_report import write_report

@@ -8,13 +8,13 @@ from pathlib import Path
 
 from prefect import flow
 
-from convflow.config import ConfigError, PipelineSpec, load_pipeline
+from convflow.config.schema import ConfigError, PipelineSpec, load_pipeline
 from convflow.flows.stage_runner import StageRunner
 from convflow.flows.train_pipeline import new_run_id, train_pipeline
-from convflow.sources import source_fingerprint
+from convflow.data.sources import source_fingerprint
 from convflow.tasks.download_and_split import check_image_sizes, download_and_split
-from convflow.tasks.records import TFRecordSet
-from convflow.tasks.stage import RunContext
+from convflow.core.records import TFRecordSet
+from convflow.core.stage import RunContext
 from convflow.tasks.to_tfrecords import to_tfrecords
 from convflow.tasks.tune_report import Tuning, tune_report
 from convflow.tasks.tune_trial import TrialResult, best_trial, failed_trial, search, tune_trial

@@ -6,11 +6,11 @@ import socket
 import zipfile
 from pathlib import Path
 
-from convflow.config import ModelConfig
-from convflow.model_zoo import BaseSpec, get_base_spec
-from convflow.storage import staged_output
-from convflow.tasks.records import BaseNetwork, TFRecordSet
-from convflow.tasks.stage import RunContext, hash_json, sha256_file, stage_task
+from convflow.config.schema import ModelConfig
+from convflow.config.model_zoo import BaseSpec, get_base_spec
+from convflow.core.storage import staged_output
+from convflow.core.records import BaseNetwork, TFRecordSet
+from convflow.core.stage import RunContext, hash_json, sha256_file, stage_task
 
 IMAGENET_MEANS_BGR = (103.939, 116.779, 123.68)
 IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)
@@ -58,7 +58,7 @@ def _preprocess(spec: BaseSpec, inputs):
     """The application's own `preprocess_input`, as layers, so the saved model takes raw pixels."""
     from keras import layers
 
-    from convflow.tasks.layers import ReverseChannels
+    from convflow.modeling.layers import ReverseChannels
 
     if spec.preprocessing == "tf":
         return layers.Rescaling(1.0 / 127.5, offset=-1.0, name="preprocess")(inputs)
@@ -79,7 +79,8 @@ def resolve_run_weights(weights: str, artifacts_root: Path) -> Path:
     Raises:
         WeightsError: no such production model or run, or its model file is gone.
     """
-    from convflow import registry, tables
+    from convflow.catalog import registry
+    from convflow.catalog import tables
 
     pipeline, _, run_id = weights.removeprefix("run:").partition("@")
     if run_id:
@@ -114,7 +115,7 @@ def weights_fingerprint(model: ModelConfig, artifacts_root: Path) -> str:
 def _base_from_run(model: ModelConfig, input_shape: tuple[int, int, int], artifacts_root: Path):
     import keras
 
-    import convflow.tasks.layers  # noqa: F401  (registers custom layers for loading)
+    import convflow.modeling.layers  # noqa: F401  (registers custom layers for loading)
 
     source = keras.models.load_model(resolve_run_weights(model.weights, artifacts_root), compile=False)
     base = source.get_layer("base")

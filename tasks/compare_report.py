@@ -11,12 +11,12 @@ import pyarrow.parquet as pq
 import pydantic
 from markupsafe import Markup
 
-from convflow import tables
-from convflow.storage import staged_output
+from convflow.catalog import tables
+from convflow.core.storage import staged_output
 from convflow.tasks.compare_variant import HIGHER_IS_BETTER, VariantResult
-from convflow.tasks.figures import figure_tag, pyplot, render_page
-from convflow.tasks.records import StageRecord, StageRun
-from convflow.tasks.stage import RunContext, stage_task
+from convflow.reporting.figures import figure_tag, pyplot, render_page
+from convflow.core.records import StageRecord, StageRun
+from convflow.core.stage import RunContext, stage_task
 
 
 class Comparison(pydantic.BaseModel):

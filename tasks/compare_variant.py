@@ -15,11 +15,11 @@ import pydantic
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from convflow.config import PipelineSpec
-from convflow.tasks import features
+from convflow.config.schema import PipelineSpec
+from convflow.tfrecords import features
 from convflow.tasks.promote import promote_if_passed
-from convflow.tasks.records import Evaluation, ExportedModel, StageRun, TFRecordSet, TrainedModel
-from convflow.tasks.stage import RunContext
+from convflow.core.records import Evaluation, ExportedModel, StageRun, TFRecordSet, TrainedModel
+from convflow.core.stage import RunContext
 
 # Whether a higher value of each ranking metric is better.
 HIGHER_IS_BETTER = {"test_accuracy": True, "macro_f1": True, "test_loss": False, "latency_ms": False}

@@ -12,14 +12,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import get_run_logger
 
-from convflow import tables
-from convflow.config import DataConfig
-from convflow.model_zoo import get_base_spec
-from convflow.parallel import ordered_map
-from convflow.sources import SPLIT_NAMES, DataError, LoadedSource, load_source
-from convflow.storage import staged_output
-from convflow.tasks.records import SplitSet
-from convflow.tasks.stage import RunContext, stage_task
+from convflow.catalog import tables
+from convflow.config.schema import DataConfig
+from convflow.config.model_zoo import get_base_spec
+from convflow.runtime.parallel import ordered_map
+from convflow.data.sources import SPLIT_NAMES, DataError, LoadedSource, load_source
+from convflow.core.storage import staged_output
+from convflow.core.records import SplitSet
+from convflow.core.stage import RunContext, stage_task
 
 
 # Rows of splits.parquet (and of the fingerprint's JSON) made at a time.

@@ -9,14 +9,14 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from convflow import tables
-from convflow.config import EvaluateConfig
-from convflow.registry import Production
-from convflow.storage import staged_output
-from convflow.tasks import features
-from convflow.tasks.records import Evaluation, TFRecordSet, TrainedModel, WrappedModel
-from convflow.tasks.serving import serving_function
-from convflow.tasks.stage import RunContext, stage_task
+from convflow.catalog import tables
+from convflow.config.schema import EvaluateConfig
+from convflow.catalog.registry import Production
+from convflow.core.storage import staged_output
+from convflow.tfrecords import features
+from convflow.core.records import Evaluation, TFRecordSet, TrainedModel, WrappedModel
+from convflow.modeling.serving import serving_function
+from convflow.core.stage import RunContext, stage_task
 
 # Test images kept for the report (sample predictions, worst mistakes, feature maps).
 REPORT_SAMPLES = 16
@@ -51,7 +51,7 @@ def load_classifier(model_path: str):
     """The Keras classifier at `model_path`; the same object again while that file is unchanged."""
     import keras
 
-    import convflow.tasks.layers  # noqa: F401  (registers custom layers for loading)
+    import convflow.modeling.layers  # noqa: F401  (registers custom layers for loading)
 
     if _last_classifier is not None and _last_classifier[0] == _file_identity(model_path):
         return _last_classifier[1]
@@ -74,7 +74,7 @@ def predict_with(model, tfrecords: TFRecordSet, split: str, batch_size: int = 25
 
 
 def serve_split(serve, tfrecords: TFRecordSet, split: str, batch_size: int = 256):
-    """Run a serving function (tasks/serving.py) over one split: (images uint8, labels, example ids,
+    """Run a serving function (convflow/modeling/serving.py) over one split: (images uint8, labels, example ids,
     probabilities float64). The export stage saves that same function, so this is what the
     SavedModel must answer."""
     images, labels, ids, probabilities = _over_split(lambda pixels: serve(pixels)["probabilities"].numpy(),

@@ -1,7 +1,7 @@
 """Stage 7, export_savedmodel: a TF-Serving SavedModel whose signature takes raw uint8 images (the
 promote task after it makes a gate-passing one the production model).
 
-The signature is tasks/serving.py's function, which resizes and rescales inside the graph, so
+The signature is convflow/modeling/serving.py's function, which resizes and rescales inside the graph, so
 clients send images as they have them; evaluate scored the test split through the same function.
 Before promotion, the SavedModel is reloaded in a fresh Python process (nothing of the exporting
 process's objects or registrations can help it load) and its probabilities on the test split must
@@ -9,7 +9,7 @@ equal the Keras model's, as the evaluate stage recorded them. That process is st
 imports TensorFlow while this one writes the export; the training flow starts it even
 earlier, while evaluate runs, when it has just trained a new model (`prestarted_fresh_process`).
 
-`python -m convflow.tasks.verify_export` is that fresh process.
+`python -m convflow.modeling.export_check` is that fresh process.
 """
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
-from convflow import fast_start
-from convflow.storage import staged_output
+from convflow.runtime import fast_start
+from convflow.core.storage import staged_output
 from convflow.tasks.evaluate import load_classifier, serve_split
-from convflow.tasks.records import Evaluation, ExportedModel, TFRecordSet, TrainedModel
-from convflow.tasks.serving import serving_function
-from convflow.tasks.stage import RunContext, stage_task
-from convflow.tasks.verify_export import ExportMismatch
+from convflow.core.records import Evaluation, ExportedModel, TFRecordSet, TrainedModel
+from convflow.modeling.serving import serving_function
+from convflow.core.stage import RunContext, stage_task
+from convflow.modeling.export_check import ExportMismatch
 
 MODEL_VERSION = 1
 
@@ -54,7 +54,7 @@ def _test_split_expectations(
         return images, probabilities
     import pyarrow.parquet as pq
 
-    from convflow.tasks.features import read_dataset
+    from convflow.tfrecords.features import read_dataset
 
     predictions = pq.read_table(evaluation.predictions_parquet, columns=["example_id", "probabilities"]).to_pydict()
     row_of = {example_id: row for row, example_id in enumerate(predictions["example_id"])}
@@ -75,7 +75,7 @@ class FreshProcessCheck:
 
     def __init__(self) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "convflow.tasks.verify_export"],
+            [sys.executable, "-m", "convflow.modeling.export_check"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
 

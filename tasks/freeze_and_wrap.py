@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from convflow.config import ModelConfig
-from convflow.model_zoo import get_base_spec
-from convflow.storage import staged_output
-from convflow.tasks.records import BaseNetwork, WrappedModel
-from convflow.tasks.stage import RunContext, hash_json, stage_task
+from convflow.config.schema import ModelConfig
+from convflow.config.model_zoo import get_base_spec
+from convflow.core.storage import staged_output
+from convflow.core.records import BaseNetwork, WrappedModel
+from convflow.core.stage import RunContext, hash_json, stage_task
 
 
 def _pooling(kind: str):
@@ -54,7 +54,7 @@ def freeze_and_wrap_model(
     """Load the base, freeze it when pretrained, add the head and save the untrained classifier."""
     import keras
 
-    import convflow.tasks.layers  # noqa: F401  (registers custom layers for loading)
+    import convflow.modeling.layers  # noqa: F401  (registers custom layers for loading)
 
     base = keras.models.load_model(base_model.model_path, compile=False)
     classifier = wrap(base, model, num_classes, seed)

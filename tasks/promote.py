@@ -9,10 +9,10 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from convflow import registry
-from convflow.tasks.records import Evaluation, ExportedModel, TrainedModel
-from convflow.run_log import run_logger
-from convflow.tasks.stage import RunContext, retry_on_transient_error
+from convflow.catalog import registry
+from convflow.core.records import Evaluation, ExportedModel, TrainedModel
+from convflow.runtime.run_log import run_logger
+from convflow.core.stage import RunContext, retry_on_transient_error
 
 
 def promote_if_passed(

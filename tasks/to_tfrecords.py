@@ -12,17 +12,17 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from convflow import imaging
-from convflow.config import DataConfig
-from convflow.parallel import PROCESSES_FROM, ordered_map
-from convflow.progress import StageProgress
-from convflow.record_writer import PART_RECORDS, ShardFile, ShardOfParts, encode_example
-from convflow.shard_parts import PartJob, write_part
-from convflow.sources import SPLIT_NAMES, DataError, iter_tfds_examples
-from convflow.storage import staged_output
-from convflow.tasks import features
-from convflow.tasks.records import SplitSet, TFRecordSet
-from convflow.tasks.stage import RunContext, hash_json, stage_task
+from convflow.data import imaging
+from convflow.config.schema import DataConfig
+from convflow.runtime.parallel import PROCESSES_FROM, ordered_map
+from convflow.runtime.progress import StageProgress
+from convflow.tfrecords.writer import PART_RECORDS, ShardFile, ShardOfParts, encode_example
+from convflow.tfrecords.parts import PartJob, write_part
+from convflow.data.sources import SPLIT_NAMES, DataError, iter_tfds_examples
+from convflow.core.storage import staged_output
+from convflow.tfrecords import features
+from convflow.core.records import SplitSet, TFRecordSet
+from convflow.core.stage import RunContext, hash_json, stage_task
 
 @dataclass(frozen=True)
 class ShardJob:

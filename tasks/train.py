@@ -16,14 +16,18 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from convflow import tables
-from convflow.config import FineTuneConfig, TrainConfig
-from convflow.storage import locked, staged_output
-from convflow.tasks import base_features, features, serving, train_callbacks, train_recipe
+from convflow.catalog import tables
+from convflow.config.schema import FineTuneConfig, TrainConfig
+from convflow.core.storage import locked, staged_output
+from convflow.modeling import base_features
+from convflow.tfrecords import features
+from convflow.modeling import serving
+from convflow.modeling import train_callbacks
+from convflow.modeling import train_recipe
 from convflow.tasks.evaluate import remember_classifier
-from convflow.tasks.records import TFRecordSet, TrainedModel, WrappedModel
-from convflow.run_log import run_logger
-from convflow.tasks.stage import RunContext, hash_json, stage_task
+from convflow.core.records import TFRecordSet, TrainedModel, WrappedModel
+from convflow.runtime.run_log import run_logger
+from convflow.core.stage import RunContext, hash_json, stage_task
 
 
 def checkpoint_key(
@@ -404,7 +408,7 @@ def _seed(settings: TrainConfig) -> None:
     import keras
     import tensorflow as tf
 
-    import convflow.tasks.layers  # noqa: F401  (registers custom layers for loading)
+    import convflow.modeling.layers  # noqa: F401  (registers custom layers for loading)
 
     keras.utils.set_random_seed(settings.seed)
     if settings.deterministic:

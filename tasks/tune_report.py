@@ -9,11 +9,11 @@ from pathlib import Path
 import pyarrow as pa
 import pydantic
 
-from convflow import tables
-from convflow.storage import staged_output
-from convflow.tasks.figures import render_page
-from convflow.tasks.records import RunSummary, StageRecord
-from convflow.tasks.stage import RunContext, stage_task
+from convflow.catalog import tables
+from convflow.core.storage import staged_output
+from convflow.reporting.figures import render_page
+from convflow.core.records import RunSummary, StageRecord
+from convflow.core.stage import RunContext, stage_task
 from convflow.tasks.tune_trial import TrialResult
 
 

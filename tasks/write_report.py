@@ -15,10 +15,10 @@ import numpy as np
 import pyarrow.parquet as pq
 from markupsafe import Markup
 
-from convflow.storage import staged_output
-from convflow.tasks.figures import figure_tag, image_grid, page_sources, pyplot, render_page
-from convflow.tasks.records import Evaluation, ExportedModel, Report, SplitSet, StageRun, TFRecordSet, TrainedModel
-from convflow.tasks.stage import RunContext, hash_json, sha256_file, stage_task
+from convflow.core.storage import staged_output
+from convflow.reporting.figures import figure_tag, image_grid, page_sources, pyplot, render_page
+from convflow.core.records import Evaluation, ExportedModel, Report, SplitSet, StageRun, TFRecordSet, TrainedModel
+from convflow.core.stage import RunContext, hash_json, sha256_file, stage_task
 
 # Under <artifacts>/<pipeline>/: rendered figures, reused by reports of the same model and evaluation.
 FIGURE_CACHE = ".report-figures"

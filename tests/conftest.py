@@ -314,7 +314,7 @@ def idx_folder(tmp_path) -> tuple[Path, dict]:
 
 
 def data_config(source: str, image_size=(12, 12), channels: int = 1, **fields):
-    from convflow.config import DataConfig
+    from convflow.config.schema import DataConfig
 
     return DataConfig(source=source, image_size=image_size, channels=channels, **fields)
 
@@ -345,7 +345,7 @@ def digits_tfrecords(tmp_path_factory, digits_split, digits_data):
 
 @pytest.fixture(scope="session")
 def mnist_cnn_config():
-    from convflow.config import ModelConfig
+    from convflow.config.schema import ModelConfig
 
     return ModelConfig(base="mnist_cnn")
 
@@ -362,7 +362,7 @@ def digits_wrapped(tmp_path_factory, digits_tfrecords, mnist_cnn_config):
 
 @pytest.fixture(scope="session")
 def digits_train_config():
-    from convflow.config import TrainConfig
+    from convflow.config.schema import TrainConfig
 
     return TrainConfig(epochs=2, batch_size=128, seed=0)
 

@@ -2,7 +2,7 @@
 
     python tests/held_convflow.py STAGE run tiny -f pipelines.yaml ...
 
-wraps `convflow.storage.publish` so that the stage STAGE, with its output complete in a hidden
+wraps `convflow.core.storage.publish` so that the stage STAGE, with its output complete in a hidden
 temporary folder, writes `<run-dir>/<STAGE>.held` instead of renaming that folder into place and
 waits to be killed, or for the test to write `<run-dir>/<STAGE>.release`: then it removes both
 markers and publishes. Every other stage publishes as usual. The seam is installed here, in the test
@@ -15,7 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-from convflow import cli, storage
+from convflow.cli import app as cli
+from convflow.core import storage
 
 
 def hold_at(stage: str) -> None:

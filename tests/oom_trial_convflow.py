@@ -8,7 +8,7 @@ wraps the train_model that tune trials call so that trial 1 raises TensorFlow's 
 
 from __future__ import annotations
 
-from convflow import cli
+from convflow.cli import app as cli
 from convflow.tasks import tune_trial
 
 FAILING_TRIAL = "1"

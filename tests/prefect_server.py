@@ -80,7 +80,7 @@ class PrefectServer(Background):
         return PrefectServer(self.home, self.port, **self.settings)
 
     def wait_until_ready(self, timeout: float = 180) -> None:
-        from convflow.fast_start import wait_until_healthy
+        from convflow.runtime.fast_start import wait_until_healthy
 
         try:
             wait_until_healthy(self.api_url, self.process, timeout, poll=0.5)

@@ -26,12 +26,13 @@ import pytest
 from conftest import (
     FOLDER_SPLIT, TINY_PIPELINES, last_json_line, make_image_folder, subprocess_env, write_idx, write_yaml,
 )
-from convflow import imaging, sources
-from convflow.cli import EXIT_BAD_CONFIG, main
-from convflow.config import ModelConfig
-from convflow.sources import DataError
+from convflow.data import imaging
+from convflow.data import sources
+from convflow.cli.app import EXIT_BAD_CONFIG, main
+from convflow.config.schema import ModelConfig
+from convflow.data.sources import DataError
 from convflow.tasks.download_and_split import check_image_sizes, split_dataset
-from convflow.tasks.stage import is_transient, retry_on_transient_error
+from convflow.core.stage import is_transient, retry_on_transient_error
 
 
 def pipelines_with(tmp_path: Path, dotted: str | None = None, value=None, *, name: str = "tiny") -> Path:
@@ -164,7 +165,7 @@ def test_weights_for_another_architecture(tmp_path):
 
 
 def folder_data(root: Path, **fields):
-    from convflow.config import DataConfig
+    from convflow.config.schema import DataConfig
 
     return DataConfig(source=f"folder:{root}", image_size=(12, 12), channels=1, split=fields.pop("split", FOLDER_SPLIT), **fields)
 
@@ -220,7 +221,7 @@ def test_source_images_smaller_than_the_base_minimum_name_their_files(tmp_path):
 
 
 def test_in_memory_images_smaller_than_the_base_minimum_name_the_source(tmp_path):
-    from convflow.config import DataConfig
+    from convflow.config.schema import DataConfig
 
     digits = DataConfig(source="sklearn:digits", image_size=(32, 32), channels=1)
     split_set = split_dataset(digits, tmp_path / "out")
@@ -258,7 +259,7 @@ def test_labels_out_of_range(tmp_path):
     labels = np.arange(60) % 3
     labels[7] = 7  # one label beyond the three names
     root = _idx_folder(tmp_path / "idx", labels)
-    from convflow.config import DataConfig
+    from convflow.config.schema import DataConfig
 
     data = DataConfig(source=f"idx:{root}", image_size=(12, 12), channels=1, label_names=["a", "b", "c"])
     with pytest.raises(DataError, match=re.escape(f"data.label_names has 3 names but idx:{root} has 8 classes: label 7 is out of range (0..2)")):
@@ -305,7 +306,7 @@ def test_unusable_image_files_are_skipped_and_listed(tmp_path):
 
 
 def test_tfds_name_that_does_not_exist(tmp_path):
-    from convflow.config import DataConfig
+    from convflow.config.schema import DataConfig
 
     data = DataConfig(source="tfds:mnistt", image_size=(28, 28), channels=1)
     with pytest.raises(DataError) as caught:
@@ -318,7 +319,7 @@ def test_tfds_name_that_does_not_exist(tmp_path):
 
 
 def test_tfds_offline(tmp_path, monkeypatch):
-    from convflow.config import DataConfig
+    from convflow.config.schema import DataConfig
 
     monkeypatch.setattr(sources, "NETWORK_PROBE", ("127.0.0.1", 9))  # refused at once, as offline
     data = DataConfig(source="tfds:mnist", image_size=(28, 28), channels=1, data_dir=str(tmp_path / "tfds"))
@@ -359,10 +360,10 @@ def test_full_disk_is_transient_and_bad_input_is_not():
 FULL_DISK_RUN = textwrap.dedent(
     """
     import errno, sys
-    from convflow.fast_start import prefect_api
+    from convflow.runtime.fast_start import prefect_api
 
     with prefect_api() as server:  # set PREFECT_API_URL before Prefect is imported, as the CLI does
-        from convflow import tables
+        from convflow.catalog import tables
         import convflow.flows.train_pipeline as flow
 
         def full_disk(*table, path):  # splits.parquet is written a part at a time
@@ -373,7 +374,7 @@ FULL_DISK_RUN = textwrap.dedent(
         # The real task (its retries and retry condition), without minutes of retry delay.
         flow.download_and_split = flow.download_and_split.with_options(retry_delay_seconds=0)
         server.wait_until_ready()
-        from convflow.cli import main
+        from convflow.cli.app import main
 
         code = main(sys.argv[1:])
     sys.exit(code)
@@ -432,7 +433,7 @@ def test_run_of_an_escaping_name_writes_nothing(tmp_path, capsys):
 
 
 def test_temporary_prefect_server_listens_on_loopback_only():
-    from convflow.fast_start import TemporaryServer
+    from convflow.runtime.fast_start import TemporaryServer
 
     server = TemporaryServer()
     try:
@@ -453,7 +454,7 @@ def test_temporary_prefect_server_registers_no_block_types(tmp_path, monkeypatch
     # uses no blocks (fast_start.NO_BLOCK_REGISTRATION). A fresh database, as on a new machine.
     import urllib.request
 
-    from convflow.fast_start import TemporaryServer
+    from convflow.runtime.fast_start import TemporaryServer
 
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))
     server = TemporaryServer()
@@ -470,7 +471,7 @@ def test_temporary_prefect_server_registers_no_block_types(tmp_path, monkeypatch
 SERVE_WITHOUT_LISTENING = textwrap.dedent(
     """
     import gc, json, uvicorn
-    from convflow import fast_start
+    from convflow.runtime import fast_start
 
     def report(app, **options):  # in place of uvicorn.run: what serve() hands it, and the collector's state
         print(json.dumps({"app": type(app).__name__, "options": options, "gc_enabled": gc.isenabled(),

@@ -11,7 +11,7 @@ import datetime
 import pytest
 
 from conftest import CONVFLOW, run_convflow, wait_for, write_yaml
-from convflow.cli import main
+from convflow.cli.app import main
 from prefect_server import Background, prefect_client, started_server
 from test_schedules import finished_runs, read_deployments, scheduled_document
 

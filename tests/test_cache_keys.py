@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import PYTHON, REPO, STAGES, TINY_PIPELINES, run_tiny, subprocess_env, write_yaml
-from convflow.tasks.stage import code_closure
+from convflow.core.stage import code_closure
 
 
 def installed_copy(destination: Path) -> Path:
@@ -51,24 +51,24 @@ class CopyRunner:
 def test_code_closure_follows_imports_but_not_the_flows():
     names = {str(path.relative_to(REPO)) for path in code_closure("convflow.tasks.train")}
 
-    assert {"tasks/train.py", "tasks/records.py", "tasks/layers.py", "convflow/tables.py", "convflow/config.py",
-            "convflow/storage.py", "tasks/stage.py"} <= names
+    assert {"tasks/train.py", "convflow/core/records.py", "convflow/modeling/layers.py", "convflow/catalog/tables.py", "convflow/config/schema.py",
+            "convflow/core/storage.py", "convflow/core/stage.py"} <= names
     assert not any(name.startswith("flows/") for name in names)  # where training runs is not what it makes
-    assert "convflow/cli.py" not in names
+    assert "convflow/cli/app.py" not in names
     download = {str(path.relative_to(REPO)) for path in code_closure("convflow.tasks.download_and_split")}
-    assert "tasks/layers.py" not in download and "convflow/tables.py" in download
+    assert "convflow/modeling/layers.py" not in download and "convflow/catalog/tables.py" in download
 
 
 def test_code_closure_is_read_without_importing_tensorflow():
     """The closure is read from source: a cache hit must not pay for importing TensorFlow (it once
-    imported tasks/layers.py, and Keras with it, to look up `from ... import ReverseChannels`)."""
+    imported convflow/modeling/layers.py, and Keras with it, to look up `from ... import ReverseChannels`)."""
     check = (
         "import sys\n"
         "from convflow.tasks import build_base, evaluate, train\n"
-        "from convflow.tasks.stage import code_closure\n"
+        "from convflow.core.stage import code_closure\n"
         "for module in (build_base, evaluate, train):\n"
         "    code_closure(module.__name__)\n"
-        "heavy = [name for name in ('tensorflow', 'keras', 'convflow.tasks.layers') if name in sys.modules]\n"
+        "heavy = [name for name in ('tensorflow', 'keras', 'convflow.modeling.layers') if name in sys.modules]\n"
         "sys.exit(f'imported {heavy}' if heavy else 0)\n"
     )
     result = subprocess.run([PYTHON, "-c", check], env=subprocess_env(), capture_output=True, text=True, timeout=120)
@@ -83,7 +83,7 @@ def test_editing_imported_code_misses_the_stages_that_import_it(tmp_path):
     assert runner.cache_hits() == []
     edit(runner.copy, "cli.py")  # no stage imports the CLI
     assert runner.cache_hits() == STAGES[:-1]  # write_report always runs: it reports this run
-    edit(runner.copy, "tasks/layers.py")  # custom Keras layers: the model stages, not the data ones
+    edit(runner.copy, "convflow/modeling/layers.py")  # custom Keras layers: the model stages, not the data ones
     assert runner.cache_hits() == ["download_and_split", "to_tfrecords"]
     edit(runner.copy, "tables.py")  # Parquet schemas: download_and_split writes splits.parquet
     assert runner.cache_hits() == []

@@ -6,10 +6,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from convflow.config import FineTuneConfig, TrainConfig
-from convflow.tasks import base_features
+from convflow.config.schema import FineTuneConfig, TrainConfig
+from convflow.modeling import base_features
 from convflow.tasks.build_base import build_base_model
-from convflow.tasks.features import read_dataset
+from convflow.tfrecords.features import read_dataset
 from convflow.tasks.freeze_and_wrap import freeze_and_wrap_model
 from convflow.tasks.train import train_model
 from test_transfer import _load, _mobilenet, _weights_by_layer, rgb_tfrecords  # noqa: F401  (fixture)

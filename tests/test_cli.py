@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from conftest import CONVFLOW, REPO, STAGES, TINY_PIPELINES, last_json_line, run_convflow, subprocess_env, write_yaml
-from convflow.cli import EXIT_BAD_CONFIG, main
+from convflow.cli.app import EXIT_BAD_CONFIG, main
 
 
 @pytest.fixture
@@ -107,7 +107,7 @@ def test_runs_on_an_empty_artifacts_root(tmp_path, capsys):
 
 COLLECTOR_AT_FLOW_CALL = """
 import gc, json, sys
-from convflow import cli
+from convflow.cli import app as cli
 
 def record_collector(*args):
     print(json.dumps({"enabled": gc.isenabled(), "frozen": gc.get_freeze_count()}))
@@ -145,7 +145,7 @@ def test_run_freezes_its_imports_only_in_a_process_that_ends_with_it(caller, pip
 IN_PROCESS_RUN_AFTER_PREFECT = """
 import sys
 import prefect  # imported before main(), as in a notebook or a script that uses Prefect itself
-from convflow.cli import main
+from convflow.cli.app import main
 sys.exit(main(sys.argv[1:]))
 """
 

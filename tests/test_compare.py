@@ -14,10 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import CONVFLOW, REPO, run_convflow, subprocess_env, write_yaml
-from convflow import registry, tables
-from convflow.config import ConfigError, load_pipeline, load_pipelines, variant_specs
+from convflow.catalog import registry
+from convflow.catalog import tables
+from convflow.config.schema import ConfigError, load_pipeline, load_pipelines, variant_specs
 from convflow.tasks.compare_variant import VariantResult, promote_winner, rank_variants
-from convflow.tasks.stage import RunContext
+from convflow.core.stage import RunContext
 
 
 def _compare_document(tiny_document: dict, variants: list[dict], **compare) -> dict:

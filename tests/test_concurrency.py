@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import STAGES, TINY_PIPELINES, finish_convflow, start_convflow, write_yaml
-from convflow import registry, tables
+from convflow.catalog import registry
+from convflow.catalog import tables
 
 
 @pytest.mark.slow
@@ -46,7 +47,7 @@ def test_same_pipeline_twice_at_once(tmp_path):
     assert not list((artifacts / "models" / "tiny").glob(".*.tmp-*"))
 
     # Every cached result either run left is readable and points at files that are all there.
-    from convflow.tasks.records import StageRecord  # noqa: F401  (the decoder imports record classes)
+    from convflow.core.records import StageRecord  # noqa: F401  (the decoder imports record classes)
     from prefect.serializers import JSONSerializer
 
     results = sorted((artifacts / ".prefect-results").iterdir())

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from conftest import REPO, write_yaml
-from convflow.config import ConfigError, check_pipeline, load_pipeline, load_pipelines
+from convflow.config.schema import ConfigError, check_pipeline, load_pipeline, load_pipelines
 
 
 def _set(document: dict, dotted: str, value) -> dict:
@@ -335,7 +335,7 @@ def test_load_pipeline_logs_the_other_broken_pipelines(tmp_path, tiny_document):
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = records.append
-    logger = logging.getLogger("convflow.config")
+    logger = logging.getLogger("convflow.config.schema")
     logger.addHandler(handler)
     try:
         assert load_pipeline(path, "tiny").name == "tiny"

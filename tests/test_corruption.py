@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 
 from conftest import TinyRunner, write_yaml
-from convflow import registry, tables
-from convflow.cli import main
+from convflow.catalog import registry
+from convflow.catalog import tables
+from convflow.cli.app import main
 
 pytestmark = pytest.mark.slow
 

@@ -6,8 +6,8 @@ import distributed  # the dev extra's prefect-dask brings it: missing, the test 
 import numpy as np
 import pytest
 
-from convflow.config import DataConfig
-from convflow.tasks import features
+from convflow.config.schema import DataConfig
+from convflow.tfrecords import features
 from convflow.tasks.download_and_split import split_dataset
 from convflow.tasks.to_tfrecords import write_tfrecords
 

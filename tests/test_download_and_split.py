@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import FOLDER_SPLIT, REPO, data_config, make_idx_folder, save_image, split_as_before, write_idx
-from convflow import tables
-from convflow.sources import DataError, read_idx
+from convflow.catalog import tables
+from convflow.data.sources import DataError, read_idx
 from convflow.tasks.download_and_split import split_dataset
 
 
@@ -285,7 +285,7 @@ def test_real_mnist_test_labels():
 
 
 def test_data_fingerprint_hashes_the_sorted_example_hashes_labels_and_splits(digits_split):
-    from convflow.tasks.stage import hash_json
+    from convflow.core.stage import hash_json
 
     rows = _rows(digits_split)
     assert digits_split.data_fingerprint == hash_json(sorted(zip(rows["sha256"], rows["label"], rows["split"])))[:24]
@@ -296,9 +296,9 @@ def test_splits_counts_and_fingerprint_from_packed_arrays_are_those_of_one_examp
     """download_and_split keeps packed arrays, not a Python object per example: every example keeps
     the split it was given one at a time, and the fingerprint and duplicate counts are unchanged.
     Random digests with repeats (some in two splits when the source predefines splits)."""
-    from convflow.config import SplitFractions
+    from convflow.config.schema import SplitFractions
     from convflow.tasks import download_and_split as stage
-    from convflow.tasks.stage import hash_json
+    from convflow.core.stage import hash_json
 
     rng = np.random.default_rng(7)
     distinct = rng.integers(0, 256, (3_000, 32), dtype=np.uint8)

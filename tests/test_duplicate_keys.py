@@ -9,9 +9,9 @@ import pytest
 import yaml
 
 from conftest import CONVFLOW, subprocess_env
-from convflow.cli import EXIT_BAD_CONFIG
-from convflow.config import ConfigError, load_pipelines
-from convflow.yaml_loader import DuplicateKey, duplicate_keys
+from convflow.cli.app import EXIT_BAD_CONFIG
+from convflow.config.schema import ConfigError, load_pipelines
+from convflow.config.yaml_loader import DuplicateKey, duplicate_keys
 
 # `train:` twice in one pipeline (lines 10 and 13), `seed:` twice under defaults (lines 3 and 4).
 TRAIN_TWICE = """\

@@ -27,8 +27,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import PYTHON, STAGES, TINY_PIPELINES, run_tiny, subprocess_env, write_yaml
-from convflow import registry, tables
-from convflow.tasks.stage import hash_json
+from convflow.catalog import registry
+from convflow.catalog import tables
+from convflow.core.stage import hash_json
 
 HOLD_TIMEOUT_SECONDS = 420
 HELD_CONVFLOW = Path(__file__).with_name("held_convflow.py")
@@ -269,5 +270,5 @@ def test_persisted_results_are_json_not_pickle(reference):
         document = json.loads(path.read_bytes())
         assert document["metadata"]["serializer"]["type"] == "json", path
         record = json.loads(document["result"])
-        assert record["__class__"].startswith("convflow.tasks.records."), path
+        assert record["__class__"].startswith("convflow.core.records."), path
         assert b"pickle" not in path.read_bytes(), path

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import STAGES, TinyRunner
-from convflow.cli import main
+from convflow.cli.app import main
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +128,7 @@ def test_training_progress_is_a_prefect_progress_artifact(first, third):
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterType
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from convflow.fast_start import TemporaryServer
+    from convflow.runtime.fast_start import TemporaryServer
 
     server = TemporaryServer()  # on the test session's PREFECT_HOME, where the runs were recorded
     try:

@@ -16,7 +16,7 @@ import yaml
 from conftest import (
     CONVFLOW, PYTHON, TINY_PIPELINES, finish_convflow, start_convflow, subprocess_env, wait_for, write_yaml,
 )
-from convflow import tables
+from convflow.catalog import tables
 
 # Each run's Parquet tables, by the catalog column that holds their path.
 RUN_TABLE_SCHEMAS = {
@@ -41,7 +41,7 @@ def assert_described(path: Path, schema) -> None:
 APPENDER = """
 import datetime, sys, time
 from pathlib import Path
-from convflow import tables
+from convflow.catalog import tables
 catalog, start, name, count = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 start.with_name(f"{name}.ready").touch()  # imported: at the start line
 while not start.exists():

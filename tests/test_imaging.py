@@ -1,4 +1,4 @@
-"""convflow.imaging: channel conversion and resizing of one image, as to_tfrecords applies it."""
+"""convflow.data.imaging: channel conversion and resizing of one image, as to_tfrecords applies it."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from convflow import imaging
+from convflow.data import imaging
 
 
 def test_transparent_pixels_become_black(tmp_path):

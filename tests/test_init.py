@@ -14,8 +14,8 @@ import pytest
 import yaml
 
 from conftest import CONVFLOW, REPO, make_idx_folder, make_image_folder, run_convflow, subprocess_env
-from convflow.cli import EXIT_BAD_CONFIG, main
-from convflow.config import load_pipeline
+from convflow.cli.app import EXIT_BAD_CONFIG, main
+from convflow.config.schema import load_pipeline
 from convflow.tasks.download_and_split import split_dataset
 
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -191,9 +191,9 @@ def test_a_parquet_table_of_images(tmp_path, capsys, image_folder):
 def test_tfds_source_is_read_through_the_tfds_loader(monkeypatch):
     import tensorflow_datasets as tfds
 
-    from convflow import sources
-    from convflow.init_pipeline import pipeline_text
-    from convflow.survey import survey_source
+    from convflow.data import sources
+    from convflow.cli.init_pipeline import pipeline_text
+    from convflow.data.survey import survey_source
 
     monkeypatch.setattr(sources, "_network_available", lambda timeout=3.0: True)  # mock_data serves it
     with tfds.testing.mock_data(num_examples=30, policy=tfds.testing.MockPolicy.USE_CODE):

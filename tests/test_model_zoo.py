@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from convflow import cli
-from convflow.config import ModelConfig
-from convflow.model_zoo import APPLICATIONS, SEED_CNNS
+from convflow.config.schema import ModelConfig
+from convflow.config.model_zoo import APPLICATIONS, SEED_CNNS
 from convflow.tasks.build_base import make_base
 
 # The big ones take several seconds each to build on two cores.

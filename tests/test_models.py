@@ -8,12 +8,12 @@ import keras
 import numpy as np
 import pytest
 
-import convflow.tasks.layers  # noqa: F401  (registers ReverseChannels for loading)
+import convflow.modeling.layers  # noqa: F401  (registers ReverseChannels for loading)
 from conftest import REPO, write_yaml
-from convflow.config import ConfigError, ModelConfig, load_pipeline
+from convflow.config.schema import ConfigError, ModelConfig, load_pipeline
 from convflow.tasks.build_base import WeightsError, build_base_model, make_base
 from convflow.tasks.freeze_and_wrap import freeze_and_wrap_model
-from convflow.tasks.records import TFRecordSet
+from convflow.core.records import TFRecordSet
 
 SHARED_MOBILENET = REPO.parent / "shared" / "weights" / "mobilenet_2_5_224_tf_no_top.h5"
 

@@ -1,4 +1,4 @@
-"""convflow.parallel.ordered_map: results in order from threads or worker processes, an error
+"""convflow.runtime.parallel.ordered_map: results in order from threads or worker processes, an error
 raised where its item's result would be, and threads inside a daemonic process (a Dask worker),
 which may not start processes of its own."""
 
@@ -8,8 +8,9 @@ import multiprocessing
 
 import pytest
 
-from convflow import imaging, parallel
-from convflow.errors import DataError
+from convflow.data import imaging
+from convflow.runtime import parallel
+from convflow.core.errors import DataError
 
 
 def test_worker_processes_and_threads_give_the_same_results_in_order(tmp_path):

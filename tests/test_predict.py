@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import FOLDER_SPLIT, TINY_PIPELINES, make_image_folder, run_convflow, write_yaml
-from convflow import tables
+from convflow.catalog import tables
 
 CLASSES = ("cat", "dog", "owl")
 
@@ -82,7 +82,7 @@ def test_parquet_table_rows_are_scored_by_row(trained):
 
 
 def test_no_production_model_is_a_clear_error(tmp_path, capsys):
-    from convflow.cli import main
+    from convflow.cli.app import main
 
     assert main(["predict", "nothing", str(tmp_path), "--artifacts", str(tmp_path / "artifacts")]) == 1
     err = capsys.readouterr().err

@@ -11,9 +11,9 @@ import subprocess
 import pytest
 
 from conftest import PYTHON, REPO, TinyRunner, start_convflow, subprocess_env
-from convflow import native_log
-from convflow.cli import _tensorflow_log
-from convflow.native_log import NativeLogFilter
+from convflow.runtime import native_log
+from convflow.cli.app import _tensorflow_log
+from convflow.runtime.native_log import NativeLogFilter
 from tf_error_convflow import MESSAGE
 
 # What `import tensorflow` and its first op print on this CPU-only machine (TensorFlow 2.21).

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import save_image
-from convflow.config import DataConfig, ModelConfig, TrainConfig
+from convflow.config.schema import DataConfig, ModelConfig, TrainConfig
 from convflow.tasks.build_base import build_base_model
 from convflow.tasks.download_and_split import split_dataset
 from convflow.tasks.freeze_and_wrap import freeze_and_wrap_model
@@ -49,7 +49,7 @@ def _validation_loss(model_path: str, tfrecords) -> float:
     """The saved model's mean cross-entropy over the validation split, as fit's val_loss computes it."""
     import keras
 
-    from convflow.tasks import features
+    from convflow.tfrecords import features
 
     model = keras.models.load_model(model_path, compile=False)
     losses = [keras.losses.sparse_categorical_crossentropy(labels, model(images, training=False), from_logits=True)
@@ -86,7 +86,7 @@ def _train_killed_after(epoch: int, wrapped, tfrecords, root: Path) -> None:
     checkpointed and recorded (its TensorBoard callback, which runs after both, is the killer)."""
     import keras
 
-    from convflow.tasks import train_callbacks
+    from convflow.modeling import train_callbacks
 
     class Killer(keras.callbacks.Callback):
         def on_epoch_end(self, index, logs=None):
@@ -122,8 +122,8 @@ def test_a_run_killed_after_the_best_epoch_resumes_and_still_keeps_its_weights(n
 
 
 def test_cosine_warms_up_then_decays_and_step_drops_by_its_factor():
-    from convflow.config import LearningRateSchedule
-    from convflow.tasks.train_recipe import learning_rate
+    from convflow.config.schema import LearningRateSchedule
+    from convflow.modeling.train_recipe import learning_rate
 
     cosine = learning_rate(LearningRateSchedule(kind="cosine", warmup_epochs=2), 0.01, epochs=10, steps_per_epoch=5)
     rates = [float(cosine(step)) for step in (0, 5, 10, 30, 50)]
@@ -135,7 +135,7 @@ def test_cosine_warms_up_then_decays_and_step_drops_by_its_factor():
 
 
 def test_balanced_class_weights_weigh_the_rare_class_up(tmp_path):
-    from convflow.tasks.train_recipe import class_weights
+    from convflow.modeling.train_recipe import class_weights
 
     rng = np.random.default_rng(1)
     for label, count in (("many", 45), ("few", 15)):

@@ -1,4 +1,4 @@
-"""convflow.record_writer: the Examples and shards it writes are TensorFlow's, byte for byte, and
+"""convflow.tfrecords.writer: the Examples and shards it writes are TensorFlow's, byte for byte, and
 read back through TensorFlow's own readers; importing it does not import TensorFlow."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import tensorflow as tf
 
-from convflow.record_writer import PART_RECORDS, ShardFile, ShardOfParts, encode_example, shard_digest
-from convflow.tasks import features
+from convflow.tfrecords.writer import PART_RECORDS, ShardFile, ShardOfParts, encode_example, shard_digest
+from convflow.tfrecords import features
 
 REPO = Path(__file__).resolve().parents[1]
 # Lengths whose varints take 1, 2 and 3 bytes, on both sides of each boundary, and a 128x128x3 image.
@@ -112,7 +112,7 @@ def test_unknown_compression_is_refused(tmp_path):
 
 def test_import_leaves_tensorflow_out():
     imported = subprocess.run(
-        [sys.executable, "-c", "import convflow.record_writer, sys; print('tensorflow' in sys.modules)"],
+        [sys.executable, "-c", "import convflow.tfrecords.writer, sys; print('tensorflow' in sys.modules)"],
         cwd=REPO, capture_output=True, text=True, check=True,
     )
     assert imported.stdout.strip() == "False"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import CONVFLOW, run_convflow
-from convflow import registry
+from convflow.catalog import registry
 
 
 def _fake_saved_model(root: Path, content: bytes) -> Path:

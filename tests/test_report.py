@@ -82,9 +82,9 @@ HOSTILE = '<script>alert("owned")</script>'
 
 def test_text_from_a_run_is_escaped_and_figures_are_not(tmp_path, digits_split, digits_trained, digits_tfrecords):
     """Class names, a gate reason, skipped files and stage names carry HTML as text, not as markup."""
-    from convflow.config import EvaluateConfig
+    from convflow.config.schema import EvaluateConfig
     from convflow.tasks.evaluate import evaluate_model
-    from convflow.tasks.records import ExportedModel, StageRun
+    from convflow.core.records import ExportedModel, StageRun
     from convflow.tasks.write_report import render_report, report_figures
 
     evaluation = evaluate_model(digits_trained, digits_tfrecords, EvaluateConfig(top_k=3), tmp_path / "evaluate")
@@ -128,9 +128,9 @@ def test_comparison_text_is_escaped():
 
 def test_the_report_shows_the_schedule_and_early_stoppings_epoch(tmp_path, digits_split, digits_trained,
                                                                   digits_tfrecords):
-    from convflow.config import EvaluateConfig
+    from convflow.config.schema import EvaluateConfig
     from convflow.tasks.evaluate import evaluate_model
-    from convflow.tasks.records import ExportedModel
+    from convflow.core.records import ExportedModel
     from convflow.tasks.write_report import render_report, report_figures
 
     evaluation = evaluate_model(digits_trained, digits_tfrecords, EvaluateConfig(top_k=3), tmp_path / "evaluate")
@@ -148,9 +148,9 @@ def test_the_report_shows_the_schedule_and_early_stoppings_epoch(tmp_path, digit
 
 
 def test_the_report_shows_the_record_format(tmp_path, digits_split, digits_trained, digits_tfrecords):
-    from convflow.config import EvaluateConfig
+    from convflow.config.schema import EvaluateConfig
     from convflow.tasks.evaluate import evaluate_model
-    from convflow.tasks.records import ExportedModel
+    from convflow.core.records import ExportedModel
     from convflow.tasks.write_report import render_report, report_figures
 
     evaluation = evaluate_model(digits_trained, digits_tfrecords, EvaluateConfig(top_k=3), tmp_path / "evaluate")

@@ -11,9 +11,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import write_yaml
-from convflow import registry, retraining, runs, tables
-from convflow.config import ConfigError, load_pipeline
-from convflow.tasks.stage import RunContext
+from convflow.catalog import registry
+from convflow.catalog import retraining
+from convflow.catalog import runs
+from convflow.catalog import tables
+from convflow.config.schema import ConfigError, load_pipeline
+from convflow.core.stage import RunContext
 
 FINGERPRINT = "f" * 24
 

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from conftest import CONVFLOW, PYTHON, REPO, TASKS, TINY_PIPELINES, subprocess_env, wait_for, write_yaml
-from convflow.cli import main
+from convflow.cli.app import main
 from convflow.flows import deployments
 from prefect_server import PREFECT, Background, prefect_client, started_server
 
@@ -93,7 +93,7 @@ def test_serve_checks_the_file_first(tmp_path, capsys):
 def test_scheduling_code_does_not_import_tensorflow():
     # An unchanged scheduled run imports the flow module and stops after download_and_split.
     check = (
-        "import sys, convflow.flows.deployments, convflow.retraining, convflow.tasks.download_and_split; "
+        "import sys, convflow.flows.deployments, convflow.catalog.retraining, convflow.tasks.download_and_split; "
         "heavy = [m for m in ('tensorflow', 'keras', 'tensorflow_datasets') if m in sys.modules]; "
         "sys.exit(f'imported {heavy}' if heavy else 0)"
     )

@@ -7,8 +7,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import tensorflow as tf
 
-from convflow.config import EvaluateConfig, TrainConfig
-from convflow.tasks import serving
+from convflow.config.schema import EvaluateConfig, TrainConfig
+from convflow.modeling import serving
 from convflow.tasks.evaluate import evaluate_model, load_classifier
 from convflow.tasks.export_savedmodel import export_model
 from convflow.tasks.train import train_model

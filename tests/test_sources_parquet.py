@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import FOLDER_SPLIT, TINY_PIPELINES, data_config, make_image_folder, run_convflow, write_yaml
-from convflow.sources import DataError, load_source
+from convflow.data.sources import DataError, load_source
 from convflow.tasks.download_and_split import split_dataset
 
 CLASSES = ("cat", "dog", "owl")

@@ -12,9 +12,10 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from convflow import imaging, sources
-from convflow.config import DataConfig
-from convflow.sources import DataError
+from convflow.data import imaging
+from convflow.data import sources
+from convflow.config.schema import DataConfig
+from convflow.data.sources import DataError
 from convflow.tasks.download_and_split import split_dataset
 from convflow.tasks.to_tfrecords import write_tfrecords
 from conftest import split_as_before

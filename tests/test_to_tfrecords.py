@@ -1,4 +1,4 @@
-"""Stage 2, to_tfrecords: what is written reads back, through the one feature spec, as convflow.imaging made it."""
+"""Stage 2, to_tfrecords: what is written reads back, through the one feature spec, as convflow.data.imaging made it."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import tensorflow as tf
 from PIL import Image
 
 from conftest import FOLDER_SPLIT, data_config, make_idx_folder
-from convflow import imaging
-from convflow.sources import DataError
-from convflow.tasks import features
+from convflow.data import imaging
+from convflow.data.sources import DataError
+from convflow.tfrecords import features
 from convflow.tasks.download_and_split import split_dataset
 from convflow.tasks.to_tfrecords import write_tfrecords
 
@@ -241,7 +241,7 @@ def _to_tfrecords_cache_key(data) -> str:
     from types import SimpleNamespace
 
     from convflow.tasks import to_tfrecords
-    from convflow.tasks.stage import RunContext, StageCachePolicy
+    from convflow.core.stage import RunContext, StageCachePolicy
 
     task_context = SimpleNamespace(
         task=SimpleNamespace(name="to_tfrecords", fn=to_tfrecords.write_tfrecords),
@@ -252,7 +252,7 @@ def _to_tfrecords_cache_key(data) -> str:
 
 
 def test_where_shards_are_written_is_not_part_of_the_cache_key_or_config_hash(digits_data, tmp_path):
-    from convflow.config import PipelineSpec
+    from convflow.config.schema import PipelineSpec
 
     on_dask = digits_data.model_copy(update={"dask_scheduler": "tcp://10.0.0.5:8786"})
     gzipped = digits_data.model_copy(update={"compression": "gzip"})
@@ -347,7 +347,7 @@ def test_an_image_that_fails_to_decode_is_named_and_nothing_is_written(tmp_path,
 
 
 def test_each_data_stage_shows_its_progress_bar(image_folder, tmp_path, caplog):
-    from convflow.progress import progress_line
+    from convflow.runtime.progress import progress_line
 
     assert progress_line("to_tfrecords", 2_500, 10_000, 2.0) == (
         "to_tfrecords: [#####---------------] 2,500/10,000 images (25%), 1,250 images/s")
@@ -364,12 +364,13 @@ def test_worker_processes_write_the_bytes_this_process_writes(tmp_path, monkeypa
     """Large datasets are checked and written by worker processes, a part of a shard each
     (PART_RECORDS images), joined here in order: the same split, the same shard bytes and digests
     as the threads of this process make; a damaged image is still named, and nothing written."""
-    from convflow import parallel, sources
-    from convflow.record_writer import PART_RECORDS
+    from convflow.runtime import parallel
+    from convflow.data import sources
+    from convflow.tfrecords.writer import PART_RECORDS
     from convflow.tasks import to_tfrecords
     from conftest import make_image_folder
 
-    from convflow.config import SplitFractions
+    from convflow.config.schema import SplitFractions
 
     folder = make_image_folder(tmp_path / "images", per_class=120, size=(10, 12))  # 360 images
     mostly_train = SplitFractions(train=0.8, validation=0.1, test=0.1)

@@ -16,14 +16,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import FOLDER_SPLIT, PYTHON, REPO, data_config, subprocess_env
-from convflow import fast_start, tables
-from convflow.config import EvaluateConfig, ModelConfig, TrainConfig
-from convflow.registry import Production
+from convflow.runtime import fast_start
+from convflow.catalog import tables
+from convflow.config.schema import EvaluateConfig, ModelConfig, TrainConfig
+from convflow.catalog.registry import Production
 from convflow.tasks.build_base import build_base_model
 from convflow.tasks.download_and_split import split_dataset
 from convflow.tasks.evaluate import evaluate_model, predict_split, probabilities_from_logits
 from convflow.tasks.export_savedmodel import FRESH_PROCESS, MODEL_VERSION, export_model, prestarted_fresh_process
-from convflow.tasks.verify_export import ExportMismatch, verify_saved_model
+from convflow.modeling.export_check import ExportMismatch, verify_saved_model
 from convflow.tasks.freeze_and_wrap import freeze_and_wrap_model
 from convflow.tasks.to_tfrecords import write_tfrecords
 from convflow.tasks.train import checkpoint_key, train_model
@@ -95,8 +96,8 @@ RESUME_SCRIPT = textwrap.dedent(
 
     import keras
 
-    from convflow.config import TrainConfig
-    from convflow.tasks.records import TFRecordSet, WrappedModel
+    from convflow.config.schema import TrainConfig
+    from convflow.core.records import TFRecordSet, WrappedModel
     from convflow.tasks.train import train_model
 
     CRASH_AT = int(sys.argv[2])

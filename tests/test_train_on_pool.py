@@ -22,8 +22,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import CONVFLOW, TINY_PIPELINES, last_json_line, wait_for, write_yaml
-from convflow.cli import main
-from convflow.config import ConfigError, load_pipeline
+from convflow.cli.app import main
+from convflow.config.schema import ConfigError, load_pipeline
 from prefect_server import Background, PrefectServer, prefect_client, started_server
 
 POOL = "gpu"

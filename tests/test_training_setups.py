@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import data_config, subprocess_env
-from convflow.config import EvaluateConfig, FineTuneConfig, ModelConfig, TrainConfig
+from convflow.config.schema import EvaluateConfig, FineTuneConfig, ModelConfig, TrainConfig
 from convflow.tasks.build_base import build_base_model
 from convflow.tasks.download_and_split import split_dataset
 from convflow.tasks.evaluate import evaluate_model
@@ -89,9 +89,9 @@ REPLICA_DRIVER = textwrap.dedent("""
     # Two logical CPU devices before TensorFlow starts: MirroredStrategy then trains on both.
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-    from convflow.config import TrainConfig
+    from convflow.config.schema import TrainConfig
     from convflow.tasks.export_savedmodel import export_model
-    from convflow.tasks.records import TFRecordSet, WrappedModel
+    from convflow.core.records import TFRecordSet, WrappedModel
     from convflow.tasks.train import train_model
 
     wrapped, tfrecords, root = (WrappedModel.model_validate_json(Path(sys.argv[1]).read_text()),

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from convflow.config import DataConfig, FineTuneConfig, ModelConfig, TrainConfig
+from convflow.config.schema import DataConfig, FineTuneConfig, ModelConfig, TrainConfig
 from convflow.tasks.build_base import build_base_model
 from convflow.tasks.download_and_split import split_dataset
 from convflow.tasks.freeze_and_wrap import freeze_and_wrap_model
@@ -54,7 +54,7 @@ def _wrapped(tmp_path, tfrecords, model_config):
 def _load(path):
     import keras
 
-    import convflow.tasks.layers  # noqa: F401
+    import convflow.modeling.layers  # noqa: F401
 
     return keras.models.load_model(path, compile=False)
 
@@ -108,7 +108,7 @@ def test_fine_tune_from_unknown_layer_is_a_clear_error(tmp_path, rgb_tfrecords):
 
 
 def test_binary_head_trains_evaluates_and_exports(tmp_path, rgb_tfrecords):
-    from convflow.config import EvaluateConfig
+    from convflow.config.schema import EvaluateConfig
     from convflow.tasks.evaluate import evaluate_model
     from convflow.tasks.export_savedmodel import export_model
 

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import PYTHON, REPO, run_convflow, write_yaml
-from convflow.config import ConfigError, load_pipelines, tuned_spec
+from convflow.config.schema import ConfigError, load_pipelines, tuned_spec
 from convflow.tasks.tune_trial import TrialResult, best_trial, search
 
 SPACE = {"learning_rate": {"min": 0.0003, "max": 0.01, "log": True}, "dropout": {"values": [0.0, 0.3]},

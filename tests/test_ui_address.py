@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import TASKS, TinyRunner, run_convflow, subprocess_env
-from convflow.fast_start import wait_until_healthy
+from convflow.runtime.fast_start import wait_until_healthy
 from prefect_server import PREFECT, Background, free_port
 
 

@@ -2,7 +2,7 @@
 
     python tests/tf_error_convflow.py run tiny -f pipelines.yaml ...
 
-wraps `convflow.storage.publish` so that build_base, its model built, runs an op TensorFlow
+wraps `convflow.core.storage.publish` so that build_base, its model built, runs an op TensorFlow
 refuses (check_numerics on a NaN: InvalidArgumentError) instead of publishing. The seam is
 installed here, in the test process, so convflow's own code reads no test setting.
 """
@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from convflow import cli, storage
+from convflow.cli import app as cli
+from convflow.core import storage
 
 STAGE = "build_base"
 MESSAGE = "a NaN the test put in build_base"

@@ -1,0 +1,151 @@
+"""The model registry: promoted SavedModels in TF-Serving layout and each pipeline's production pointer.
+
+```
+artifacts/models/<pipeline>/<version>/   saved_model.pb, variables/, convflow.json
+artifacts/models/<pipeline>/production.json
+```
+The pointer is replaced atomically (write, then os.replace), so a reader sees the old or the new
+production model, never half of one; promoting never touches an existing version's files.
+"""
+
+from __future__ import annotations
+
+import datetime
+import shutil
+from pathlib import Path
+
+import pydantic
+
+from convflow.catalog import tables
+from convflow.core.storage import atomic_write_text, locked, staged_output
+
+POINTER = "production.json"
+VERSION_RECORD = "convflow.json"
+
+
+class Production(pydantic.BaseModel):
+    """One promoted model version."""
+
+    model_config = pydantic.ConfigDict(frozen=True)
+
+    pipeline: str
+    version: int
+    run_id: str
+    saved_model: str
+    model: str = pydantic.Field(description="The run's trained Keras model, for run: transfer.")
+    test_accuracy: float
+    promoted_at: str
+    config_hash: str | None = pydantic.Field(None, description="Config hash of the pipeline that made the model.")
+    data_fingerprint: str | None = pydantic.Field(None, description="Fingerprint of the data it was trained on.")
+
+
+class RegistryError(ValueError):
+    """A promotion or rollback that cannot be done; the message says why."""
+
+
+def models_dir(artifacts_root: Path, pipeline: str) -> Path:
+    return Path(artifacts_root) / "models" / pipeline
+
+
+def current(artifacts_root: Path, pipeline: str) -> Production | None:
+    """The pipeline's production model, or None before its first promotion."""
+    pointer = models_dir(artifacts_root, pipeline) / POINTER
+    if not pointer.exists():
+        return None
+    return Production.model_validate_json(pointer.read_text())
+
+
+def rival(artifacts_root: Path, pipeline: str, model: str) -> Production | None:
+    """The production model a new `model` must beat: None when there is none, or when it is
+    `model` itself (a cached rerun neither competes with nor re-promotes its own model)."""
+    production = current(artifacts_root, pipeline)
+    return None if production is None or production.model == model else production
+
+
+def versions(artifacts_root: Path, pipeline: str) -> list[Production]:
+    """Every promoted version still on disk, oldest first."""
+    root = models_dir(artifacts_root, pipeline)
+    records = [path / VERSION_RECORD for path in root.iterdir() if path.name.isdigit()] if root.exists() else []
+    found = [Production.model_validate_json(record.read_text()) for record in records if record.exists()]
+    return sorted(found, key=lambda production: production.version)
+
+
+def _switch_pointer(production: Production, artifacts_root: Path) -> None:
+    atomic_write_text(models_dir(artifacts_root, production.pipeline) / POINTER, production.model_dump_json(indent=2))
+
+
+def promote(
+    artifacts_root: Path, pipeline: str, run_id: str, saved_model: str, model: str, test_accuracy: float,
+    config_hash: str | None = None, data_fingerprint: str | None = None,
+) -> Production:
+    """Copy `saved_model` in as the next version and make it production; `config_hash` and
+    `data_fingerprint` say what made it (scheduled runs skip training while both are unchanged)."""
+    root = models_dir(artifacts_root, pipeline)
+    root.mkdir(parents=True, exist_ok=True)
+    with locked(root / POINTER):
+        version = max((existing.version for existing in versions(artifacts_root, pipeline)), default=0) + 1
+        production = Production(
+            pipeline=pipeline, version=version, run_id=run_id, saved_model=str(root / str(version)), model=model,
+            test_accuracy=test_accuracy, promoted_at=datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            config_hash=config_hash, data_fingerprint=data_fingerprint,
+        )
+        with staged_output(root / str(version)) as staging:
+            shutil.copytree(saved_model, staging, dirs_exist_ok=True)
+            (staging / VERSION_RECORD).write_text(production.model_dump_json(indent=2))
+        _switch_pointer(production, artifacts_root)
+    return production
+
+
+def record_lineage(
+    artifacts_root: Path, pipeline: str, model: str, config_hash: str, data_fingerprint: str
+) -> Production | None:
+    """Note on the production version which config and data made it, when `model` is production's
+    model; returns the updated record, or None when production is another model (or none)."""
+    root = models_dir(artifacts_root, pipeline)
+    if not (root / POINTER).exists():
+        return None
+    with locked(root / POINTER):
+        production = current(artifacts_root, pipeline)
+        if production is None or production.model != model:
+            return None
+        production = production.model_copy(update={"config_hash": config_hash, "data_fingerprint": data_fingerprint})
+        atomic_write_text(root / str(production.version) / VERSION_RECORD, production.model_dump_json(indent=2))
+        _switch_pointer(production, artifacts_root)
+    return production
+
+
+def rollback(artifacts_root: Path, pipeline: str) -> Production:
+    """Point production at the newest version older than the current one.
+
+    Raises:
+        RegistryError: nothing is in production, or no older version is on disk.
+    """
+    root = models_dir(artifacts_root, pipeline)
+    if not root.is_dir():
+        raise RegistryError(f"pipeline {pipeline!r} has no production model under {root}")
+    with locked(root / POINTER):
+        production = current(artifacts_root, pipeline)
+        if production is None:
+            raise RegistryError(f"pipeline {pipeline!r} has no production model under {root}")
+        older = [v for v in versions(artifacts_root, pipeline) if v.version < production.version]
+        if not older:
+            raise RegistryError(f"pipeline {pipeline!r}: version {production.version} is the oldest on disk")
+        _switch_pointer(older[-1], artifacts_root)
+    return older[-1]
+
+
+def promote_run(artifacts_root: Path, run_id: str) -> Production:
+    """Promote a finished run from the catalog by hand (`convflow promote RUN_ID`).
+
+    Raises:
+        RegistryError: no such run in runs.parquet.
+    """
+    catalog = Path(artifacts_root) / "runs.parquet"
+    rows = [row for row in tables.read_runs(catalog).to_pylist() if row["run_id"] == run_id]
+    if not rows:
+        raise RegistryError(f"run {run_id!r} is not in {catalog}")
+    row = rows[-1]
+    return promote(
+        artifacts_root, row["pipeline"], run_id, row["saved_model"], row["model"], row["test_accuracy"],
+        config_hash=row["config_hash"], data_fingerprint=row["data_fingerprint"],
+    )

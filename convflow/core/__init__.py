@@ -1,0 +1,1 @@
+"""The ground every layer stands on: typed records, the run's place, errors, cache keys, retries, atomic storage."""

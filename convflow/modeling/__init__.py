@@ -1,0 +1,1 @@
+"""Keras models: custom layers, training recipes and callbacks, frozen-base features, the serving function, the export check."""

@@ -1,0 +1,83 @@
+"""The classifier's serving function: raw uint8 images of any size in; float32 probabilities and
+class names out. It resizes and rescales inside the graph, so clients send images as they have them.
+
+The evaluate stage scores the test split through it and export_savedmodel saves the same traced
+function as the SavedModel's signature. Tracing a base such as MobileNet takes a second or two
+on a CPU; one trace per model in a process serves both stages of a `convflow run`.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future
+
+from convflow.core.records import TFRecordSet
+
+# The serving function last made (or being made) in this process:
+# (model, what it was made for, a Future of the tf.function).
+_last_made: tuple[object, tuple, Future] | None = None
+_made_lock = threading.Lock()
+
+
+def serving_function(model, tfrecords: TFRecordSet):
+    """The traced tf.function serving `model` for images like `tfrecords`'; the same object again
+    for the same model and data (a stage before this one in the process may have traced it, or be
+    tracing it: then this waits for that trace)."""
+    return _made(model, tfrecords, in_background=False).result()
+
+
+def trace_ahead(model, tfrecords: TFRecordSet) -> Future:
+    """Start tracing `model`'s serving function in a thread, for the evaluate and export stages that
+    come after training in this process. The trace reads the model's variables when called, not
+    now, so it can start before the weights are trained; the train stage starts it while the frozen
+    base computes its features, which leaves the CPU's Python side idle.
+
+    The caller must wait for the Future before calling the model's layers from Python again."""
+    return _made(model, tfrecords, in_background=True)
+
+
+def _made(model, tfrecords: TFRecordSet, in_background: bool) -> Future:
+    global _last_made
+    made_for = (tuple(tfrecords.image_size), tfrecords.channels, tuple(tfrecords.label_names))
+    with _made_lock:
+        if _last_made is not None and _last_made[0] is model and _last_made[1] == made_for:
+            return _last_made[2]
+        future = Future()
+        _last_made = (model, made_for, future)
+    if in_background:
+        threading.Thread(target=_fill, args=(future, model, made_for), name="trace-serving", daemon=True).start()
+    else:
+        _fill(future, model, made_for)
+    return future
+
+
+def _fill(future: Future, model, made_for: tuple) -> None:
+    try:
+        future.set_result(_traced(model, *made_for))
+    except BaseException as error:  # raised again where the function is wanted
+        future.set_exception(error)
+
+
+def _traced(model, image_size: tuple[int, int], channels: int, label_names: tuple[str, ...]):
+    import tensorflow as tf
+
+    height, width = image_size
+    names = tf.constant(list(label_names))
+
+    def serve(images):
+        pixels = tf.cast(images, tf.float32)
+        same_size = tf.logical_and(tf.shape(pixels)[1] == height, tf.shape(pixels)[2] == width)
+        pixels = tf.cond(same_size, lambda: pixels, lambda: tf.image.resize(pixels, [height, width]))
+        pixels = tf.ensure_shape(pixels, [None, height, width, channels])
+        logits = tf.cast(model(pixels, training=False), tf.float32)
+        if logits.shape[-1] == 1:  # binary head: the one logit is the second class's
+            positive = tf.sigmoid(logits)
+            probabilities = tf.concat([1.0 - positive, positive], axis=1)
+        else:
+            probabilities = tf.nn.softmax(logits)
+        return {"probabilities": probabilities, "classes": tf.gather(names, tf.argmax(probabilities, axis=1))}
+
+    signature = [tf.TensorSpec([None, None, None, channels], tf.uint8, name="images")]
+    traced = tf.function(serve, input_signature=signature, autograph=False)
+    traced.get_concrete_function()  # trace now: a SavedModel takes only a function traced before
+    return traced

@@ -1,0 +1,1 @@
+"""Report pages: Jinja2 templates and the figures they embed."""

@@ -1,0 +1,1 @@
+"""How and where code runs, never what it computes: start-up, process caches, logging, progress, worker processes, server access."""

@@ -1,0 +1,1 @@
+"""Predictions with a production SavedModel: `convflow predict` and scheduled scoring."""
