@@ -2,9 +2,10 @@
 
     .venv/bin/python benchmarks/recipes.py [--only fashion-mnist cifar10 ...] [--artifacts DIR]
 
-Runs `convflow run NAME` (pipelines.yaml of the working tree, real data under ../shared/data) for
-each pair one after another, in an artifacts folder of its own (default: a temporary one), and
-prints one Markdown row per run: test accuracy, the train stage's wall seconds and the whole run's.
+Runs `convflow run NAME` (benchmarks/pipelines.yaml of the working tree, or its pipelines.yaml for
+the pipelines users run, such as cats-vs-dogs; real data under ../shared/data) for each pair one
+after another, in an artifacts folder of its own (default: a temporary one), and prints one
+Markdown row per run: test accuracy, the train stage's wall seconds and the whole run's.
 benchmarks/RESULTS.md ("Training recipes") holds the table it printed; run it on an idle machine
 (the recipe runs are CPU-heavy: about 20 minutes on two cores).
 """
@@ -19,7 +20,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 REPO = Path(__file__).resolve().parents[1]
+# Where each pipeline is looked up, in this order: the benchmarks' own, then the users'.
+PIPELINES_FILES = (REPO / "benchmarks" / "pipelines.yaml", REPO / "pipelines.yaml")
 CONVFLOW = Path(sys.executable).with_name("convflow")
 # (today's pipeline, the recipe pipeline that beats it), by the name --only takes.
 PAIRS = {
@@ -30,10 +35,18 @@ PAIRS = {
 }
 
 
+def pipelines_file(name: str) -> Path:
+    """The first of PIPELINES_FILES that defines pipeline `name`."""
+    for path in PIPELINES_FILES:
+        if name in yaml.safe_load(path.read_text())["pipelines"]:
+            return path
+    raise LookupError(f"no pipeline {name!r} in {[str(path) for path in PIPELINES_FILES]}")
+
+
 def run_pipeline(name: str, artifacts: Path) -> dict:
     """`convflow run NAME --json`: its summary, with the whole run's wall seconds."""
     started = time.perf_counter()
-    result = subprocess.run([str(CONVFLOW), "run", name, "-f", str(REPO / "pipelines.yaml"), "--artifacts",
+    result = subprocess.run([str(CONVFLOW), "run", name, "-f", str(pipelines_file(name)), "--artifacts",
                              str(artifacts), "--json"], capture_output=True, text=True, check=True)
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     summary["wall_seconds"] = time.perf_counter() - started
