@@ -8,32 +8,23 @@ import os
 import uuid
 from pathlib import Path
 
-from prefect import flow, task
-from prefect.cache_policies import NO_CACHE
+from prefect import flow
 from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from convflow.catalog import registry
 from convflow.catalog import runs
-from convflow.config.schema import CompareConfig, ConfigError, PipelineSpec, check_pipeline, load_pipeline, variant_specs
-from convflow.flows.stage_runner import StageRunner
-from convflow.data.sources import source_fingerprint
-from convflow.tasks.build_base import build_base, weights_fingerprint
-from convflow.tasks.compare_report import Comparison, compare_report
-from convflow.tasks.compare_variant import (
-    VariantResult, failed_variant, measure_variants, promote_winner, rank_variants,
-    summarize_variant,
-)
-from convflow.tasks.download_and_split import check_image_sizes, download_and_split
-from convflow.tasks.evaluate import evaluate, score_untrained
-from convflow.tasks.export_savedmodel import export_savedmodel
-from convflow.tasks.freeze_and_wrap import freeze_and_wrap
-from convflow.core.records import TFRecordSet
-from convflow.core.stage import RunContext
-from convflow.tasks.to_tfrecords import to_tfrecords
-from convflow.tasks.train import train
-
+from convflow.config.derive import variant_specs
+from convflow.config.errors import ConfigError
+from convflow.config.load import check_pipeline, load_pipeline
+from convflow.config.schema import CompareConfig, PipelineSpec
+from convflow.core.context import RunContext
+from convflow.flows.sequences import compare_variant, data_stages
+from convflow.runtime.stage_runner import StageRunner
+from convflow.catalog.comparisons import Comparison
+from convflow.tasks.compare_report import compare_report
+from convflow.catalog.comparisons import VariantResult
+from convflow.tasks.compare_variant import failed_variant, measure_variants, promote_winner, rank_variants
 
 def new_comparison_id(now: datetime.datetime) -> str:
     return f"cmp-{now:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
@@ -71,23 +62,6 @@ def task_runner(compare: CompareConfig, variants: int, dask_workers: int | None 
     return DaskTaskRunner(cluster_kwargs=cluster), f"dask ({workers} worker processes)"
 
 
-@task(name="compare_variant", task_run_name="{name}", cache_policy=NO_CACHE, retries=0)
-def compare_variant(name: str, spec: PipelineSpec, tfrecords: TFRecordSet, run: RunContext) -> VariantResult:
-    """One variant's build_base, freeze_and_wrap, initial score, train, evaluate and export; each
-    stage is a task of its own, cached as in a plain run. Its stages retry transient errors; the
-    variant itself does not retry."""
-    stages = StageRunner(run)
-    root = Path(run.artifacts_root)
-    base = stages.run(build_base, spec.model, weights_fingerprint(spec.model, root), tfrecords, spec.train.seed, run)
-    wrapped = stages.run(freeze_and_wrap, base, spec.model, len(tfrecords.label_names), spec.train.seed, run)
-    initial = score_untrained(wrapped, tfrecords)
-    trained = stages.run(train, wrapped, tfrecords, spec.train, spec.model.fine_tune, run)
-    production = registry.rival(root, run.pipeline, trained.model_path)
-    evaluation = stages.run(evaluate, trained, tfrecords, spec.evaluate, production, run)
-    exported = stages.run(export_savedmodel, trained, evaluation, tfrecords, run)
-    return summarize_variant(name, spec, initial, trained, evaluation, exported, stages.timings, run)
-
-
 def _outcome(name: str, spec: PipelineSpec | list[str], future: PrefectFuture | None, run_id: str) -> VariantResult:
     """A variant's result, or its failure: invalid config (never submitted) or a failed task."""
     if future is None:
@@ -115,9 +89,7 @@ def compare_pipeline(
     root = str(Path(artifacts).resolve())
     run = RunContext(pipeline=pipeline, run_id=new_comparison_id(started), artifacts_root=root)
     stages = StageRunner(run)
-    split_set = stages.run(download_and_split, spec.data, source_fingerprint(spec.data), run)
-    check_image_sizes(split_set, spec.data, spec.model.base)
-    tfrecords = stages.run(to_tfrecords, split_set, spec.data, run)
+    split_set, tfrecords = data_stages(stages, spec, run)
     variants = variant_specs(spec, Path(pipelines_file).resolve().parent)
     variant_runs = {name: run.model_copy(update={"run_id": f"{run.run_id}-{name}"}) for name in variants}
     futures = {name: compare_variant.submit(name, variant, tfrecords, variant_runs[name])

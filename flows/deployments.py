@@ -18,7 +18,8 @@ from uuid import UUID
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
 from prefect.schedules import Cron, Interval, Schedule
 
-from convflow.config.schema import PipelineSpec, ScheduleConfig, load_pipelines
+from convflow.config.load import load_pipelines
+from convflow.config.schema import PipelineSpec, ScheduleConfig
 from convflow.runtime.settings import process_environment
 from convflow.flows.train_pipeline import train_pipeline
 

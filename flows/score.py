@@ -5,20 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
-from prefect.cache_policies import NO_CACHE
 
-from convflow.config.schema import ConfigError, load_pipeline
-from convflow.scoring.predict import choose_model, score_new
-
-
-@task(name="score_new_inputs", cache_policy=NO_CACHE)
-def score_new_inputs(pipeline: str, artifacts: str, inputs: list[str], output: str) -> dict:
-    """Prefect task over predict.score_new with the pipeline's production model."""
-    model = choose_model(Path(artifacts), pipeline)
-    result = score_new(model, inputs, Path(output))
-    return {**result, "model_version": model.version, "run_id": model.run_id}
+from convflow.config.errors import ConfigError
+from convflow.config.load import load_pipeline
+from convflow.tasks.score import score_new_inputs
 
 
 @flow(name="convflow-score", flow_run_name="{pipeline}")

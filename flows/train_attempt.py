@@ -1,5 +1,5 @@
 """One attempt of a pipeline's train stage, as a flow run on a work pool's worker (the deployment
-`convflow-train-stage/<pool>`; flows/train_on_pool.py starts it and starts another when it is lost).
+`convflow-train-stage/<pool>`; convflow/runtime/work_pool.py starts it and starts another when it is lost).
 
 Records travel as parameters and as one JSON file per attempt under the run's folder: the
 artifacts root must be the same path on the flow's machine and on every worker.
@@ -17,8 +17,8 @@ from convflow.runtime import fast_start
 from convflow.config.schema import FineTuneConfig, TrainConfig
 from convflow.core.storage import atomic_write_text
 from convflow.core.records import TFRecordSet, TrainedModel, WrappedModel
-from convflow.core.stage import RunContext
-from convflow.flows.train_on_pool import TRAIN_FLOW, attempts_dir
+from convflow.core.context import RunContext
+from convflow.runtime.work_pool import TRAIN_FLOW, attempts_dir
 from convflow.tasks.train import train_here
 
 # Imported by the worker's new process to run this flow: TensorFlow's import overlaps the Prefect

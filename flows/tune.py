@@ -8,14 +8,14 @@ from pathlib import Path
 
 from prefect import flow
 
-from convflow.config.schema import ConfigError, PipelineSpec, load_pipeline
-from convflow.flows.stage_runner import StageRunner
+from convflow.config.errors import ConfigError
+from convflow.config.load import load_pipeline
+from convflow.config.schema import PipelineSpec
+from convflow.runtime.stage_runner import StageRunner
+from convflow.flows.sequences import data_stages
 from convflow.flows.train_pipeline import new_run_id, train_pipeline
-from convflow.data.sources import source_fingerprint
-from convflow.tasks.download_and_split import check_image_sizes, download_and_split
 from convflow.core.records import TFRecordSet
-from convflow.core.stage import RunContext
-from convflow.tasks.to_tfrecords import to_tfrecords
+from convflow.core.context import RunContext
 from convflow.tasks.tune_report import Tuning, tune_report
 from convflow.tasks.tune_trial import TrialResult, best_trial, failed_trial, search, tune_trial
 
@@ -47,9 +47,7 @@ def tune_pipeline(pipeline: str, pipelines_file: str = "pipelines.yaml", artifac
     run = RunContext(pipeline=pipeline, run_id=f"tune-{new_run_id(datetime.datetime.now(datetime.timezone.utc))}",
                      artifacts_root=str(Path(artifacts).resolve()))
     stages = StageRunner(run)
-    split_set = stages.run(download_and_split, spec.data, source_fingerprint(spec.data), run)
-    check_image_sizes(split_set, spec.data, spec.model.base)
-    tfrecords = stages.run(to_tfrecords, split_set, spec.data, run)
+    _, tfrecords = data_stages(stages, spec, run)
     oracle_dir = Path(run.artifacts_root) / pipeline / run.run_id / "oracle"
     trials = search(spec.tune, spec.tune.epochs or spec.train.epochs, oracle_dir, _trial_runner(spec, tfrecords, run))
     best = best_trial(trials, spec.tune.objective)

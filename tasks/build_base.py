@@ -10,7 +10,9 @@ from convflow.config.schema import ModelConfig
 from convflow.config.model_zoo import BaseSpec, get_base_spec
 from convflow.core.storage import staged_output
 from convflow.core.records import BaseNetwork, TFRecordSet
-from convflow.core.stage import RunContext, hash_json, sha256_file, stage_task
+from convflow.core.context import RunContext
+from convflow.core.hashing import hash_json, sha256_file
+from convflow.core.stage import stage_task
 
 IMAGENET_MEANS_BGR = (103.939, 116.779, 123.68)
 IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)

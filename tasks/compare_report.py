@@ -8,41 +8,16 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pydantic
 from markupsafe import Markup
 
-from convflow.catalog import tables
+from convflow.catalog import schemas
 from convflow.core.storage import staged_output
-from convflow.tasks.compare_variant import HIGHER_IS_BETTER, VariantResult
+from convflow.catalog.comparisons import Comparison, VariantResult
+from convflow.tasks.compare_variant import HIGHER_IS_BETTER
 from convflow.reporting.figures import figure_tag, pyplot, render_page
-from convflow.core.records import StageRecord, StageRun
-from convflow.core.stage import RunContext, stage_task
-
-
-class Comparison(pydantic.BaseModel):
-    """A comparison of a pipeline's variants, ranked; what `convflow compare` reports."""
-
-    model_config = pydantic.ConfigDict(frozen=True)
-
-    pipeline: str
-    comparison_id: str
-    started: str
-    metric: str
-    promote: str
-    runner: str = pydantic.Field(description="How the variants ran, e.g. 'threads (3 at a time)'.")
-    flow_pid: int = pydantic.Field(description="The flow's process; variants on Dask run in others.")
-    data_fingerprint: str
-    counts: dict[str, int] = pydantic.Field(description="Examples per split, shared by every variant.")
-    label_names: list[str]
-    overrides: dict[str, dict[str, Any]] = pydantic.Field(description="Each variant's overrides of the pipeline.")
-    variants: list[VariantResult] = pydantic.Field(description="Completed variants by rank, then failed ones.")
-    verdict: str = pydantic.Field(description="The winner and what happened to it.")
-    stages: list[StageRun] = pydantic.Field(description="The shared data stages.")
-    report: str | None = pydantic.Field(None, description="comparison.html, once written.")
-
-    @property
-    def winner(self) -> VariantResult | None:
-        return self.variants[0] if self.variants and self.variants[0].rank == 1 else None
+from convflow.core.records import StageRecord
+from convflow.core.context import RunContext
+from convflow.core.stage import stage_task
 
 
 class ComparisonReport(StageRecord):
@@ -59,8 +34,8 @@ class ComparisonReport(StageRecord):
 
 
 def comparison_table(comparison: Comparison) -> pa.Table:
-    """comparison.parquet: one row per variant (tables.COMPARISON_SCHEMA)."""
-    columns = [field.name for field in tables.COMPARISON_SCHEMA]
+    """comparison.parquet: one row per variant (schemas.COMPARISON_SCHEMA)."""
+    columns = [field.name for field in schemas.COMPARISON_SCHEMA]
     rows = []
     for variant in comparison.variants:
         row = variant.model_dump(include=set(columns))
@@ -73,7 +48,7 @@ def comparison_table(comparison: Comparison) -> pa.Table:
             images_per_second=variant.trained.images_per_second if variant.trained else None,
         )
         rows.append({column: row.get(column) for column in columns})
-    return pa.Table.from_pylist(rows, schema=tables.COMPARISON_SCHEMA)
+    return pa.Table.from_pylist(rows, schema=schemas.COMPARISON_SCHEMA)
 
 
 def variant_rows(comparison: Comparison) -> list[dict[str, Any]]:
@@ -216,7 +191,7 @@ def write_comparison_report(comparison: Comparison, output_dir: Path) -> Compari
     """Write comparison.html, comparison.parquet and comparison.json into `output_dir`."""
     with staged_output(output_dir) as staging:
         (staging / "comparison.html").write_text(render_comparison(comparison))
-        tables.write_parquet(comparison_table(comparison), staging / "comparison.parquet")
+        schemas.write_parquet(comparison_table(comparison), staging / "comparison.parquet")
         (staging / "comparison.json").write_text(comparison.model_dump_json(indent=2))
     return ComparisonReport(
         output_dir=str(output_dir), report_html=str(output_dir / "comparison.html"),

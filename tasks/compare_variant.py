@@ -7,11 +7,9 @@ import os
 import statistics
 import time
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import pyarrow.parquet as pq
-import pydantic
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
@@ -19,55 +17,13 @@ from convflow.config.schema import PipelineSpec
 from convflow.tfrecords import features
 from convflow.tasks.promote import promote_if_passed
 from convflow.core.records import Evaluation, ExportedModel, StageRun, TFRecordSet, TrainedModel
-from convflow.core.stage import RunContext
+from convflow.catalog.comparisons import VariantResult
+from convflow.core.context import RunContext
 
 # Whether a higher value of each ranking metric is better.
 HIGHER_IS_BETTER = {"test_accuracy": True, "macro_f1": True, "test_loss": False, "latency_ms": False}
 LATENCY_IMAGES = 32
 LATENCY_WARMUP = 3
-
-
-class VariantResult(pydantic.BaseModel):
-    """One variant of a comparison: its scores before and after training and its costs, or why it failed."""
-
-    model_config = pydantic.ConfigDict(frozen=True)
-
-    name: str
-    status: Literal["completed", "failed"]
-    error: str | None = pydantic.Field(None, description="Why it failed: config problems or the stage's error.")
-    run_id: str | None = None
-    config_hash: str | None = None
-    pid: int | None = pydantic.Field(None, description="The process that ran its stages.")
-    rank: int | None = pydantic.Field(None, description="1 = the winner; None until ranked, and for failures.")
-    initial_accuracy: float | None = None
-    initial_loss: float | None = None
-    test_accuracy: float | None = None
-    test_loss: float | None = None
-    macro_f1: float | None = None
-    per_class_f1: dict[str, float] = pydantic.Field(default_factory=dict)
-    total_params: int | None = None
-    trainable_params: int | None = None
-    saved_model_mb: float | None = None
-    latency_ms: float | None = pydantic.Field(None, description="Median SavedModel latency for one image.")
-    stages: list[StageRun] = pydantic.Field(default_factory=list)
-    trained: TrainedModel | None = None
-    evaluation: Evaluation | None = None
-    exported: ExportedModel | None = None
-
-    @property
-    def completed(self) -> bool:
-        return self.status == "completed"
-
-    @property
-    def passed_gate(self) -> bool | None:
-        return self.evaluation.passed_gate if self.evaluation else None
-
-    @property
-    def promoted_version(self) -> int | None:
-        return self.exported.promoted_version if self.exported else None
-
-    def metric(self, name: str) -> float | None:
-        return getattr(self, name)
 
 
 def _class_scores(metrics_parquet: str) -> tuple[float, dict[str, float]]:

@@ -12,14 +12,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import get_run_logger
 
-from convflow.catalog import tables
+from convflow.catalog import schemas
 from convflow.config.schema import DataConfig
 from convflow.config.model_zoo import get_base_spec
 from convflow.runtime.parallel import ordered_map
 from convflow.data.sources import SPLIT_NAMES, DataError, LoadedSource, load_source
 from convflow.core.storage import staged_output
 from convflow.core.records import SplitSet
-from convflow.core.stage import RunContext, stage_task
+from convflow.core.context import RunContext
+from convflow.core.stage import stage_task
 
 
 # Rows of splits.parquet (and of the fingerprint's JSON) made at a time.
@@ -147,7 +148,7 @@ def _splits_parts(loaded: LoadedSource, digests: np.ndarray, split_codes: np.nda
                 "height": sizes[rows, 0],
                 "width": sizes[rows, 1],
             },
-            schema=tables.SPLITS_SCHEMA,
+            schema=schemas.SPLITS_SCHEMA,
         )
 
 
@@ -166,8 +167,8 @@ def split_dataset(data: DataConfig, output_dir: Path) -> SplitSet:
         split_codes = _assign_splits(digests, loaded.predefined_split or [None] * len(digests), data)
         _check_classes_in_splits(split_codes, loaded.labels, loaded.label_names)
         sizes = _image_sizes(loaded, len(digests))
-        tables.write_parquet_parts(_splits_parts(loaded, digests, split_codes, sizes, staging, output_dir),
-                                   tables.SPLITS_SCHEMA, staging / "splits.parquet")
+        schemas.write_parquet_parts(_splits_parts(loaded, digests, split_codes, sizes, staging, output_dir),
+                                   schemas.SPLITS_SCHEMA, staging / "splits.parquet")
         if loaded.images is not None:
             np.save(staging / "images.npy", loaded.images)
         duplicates, across_splits = _duplicate_counts(digests, split_codes)

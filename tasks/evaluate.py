@@ -3,112 +3,23 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
-from convflow.catalog import tables
+from convflow.catalog import schemas
 from convflow.config.schema import EvaluateConfig
 from convflow.catalog.registry import Production
 from convflow.core.storage import staged_output
-from convflow.tfrecords import features
 from convflow.core.records import Evaluation, TFRecordSet, TrainedModel, WrappedModel
+from convflow.modeling.classifier import load_classifier, predict_split, probabilities_from_logits, serve_split
 from convflow.modeling.serving import serving_function
-from convflow.core.stage import RunContext, stage_task
+from convflow.core.context import RunContext
+from convflow.core.stage import stage_task
 
 # Test images kept for the report (sample predictions, worst mistakes, feature maps).
 REPORT_SAMPLES = 16
-
-
-def _graph_forward(model):
-    """The model's inference pass as one TensorFlow graph: Grappler fuses each convolution with its
-    bias and activation there, which eager calls cannot (faster, identical logits; benchmarks/RESULTS.md).
-    The last, smaller batch is traced once more."""
-    import tensorflow as tf
-
-    return tf.function(lambda images: model(images, training=False), reduce_retracing=True)
-
-
-# The classifier last loaded or saved in this process, by file: train saves the model that evaluate
-# and then export load, which in one process (`convflow run`) would each read and rebuild it again.
-_last_classifier: tuple[tuple, object] | None = None
-
-
-def _file_identity(model_path: str | Path) -> tuple:
-    status = os.stat(model_path)
-    return os.path.realpath(model_path), status.st_size, status.st_mtime_ns
-
-
-def remember_classifier(model_path: str | Path, model) -> None:
-    """`model` is what `model_path` holds (just saved there): load_classifier returns it while the file is unchanged."""
-    global _last_classifier
-    _last_classifier = (_file_identity(model_path), model)
-
-
-def load_classifier(model_path: str):
-    """The Keras classifier at `model_path`; the same object again while that file is unchanged."""
-    import keras
-
-    import convflow.modeling.layers  # noqa: F401  (registers custom layers for loading)
-
-    if _last_classifier is not None and _last_classifier[0] == _file_identity(model_path):
-        return _last_classifier[1]
-    model = keras.models.load_model(model_path, compile=False)
-    remember_classifier(model_path, model)
-    return model
-
-
-def predict_split(model_path: str, tfrecords: TFRecordSet, split: str, batch_size: int = 256):
-    """Run the Keras model at `model_path` over one split: (images uint8, labels, example ids, logits)."""
-    return predict_with(load_classifier(model_path), tfrecords, split, batch_size)
-
-
-def predict_with(model, tfrecords: TFRecordSet, split: str, batch_size: int = 256):
-    """Run a loaded Keras model over one split: (images uint8, labels, example ids, logits)."""
-    import tensorflow as tf
-
-    forward = _graph_forward(model)
-    return _over_split(lambda pixels: np.asarray(forward(tf.cast(pixels, tf.float32))), tfrecords, split, batch_size)
-
-
-def serve_split(serve, tfrecords: TFRecordSet, split: str, batch_size: int = 256):
-    """Run a serving function (convflow/modeling/serving.py) over one split: (images uint8, labels, example ids,
-    probabilities float64). The export stage saves that same function, so this is what the
-    SavedModel must answer."""
-    images, labels, ids, probabilities = _over_split(lambda pixels: serve(pixels)["probabilities"].numpy(),
-                                                     tfrecords, split, batch_size)
-    probabilities = probabilities.astype(np.float64)
-    # float32 rows sum to 1 within ~1e-7; scikit-learn's log_loss wants float64's precision
-    return images, labels, ids, probabilities / probabilities.sum(axis=1, keepdims=True)
-
-
-def _over_split(score, tfrecords: TFRecordSet, split: str, batch_size: int):
-    """(images uint8, labels, example ids, score(uint8 image batch) stacked) over one split, in shard order."""
-    import tensorflow as tf
-
-    dataset = features.read_dataset(
-        tfrecords.shards[split], tfrecords.image_size, tfrecords.channels, batch_size, cache=False, with_ids=True
-    )
-    images, labels, ids, outputs = [], [], [], []
-    for batch_images, batch_labels, batch_ids in dataset:
-        pixels = tf.cast(batch_images, tf.uint8)  # whole numbers 0..255 already: exact
-        outputs.append(score(pixels))
-        images.append(pixels.numpy())
-        labels.append(batch_labels.numpy())
-        ids += [value.decode() for value in batch_ids.numpy()]
-    return np.concatenate(images), np.concatenate(labels), ids, np.concatenate(outputs)
-
-
-def probabilities_from_logits(logits: np.ndarray) -> np.ndarray:
-    """Class probabilities: softmax over the logits, or [1 - p, p] for a binary head's one logit."""
-    logits = logits.astype(np.float64)
-    if logits.shape[1] == 1:
-        positive = 1.0 / (1.0 + np.exp(-logits))
-        return np.concatenate([1.0 - positive, positive], axis=1)
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return shifted / shifted.sum(axis=1, keepdims=True)
 
 
 def _metrics_table(labels, probabilities, loss: float, label_names: list[str], top_k: int) -> pa.Table:
@@ -131,7 +42,7 @@ def _metrics_table(labels, probabilities, loss: float, label_names: list[str], t
     for index, name in enumerate(label_names):
         for metric, values in (("precision", precision), ("recall", recall), ("f1", f1), ("support", support)):
             rows.append({"metric": metric, "class_name": name, "value": float(values[index])})
-    return pa.Table.from_pylist(rows, schema=tables.METRICS_SCHEMA)
+    return pa.Table.from_pylist(rows, schema=schemas.METRICS_SCHEMA)
 
 
 def _gate(accuracy: float, evaluate: EvaluateConfig, production: Production | None, production_accuracy: float | None) -> tuple[bool, str]:
@@ -204,7 +115,7 @@ def _predictions_table(ids, labels: np.ndarray, probabilities: np.ndarray) -> pa
             "confidence": probabilities.max(axis=1).astype(np.float32),
             "probabilities": list(probabilities.astype(np.float32)),
         },
-        schema=tables.PREDICTIONS_SCHEMA,
+        schema=schemas.PREDICTIONS_SCHEMA,
     )
 
 
@@ -229,8 +140,8 @@ def evaluate_model(
     production_accuracy = score_saved_model(production.saved_model, images, labels) if production else None
     passed, reason = _gate(accuracy, settings, production, production_accuracy)
     with staged_output(output_dir) as staging:
-        tables.write_parquet(metrics, staging / "metrics.parquet")
-        tables.write_parquet(_predictions_table(ids, labels, probabilities), staging / "predictions.parquet")
+        schemas.write_parquet(metrics, staging / "metrics.parquet")
+        schemas.write_parquet(_predictions_table(ids, labels, probabilities), staging / "predictions.parquet")
         (staging / "confusion.json").write_text(
             json.dumps({"labels": tfrecords.label_names, "matrix": confusion.tolist()})
         )

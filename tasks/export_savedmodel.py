@@ -6,27 +6,26 @@ clients send images as they have them; evaluate scored the test split through th
 Before promotion, the SavedModel is reloaded in a fresh Python process (nothing of the exporting
 process's objects or registrations can help it load) and its probabilities on the test split must
 equal the Keras model's, as the evaluate stage recorded them. That process is started first and
-imports TensorFlow while this one writes the export; the training flow starts it even
-earlier, while evaluate runs, when it has just trained a new model (`prestarted_fresh_process`).
+imports TensorFlow while this one writes the export; the training flow's stage runner starts it
+even earlier, once a stage has missed its cache (flows/sequences.py).
 
 `python -m convflow.modeling.export_check` is that fresh process.
 """
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from convflow.runtime import fast_start
+from convflow.runtime.process_caches import take_prestarted
 from convflow.core.storage import staged_output
-from convflow.tasks.evaluate import load_classifier, serve_split
+from convflow.modeling.classifier import load_classifier, serve_split
 from convflow.core.records import Evaluation, ExportedModel, TFRecordSet, TrainedModel
 from convflow.modeling.serving import serving_function
-from convflow.core.stage import RunContext, stage_task
-from convflow.modeling.export_check import ExportMismatch
+from convflow.core.context import RunContext
+from convflow.core.stage import stage_task
+from convflow.modeling.export_check import FRESH_PROCESS, FreshProcessCheck
 
 MODEL_VERSION = 1
 
@@ -67,56 +66,6 @@ def _test_split_expectations(
     return np.concatenate(images), np.asarray(predictions["probabilities"], np.float64)[rows]
 
 
-class FreshProcessCheck:
-    """A Python process that imports TensorFlow as soon as it starts, then checks one SavedModel.
-
-    Used as a context manager: leaving it early (the export failed) stops the process.
-    """
-
-    def __init__(self) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "convflow.modeling.export_check"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
-
-    def __enter__(self) -> FreshProcessCheck:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.stop()
-
-    def stop(self) -> None:
-        """Kill the process if it has not finished (the export failed, or never came)."""
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.communicate()
-
-    def verify(self, saved_model: Path, images: np.ndarray, expected: np.ndarray) -> float:
-        """The largest |SavedModel - expected| probability, as the fresh process found it.
-
-        Raises:
-            ExportMismatch: above TOLERANCE, or the SavedModel did not load there.
-        """
-        check = saved_model.parent / "verify.npz"
-        np.savez(check, images=images, expected=expected)
-        try:
-            stdout, stderr = self.process.communicate(f"{saved_model}\n{check}\n")
-        finally:
-            check.unlink()
-        if self.process.returncode != 0:
-            raise ExportMismatch(stderr.strip().splitlines()[-1] if stderr.strip() else f"exit {self.process.returncode}")
-        return float(stdout.strip().splitlines()[-1])
-
-
-FRESH_PROCESS = "export-check"  # fast_start's name for the export check's process
-
-
-def prestarted_fresh_process(enabled: bool = True):
-    """Start the export check's fresh process now, for an export stage run inside this block, so
-    its TensorFlow import overlaps the stages before it (fast_start.prestarted)."""
-    return fast_start.prestarted(FRESH_PROCESS, FreshProcessCheck, enabled)
-
-
 def export_model(
     trained: TrainedModel, tfrecords: TFRecordSet, name: str, output_dir: Path, evaluation: Evaluation | None = None
 ) -> ExportedModel:
@@ -126,7 +75,7 @@ def export_model(
     Raises:
         ExportMismatch: the reloaded SavedModel's probabilities differ by more than TOLERANCE.
     """
-    with fast_start.take_prestarted(FRESH_PROCESS, FreshProcessCheck) as fresh_process:  # TF already imported
+    with take_prestarted(FRESH_PROCESS, FreshProcessCheck) as fresh_process:  # TF already imported
         images, expected = _test_split_expectations(trained, tfrecords, evaluation)
         model = load_classifier(trained.model_path)
         relative = Path(name) / str(MODEL_VERSION)

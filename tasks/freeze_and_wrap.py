@@ -8,7 +8,9 @@ from convflow.config.schema import ModelConfig
 from convflow.config.model_zoo import get_base_spec
 from convflow.core.storage import staged_output
 from convflow.core.records import BaseNetwork, WrappedModel
-from convflow.core.stage import RunContext, hash_json, stage_task
+from convflow.core.context import RunContext
+from convflow.core.hashing import hash_json
+from convflow.core.stage import stage_task
 
 
 def _pooling(kind: str):

@@ -11,8 +11,9 @@ from prefect.cache_policies import NO_CACHE
 
 from convflow.catalog import registry
 from convflow.core.records import Evaluation, ExportedModel, TrainedModel
-from convflow.runtime.run_log import run_logger
-from convflow.core.stage import RunContext, retry_on_transient_error
+from convflow.core.run_log import run_logger
+from convflow.core.context import RunContext
+from convflow.core.retries import retry_on_transient_error
 
 
 def promote_if_passed(

@@ -20,9 +20,11 @@ from convflow.tfrecords.writer import PART_RECORDS, ShardFile, ShardOfParts, enc
 from convflow.tfrecords.parts import PartJob, write_part
 from convflow.data.sources import SPLIT_NAMES, DataError, iter_tfds_examples
 from convflow.core.storage import staged_output
-from convflow.tfrecords import features
+from convflow.tfrecords import spec
 from convflow.core.records import SplitSet, TFRecordSet
-from convflow.core.stage import RunContext, hash_json, stage_task
+from convflow.core.context import RunContext
+from convflow.core.hashing import hash_json
+from convflow.core.stage import stage_task
 
 @dataclass(frozen=True)
 class ShardJob:
@@ -58,15 +60,15 @@ def _shard_plan(counts: dict[str, int], data: DataConfig, record_format: str, di
     for split in SPLIT_NAMES:
         sizes = [min(data.shard_size, counts.get(split, 0) - start)
                  for start in range(0, counts.get(split, 0), data.shard_size)]
-        plan[split] = [(directory / features.shard_name(split, number, len(sizes), size, record_format,
-                                                        data.compression), size) for number, size in enumerate(sizes)]
+        plan[split] = [(directory / spec.shard_name(split, number, len(sizes), size, record_format,
+                                                    data.compression), size) for number, size in enumerate(sizes)]
     return plan
 
 
 class _ShardWriters:
     """Writes records, arriving in splits.parquet order, into their split's shards: each shard is
     filled in turn and its file closed once full, so at most one file a split is open. `digests`
-    holds each closed shard's digest (record_writer.ShardFile), counted as it was written."""
+    holds each closed shard's digest (writer.ShardFile), counted as it was written."""
 
     def __init__(self, plan: dict[str, list[tuple[Path, int]]], compression: str) -> None:
         self._next = {split: iter(shards) for split, shards in plan.items()}
@@ -224,7 +226,7 @@ def _job(table, rows: np.ndarray, path: Path) -> ShardJob:
 
 def write_tfrecords(split_set: SplitSet, data: DataConfig, output_dir: Path) -> TFRecordSet:
     """Resize each example of `split_set` to `data.image_size` and write TFRecord shards in
-    `data.record_format` (auto: features.choose_record_format), compressed as `data.compression` says.
+    `data.record_format` (auto: spec.choose_record_format), compressed as `data.compression` says.
 
     Examples stream from splits.parquet (and TFDS examples from their dataset) into each split's
     shards in turn, so memory holds a few chunks of images, never the dataset. Image files are
@@ -236,7 +238,7 @@ def write_tfrecords(split_set: SplitSet, data: DataConfig, output_dir: Path) -> 
         DataError: an image file does not decode, naming it; nothing is written.
     """
     examples = sum(split_set.counts.values())
-    record_format = features.choose_record_format(data.record_format, tuple(data.image_size), data.channels, examples)
+    record_format = spec.choose_record_format(data.record_format, tuple(data.image_size), data.channels, examples)
     with staged_output(output_dir) as staging:
         plan = _shard_plan(split_set.counts, data, record_format, staging)
         if data.dask_scheduler and data.scheme != "tfds":

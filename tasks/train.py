@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from convflow.catalog import tables
+from convflow.catalog import schemas
 from convflow.config.schema import FineTuneConfig, TrainConfig
 from convflow.core.storage import locked, staged_output
 from convflow.modeling import base_features
@@ -24,10 +24,12 @@ from convflow.tfrecords import features
 from convflow.modeling import serving
 from convflow.modeling import train_callbacks
 from convflow.modeling import train_recipe
-from convflow.tasks.evaluate import remember_classifier
+from convflow.runtime.process_caches import remember_classifier
 from convflow.core.records import TFRecordSet, TrainedModel, WrappedModel
-from convflow.runtime.run_log import run_logger
-from convflow.core.stage import RunContext, hash_json, stage_task
+from convflow.core.run_log import run_logger
+from convflow.core.context import RunContext
+from convflow.core.hashing import hash_json
+from convflow.core.stage import stage_task
 
 
 def checkpoint_key(
@@ -45,8 +47,8 @@ def _read_history(path: Path, epochs: int) -> pa.Table:
             row = json.loads(line)
             by_epoch[row["epoch"]] = row
     rows = [by_epoch[epoch] for epoch in sorted(by_epoch) if epoch <= epochs]
-    columns = [field.name for field in tables.HISTORY_SCHEMA]
-    return pa.Table.from_pylist([{key: row.get(key) for key in columns} for row in rows], tables.HISTORY_SCHEMA)
+    columns = [field.name for field in schemas.HISTORY_SCHEMA]
+    return pa.Table.from_pylist([{key: row.get(key) for key in columns} for row in rows], schemas.HISTORY_SCHEMA)
 
 
 def _strategy():
@@ -145,7 +147,7 @@ def model_summary(model) -> pa.Table:
                 "params": int(sum(int(w.numpy().size) for w in item.weights)),
                 "trainable": bool(item.trainable and layer.trainable),
             })
-    return pa.Table.from_pylist(rows, schema=tables.MODEL_SUMMARY_SCHEMA)
+    return pa.Table.from_pylist(rows, schema=schemas.MODEL_SUMMARY_SCHEMA)
 
 
 def augmentation_preview(tfrecords: TFRecordSet, settings: TrainConfig, images: int = 4, versions: int = 4):
@@ -386,8 +388,8 @@ def _save_outputs(model, tfrecords: TFRecordSet, settings: TrainConfig, checkpoi
     saved = with_precision(model, "float32")
     with staged_output(output_dir) as staging:
         saved.save(staging / "model.keras")
-        tables.write_parquet(_read_history(checkpoint_dir / "history.jsonl", total_epochs), staging / "history.parquet")
-        tables.write_parquet(model_summary(model), staging / "model_summary.parquet")
+        schemas.write_parquet(_read_history(checkpoint_dir / "history.jsonl", total_epochs), staging / "history.parquet")
+        schemas.write_parquet(model_summary(model), staging / "model_summary.parquet")
         if (checkpoint_dir / "tensorboard").exists():
             shutil.copytree(checkpoint_dir / "tensorboard", staging / "tensorboard")
         if _previews_augmentation(settings):
@@ -531,7 +533,7 @@ def train(
     """Prefect task over train_model: in this process, or as flow runs on the workers of the pipeline's `train.work_pool`
     (a lost worker's attempt is started again there). A retry resumes from the last completed epoch."""
     if settings.work_pool:
-        from convflow.flows.train_on_pool import train_on_pool
+        from convflow.runtime.work_pool import train_on_pool
 
         return train_on_pool(wrapped, tfrecords, settings, fine_tune, run)
     return train_here(wrapped, tfrecords, settings, fine_tune, run)

@@ -9,11 +9,12 @@ from pathlib import Path
 import pyarrow as pa
 import pydantic
 
-from convflow.catalog import tables
+from convflow.catalog import schemas
 from convflow.core.storage import staged_output
 from convflow.reporting.figures import render_page
 from convflow.core.records import RunSummary, StageRecord
-from convflow.core.stage import RunContext, stage_task
+from convflow.core.context import RunContext
+from convflow.core.stage import stage_task
 from convflow.tasks.tune_trial import TrialResult
 
 
@@ -42,7 +43,7 @@ def trials_table(tuning: Tuning) -> pa.Table:
     best_id = tuning.best.trial_id if tuning.best else None
     rows = [{**trial.model_dump(exclude={"settings"}), "settings": json.dumps(trial.settings, sort_keys=True),
              "objective": tuning.objective, "best": trial.trial_id == best_id} for trial in tuning.trials]
-    return pa.Table.from_pylist(rows, schema=tables.TRIALS_SCHEMA)
+    return pa.Table.from_pylist(rows, schema=schemas.TRIALS_SCHEMA)
 
 
 def _cell(value) -> str:
@@ -61,7 +62,7 @@ def write_tune_report(tuning: Tuning, output_dir: Path) -> TuneReport:
     """Write tune.html and trials.parquet into `output_dir`."""
     with staged_output(output_dir) as staging:
         (staging / "tune.html").write_text(render_tuning(tuning))
-        tables.write_parquet(trials_table(tuning), staging / "trials.parquet")
+        schemas.write_parquet(trials_table(tuning), staging / "trials.parquet")
     return TuneReport(output_dir=str(output_dir), report_html=str(output_dir / "tune.html"),
                       trials_parquet=str(output_dir / "trials.parquet"))
 

@@ -17,12 +17,13 @@ import pydantic
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from convflow.config.schema import PipelineSpec, TuneConfig, tuned_spec
+from convflow.config.derive import tuned_spec
+from convflow.config.schema import PipelineSpec, TuneConfig
 from convflow.modeling import base_features
 from convflow.tasks.build_base import build_base_model
 from convflow.tasks.freeze_and_wrap import freeze_and_wrap_model
 from convflow.core.records import TFRecordSet
-from convflow.core.stage import RunContext
+from convflow.core.context import RunContext
 from convflow.tasks.train import train_model
 
 # Hyperband's bookkeeping values among a trial's hyperparameters: not settings of the pipeline.

@@ -18,7 +18,9 @@ from markupsafe import Markup
 from convflow.core.storage import staged_output
 from convflow.reporting.figures import figure_tag, image_grid, page_sources, pyplot, render_page
 from convflow.core.records import Evaluation, ExportedModel, Report, SplitSet, StageRun, TFRecordSet, TrainedModel
-from convflow.core.stage import RunContext, hash_json, sha256_file, stage_task
+from convflow.core.context import RunContext
+from convflow.core.hashing import hash_json, sha256_file
+from convflow.core.stage import stage_task
 
 # Under <artifacts>/<pipeline>/: rendered figures, reused by reports of the same model and evaluation.
 FIGURE_CACHE = ".report-figures"

@@ -32,7 +32,7 @@ from convflow.cli.app import EXIT_BAD_CONFIG, main
 from convflow.config.schema import ModelConfig
 from convflow.data.sources import DataError
 from convflow.tasks.download_and_split import check_image_sizes, split_dataset
-from convflow.core.stage import is_transient, retry_on_transient_error
+from convflow.core.retries import is_transient, retry_on_transient_error
 
 
 def pipelines_with(tmp_path: Path, dotted: str | None = None, value=None, *, name: str = "tiny") -> Path:
@@ -230,6 +230,7 @@ def test_in_memory_images_smaller_than_the_base_minimum_name_the_source(tmp_path
         check_image_sizes(split_set, digits, "vgg16")
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_run_on_images_smaller_than_the_base_minimum_fails_naming_a_file(tmp_path):
     make_image_folder(tmp_path / "images", classes=("cat", "dog"), per_class=6, size=(16, 20))
@@ -363,14 +364,14 @@ FULL_DISK_RUN = textwrap.dedent(
     from convflow.runtime.fast_start import prefect_api
 
     with prefect_api() as server:  # set PREFECT_API_URL before Prefect is imported, as the CLI does
-        from convflow.catalog import tables
+        from convflow.catalog import schemas
         import convflow.flows.train_pipeline as flow
 
         def full_disk(*table, path):  # splits.parquet is written a part at a time
             print(f"writing {path}", flush=True)
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-        tables.write_parquet_parts = lambda parts, schema, path: full_disk(path=path)
+        schemas.write_parquet_parts = lambda parts, schema, path: full_disk(path=path)
         # The real task (its retries and retry condition), without minutes of retry delay.
         flow.download_and_split = flow.download_and_split.with_options(retry_delay_seconds=0)
         server.wait_until_ready()
@@ -382,6 +383,7 @@ FULL_DISK_RUN = textwrap.dedent(
 )
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_full_disk_is_retried_then_fails_naming_the_file(tmp_path):
     artifacts = tmp_path / "artifacts"
@@ -432,6 +434,7 @@ def test_run_of_an_escaping_name_writes_nothing(tmp_path, capsys):
     assert not (tmp_path / "artifacts").exists()
 
 
+@pytest.mark.server
 def test_temporary_prefect_server_listens_on_loopback_only():
     from convflow.runtime.fast_start import TemporaryServer
 
@@ -449,6 +452,7 @@ def test_temporary_prefect_server_listens_on_loopback_only():
         server.stop()
 
 
+@pytest.mark.server
 def test_temporary_prefect_server_registers_no_block_types(tmp_path, monkeypatch):
     # Registering them made every start import each installed Prefect collection (~0.35 s); convflow
     # uses no blocks (fast_start.NO_BLOCK_REGISTRATION). A fresh database, as on a new machine.
@@ -496,6 +500,7 @@ def test_temporary_server_process_freezes_what_prefects_server_import_built():
     assert served["frozen"] > 100_000, served["frozen"]  # Prefect's server package: ~430,000 objects here
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_skipped_files_are_listed_in_the_run_log(tmp_path):
     """A real run says which files it skipped (they are in the report too). The run is held at

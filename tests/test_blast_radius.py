@@ -15,6 +15,8 @@ from convflow.cli.app import main
 from prefect_server import Background, prefect_client, started_server
 from test_schedules import finished_runs, read_deployments, scheduled_document
 
+pytestmark = [pytest.mark.e2e, pytest.mark.server]
+
 EVERY_MINUTE = {"cron": "* * * * *", "timezone": "UTC"}
 MISTAKE = "pipelines.other.train.epochs: 0 — must be ≥ 1"
 

@@ -1,6 +1,7 @@
 """A stage's cache key covers every convflow module its code imports: editing one of them (in a copy
-of the package) makes the stages that import it, and the stages after them, run again; editing a
-module no stage imports (the CLI) changes nothing."""
+of the package) makes the stages that import it, and the stages after them, run again; editing
+what no stage computes with (the CLI, the pipelines file's loader, an error message's wording, a
+report template) changes nothing."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import PYTHON, REPO, STAGES, TINY_PIPELINES, run_tiny, subprocess_env, write_yaml
-from convflow.core.stage import code_closure
+from convflow.core.cache_keys import code_closure
 
 
 def installed_copy(destination: Path) -> Path:
@@ -23,10 +24,17 @@ def installed_copy(destination: Path) -> Path:
     return destination
 
 
-def edit(copy: Path, module: str) -> None:
-    """Change a module's source without changing what it does."""
+def edit(copy: Path, module: str, old: str | None = None, new: str | None = None) -> None:
+    """Change a file of the package (`module`, relative to it): replace `old` by `new`, or append a
+    comment, which changes a module's source without changing what it does."""
     path = copy / "convflow" / module
-    path.write_text(path.read_text() + "\n# edited by test_cache_keys\n")
+    text = path.read_text()
+    if old is None:
+        comment = "# edited by test_cache_keys" if path.suffix == ".py" else "{# edited by test_cache_keys #}"
+        path.write_text(f"{text}\n{comment}\n")
+        return
+    assert old in text, f"{module} no longer holds {old!r}"
+    path.write_text(text.replace(old, new))
 
 
 class CopyRunner:
@@ -51,12 +59,16 @@ class CopyRunner:
 def test_code_closure_follows_imports_but_not_the_flows():
     names = {str(path.relative_to(REPO)) for path in code_closure("convflow.tasks.train")}
 
-    assert {"tasks/train.py", "convflow/core/records.py", "convflow/modeling/layers.py", "convflow/catalog/tables.py", "convflow/config/schema.py",
-            "convflow/core/storage.py", "convflow/core/stage.py"} <= names
-    assert not any(name.startswith("flows/") for name in names)  # where training runs is not what it makes
-    assert "convflow/cli/app.py" not in names
+    assert {"tasks/train.py", "convflow/core/records.py", "convflow/modeling/layers.py", "convflow/catalog/schemas.py",
+            "convflow/config/schema.py", "convflow/core/storage.py", "convflow/core/stage.py"} <= names
+    # Where and how training runs is not what it makes: no flows, runtime (work pool, process caches) or CLI.
+    assert not any(name.startswith(("flows/", "convflow/runtime/", "convflow/cli/")) for name in names)
+    assert "tasks/evaluate.py" not in names  # another stage's code is not in train's key
+    # The schema, not the file's loader, its error wording or the tune and compare derivations.
+    assert not names & {"convflow/config/load.py", "convflow/config/errors.py", "convflow/config/derive.py",
+                        "convflow/config/yaml_loader.py"}
     download = {str(path.relative_to(REPO)) for path in code_closure("convflow.tasks.download_and_split")}
-    assert "convflow/modeling/layers.py" not in download and "convflow/catalog/tables.py" in download
+    assert "convflow/modeling/layers.py" not in download and "convflow/catalog/schemas.py" in download
 
 
 def test_code_closure_is_read_without_importing_tensorflow():
@@ -65,7 +77,7 @@ def test_code_closure_is_read_without_importing_tensorflow():
     check = (
         "import sys\n"
         "from convflow.tasks import build_base, evaluate, train\n"
-        "from convflow.core.stage import code_closure\n"
+        "from convflow.core.cache_keys import code_closure\n"
         "for module in (build_base, evaluate, train):\n"
         "    code_closure(module.__name__)\n"
         "heavy = [name for name in ('tensorflow', 'keras', 'convflow.modeling.layers') if name in sys.modules]\n"
@@ -75,17 +87,25 @@ def test_code_closure_is_read_without_importing_tensorflow():
     assert result.returncode == 0, result.stderr[-2000:]
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_editing_imported_code_misses_the_stages_that_import_it(tmp_path):
     runner = CopyRunner(tmp_path)
     assert runner.imported_from().startswith(str(runner.copy))  # the copy runs, not the checkout
 
     assert runner.cache_hits() == []
-    edit(runner.copy, "cli.py")  # no stage imports the CLI
-    assert runner.cache_hits() == STAGES[:-1]  # write_report always runs: it reports this run
-    edit(runner.copy, "convflow/modeling/layers.py")  # custom Keras layers: the model stages, not the data ones
+    cached = STAGES[:-1]  # write_report always runs: it reports this run
+    edit(runner.copy, "cli/app.py")  # no stage imports the CLI
+    assert runner.cache_hits() == cached
+    edit(runner.copy, "config/load.py")  # the pipelines file's loader
+    assert runner.cache_hits() == cached
+    edit(runner.copy, "config/errors.py", '"unknown key"', '"not a key of this section"')  # an error's wording
+    assert runner.cache_hits() == cached
+    edit(runner.copy, "reporting/templates/report.html.j2")  # how the report looks
+    assert runner.cache_hits() == cached
+    edit(runner.copy, "modeling/layers.py")  # custom Keras layers: the model stages, not the data ones
     assert runner.cache_hits() == ["download_and_split", "to_tfrecords"]
-    edit(runner.copy, "tables.py")  # Parquet schemas: download_and_split writes splits.parquet
+    edit(runner.copy, "catalog/schemas.py")  # Parquet schemas: download_and_split writes splits.parquet
     assert runner.cache_hits() == []
-    edit(runner.copy, "config.py")  # every stage reads its config slice through it
+    edit(runner.copy, "config/schema.py")  # every stage reads its config slice through it
     assert runner.cache_hits() == []

@@ -107,7 +107,7 @@ def test_runs_on_an_empty_artifacts_root(tmp_path, capsys):
 
 COLLECTOR_AT_FLOW_CALL = """
 import gc, json, sys
-from convflow.cli import app as cli
+from convflow.cli import flows, main
 
 def record_collector(*args):
     print(json.dumps({"enabled": gc.isenabled(), "frozen": gc.get_freeze_count()}))
@@ -117,8 +117,8 @@ def load_flow():
     import convflow.flows.train_pipeline  # all that the real loader imports: Prefect, the stages
     return record_collector
 
-cli._load_train_pipeline = load_flow
-sys.exit(cli.main(sys.argv[2:], exits_after=sys.argv[1] == "console-script"))
+flows._load_train_pipeline = load_flow
+sys.exit(main(sys.argv[2:], exits_after=sys.argv[1] == "console-script"))
 """
 
 
@@ -150,6 +150,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.e2e
 def test_run_from_python_after_prefect_was_imported_uses_convflows_server(pipelines_file, tmp_path):
     # An empty PREFECT_API_URL (`export PREFECT_API_URL=` to clear it) means no server to convflow,
     # which starts its own; Prefect, imported before, kept the empty address and started another
@@ -173,6 +174,7 @@ print(summary.status)
 """
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_flow_called_from_python_caches_beside_the_artifacts(pipelines_file, tmp_path):
     """No CLI, no settings: the stages' results still go to <artifacts>/.prefect-results, where a

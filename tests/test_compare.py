@@ -14,11 +14,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import CONVFLOW, REPO, run_convflow, subprocess_env, write_yaml
-from convflow.catalog import registry
+from convflow.catalog import registry, schemas
 from convflow.catalog import tables
-from convflow.config.schema import ConfigError, load_pipeline, load_pipelines, variant_specs
-from convflow.tasks.compare_variant import VariantResult, promote_winner, rank_variants
-from convflow.core.stage import RunContext
+from convflow.config.derive import variant_specs
+from convflow.config.errors import ConfigError
+from convflow.config.load import load_pipeline, load_pipelines
+from convflow.catalog.comparisons import VariantResult
+from convflow.tasks.compare_variant import promote_winner, rank_variants
+from convflow.core.context import RunContext
 
 
 def _compare_document(tiny_document: dict, variants: list[dict], **compare) -> dict:
@@ -227,6 +230,8 @@ def comparison(tmp_path_factory):
     return root, _run_compare(root, document)
 
 
+@pytest.mark.e2e
+@pytest.mark.xdist_group("compare")
 def test_the_good_variants_complete_and_are_ranked(comparison):
     _, summary = comparison
     variants = {row["variant"]: row for row in summary["variants"]}
@@ -249,6 +254,8 @@ def test_the_good_variants_complete_and_are_ranked(comparison):
     assert summary["runner"] == "sequential (one variant at a time)"
 
 
+@pytest.mark.e2e
+@pytest.mark.xdist_group("compare")
 def test_bad_variants_are_reported_as_failed_with_why(comparison):
     root, summary = comparison
     variants = {row["variant"]: row for row in summary["variants"]}
@@ -267,6 +274,8 @@ def test_bad_variants_are_reported_as_failed_with_why(comparison):
     assert "lost-weights" in failed_section and "does not exist" in failed_section
 
 
+@pytest.mark.e2e
+@pytest.mark.xdist_group("compare")
 def test_the_report_is_one_self_contained_page_in_the_comparison_folder(comparison):
     root, summary = comparison
     report = Path(summary["report"])
@@ -278,10 +287,12 @@ def test_the_report_is_one_self_contained_page_in_the_comparison_folder(comparis
     assert page.count("data:image/png;base64,") == 2  # accuracy bars, overlaid curves
     assert "src=\"http" not in page and "href=\"http" not in page
     table = pq.read_table(report.with_name("comparison.parquet"))
-    assert table.schema.equals(tables.COMPARISON_SCHEMA, check_metadata=False)
+    assert table.schema.equals(schemas.COMPARISON_SCHEMA, check_metadata=False)
     assert table.column("variant").to_pylist() == [row["variant"] for row in summary["variants"]]
 
 
+@pytest.mark.e2e
+@pytest.mark.xdist_group("compare")
 def test_only_the_winner_is_promoted_and_every_completed_variant_is_in_the_catalog(comparison):
     root, summary = comparison
     artifacts = root / "artifacts"
@@ -302,6 +313,7 @@ def test_only_the_winner_is_promoted_and_every_completed_variant_is_in_the_catal
     assert summary["verdict"] == f"{winner['variant']} won and is production version 1"
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_with_dask_the_variants_run_in_separate_worker_processes(tmp_path, tiny_document):
     if importlib.util.find_spec("prefect_dask") is None:
@@ -318,6 +330,7 @@ def test_with_dask_the_variants_run_in_separate_worker_processes(tmp_path, tiny_
     assert len(set(pids)) == 2 and summary["flow_pid"] not in pids
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_variants_that_change_a_mobilenet_pipelines_base_all_run(tmp_path, tiny_document):
     from conftest import make_image_folder

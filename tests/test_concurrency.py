@@ -11,8 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import STAGES, TINY_PIPELINES, finish_convflow, start_convflow, write_yaml
-from convflow.catalog import registry
+from convflow.catalog import registry, schemas
 from convflow.catalog import tables
+
+pytestmark = pytest.mark.e2e
 
 
 @pytest.mark.slow
@@ -32,7 +34,7 @@ def test_same_pipeline_twice_at_once(tmp_path):
         assert Path(summary["report"]).is_file() and Path(summary["report"]).is_relative_to(run_dir)
         assert not list(run_dir.glob(".*.tmp-*")), "a temporary folder outlived its stage"
 
-    catalog = pq.read_table(artifacts / "runs.parquet", schema=tables.RUNS_SCHEMA).to_pylist()
+    catalog = pq.read_table(artifacts / "runs.parquet", schema=schemas.RUNS_SCHEMA).to_pylist()
     assert sorted(row["run_id"] for row in catalog) == sorted(run_ids)
     assert not list(artifacts.glob("runs.parquet.damaged-*"))
 

@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from conftest import REPO, write_yaml
-from convflow.config.schema import ConfigError, check_pipeline, load_pipeline, load_pipelines
+from convflow.config.errors import ConfigError
+from convflow.config.load import check_pipeline, load_pipeline, load_pipelines
 
 
 def _set(document: dict, dotted: str, value) -> dict:
@@ -21,6 +22,13 @@ def _set(document: dict, dotted: str, value) -> dict:
         node = node.setdefault(key, {})
     node[leaf] = value
     return document
+
+
+def test_every_benchmark_pipeline_validates():
+    specs = load_pipelines(REPO / "benchmarks" / "pipelines.yaml")
+
+    assert specs and all(spec.name == name for name, spec in specs.items())
+    assert not set(specs) & set(load_pipelines(REPO / "pipelines.yaml"))  # one home for each pipeline
 
 
 def test_every_pipeline_in_the_repository_validates():
@@ -335,7 +343,7 @@ def test_load_pipeline_logs_the_other_broken_pipelines(tmp_path, tiny_document):
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = records.append
-    logger = logging.getLogger("convflow.config.schema")
+    logger = logging.getLogger("convflow.config")
     logger.addHandler(handler)
     try:
         assert load_pipeline(path, "tiny").name == "tiny"

@@ -75,6 +75,8 @@ def shard_truncated(runner, first, evaluate_deleted) -> dict:
     return {"summary": runner.run(), "damaged": shard}
 
 
+@pytest.mark.e2e
+@pytest.mark.xdist_group("corruption")
 def test_deleted_savedmodel_file_is_found_and_export_reruns(savedmodel_damaged, first):
     second, damaged = savedmodel_damaged["summary"], savedmodel_damaged["damaged"]
 
@@ -90,6 +92,8 @@ def test_deleted_savedmodel_file_is_found_and_export_reruns(savedmodel_damaged, 
     assert production.version == 1 and list((Path(production.saved_model) / "variables").glob("variables.data-*"))
 
 
+@pytest.mark.e2e
+@pytest.mark.xdist_group("corruption")
 def test_damaged_catalog_is_set_aside_and_rebuilt_from_the_run_folders(savedmodel_damaged, first, runner):
     second = savedmodel_damaged["summary"]
     catalog = runner.artifacts / "runs.parquet"
@@ -103,6 +107,8 @@ def test_damaged_catalog_is_set_aside_and_rebuilt_from_the_run_folders(savedmode
     assert runner.catalog_ids() == [first["run_id"], second["run_id"]]  # the first run's row is not lost
 
 
+@pytest.mark.e2e
+@pytest.mark.xdist_group("corruption")
 def test_cached_result_pointing_at_missing_files_reruns_the_stage(evaluate_deleted, first):
     third, missing = evaluate_deleted["summary"], evaluate_deleted["missing"]
 
@@ -112,6 +118,8 @@ def test_cached_result_pointing_at_missing_files_reruns_the_stage(evaluate_delet
     assert third["test_accuracy"] == pytest.approx(first["test_accuracy"])
 
 
+@pytest.mark.e2e
+@pytest.mark.xdist_group("corruption")
 def test_truncated_tfrecord_shard_is_found_and_rewritten(shard_truncated, first, runner):
     fourth, shard = shard_truncated["summary"], shard_truncated["damaged"]
 
@@ -123,11 +131,15 @@ def test_truncated_tfrecord_shard_is_found_and_rewritten(shard_truncated, first,
     assert abs(fourth["test_accuracy"] - first["test_accuracy"]) <= 0.02
 
 
+@pytest.mark.e2e
+@pytest.mark.xdist_group("corruption")
 def test_every_completed_run_is_in_the_catalog(first, savedmodel_damaged, evaluate_deleted, shard_truncated, runner):
     runs = [first, savedmodel_damaged["summary"], evaluate_deleted["summary"], shard_truncated["summary"]]
     assert runner.catalog_ids() == [run["run_id"] for run in runs]
 
 
+@pytest.mark.e2e
+@pytest.mark.xdist_group("corruption")
 def test_runs_command_rebuilds_a_damaged_catalog(
     first, savedmodel_damaged, evaluate_deleted, shard_truncated, runner, capsys, caplog
 ):

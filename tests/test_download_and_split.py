@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import FOLDER_SPLIT, REPO, data_config, make_idx_folder, save_image, split_as_before, write_idx
-from convflow.catalog import tables
+from convflow.catalog import schemas
 from convflow.data.sources import DataError, read_idx
 from convflow.tasks.download_and_split import split_dataset
 
@@ -53,7 +53,7 @@ def test_digits_split(digits_split):
 
 def test_splits_parquet_schema(digits_split):
     schema = pq.read_schema(digits_split.splits_parquet)
-    assert schema.equals(tables.SPLITS_SCHEMA, check_metadata=True)
+    assert schema.equals(schemas.SPLITS_SCHEMA, check_metadata=True)
     assert schema.names == ["example_id", "label", "label_name", "split", "sha256", "path", "height", "width"]
     sizes = pq.read_table(digits_split.splits_parquet, columns=["height", "width"]).to_pydict()
     assert set(sizes["height"]) == set(sizes["width"]) == {8}  # the 8x8 digits, before resizing
@@ -285,7 +285,7 @@ def test_real_mnist_test_labels():
 
 
 def test_data_fingerprint_hashes_the_sorted_example_hashes_labels_and_splits(digits_split):
-    from convflow.core.stage import hash_json
+    from convflow.core.hashing import hash_json
 
     rows = _rows(digits_split)
     assert digits_split.data_fingerprint == hash_json(sorted(zip(rows["sha256"], rows["label"], rows["split"])))[:24]
@@ -298,7 +298,7 @@ def test_splits_counts_and_fingerprint_from_packed_arrays_are_those_of_one_examp
     Random digests with repeats (some in two splits when the source predefines splits)."""
     from convflow.config.schema import SplitFractions
     from convflow.tasks import download_and_split as stage
-    from convflow.core.stage import hash_json
+    from convflow.core.hashing import hash_json
 
     rng = np.random.default_rng(7)
     distinct = rng.integers(0, 256, (3_000, 32), dtype=np.uint8)

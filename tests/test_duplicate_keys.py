@@ -10,7 +10,8 @@ import yaml
 
 from conftest import CONVFLOW, subprocess_env
 from convflow.cli.app import EXIT_BAD_CONFIG
-from convflow.config.schema import ConfigError, load_pipelines
+from convflow.config.errors import ConfigError
+from convflow.config.load import load_pipelines
 from convflow.config.yaml_loader import DuplicateKey, duplicate_keys
 
 # `train:` twice in one pipeline (lines 10 and 13), `seed:` twice under defaults (lines 3 and 4).

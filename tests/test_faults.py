@@ -27,9 +27,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import PYTHON, STAGES, TINY_PIPELINES, run_tiny, subprocess_env, write_yaml
-from convflow.catalog import registry
-from convflow.catalog import tables
-from convflow.core.stage import hash_json
+from convflow.catalog import registry, schemas
+from convflow.core.hashing import hash_json
+
+# One reference run and one kill chain, launched in order: one worker runs every test of the module.
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("faults")]
 
 HOLD_TIMEOUT_SECONDS = 420
 HELD_CONVFLOW = Path(__file__).with_name("held_convflow.py")
@@ -116,7 +118,7 @@ def assert_stage_complete(stage_dir: Path, reference_dir: Path) -> None:
 
 def assert_catalog_sound(artifacts: Path, completed_run_ids: list[str]) -> None:
     """runs.parquet reads as it is, one row per completed run, no duplicates, none set aside."""
-    rows = pq.read_table(artifacts / "runs.parquet", schema=tables.RUNS_SCHEMA).to_pylist()
+    rows = pq.read_table(artifacts / "runs.parquet", schema=schemas.RUNS_SCHEMA).to_pylist()
     assert sorted(row["run_id"] for row in rows) == sorted(completed_run_ids)
     assert not list(artifacts.glob("runs.parquet.damaged-*"))
     records = sorted(json.loads(path.read_text())["run_id"] for path in artifacts.glob("tiny/*/run.json"))

@@ -16,6 +16,9 @@ import pytest
 from conftest import STAGES, TinyRunner
 from convflow.cli.app import main
 
+# The runs are shared by the module's tests: one worker runs them all, once.
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("flow")]
+
 
 @pytest.fixture(scope="module")
 def runner(tmp_path_factory):
@@ -121,6 +124,7 @@ def test_runs_command_lists_the_catalog(first, second, third, fourth, runner, ca
     assert fourth["run_id"] in out
 
 
+@pytest.mark.server
 def test_training_progress_is_a_prefect_progress_artifact(first, third):
     """Each run that trains shows its epochs in the Prefect UI: a progress artifact of its train
     task run, at 100 once training ended (the second run's training was a cache hit)."""

@@ -16,14 +16,14 @@ import yaml
 from conftest import (
     CONVFLOW, PYTHON, TINY_PIPELINES, finish_convflow, start_convflow, subprocess_env, wait_for, write_yaml,
 )
-from convflow.catalog import tables
+from convflow.catalog import schemas
 
 # Each run's Parquet tables, by the catalog column that holds their path.
 RUN_TABLE_SCHEMAS = {
-    "splits_parquet": tables.SPLITS_SCHEMA,
-    "history_parquet": tables.HISTORY_SCHEMA,
-    "metrics_parquet": tables.METRICS_SCHEMA,
-    "predictions_parquet": tables.PREDICTIONS_SCHEMA,
+    "splits_parquet": schemas.SPLITS_SCHEMA,
+    "history_parquet": schemas.HISTORY_SCHEMA,
+    "metrics_parquet": schemas.METRICS_SCHEMA,
+    "predictions_parquet": schemas.PREDICTIONS_SCHEMA,
 }
 
 
@@ -41,7 +41,7 @@ def assert_described(path: Path, schema) -> None:
 APPENDER = """
 import datetime, sys, time
 from pathlib import Path
-from convflow.catalog import tables
+from convflow.catalog import schemas, tables
 catalog, start, name, count = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 start.with_name(f"{name}.ready").touch()  # imported: at the start line
 while not start.exists():
@@ -78,8 +78,8 @@ def test_two_processes_appending_at_once_lose_no_row(tmp_path):
 
 
 def test_catalog_and_table_schemas_describe_every_field():
-    assert sorted(RUN_TABLE_SCHEMAS) == sorted(f"{name}_parquet" for name in tables.RUN_TABLES)
-    for schema in (*RUN_TABLE_SCHEMAS.values(), tables.MODEL_SUMMARY_SCHEMA, tables.RUNS_SCHEMA):
+    assert sorted(RUN_TABLE_SCHEMAS) == sorted(f"{name}_parquet" for name in schemas.RUN_TABLES)
+    for schema in (*RUN_TABLE_SCHEMAS.values(), schemas.MODEL_SUMMARY_SCHEMA, schemas.RUNS_SCHEMA):
         assert schema.metadata[b"description"]
         for field in schema:
             assert field.metadata[b"description"], field.name
@@ -105,6 +105,8 @@ def two_runs(tmp_path_factory):
     return {"artifacts": root / "artifacts", "summaries": summaries}
 
 
+@pytest.mark.e2e
+@pytest.mark.xdist_group("handoff")
 @pytest.mark.slow
 def test_concurrent_runs_both_land_in_the_catalog(two_runs):
     catalog = two_runs["artifacts"] / "runs.parquet"
@@ -112,13 +114,15 @@ def test_concurrent_runs_both_land_in_the_catalog(two_runs):
     assert sorted(frame["pipeline"]) == ["digits-a", "digits-b"]
     assert set(frame["run_id"]) == {summary["run_id"] for summary in two_runs["summaries"].values()}
     assert (frame["status"] == "completed").all() and frame["flow_run_id"].notna().all()
-    assert_described(catalog, tables.RUNS_SCHEMA)
+    assert_described(catalog, schemas.RUNS_SCHEMA)
     for _, row in frame.iterrows():
         for column, schema in RUN_TABLE_SCHEMAS.items():
             assert_described(Path(row[column]), schema)
-        assert_described(Path(row["history_parquet"]).with_name("model_summary.parquet"), tables.MODEL_SUMMARY_SCHEMA)
+        assert_described(Path(row["history_parquet"]).with_name("model_summary.parquet"), schemas.MODEL_SUMMARY_SCHEMA)
 
 
+@pytest.mark.e2e
+@pytest.mark.xdist_group("handoff")
 @pytest.mark.slow
 def test_duckdb_reads_the_catalog_and_every_runs_tables(two_runs):
     artifacts = two_runs["artifacts"]
@@ -140,7 +144,7 @@ def test_duckdb_reads_the_catalog_and_every_runs_tables(two_runs):
         [(description,)] = duckdb.sql(
             f"SELECT value FROM parquet_kv_metadata('{predictions}') WHERE key = 'description'"
         ).fetchall()
-        assert description.decode() == tables.PREDICTIONS_SCHEMA.metadata[b"description"].decode()
+        assert description.decode() == schemas.PREDICTIONS_SCHEMA.metadata[b"description"].decode()
 
     # One query across every run's metrics, as a data engineer would write it.
     accuracies = duckdb.sql(
@@ -153,6 +157,8 @@ def test_duckdb_reads_the_catalog_and_every_runs_tables(two_runs):
     ]
 
 
+@pytest.mark.e2e
+@pytest.mark.xdist_group("handoff")
 @pytest.mark.slow
 def test_pandas_reads_every_runs_tables(two_runs):
     catalog = pd.read_parquet(two_runs["artifacts"] / "runs.parquet").set_index("pipeline")
@@ -168,6 +174,8 @@ def test_pandas_reads_every_runs_tables(two_runs):
         assert set(splits["split"]) == {"train", "validation", "test"} and len(splits) == 1797
 
 
+@pytest.mark.e2e
+@pytest.mark.xdist_group("handoff")
 @pytest.mark.slow
 def test_runs_command_prints_the_catalog(two_runs):
     def runs(*args):

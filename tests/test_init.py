@@ -15,7 +15,7 @@ import yaml
 
 from conftest import CONVFLOW, REPO, make_idx_folder, make_image_folder, run_convflow, subprocess_env
 from convflow.cli.app import EXIT_BAD_CONFIG, main
-from convflow.config.schema import load_pipeline
+from convflow.config.load import load_pipeline
 from convflow.tasks.download_and_split import split_dataset
 
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -228,6 +228,7 @@ def test_cats_vs_dogs_keeps_its_train_and_validation_folders(tmp_path, capsys):
     assert 0.15 < from_train.count("test") / 400 < 0.35  # the quarter the comment promises
 
 
+@pytest.mark.e2e
 @needs_shared_data
 @pytest.mark.slow
 def test_init_on_flowers_then_the_printed_run_command_completes(tmp_path):

@@ -10,7 +10,9 @@ import pytest
 
 import convflow.modeling.layers  # noqa: F401  (registers ReverseChannels for loading)
 from conftest import REPO, write_yaml
-from convflow.config.schema import ConfigError, ModelConfig, load_pipeline
+from convflow.config.errors import ConfigError
+from convflow.config.load import load_pipeline
+from convflow.config.schema import ModelConfig
 from convflow.tasks.build_base import WeightsError, build_base_model, make_base
 from convflow.tasks.freeze_and_wrap import freeze_and_wrap_model
 from convflow.core.records import TFRecordSet

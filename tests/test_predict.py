@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import FOLDER_SPLIT, TINY_PIPELINES, make_image_folder, run_convflow, write_yaml
-from convflow.catalog import tables
+from convflow.catalog import schemas
 
 CLASSES = ("cat", "dog", "owl")
 
@@ -40,6 +40,8 @@ def saved_model_probabilities(saved_model: str, files: list) -> np.ndarray:
     return loaded.signatures["serving_default"](images=tf.constant(pixels))["probabilities"].numpy()
 
 
+@pytest.mark.e2e
+@pytest.mark.xdist_group("predict")
 @pytest.mark.slow
 def test_folder_and_corrupt_file_scored_with_the_production_model(trained):
     root = trained["root"]
@@ -63,9 +65,11 @@ def test_folder_and_corrupt_file_scored_with_the_production_model(trained):
     described = duckdb.sql(f"SELECT value FROM parquet_kv_metadata('{root / 'out.parquet'}') "
                            "WHERE key = 'description'").fetchall()
     assert described and "convflow predict" in described[0][0].decode()
-    assert pq.read_schema(root / "out.parquet").equals(tables.BATCH_PREDICTIONS_SCHEMA, check_metadata=False)
+    assert pq.read_schema(root / "out.parquet").equals(schemas.BATCH_PREDICTIONS_SCHEMA, check_metadata=False)
 
 
+@pytest.mark.e2e
+@pytest.mark.xdist_group("predict")
 @pytest.mark.slow
 def test_parquet_table_rows_are_scored_by_row(trained):
     root = trained["root"]

@@ -1,5 +1,6 @@
 """convflow.tfrecords.writer: the Examples and shards it writes are TensorFlow's, byte for byte, and
-read back through TensorFlow's own readers; importing it does not import TensorFlow."""
+read back through TensorFlow's own readers with the spec the writer took its features from;
+importing it does not import TensorFlow."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 import tensorflow as tf
 
+from convflow.tfrecords.example_proto import Example
 from convflow.tfrecords.writer import PART_RECORDS, ShardFile, ShardOfParts, encode_example, shard_digest
 from convflow.tfrecords import features
 
@@ -47,8 +49,34 @@ def test_encode_example_is_what_tensorflow_serializes(size, label, example_id):
 
 
 def test_encode_example_rejects_labels_beyond_int64():
-    with pytest.raises(ValueError, match="not an int64"):
+    with pytest.raises(ValueError, match="out of range"):
         encode_example(b"", 2**63, "a")
+
+
+def test_the_example_schema_is_tensorflows():
+    """example_proto's messages have TensorFlow's fields: names, numbers, types, oneofs, packing."""
+    def fields(message):
+        return [(field.name, field.number, field.type, field.is_repeated, field.is_packed,
+                 field.message_type and field.message_type.full_name,
+                 field.containing_oneof and field.containing_oneof.name) for field in message.fields]
+
+    messages = Example.DESCRIPTOR.file.message_types_by_name
+    assert set(messages) == {"Example", "Features", "Feature", "BytesList", "FloatList", "Int64List"}
+    for name, ours in messages.items():
+        theirs = getattr(tf.train, name).DESCRIPTOR
+        assert ours.full_name == theirs.full_name and fields(ours) == fields(theirs), name
+        for nested in ours.nested_types:
+            assert fields(nested) == fields(theirs.nested_types_by_name[nested.name])
+            assert nested.GetOptions().map_entry and theirs.nested_types_by_name[nested.name].GetOptions().map_entry
+
+
+def test_a_record_holds_exactly_the_features_the_reader_parses():
+    """The reader's spec ignores features it does not name, so parsing alone would miss a feature
+    the writer adds: each feature written is one the reader parses, of the same kind, and no more."""
+    dtypes = {"bytes_list": tf.string, "int64_list": tf.int64}
+    written = tf.train.Example.FromString(encode_example(b"pixels", 3, "a.jpg")).features.feature
+    assert {key: dtypes[feature.WhichOneof("kind")] for key, feature in written.items()} == {
+        key: spec.dtype for key, spec in features.feature_spec().items()}
 
 
 def test_uncompressed_shard_is_tensorflows(tmp_path):
@@ -106,7 +134,7 @@ def test_an_error_inside_the_shard_propagates_and_closes_it(tmp_path):
 
 
 def test_unknown_compression_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="unknown compression 'zstd'"):
+    with pytest.raises(ValueError, match=r"unknown compression 'zstd'; expected one of \['none', 'gzip'\]"):
         ShardFile(tmp_path / "shard", "zstd")
 
 

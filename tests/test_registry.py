@@ -72,6 +72,7 @@ def _run(tmp_path: Path, epochs: int) -> dict:
                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}).summary
 
 
+@pytest.mark.e2e
 def test_worse_model_is_not_promoted_better_one_is_and_rollback_restores(tmp_path):
     models = tmp_path / "artifacts" / "models" / "gate"
     first = _run(tmp_path, epochs=2)

@@ -36,6 +36,8 @@ def report(tmp_path_factory) -> Path:
     return Path(run.summary["report"])
 
 
+@pytest.mark.e2e
+@pytest.mark.xdist_group("report")
 def test_report_is_self_contained_with_every_section(report):
     page = report.read_text()
     for section in SECTIONS:
@@ -58,6 +60,9 @@ def _chromium() -> str:
     return path
 
 
+@pytest.mark.e2e
+@pytest.mark.browser
+@pytest.mark.xdist_group("report")
 def test_report_renders_in_headless_chromium(report, tmp_path):
     chromium = _chromium()
     profile = ["--user-data-dir=" + str(tmp_path / "profile")]
@@ -109,8 +114,8 @@ def test_text_from_a_run_is_escaped_and_figures_are_not(tmp_path, digits_split, 
 
 
 def test_comparison_text_is_escaped():
-    from convflow.tasks.compare_report import Comparison, render_comparison
-    from convflow.tasks.compare_variant import VariantResult
+    from convflow.catalog.comparisons import Comparison, VariantResult
+    from convflow.tasks.compare_report import render_comparison
 
     failed = VariantResult(name=HOSTILE, status="failed", error=f"ValueError: {HOSTILE}")
     comparison = Comparison(

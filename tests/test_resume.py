@@ -9,8 +9,11 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
 from conftest import CONVFLOW, run_convflow, subprocess_env
+
+pytestmark = pytest.mark.e2e
 
 EPOCHS = 5
 

@@ -15,8 +15,9 @@ from convflow.catalog import registry
 from convflow.catalog import retraining
 from convflow.catalog import runs
 from convflow.catalog import tables
-from convflow.config.schema import ConfigError, load_pipeline
-from convflow.core.stage import RunContext
+from convflow.config.errors import ConfigError
+from convflow.config.load import load_pipeline
+from convflow.core.context import RunContext
 
 FINGERPRINT = "f" * 24
 

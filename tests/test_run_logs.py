@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import pyarrow.parquet as pq
+import pytest
 
 from conftest import STAGES, TINY_PIPELINES, run_tiny, wait_for, write_yaml
 from prefect_server import prefect_client, started_server
+
+pytestmark = [pytest.mark.e2e, pytest.mark.server]
 
 
 def _messages(client, flow_run_id: str) -> list[str]:

@@ -166,6 +166,9 @@ def served(server, tmp_path_factory):
             "task_runs": task_runs, "log": serve.output()}
 
 
+@pytest.mark.e2e
+@pytest.mark.server
+@pytest.mark.xdist_group("schedules")
 @pytest.mark.slow
 def test_scheduled_run_completes_all_eight_stages_and_promotion(served):
     first = served["runs"][0]
@@ -180,6 +183,9 @@ def test_scheduled_run_completes_all_eight_stages_and_promotion(served):
     assert catalog[0]["flow_run_id"] == str(first.id)
 
 
+@pytest.mark.e2e
+@pytest.mark.server
+@pytest.mark.xdist_group("schedules")
 @pytest.mark.slow
 def test_second_scheduled_run_with_unchanged_data_trains_nothing(served):
     first, second = served["runs"]
@@ -205,6 +211,9 @@ def test_second_scheduled_run_with_unchanged_data_trains_nothing(served):
     assert listing.returncode == 0 and "unchanged" in listing.stdout and unchanged["run_id"] in listing.stdout
 
 
+@pytest.mark.e2e
+@pytest.mark.server
+@pytest.mark.xdist_group("schedules")
 @pytest.mark.slow
 def test_serving_again_keeps_one_deployment(server, served):
     first = served["deployment"]
@@ -224,6 +233,9 @@ def test_serving_again_keeps_one_deployment(server, served):
     assert len(deployment.schedules) == 1
 
 
+@pytest.mark.e2e
+@pytest.mark.server
+@pytest.mark.xdist_group("schedules")
 @pytest.mark.slow
 def test_deploy_twice_registers_once_and_a_worker_runs_it(server, served):
     from prefect.deployments import run_deployment

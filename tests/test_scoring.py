@@ -63,6 +63,8 @@ def train(root, env, epochs: int) -> dict:
                         cwd=root, env=env).summary
 
 
+@pytest.mark.e2e
+@pytest.mark.server
 @pytest.mark.slow
 def test_scoring_runs_score_only_what_the_production_model_has_not(tmp_path):
     root = tmp_path

@@ -9,7 +9,8 @@ import tensorflow as tf
 
 from convflow.config.schema import EvaluateConfig, TrainConfig
 from convflow.modeling import serving
-from convflow.tasks.evaluate import evaluate_model, load_classifier
+from convflow.modeling.classifier import load_classifier
+from convflow.tasks.evaluate import evaluate_model
 from convflow.tasks.export_savedmodel import export_model
 from convflow.tasks.train import train_model
 from test_cached_features import _softmax, _test_images, built  # noqa: F401  (fixture)

@@ -139,6 +139,7 @@ def test_the_split_stage_keeps_the_images_it_wrote(folder, tmp_path):
     assert sum(split_set.counts.values()) == 36
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", [duckdb_table, hugging_face_table, paths_table])
 def test_each_layout_trains_end_to_end(folder, tmp_path, layout):
@@ -158,6 +159,7 @@ def test_each_layout_trains_end_to_end(folder, tmp_path, layout):
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_cats_vs_dogs_as_a_table_trains_as_the_folder_does(tmp_path):
     """../shared/data/cats_vs_dogs, and the same photos as a DuckDB-written table (bytes, label and

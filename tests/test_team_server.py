@@ -31,6 +31,8 @@ from postgres import PostgresCluster, postgres_bin
 from prefect_server import Background, PrefectServer, prefect_client, started_server
 from test_schedules import finished_runs, read_deployments, task_runs_of
 
+pytestmark = pytest.mark.server
+
 AUTH = "convflow-team:s3cret"
 DATABASE = os.environ.get("CONVFLOW_TEAM_DATABASE", "postgresql")
 SCHEDULED_PIPELINES = 8
@@ -83,6 +85,7 @@ def convflow(args: list[str], cwd, env) -> subprocess.CompletedProcess:
     return subprocess.run([CONVFLOW, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.xdist_group("team-server")
 @pytest.mark.parametrize(
     ("auth", "expected"),
     [(None, "requires basic auth (401 Unauthorized); set PREFECT_API_AUTH_STRING=USER:PASSWORD, the server's "
@@ -159,6 +162,8 @@ def utc_now() -> datetime.datetime:
     return datetime.datetime.now(datetime.timezone.utc)
 
 
+@pytest.mark.e2e
+@pytest.mark.xdist_group("team-server")
 @pytest.mark.slow
 def test_a_team_load_completes_and_is_recorded(team_server, tmp_path):
     """8 scheduled pipelines due in the same minute under one `convflow serve`, plus 4 `convflow
@@ -226,6 +231,7 @@ def run_past_server_stop(root: Path, server: PrefectServer, **env: str):
     return run
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 @pytest.mark.parametrize("database", ["sqlite", "postgresql"])
 def test_a_run_outlives_its_server_restarting(database, request, tmp_path):
@@ -275,6 +281,7 @@ class ReadLines:
         return self.lines
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 @pytest.mark.parametrize("database", ["sqlite", "postgresql"])
 def test_a_run_whose_server_stays_away_fails_clearly_and_a_rerun_finishes(database, request, tmp_path):

@@ -241,7 +241,8 @@ def _to_tfrecords_cache_key(data) -> str:
     from types import SimpleNamespace
 
     from convflow.tasks import to_tfrecords
-    from convflow.core.stage import RunContext, StageCachePolicy
+    from convflow.core.cache_keys import StageCachePolicy
+    from convflow.core.context import RunContext
 
     task_context = SimpleNamespace(
         task=SimpleNamespace(name="to_tfrecords", fn=to_tfrecords.write_tfrecords),

@@ -16,15 +16,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import FOLDER_SPLIT, PYTHON, REPO, data_config, subprocess_env
-from convflow.runtime import fast_start
-from convflow.catalog import tables
+from convflow.runtime import process_caches
+from convflow.catalog import schemas
 from convflow.config.schema import EvaluateConfig, ModelConfig, TrainConfig
 from convflow.catalog.registry import Production
 from convflow.tasks.build_base import build_base_model
 from convflow.tasks.download_and_split import split_dataset
-from convflow.tasks.evaluate import evaluate_model, predict_split, probabilities_from_logits
-from convflow.tasks.export_savedmodel import FRESH_PROCESS, MODEL_VERSION, export_model, prestarted_fresh_process
-from convflow.modeling.export_check import ExportMismatch, verify_saved_model
+from convflow.modeling.classifier import predict_split, probabilities_from_logits
+from convflow.tasks.evaluate import evaluate_model
+from convflow.tasks.export_savedmodel import MODEL_VERSION, export_model
+from convflow.modeling.export_check import FRESH_PROCESS, ExportMismatch, FreshProcessCheck, verify_saved_model
 from convflow.tasks.freeze_and_wrap import freeze_and_wrap_model
 from convflow.tasks.to_tfrecords import write_tfrecords
 from convflow.tasks.train import checkpoint_key, train_model
@@ -62,7 +63,7 @@ def digits_export(tmp_path_factory, digits_trained, digits_tfrecords):
 def test_train_writes_model_and_history(digits_trained, digits_wrapped, digits_train_config, digits_tfrecords):
     history = pq.read_table(digits_trained.history_parquet)
 
-    assert_schema(history.schema, tables.HISTORY_SCHEMA)
+    assert_schema(history.schema, schemas.HISTORY_SCHEMA)
     rows = history.to_pylist()
     assert [row["epoch"] for row in rows] == [1, 2]  # one row per epoch
     for row in rows:
@@ -194,8 +195,8 @@ def test_evaluate_outputs_agree(digits_evaluation, digits_tfrecords, digits_spli
     predictions = pq.read_table(digits_evaluation.predictions_parquet)
     metrics = pq.read_table(digits_evaluation.metrics_parquet)
     confusion = json.loads(open(digits_evaluation.confusion_json).read())
-    assert_schema(predictions.schema, tables.PREDICTIONS_SCHEMA)
-    assert_schema(metrics.schema, tables.METRICS_SCHEMA)
+    assert_schema(predictions.schema, schemas.PREDICTIONS_SCHEMA)
+    assert_schema(metrics.schema, schemas.METRICS_SCHEMA)
 
     rows = predictions.to_pydict()
     labels, predicted = np.asarray(rows["label"]), np.asarray(rows["predicted"])
@@ -348,7 +349,7 @@ def test_export_checks_against_the_evaluate_stage_predictions(digits_trained, di
     # predictions.parquet is what the SavedModel is held to: a different one is refused
     tampered = pq.read_table(digits_evaluation.predictions_parquet).to_pydict()
     tampered["probabilities"][3] = tampered["probabilities"][3][::-1]
-    pq.write_table(pa.table(tampered, schema=tables.PREDICTIONS_SCHEMA), tmp_path / "tampered.parquet")
+    pq.write_table(pa.table(tampered, schema=schemas.PREDICTIONS_SCHEMA), tmp_path / "tampered.parquet")
     wrong = digits_evaluation.model_copy(update={"predictions_parquet": str(tmp_path / "tampered.parquet")})
     with pytest.raises(ExportMismatch, match="differ from Keras"):
         export_model(digits_trained, digits_tfrecords, "digits", tmp_path / "export-2", wrong)
@@ -356,18 +357,19 @@ def test_export_checks_against_the_evaluate_stage_predictions(digits_trained, di
 
 
 def test_export_takes_the_fresh_process_started_ahead_of_it(digits_trained, digits_tfrecords, digits_evaluation, tmp_path):
-    with prestarted_fresh_process():
-        waiting = fast_start.waiting(FRESH_PROCESS)
-        assert waiting is not None and waiting.process.poll() is None  # importing TensorFlow, no model yet
-        exported = export_model(digits_trained, digits_tfrecords, "digits", tmp_path / "export", digits_evaluation)
-        assert fast_start.waiting(FRESH_PROCESS) is None  # taken: a second export starts its own
+    assert process_caches.start_ahead(FRESH_PROCESS, FreshProcessCheck)
+    waiting = process_caches.waiting(FRESH_PROCESS)
+    assert waiting is not None and waiting.process.poll() is None  # importing TensorFlow, no model yet
+    assert not process_caches.start_ahead(FRESH_PROCESS, FreshProcessCheck)  # one at a time
+    exported = export_model(digits_trained, digits_tfrecords, "digits", tmp_path / "export", digits_evaluation)
+    assert process_caches.waiting(FRESH_PROCESS) is None  # taken: a second export starts its own
+    process_caches.stop_unused(FRESH_PROCESS)  # nothing left to stop
     assert waiting.process.returncode == 0 and exported.max_abs_difference <= 1e-5
 
-    with prestarted_fresh_process():  # no export in the block (a cache hit): the process is stopped
-        unused = fast_start.waiting(FRESH_PROCESS)
-    assert unused.process.poll() is not None and fast_start.waiting(FRESH_PROCESS) is None
-    with prestarted_fresh_process(enabled=False):
-        assert fast_start.waiting(FRESH_PROCESS) is None
+    process_caches.start_ahead(FRESH_PROCESS, FreshProcessCheck)  # no export comes (a cache hit)
+    unused = process_caches.waiting(FRESH_PROCESS)
+    process_caches.stop_unused(FRESH_PROCESS)
+    assert unused.process.poll() is not None and process_caches.waiting(FRESH_PROCESS) is None
 
 
 def test_predictions_run_as_a_graph_equal_the_eager_model(digits_trained, digits_tfrecords):

@@ -23,7 +23,8 @@ import pytest
 
 from conftest import CONVFLOW, TINY_PIPELINES, last_json_line, wait_for, write_yaml
 from convflow.cli.app import main
-from convflow.config.schema import ConfigError, load_pipeline
+from convflow.config.errors import ConfigError
+from convflow.config.load import load_pipeline
 from prefect_server import Background, PrefectServer, prefect_client, started_server
 
 POOL = "gpu"
@@ -232,6 +233,9 @@ def _assert_resumed_run(run: PipelineRun, summary: dict, attempts: dict, first_p
     assert f"pid {second_pid}" in (run_dir / "write_report" / "report.html").read_text()  # the stage table
 
 
+@pytest.mark.e2e
+@pytest.mark.server
+@pytest.mark.xdist_group("train-on-pool")
 @pytest.mark.slow
 def test_training_process_killed_is_crashed_at_once_and_resumed(server, workers, tmp_path):
     run = PipelineRun(server, tmp_path, "killed-trainer")
@@ -251,6 +255,9 @@ def test_training_process_killed_is_crashed_at_once_and_resumed(server, workers,
     _assert_resumed_run(run, summary, attempts, training_pid, ran_second)
 
 
+@pytest.mark.e2e
+@pytest.mark.server
+@pytest.mark.xdist_group("train-on-pool")
 @pytest.mark.slow
 def test_lost_worker_costs_one_attempt_not_the_run(server, workers, tmp_path):
     run = PipelineRun(server, tmp_path, "lost-worker")
@@ -275,6 +282,9 @@ def _tree(root: Path) -> dict[str, tuple[int, int]]:
             for path in sorted(root.rglob("*")) if path.is_file()}
 
 
+@pytest.mark.e2e
+@pytest.mark.server
+@pytest.mark.xdist_group("train-on-pool")
 @pytest.mark.slow
 def test_worker_that_does_not_see_the_artifacts_root_fails_at_once(server, tmp_path):
     """The worker runs in a mount namespace where an empty folder covers the run's folder, as on a

@@ -11,7 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import PYTHON, REPO, run_convflow, write_yaml
-from convflow.config.schema import ConfigError, load_pipelines, tuned_spec
+from convflow.config.derive import tuned_spec
+from convflow.config.errors import ConfigError
+from convflow.config.load import load_pipelines
 from convflow.tasks.tune_trial import TrialResult, best_trial, search
 
 SPACE = {"learning_rate": {"min": 0.0003, "max": 0.01, "log": True}, "dropout": {"values": [0.0, 0.3]},
@@ -102,6 +104,7 @@ def _tune(root: Path, document: dict, program: list[str]) -> dict:
                         cwd=root, timeout=900, program=program).summary
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_a_tune_run_on_digits_lists_every_trial_goes_on_past_a_failed_one_and_gates_the_best(tmp_path,
                                                                                               tiny_document):

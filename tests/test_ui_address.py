@@ -15,6 +15,8 @@ from conftest import TASKS, TinyRunner, run_convflow, subprocess_env
 from convflow.runtime.fast_start import wait_until_healthy
 from prefect_server import PREFECT, Background, free_port
 
+pytestmark = [pytest.mark.e2e, pytest.mark.server]
+
 
 # What a browser sends when it opens an address: Prefect's server answers it with the UI's page.
 BROWSER_NAVIGATION = {"Accept": "text/html,application/xhtml+xml", "Sec-Fetch-Mode": "navigate",

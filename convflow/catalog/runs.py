@@ -8,13 +8,13 @@ import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from convflow.catalog import registry
+from convflow.catalog import registry, schemas
 from convflow.catalog import tables
 from convflow.core.records import Evaluation, ExportedModel, Report, RunSummary, SplitSet, StageRun, TrainedModel
-from convflow.core.stage import RunContext
+from convflow.core.context import RunContext
 
 if TYPE_CHECKING:  # the comparison's module imports what a training run does not need
-    from convflow.tasks.compare_report import Comparison
+    from convflow.catalog.comparisons import Comparison
 
 UNCHANGED = "unchanged"
 
@@ -39,7 +39,7 @@ def catalog_row(
     variant: str | None = None, run_tables: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """The runs.parquet row of one run, or of one variant of a comparison; `run_tables` maps
-    tables.RUN_TABLES names to the run's Parquet files."""
+    schemas.RUN_TABLES names to the run's Parquet files."""
     return {
         **summary.model_dump(include={"pipeline", "run_id", "status", "config_hash", "data_fingerprint",
                                       "test_accuracy", "passed_gate", "gate_reason", "model", "saved_model",
@@ -50,7 +50,7 @@ def catalog_row(
         "flow_run_id": str(flow_run_id) if flow_run_id is not None else None,
         "comparison_id": comparison_id,
         "variant": variant,
-        **{f"{name}_parquet": (run_tables or {}).get(name) for name in tables.RUN_TABLES},
+        **{f"{name}_parquet": (run_tables or {}).get(name) for name in schemas.RUN_TABLES},
     }
 
 

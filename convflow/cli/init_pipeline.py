@@ -13,7 +13,9 @@ from pathlib import Path
 
 import yaml
 
-from convflow.config.schema import PIPELINE_NAME, ConfigError, load_pipelines
+from convflow.config.errors import ConfigError
+from convflow.config.load import load_pipelines
+from convflow.config.schema import PIPELINE_NAME
 from convflow.core.storage import atomic_file
 from convflow.data.survey import SourceSurvey
 

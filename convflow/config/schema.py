@@ -1,4 +1,5 @@
-"""pipelines.yaml: one pydantic tree, validated at load time with the offending value in each message."""
+"""pipelines.yaml's schema: one pydantic tree, what the stages compute with. Reading the file and
+wording its errors live in load.py and errors.py, so that editing them never misses a stage's cache."""
 
 from __future__ import annotations
 
@@ -9,23 +10,18 @@ import zoneinfo
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
-    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
 
 from convflow.config.model_zoo import get_base_spec
-from convflow.config.yaml_loader import duplicate_keys
 
-# A mapping shown as a bad value is cut when longer than this: a whole pipeline buries the message.
-MAX_SHOWN_SECTION = 80
 PIPELINE_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 SOURCE_SCHEMES = ("sklearn", "tfds", "folder", "idx", "parquet")
 SKLEARN_DATASETS = ("digits",)
@@ -613,220 +609,9 @@ class PipelineSpec(StrictModel):
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-class ConfigError(ValueError):
-    """A pipelines file that cannot be used; `problems` holds one line per mistake."""
-
-    def __init__(self, path: Path, problems: list[str]):
-        self.path = path
-        self.problems = problems
-        super().__init__(f"{path}: {len(problems)} problem(s)\n" + "\n".join(problems))
-
-
 def _resolve(path: str, info: ValidationInfo) -> str:
     base_dir = (info.context or {}).get("base_dir")
     resolved = Path(path).expanduser()
     if base_dir is not None and not resolved.is_absolute():
         resolved = Path(base_dir) / resolved
     return str(resolved.resolve()) if base_dir is not None else str(resolved)
-
-
-def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def _describe(error: dict[str, Any]) -> str:
-    context = error.get("ctx") or {}
-    kind = error["type"]
-    if kind == "greater_than_equal":
-        return f"must be ≥ {context['ge']}"
-    if kind == "greater_than":
-        return f"must be > {context['gt']}"
-    if kind == "less_than_equal":
-        return f"must be ≤ {context['le']}"
-    if kind == "less_than":
-        return f"must be < {context['lt']}"
-    if kind == "extra_forbidden":
-        return "unknown key"
-    if kind == "missing":
-        return "required"
-    if kind == "literal_error":
-        return f"must be one of {context['expected']}"
-    if kind == "value_error":
-        return str(context.get("error", error["msg"]))
-    return error["msg"]
-
-
-def _format_error(prefix: str, error: dict[str, Any]) -> str:
-    path = ".".join([prefix, *(str(part) for part in error["loc"])])
-    message = _describe(error)
-    if error["type"] in ("missing",) or "input" not in error:
-        return f"{path}: {message}"
-    shown = json.dumps(error["input"], default=str)
-    if isinstance(error["input"], dict) and len(shown) > MAX_SHOWN_SECTION:
-        return f"{path}: {message}"  # a whole section as the value would bury the message
-    return f"{path}: {shown} — {message}"
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ConfigError(path, [f"{path}: file not found"]) from None
-    try:
-        document = yaml.safe_load(text)
-        duplicates = duplicate_keys(text)
-    except yaml.YAMLError as error:
-        raise ConfigError(path, [f"{path}: not valid YAML: {error}"]) from None
-    if duplicates:
-        raise ConfigError(path, [f"{path}: {duplicate}" for duplicate in duplicates])
-    if not isinstance(document, dict) or not isinstance(document.get("pipelines"), dict):
-        raise ConfigError(path, [f"{path}: must be a mapping with a 'pipelines:' mapping"])
-    unknown = sorted(set(document) - {"defaults", "pipelines"})
-    if unknown:
-        raise ConfigError(path, [f"{key}: unknown key; expected defaults or pipelines" for key in unknown])
-    return document
-
-
-def _validate_each(path: Path) -> tuple[dict[str, PipelineSpec], dict[str, list[str]]]:
-    """Every pipeline of the file validated on its own: the valid ones, and each invalid one's
-    problems, one line each. A file that cannot be read as a pipelines file raises.
-
-    Raises:
-        ConfigError: the file is missing, not YAML, or not shaped like a pipelines file.
-    """
-    document = _read_yaml(path)
-    defaults = document.get("defaults") or {}
-    if not isinstance(defaults, dict):
-        raise ConfigError(path, ["defaults: must be a mapping"])
-    specs: dict[str, PipelineSpec] = {}
-    problems: dict[str, list[str]] = {}
-    context = {"base_dir": str(path.resolve().parent)}
-    for key, body in document["pipelines"].items():
-        name, prefix = str(key), f"pipelines.{key}"
-        if not isinstance(body, dict):
-            problems[name] = [f"{prefix}: must be a mapping"]
-            continue
-        try:
-            specs[name] = PipelineSpec.model_validate({**_deep_merge(defaults, body), "name": name}, context=context)
-        except ValidationError as error:
-            problems[name] = [_format_error(prefix, item) for item in error.errors()]
-    return specs, problems
-
-
-def load_pipelines(path: str | Path) -> dict[str, PipelineSpec]:
-    """Load and validate every pipeline of a pipelines file (validate, serve and deploy: a person
-    is there to fix any mistake).
-
-    Raises:
-        ConfigError: listing every problem found, each with its path and bad value.
-    """
-    path = Path(path)
-    specs, problems = _validate_each(path)
-    if problems:
-        raise ConfigError(path, [line for lines in problems.values() for line in lines])
-    return specs
-
-
-def check_pipeline(path: str | Path, name: str) -> tuple[PipelineSpec, list[str]]:
-    """Load one pipeline by name (with `defaults:`); the other pipelines' mistakes do not stop it.
-
-    Returns:
-        The pipeline, and one warning per other pipeline that is invalid, naming it and its problems.
-
-    Raises:
-        ConfigError: pipeline `name` is invalid or missing, or the file itself is unusable.
-    """
-    path = Path(path)
-    specs, problems = _validate_each(path)
-    if name in problems:
-        raise ConfigError(path, problems[name])
-    if name not in specs:
-        known = sorted([*specs, *problems])
-        raise ConfigError(path, [f"pipelines.{name}: no such pipeline; expected one of {known}"])
-    warnings = [
-        f"{path}: pipeline {other!r} is invalid and cannot run until it is fixed ({name} is not affected): "
-        + "; ".join(lines)
-        for other, lines in problems.items()
-    ]
-    return specs[name], warnings
-
-
-def load_pipeline(path: str | Path, name: str) -> PipelineSpec:
-    """Load one pipeline by name, as check_pipeline; inside a Prefect flow or task run, each other
-    invalid pipeline is logged as a warning in that run's log (one broken entry of a shared file
-    must not stop every scheduled retraining, but it must be seen).
-
-    Raises:
-        ConfigError: pipeline `name` is invalid or missing, or the file itself is unusable.
-    """
-    spec, warnings = check_pipeline(path, name)
-    if warnings:
-        _log_warnings(warnings)
-    return spec
-
-
-def _log_warnings(warnings: list[str]) -> None:
-    """To the current Prefect run's log (the UI shows it), else to the `convflow.config.schema` logger."""
-    from convflow.runtime.run_log import run_logger
-
-    logger = run_logger("convflow.config.schema")
-    for warning in warnings:
-        logger.warning(warning)
-
-
-def _without_base_settings(body: dict[str, Any], model_overrides: dict[str, Any]) -> dict[str, Any]:
-    """The pipeline without the model settings that belong to its base, when a variant names
-    another base and does not set them itself: a MobileNet's alpha, or its weights file, fits no other."""
-    new_base = model_overrides.get("base")
-    if new_base is None or new_base == body["model"]["base"]:
-        return body
-    dropped = set(ModelConfig.BASE_SPECIFIC) - set(model_overrides)
-    return {**body, "model": {key: value for key, value in body["model"].items() if key not in dropped}}
-
-
-def tuned_spec(spec: PipelineSpec, settings: dict[str, float]) -> PipelineSpec:
-    """`spec` with tuned `settings` (TuneConfig names) in place, without its tune section.
-
-    Raises:
-        ValidationError: the settings make the pipeline invalid.
-    """
-    body = spec.model_dump(mode="json", exclude={"tune"})
-    for name, value in settings.items():
-        if name == "augment_strength":
-            steps = spec.train.augment_steps
-            body["train"]["augment"] = [{layer: None if setting is None else min(setting * value, AUGMENT_MAXIMUM[layer])
-                                         for layer, setting in step.items()} for step in steps]
-            continue
-        section, *path = TuneConfig.SETTINGS[name][0].split(".")
-        target = body[section]
-        for key in path[:-1]:
-            target = target[key]
-        target[path[-1]] = int(value) if name in TuneConfig.INTEGER_SETTINGS else float(value)
-    return PipelineSpec.model_validate(body)
-
-
-def variant_specs(spec: PipelineSpec, base_dir: str | Path) -> dict[str, PipelineSpec | list[str]]:
-    """Each compare variant of `spec` as a pipeline of its own (the pipeline deep-merged with the
-    variant's overrides, named like the pipeline, without a compare section), or that variant's
-    problems, one line each; relative paths in overrides resolve against `base_dir`."""
-    if spec.compare is None:
-        return {}
-    body = spec.model_dump(mode="json", exclude={"compare"})
-    results: dict[str, PipelineSpec | list[str]] = {}
-    for variant in spec.compare.variants:
-        overrides = variant.model_dump(include={"model", "train", "evaluate"})
-        try:
-            results[variant.name] = PipelineSpec.model_validate(
-                _deep_merge(_without_base_settings(body, overrides["model"]), overrides),
-                context={"base_dir": str(base_dir)},
-            )
-        except ValidationError as error:
-            prefix = f"pipelines.{spec.name}.compare.variants.{variant.name}"
-            results[variant.name] = [_format_error(prefix, item) for item in error.errors()]
-    return results

@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 
 from convflow.config.schema import DataConfig
+from convflow.core.errors import DataError
+from convflow.data.loaded import SPLIT_NAMES, LoadedSource
 
 BATCH_ROWS = 64  # rows of encoded images held at a time
 STREAM_BUFFER_BYTES = 1 << 20
@@ -69,7 +71,6 @@ def load_parquet(data: DataConfig, scratch_dir: Path):
     Raises:
         DataError: no Parquet file, a column missing (naming those found), or an unusable label.
     """
-    from convflow.data.sources import DataError, LoadedSource
 
     files = parquet_files(data.location)
     if not files:
@@ -86,7 +87,6 @@ def load_parquet(data: DataConfig, scratch_dir: Path):
 
 
 def _read_file(file: Path, index: int, columns: dict[str, str], images_dir: Path, rows: _Rows) -> None:
-    from convflow.data.sources import DataError
 
     table = open_streaming(file)
     found = table.schema_arrow.names
@@ -116,7 +116,6 @@ def _partition_value(file: Path, key: str) -> str | None:
 def _add_row(file: Path, index: int, row: int, image: Any, label: Any, split: Any, images_dir: Path,
              rows: _Rows) -> None:
     from convflow.data.imaging import check_image_file
-    from convflow.data.sources import SPLIT_NAMES
 
     where = f"{file} row {row}"
     path, problem = _image_path(image, file, images_dir / f"{index:04d}-{row:08d}")
@@ -164,7 +163,6 @@ def _image_path(image: Any, file: Path, stem: Path) -> tuple[Path | None, str | 
 def _label_indices(values: list[Any], data: DataConfig) -> tuple[np.ndarray, list[str]]:
     """Integer labels and their names: string labels sorted by name; integer labels as they are,
     named by data.label_names (else "0", "1", ...)."""
-    from convflow.data.sources import DataError
 
     if all(isinstance(value, int) and not isinstance(value, bool) for value in values):
         top = max(values, default=-1)

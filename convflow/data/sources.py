@@ -17,43 +17,21 @@ import os
 import socket
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from convflow.config.schema import DataConfig
 from convflow.core.errors import DataError
+from convflow.data.loaded import SPLIT_NAMES, LoadedSource
 from convflow.data.imaging import inspect_image_file
 from convflow.runtime.parallel import CHUNK, PROCESSES_FROM, ordered_map
 from convflow.data.parquet_source import fingerprint_files, load_parquet
 from convflow.runtime.progress import StageProgress
 
-SPLIT_NAMES = ("train", "validation", "test")
 NETWORK_PROBE = ("storage.googleapis.com", 443)
 TFDS_HASH_CHUNK = 256  # TFDS examples held at a time while hashing
-
-
-@dataclass
-class LoadedSource:
-    """Examples of one source, before splitting.
-
-    At most one of `images` (N x H x W x C uint8) and `files` is set; neither for TFDS, whose
-    examples to_tfrecords streams from the dataset again. `digests` (N x 32 uint8), where set,
-    holds the sha256 of each example's bytes as read (folders, TFDS); download_and_split hashes
-    the others. `sizes` holds each image's (height, width) as found.
-    """
-
-    labels: np.ndarray
-    label_names: list[str]
-    example_ids: list[str]
-    images: np.ndarray | None = None
-    files: list[str] | None = None
-    sizes: list[tuple[int, int]] | np.ndarray = field(default_factory=list)
-    predefined_split: list[str | None] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-    digests: np.ndarray | None = None
-    channels: int | None = None  # of a TFDS source's images (the others' are in `images` or `files`)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import numpy as np
 from convflow.core.storage import atomic_file, locked
 from convflow.tfrecords import features
 from convflow.core.records import TFRecordSet, WrappedModel
-from convflow.core.stage import hash_json
+from convflow.core.hashing import hash_json
 
 FEATURE_DTYPE = np.float16
 # The last layer of the frozen front, in the order wrap() builds a classifier: the pooling when

@@ -9,6 +9,7 @@ SavedModel loads on its own.
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -37,6 +38,50 @@ def verify_saved_model(saved_model: Path, images: np.ndarray, expected: np.ndarr
     if difference > TOLERANCE:
         raise ExportMismatch(f"{saved_model}: SavedModel probabilities differ from Keras by {difference:.2e}")
     return difference
+
+
+class FreshProcessCheck:
+    """A Python process that imports TensorFlow as soon as it starts, then checks one SavedModel.
+
+    Used as a context manager: leaving it early (the export failed) stops the process.
+    """
+
+    def __init__(self) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "convflow.modeling.export_check"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+
+    def __enter__(self) -> FreshProcessCheck:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """Kill the process if it has not finished (the export failed, or never came)."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.communicate()
+
+    def verify(self, saved_model: Path, images: np.ndarray, expected: np.ndarray) -> float:
+        """The largest |SavedModel - expected| probability, as the fresh process found it.
+
+        Raises:
+            ExportMismatch: above TOLERANCE, or the SavedModel did not load there.
+        """
+        check = saved_model.parent / "verify.npz"
+        np.savez(check, images=images, expected=expected)
+        try:
+            stdout, stderr = self.process.communicate(f"{saved_model}\n{check}\n")
+        finally:
+            check.unlink()
+        if self.process.returncode != 0:
+            raise ExportMismatch(stderr.strip().splitlines()[-1] if stderr.strip() else f"exit {self.process.returncode}")
+        return float(stdout.strip().splitlines()[-1])
+
+
+FRESH_PROCESS = "export-check"  # process_caches' name for the export check's process
 
 
 def main() -> None:

@@ -8,16 +8,10 @@ on a CPU; one trace per model in a process serves both stages of a `convflow run
 
 from __future__ import annotations
 
-import threading
 from concurrent.futures import Future
 
 from convflow.core.records import TFRecordSet
-
-# The serving function last made (or being made) in this process:
-# (model, what it was made for, a Future of the tf.function).
-_last_made: tuple[object, tuple, Future] | None = None
-_made_lock = threading.Lock()
-
+from convflow.runtime.process_caches import traced_once
 
 def serving_function(model, tfrecords: TFRecordSet):
     """The traced tf.function serving `model` for images like `tfrecords`'; the same object again
@@ -37,26 +31,8 @@ def trace_ahead(model, tfrecords: TFRecordSet) -> Future:
 
 
 def _made(model, tfrecords: TFRecordSet, in_background: bool) -> Future:
-    global _last_made
     made_for = (tuple(tfrecords.image_size), tfrecords.channels, tuple(tfrecords.label_names))
-    with _made_lock:
-        if _last_made is not None and _last_made[0] is model and _last_made[1] == made_for:
-            return _last_made[2]
-        future = Future()
-        _last_made = (model, made_for, future)
-    if in_background:
-        threading.Thread(target=_fill, args=(future, model, made_for), name="trace-serving", daemon=True).start()
-    else:
-        _fill(future, model, made_for)
-    return future
-
-
-def _fill(future: Future, model, made_for: tuple) -> None:
-    try:
-        future.set_result(_traced(model, *made_for))
-    except BaseException as error:  # raised again where the function is wanted
-        future.set_exception(error)
-
+    return traced_once(model, made_for, lambda: _traced(model, *made_for), in_background)
 
 def _traced(model, image_size: tuple[int, int], channels: int, label_names: tuple[str, ...]):
     import tensorflow as tf

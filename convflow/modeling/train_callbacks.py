@@ -14,7 +14,7 @@ import socket
 import time
 from pathlib import Path
 
-from convflow.runtime.run_log import run_logger
+from convflow.core.run_log import run_logger
 
 
 def _format_metrics(logs: dict) -> str:

@@ -278,38 +278,6 @@ def exit_process(code: int) -> None:
     sys.exit(code)
 
 
-# ----------------------------------------------------------------------------- helpers started early
-
-_prestarted: dict[str, Any] = {}
-
-
-@contextlib.contextmanager
-def prestarted(name: str, start: Callable[[], Any], enabled: bool = True) -> Iterator[None]:
-    """Start a helper (`start()`, an object with stop()) now, for a stage inside this block to take
-    with take_prestarted(`name`), so its start-up overlaps the stages before. Leaving the block
-    stops it if no stage took it (the stage was a cache hit, or an earlier one failed). Inside an
-    outer block that started one already, it starts none and leaves the outer's to the outer."""
-    started_here = enabled and name not in _prestarted
-    if started_here:
-        _prestarted[name] = start()
-    try:
-        yield
-    finally:
-        waiting = _prestarted.pop(name, None) if started_here else None
-        if waiting is not None:
-            waiting.stop()
-
-
-def take_prestarted(name: str, start: Callable[[], Any]) -> Any:
-    """The helper started ahead for `name`, or a new one: each is used once."""
-    return _prestarted.pop(name, None) or start()
-
-
-def waiting(name: str) -> Any:
-    """The helper started for `name` and not taken yet, or None."""
-    return _prestarted.get(name)
-
-
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="A temporary Prefect API server for one convflow run.")
     parser.add_argument("--port", type=int, required=True)

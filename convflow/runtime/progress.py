@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 
-from convflow.runtime.run_log import run_logger
+from convflow.core.run_log import run_logger
 
 SHOW_EVERY_SECONDS = 10.0
 BAR_WIDTH = 20

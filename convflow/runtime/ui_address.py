@@ -8,7 +8,6 @@ address that server serves its UI from.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 FLOW_RUN_PATH = "/runs/flow-run/"
 
@@ -35,14 +34,6 @@ def _database() -> str:
     if "sqlite" in url:
         return url.split(":///", 1)[-1]
     return "the database of PREFECT_API_DATABASE_CONNECTION_URL" if url else str(settings.home / "prefect.db")
-
-
-def flow_run_id(artifacts: Path, run_id: str) -> str | None:
-    """The Prefect flow run of convflow run `run_id`, from the runs catalog; None if not recorded."""
-    from convflow.catalog import tables
-
-    rows = tables.read_runs(artifacts / "runs.parquet").select(["run_id", "flow_run_id"]).to_pylist()
-    return next((row["flow_run_id"] for row in rows if row["run_id"] == run_id and row["flow_run_id"]), None)
 
 
 def ui_lines(flow_run: str, temporary_server: bool) -> list[str]:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from convflow.catalog import registry
+from convflow.catalog import registry, schemas
 from convflow.catalog import tables
 
 BATCH_SIZE = 64
@@ -165,11 +165,11 @@ def score(model: ScoringModel, items: Iterator[Input], progress=sys.stderr) -> t
 
 
 def predict(model: ScoringModel, inputs: list[str], output: Path, progress=sys.stderr) -> tuple[Path, int, int]:
-    """Score every input with `model` and write `output` (Parquet, tables.BATCH_PREDICTIONS_SCHEMA);
+    """Score every input with `model` and write `output` (Parquet, schemas.BATCH_PREDICTIONS_SCHEMA);
     returns the output path, rows scored and rows with an error."""
     rows, errors = score(model, gather_inputs(inputs), progress)
     output.parent.mkdir(parents=True, exist_ok=True)
-    tables.write_parquet(_table(rows), output)  # atomically: a reader never sees half a table
+    schemas.write_parquet(_table(rows), output)  # atomically: a reader never sees half a table
     return output, len(rows) - errors, errors
 
 
@@ -207,7 +207,7 @@ def score_new(model: ScoringModel, inputs: list[str], output_root: Path, progres
         now = datetime.datetime.now(datetime.timezone.utc)
         partition = output_root / f"scored_date={now:%Y-%m-%d}" / f"{now:%H%M%S%f}.parquet"
         partition.parent.mkdir(parents=True, exist_ok=True)
-        tables.write_parquet(_table(rows), partition)
+        schemas.write_parquet(_table(rows), partition)
     counts: dict[str, int] = {}
     for row in rows:
         if row["predicted"] is not None:
@@ -235,4 +235,4 @@ def _row(item: Input, model: ScoringModel, scored_at, probabilities=None, predic
 def _table(rows: list[dict]):
     import pyarrow as pa
 
-    return pa.Table.from_pylist(rows, schema=tables.BATCH_PREDICTIONS_SCHEMA)
+    return pa.Table.from_pylist(rows, schema=schemas.BATCH_PREDICTIONS_SCHEMA)

@@ -1,91 +1,28 @@
-"""The TFRecord feature spec: one definition, used by the writer (to_tfrecords) and every reader.
-
-Images are stored as raw uint8 bytes at the model's size, uncompressed by default: decoding costs
-a reshape, not a JPEG/PNG decode or an inflate, on every epoch. benchmarks/layout.py's table
-measured it the fastest to write and to read of raw, GZIP raw, PNG and JPEG records for both
-MNIST and 96/224 px photos (GZIP: 5x smaller for MNIST, but 5-25x slower to write photos).
-`data.compression: gzip` trades that speed for disk space; a shard's name says its compression.
-
-`data.record_format` stores images as raw bytes, JPEG or PNG instead; a shard's name says its
-format too (`.jpeg.tfrecord`, `.png.tfrecord`; raw shards keep their plain name), so every reader
-decodes what was written without being told. `auto` chooses by `choose_record_format`'s rule.
-"""
+"""The TFRecord reader's TensorFlow side: spec.py's features as a tf.io feature spec, the batched
+parser, and read_dataset. The spec's keys, formats and shard names are here too, so that a reader
+imports one module; they are defined in spec.py alone."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING
+
+from convflow.tfrecords.spec import (  # noqa: F401  (re-exported for readers)
+    COMPRESSIONS, EXAMPLE_ID, FEATURES, IMAGE, LABEL, RECORD_FORMATS, choose_record_format, compression_type,
+    fits_in_memory_budget, record_format_of, shard_name, shard_records, shard_suffix)
 
 if TYPE_CHECKING:
     import tensorflow as tf
 
-# data.compression -> (TFRecord compression type, shard file suffix)
-COMPRESSIONS = {"none": ("", ".tfrecord"), "gzip": ("GZIP", ".tfrecord.gz")}
-RECORD_FORMATS = ("raw", "jpeg", "png")
-# auto's rule (benchmarks/RESULTS.md, "Data at scale"): raw while the decoded dataset fits the
-# reader's in-memory cache (only the first epoch reads the disk) or while an image is small
-# enough that reading its raw bytes from disk beats decoding it; JPEG beyond (PNG for grayscale:
-# lossless, and JPEG saves little on one channel).
-AUTO_RAW_MAX_IMAGE_BYTES = 64 * 64 * 3
-IMAGE = "image"
-LABEL = "label"
-EXAMPLE_ID = "example_id"
-
-
-def choose_record_format(record_format: str, image_size: tuple[int, int], channels: int, examples: int) -> str:
-    """`data.record_format` resolved: itself, or for `auto` the format its rule picks for
-    `examples` images of `image_size` x `channels`."""
-    if record_format != "auto":
-        return record_format
-    image_bytes = image_size[0] * image_size[1] * channels
-    if image_bytes <= AUTO_RAW_MAX_IMAGE_BYTES or _fits_in_memory_budget(examples * image_bytes):
-        return "raw"
-    return "jpeg" if channels == 3 else "png"
-
-
-def shard_name(split: str, number: int, count: int, examples: int, record_format: str, compression: str) -> str:
-    """A shard's file name: its split, place, example count, record format and compression."""
-    kind = "" if record_format == "raw" else f".{record_format}"
-    return f"{split}-{number:05d}-of-{count:05d}.n{examples}{kind}{shard_suffix(compression)}"
-
-
-def record_format_of(shards: list[str]) -> str:
-    """The record format of shards written by to_tfrecords, from their file names.
-
-    Raises:
-        ValueError: the shards do not all share one format.
-    """
-    kinds = {next((kind for kind in RECORD_FORMATS[1:] if f".{kind}.tfrecord" in Path(shard).name), "raw")
-             for shard in shards}
-    if len(kinds) != 1:
-        raise ValueError(f"shards must share one record format ({sorted(kinds)} found): {shards}")
-    return kinds.pop()
+# Each shard reader's read-ahead: whole megabytes per disk read, not tf.data's 256 KB default.
+READ_BUFFER_BYTES = 1 << 20
 
 
 def feature_spec() -> dict[str, tf.io.FixedLenFeature]:
+    """spec.FEATURES as tf.io.parse_example's spec: one scalar of its kind per feature."""
     import tensorflow as tf
 
-    return {
-        IMAGE: tf.io.FixedLenFeature([], tf.string),
-        LABEL: tf.io.FixedLenFeature([], tf.int64),
-        EXAMPLE_ID: tf.io.FixedLenFeature([], tf.string),
-    }
-
-
-def shard_suffix(compression: str) -> str:
-    return COMPRESSIONS[compression][1]
-
-
-def compression_type(shards: list[str]) -> str:
-    """The TFRecord compression of shards written by to_tfrecords, from their file names.
-
-    Raises:
-        ValueError: the shards do not all share one compression.
-    """
-    kinds = {kind for kind, suffix in COMPRESSIONS.values() for shard in shards if shard.endswith(suffix)}
-    if len(kinds) != 1:
-        raise ValueError(f"shards must share one compression ({sorted(kinds)} found): {shards}")
-    return kinds.pop()
+    dtypes = {"bytes": tf.string, "int64": tf.int64}
+    return {key: tf.io.FixedLenFeature([], dtypes[kind]) for key, kind in FEATURES.items()}
 
 
 def make_parser(height: int, width: int, channels: int, record_format: str = "raw"):
@@ -107,27 +44,6 @@ def make_parser(height: int, width: int, channels: int, record_format: str = "ra
         return parsed
 
     return parse
-
-
-# Each shard reader's read-ahead: whole megabytes per disk read, not tf.data's 256 KB default.
-READ_BUFFER_BYTES = 1 << 20
-# Cache a split in memory only while it takes at most this share of the machine's memory.
-CACHE_MEMORY_SHARE = 0.25
-
-
-def _fits_in_memory(shards: list[str], image_size: tuple[int, int], channels: int) -> bool:
-    """Whether the decoded split fits the cache budget; the record count is in each shard's name."""
-    import re
-
-    records = sum(int(match.group(1)) for shard in shards if (match := re.search(r"\.n(\d+)\.", shard)))
-    return _fits_in_memory_budget(records * image_size[0] * image_size[1] * channels)
-
-
-def _fits_in_memory_budget(decoded_bytes: int) -> bool:
-    import os
-
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return decoded_bytes <= CACHE_MEMORY_SHARE * memory
 
 
 def read_dataset(
@@ -167,7 +83,7 @@ def read_dataset(
         return tuple(parsed[field] for field in fields)
 
     examples = records.batch(1024).map(parse_batch, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
-    if cache and _fits_in_memory(shards, image_size, channels):
+    if cache and fits_in_memory_budget(shard_records(shards) * image_size[0] * image_size[1] * channels):
         examples = examples.cache()
     if shuffle_buffer:
         examples = examples.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)

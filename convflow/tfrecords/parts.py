@@ -3,7 +3,7 @@
 A worker decodes a part's images, frames their records and writes the part file itself, then
 returns only the part's digest: the images never cross between processes (pickling 50 KB of
 pixels an image, twice through a pipe, cost more than a third of its decode). The stage's process
-joins the parts of each shard in order (record_writer.ShardOfParts). Light enough for worker
+joins the parts of each shard in order (writer.ShardOfParts). Light enough for worker
 processes: no TensorFlow, pydantic or Prefect.
 """
 

@@ -1,11 +1,10 @@
 """TFRecord shards of tf.train.Example records, written without importing TensorFlow.
 
 The worker processes that decode images and write shards must not import TensorFlow: each import
-costs ~700 MB resident and seconds of start-up per process. This module writes the same format by
-hand: TensorFlow's TFRecord framing of tf.train.Example messages with the features of
-convflow/tfrecords/features.py (image, label, example_id), encoded byte-for-byte as tf.train.Example serializes
-them (deterministically), and for uncompressed shards byte-identical to what tf.io.TFRecordWriter
-writes; tests check both.
+costs ~700 MB resident and seconds of start-up per process. This module writes the same format:
+tf.train.Example messages (example_proto's TF-free copy of the schema) holding spec.py's features,
+serialized deterministically as TensorFlow does, in TensorFlow's TFRecord framing; for uncompressed
+shards byte-identical to what tf.io.TFRecordWriter writes. Tests check both.
 """
 
 from __future__ import annotations
@@ -17,69 +16,18 @@ from types import TracebackType
 
 import google_crc32c
 
-# Protobuf wire format of the Example written (deterministic serialization: map entries by key):
-#   Example     { features = 1 (length-delimited) }
-#   Features    { feature = 1: one map entry per feature, {key = 1 (string), value = 2 (Feature)} }
-#   Feature     { bytes_list = 1 | int64_list = 3 }
-#   BytesList   { value = 1 (repeated bytes) }     Int64List { value = 1 (packed varints) }
-# Each length-delimited field is a tag byte (field << 3 | 2) followed by the varint length.
-_FIELD_1 = b"\x0a"
-_FIELD_2 = b"\x12"
-_FIELD_3 = b"\x1a"
-# Map entry keys (field 1), in the order deterministic serialization writes them.
-_EXAMPLE_ID_KEY = _FIELD_1 + b"\x0aexample_id"
-_IMAGE_KEY = _FIELD_1 + b"\x05image"
-_LABEL_KEY = _FIELD_1 + b"\x05label"
-_ONE_BYTE_VARINTS = [bytes([value]) for value in range(0x80)]
-_INT64_RANGE = range(-(1 << 63), 1 << 63)
+from convflow.tfrecords.example_proto import Example
+from convflow.tfrecords.spec import COMPRESSIONS, EXAMPLE_ID, FEATURES, IMAGE, LABEL
 
-# data.compression (convflow/tfrecords/features.py's COMPRESSIONS) -> zlib's window bits: 31 writes a gzip
-# stream, which TensorFlow's "GZIP" reader reads; zlib's gzip header has mtime 0, so the same
-# records make the same bytes.
+# data.compression "gzip" -> zlib's window bits: 31 writes a gzip stream, which TensorFlow's "GZIP"
+# reader reads; zlib's gzip header has mtime 0, so the same records make the same bytes.
 _GZIP_WINDOW_BITS = 31
-COMPRESSIONS = ("none", "gzip")
 # Whole megabytes per disk write rather than a syscall per record.
 WRITE_BUFFER_BYTES = 1 << 20
 # Records per part of a shard (ShardFile): a worker process's task, and one gzip member.
 PART_RECORDS = 256
-
-
-def _varint(value: int) -> bytes:
-    """A non-negative integer as a protobuf base-128 varint, low 7 bits first."""
-    if value < 0x80:
-        return _ONE_BYTE_VARINTS[value]
-    encoded = bytearray()
-    while value >= 0x80:
-        encoded.append(value & 0x7F | 0x80)
-        value >>= 7
-    encoded.append(value)
-    return bytes(encoded)
-
-
-def _delimited(tag: bytes, size: int) -> bytes:
-    """A length-delimited field's tag and length, for a payload of `size` bytes."""
-    return tag + _varint(size)
-
-
-def _bytes_entry_head(key: bytes, size: int) -> bytes:
-    """The map entry {key: Feature{bytes_list{value: [data]}}} up to its `size` bytes of data,
-    so the data itself is copied only once, into the joined Example."""
-    bytes_list = _delimited(_FIELD_1, size)
-    feature = _delimited(_FIELD_1, len(bytes_list) + size) + bytes_list
-    entry = key + _delimited(_FIELD_2, len(feature) + size) + feature
-    return _delimited(_FIELD_1, len(entry) + size) + entry
-
-
-def _label_entry(label: int) -> bytes:
-    """The map entry {"label": Feature{int64_list{value: [label]}}}; int64 varints of negative
-    numbers are their 64-bit two's complement."""
-    if label not in _INT64_RANGE:
-        raise ValueError(f"label {label} is not an int64")
-    value = _varint(label & 0xFFFF_FFFF_FFFF_FFFF)
-    int64_list = _delimited(_FIELD_1, len(value)) + value
-    feature = _delimited(_FIELD_3, len(int64_list)) + int64_list
-    entry = _LABEL_KEY + _delimited(_FIELD_2, len(feature)) + feature
-    return _delimited(_FIELD_1, len(entry)) + entry
+# spec.FEATURES' kinds -> the Feature field that holds a value of that kind.
+_LISTS = {key: f"{kind}_list" for key, kind in FEATURES.items()}
 
 
 def encode_example(image: bytes, label: int, example_id: str) -> bytes:
@@ -89,13 +37,11 @@ def encode_example(image: bytes, label: int, example_id: str) -> bytes:
     Raises:
         ValueError: the label is not an int64.
     """
-    id_bytes = example_id.encode()
-    id_entry = _bytes_entry_head(_EXAMPLE_ID_KEY, len(id_bytes)) + id_bytes
-    image_head = _bytes_entry_head(_IMAGE_KEY, len(image))
-    label_entry = _label_entry(int(label))
-    features_size = len(id_entry) + len(image_head) + len(image) + len(label_entry)
-    example_head = _delimited(_FIELD_1, features_size) + id_entry + image_head
-    return b"".join((example_head, image, label_entry))
+    example = Example()
+    feature = example.features.feature
+    for key, value in ((IMAGE, image), (LABEL, label), (EXAMPLE_ID, example_id.encode())):
+        getattr(feature[key], _LISTS[key]).value.append(value)
+    return example.SerializeToString(deterministic=True)
 
 
 def _masked_crc32c(data: bytes) -> bytes:
@@ -120,7 +66,7 @@ class ShardFile:
 
     def __init__(self, path: str | os.PathLike[str], compression: str) -> None:
         if compression not in COMPRESSIONS:
-            raise ValueError(f"unknown compression {compression!r}; expected one of {COMPRESSIONS}")
+            raise ValueError(f"unknown compression {compression!r}; expected one of {list(COMPRESSIONS)}")
         self.path = path
         self.records = 0
         self.digest: str | None = None
