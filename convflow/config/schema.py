@@ -61,7 +61,7 @@ class DataConfig(StrictModel):
     source: str = Field(description="sklearn:digits | tfds:NAME | folder:PATH | idx:PATH | parquet:PATH")
     image_size: tuple[int, int] = Field(description="Height, width the model sees.")
     channels: Literal[1, 3] = Field(3, description="1 for grayscale, 3 for RGB.")
-    split: SplitFractions = SplitFractions()
+    split: SplitFractions = Field(SplitFractions(), description="Shares of train, validation and test.")
     resize: Literal["stretch", "pad"] = Field(
         "stretch", description="Stretch to image_size, or keep the aspect ratio and pad."
     )
@@ -269,7 +269,7 @@ class TrainConfig(StrictModel):
     epochs: int = Field(10, ge=1, description="Passes over the training split.")
     batch_size: int = Field(64, ge=1, description="Examples per step (per replica on GPUs).")
     learning_rate: float = Field(1e-3, gt=0, description="Optimizer learning rate.")
-    optimizer: Literal["adam", "adamw", "sgd", "rmsprop"] = "adam"
+    optimizer: Literal["adam", "adamw", "sgd", "rmsprop"] = Field("adam", description="The Keras optimizer.")
     weight_decay: float | None = Field(
         None, ge=0, lt=1, description="Decoupled weight decay; default: the optimizer's (adamw 0.004, the others none)."
     )
@@ -528,12 +528,12 @@ class TuneConfig(StrictModel):
 
 
 class PipelineSpec(StrictModel):
-    name: SafeName
-    data: DataConfig
-    model: ModelConfig
-    train: TrainConfig = TrainConfig()
-    evaluate: EvaluateConfig = EvaluateConfig()
-    schedule: ScheduleConfig | None = None
+    name: SafeName = Field(description="The pipeline's key under `pipelines:`; it names its artifacts folder.")
+    data: DataConfig = Field(description="Where the images come from, the size the model sees, and the splits.")
+    model: ModelConfig = Field(description="The base network, its weights, and the head put on it.")
+    train: TrainConfig = Field(TrainConfig(), description="How the model is trained, and where.")
+    evaluate: EvaluateConfig = Field(EvaluateConfig(), description="The gate a model must pass to be promoted.")
+    schedule: ScheduleConfig | None = Field(None, description="When `convflow serve` or `deploy` retrains it.")
     retrain: Literal["on_change", "always"] = Field(
         "on_change",
         description="Scheduled runs: on_change trains only when the data fingerprint or config differs from "

@@ -9,6 +9,7 @@ SavedModel loads on its own.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -84,7 +85,14 @@ class FreshProcessCheck:
 FRESH_PROCESS = "export-check"  # process_caches' name for the export check's process
 
 
+# The process starts ahead of the export, beside the stages before it, and must take only the CPU
+# they leave idle (on 2 cores its TensorFlow import slowed the frozen base's feature pass); its
+# check, once those stages are done, runs alone anyway.
+BACKGROUND_NICENESS = 10
+
+
 def main() -> None:
+    os.nice(BACKGROUND_NICENESS)
     import tensorflow as tf  # imported, and its runtime started, while the exporting process still writes
 
     # One small convolution starts TensorFlow's eager runtime, thread pools and oneDNN, which

@@ -4,6 +4,7 @@ that takes them. None of it changes what a stage writes; a cold process computes
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Callable
@@ -38,6 +39,8 @@ def recalled_classifier(model_path: str | Path):
 
 # ----------------------------------------------------------------------------- one trace per model
 
+BACKGROUND_NICENESS = 10  # of work started ahead: it takes what the stages leave idle
+
 # The serving function last made (or being made): (model, what it was made for, a Future of it).
 _last_traced: tuple[object, tuple, Future] | None = None
 _traced_lock = threading.Lock()
@@ -53,10 +56,18 @@ def traced_once(model, made_for: tuple, trace: Callable[[], Any], in_background:
         future = Future()
         _last_traced = (model, made_for, future)
     if in_background:
-        threading.Thread(target=_fill, args=(future, trace), name="trace-serving", daemon=True).start()
+        threading.Thread(target=_fill_in_background, args=(future, trace), name="trace-serving", daemon=True).start()
     else:
         _fill(future, trace)
     return future
+
+
+def _fill_in_background(future: Future, trace: Callable[[], Any]) -> None:
+    """_fill at low priority: the trace overlaps the train stage's work and must take only the CPU
+    it leaves idle (Linux gives each thread its own niceness)."""
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICENESS)
+    _fill(future, trace)
 
 
 def _fill(future: Future, trace: Callable[[], Any]) -> None:
