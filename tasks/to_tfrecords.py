@@ -12,19 +12,20 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from convflow.data import imaging
 from convflow.config.schema import DataConfig
-from convflow.runtime.parallel import PROCESSES_FROM, ordered_map
-from convflow.runtime.progress import StageProgress
-from convflow.tfrecords.writer import PART_RECORDS, ShardFile, ShardOfParts, encode_example
-from convflow.tfrecords.parts import PartJob, write_part
-from convflow.data.sources import SPLIT_NAMES, DataError, iter_tfds_examples
-from convflow.core.storage import staged_output
-from convflow.tfrecords import spec
-from convflow.core.records import SplitSet, TFRecordSet
 from convflow.core.context import RunContext
 from convflow.core.hashing import hash_json
+from convflow.core.records import SplitSet, TFRecordSet
 from convflow.core.stage import stage_task
+from convflow.core.storage import staged_output
+from convflow.data import imaging
+from convflow.data.sources import SPLIT_NAMES, DataError, iter_tfds_examples
+from convflow.runtime.parallel import PROCESSES_FROM, ordered_map
+from convflow.runtime.progress import StageProgress
+from convflow.tfrecords import spec
+from convflow.tfrecords.parts import PartJob, write_part
+from convflow.tfrecords.writer import PART_RECORDS, ShardFile, ShardOfParts, encode_example
+
 
 @dataclass(frozen=True)
 class ShardJob:

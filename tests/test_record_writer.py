@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import tensorflow as tf
 
+from convflow.tfrecords import features
 from convflow.tfrecords.example_proto import Example
 from convflow.tfrecords.writer import PART_RECORDS, ShardFile, ShardOfParts, encode_example, shard_digest
-from convflow.tfrecords import features
 
 REPO = Path(__file__).resolve().parents[1]
 # Lengths whose varints take 1, 2 and 3 bytes, on both sides of each boundary, and a 128x128x3 image.

@@ -16,9 +16,9 @@ from PIL import Image
 from conftest import FOLDER_SPLIT, data_config, make_idx_folder
 from convflow.data import imaging
 from convflow.data.sources import DataError
-from convflow.tfrecords import features
 from convflow.tasks.download_and_split import split_dataset
 from convflow.tasks.to_tfrecords import write_tfrecords
+from convflow.tfrecords import features
 
 SHARD_NAME = re.compile(r"^(train|validation|test)-(\d{5})-of-(\d{5})\.n(\d+)\.tfrecord$")
 
@@ -101,7 +101,8 @@ def test_tf_data_parser_agrees_with_eager_decoding(digits_tfrecords):
     for example in read_raw(shard):
         feature = example.features.feature
         image = np.frombuffer(feature[features.IMAGE].bytes_list.value[0], np.uint8).reshape(12, 12, 1)
-        eager[feature[features.EXAMPLE_ID].bytes_list.value[0].decode()] = (image, feature[features.LABEL].int64_list.value[0])
+        label = feature[features.LABEL].int64_list.value[0]
+        eager[feature[features.EXAMPLE_ID].bytes_list.value[0].decode()] = (image, label)
 
     parsed = read_split(digits_tfrecords, "test")
     assert eager.keys() == parsed.keys()
@@ -157,7 +158,7 @@ def test_records_are_uncompressed_by_default_and_gzip_on_request(digits_split, d
 
     gzipped = write_tfrecords(digits_split, digits_data.model_copy(update={"compression": "gzip"}), tmp_path / "gz")
     assert gzipped.compression == "gzip"
-    assert all(shard.endswith(".n%d.tfrecord.gz" % gzipped.counts[split])
+    assert all(shard.endswith(f".n{gzipped.counts[split]}.tfrecord.gz")
                for split, shards in gzipped.shards.items() for shard in shards)
     # digits compress to about half; a gzip member per part of 256 records costs about 2% of that
     assert Path(gzipped.shards["train"][0]).stat().st_size < 0.55 * Path(raw_shard).stat().st_size
@@ -230,7 +231,7 @@ def test_a_failed_write_leaves_nothing_that_looks_complete(image_folder, tmp_pat
     with open(victim, "wb") as handle:  # the source changes between the stages
         handle.write(b"no longer an image")
 
-    with pytest.raises(Exception):
+    with pytest.raises(DataError, match=re.escape(f"{victim}: cannot decode")):
         write_tfrecords(split_set, data, tmp_path / "stage" / "to_tfrecords")
     assert not (tmp_path / "stage" / "to_tfrecords").exists()
     assert not any(".tmp-" in path.name for path in (tmp_path / "stage").glob("*"))
@@ -240,9 +241,9 @@ def _to_tfrecords_cache_key(data) -> str:
     """The real StageCachePolicy key of to_tfrecords for `data` (an empty result store)."""
     from types import SimpleNamespace
 
-    from convflow.tasks import to_tfrecords
     from convflow.core.cache_keys import StageCachePolicy
     from convflow.core.context import RunContext
+    from convflow.tasks import to_tfrecords
 
     task_context = SimpleNamespace(
         task=SimpleNamespace(name="to_tfrecords", fn=to_tfrecords.write_tfrecords),
@@ -264,7 +265,8 @@ def test_where_shards_are_written_is_not_part_of_the_cache_key_or_config_hash(di
         return PipelineSpec(name="p", data=data, model={"base": "mnist_cnn"})
 
     assert spec(on_dask).config_hash() == spec(gzipped).config_hash() == spec(digits_data).config_hash()
-    assert spec(digits_data.model_copy(update={"image_size": (14, 14)})).config_hash() != spec(digits_data).config_hash()
+    resized = digits_data.model_copy(update={"image_size": (14, 14)})
+    assert spec(resized).config_hash() != spec(digits_data).config_hash()
 
 
 def test_record_format_enters_the_cache_key(digits_data):
@@ -325,7 +327,8 @@ def test_a_dask_job_writes_the_shard_this_process_streams(image_folder, tmp_path
     assert shown[-1] == sum(split_set.counts.values()) == 60
 
     (tmp_path / "jobs").mkdir()
-    for job in to_tfrecords._shard_jobs(split_set, to_tfrecords._shard_plan(split_set.counts, data, "png", tmp_path / "jobs")):
+    plan = to_tfrecords._shard_plan(split_set.counts, data, "png", tmp_path / "jobs")
+    for job in to_tfrecords._shard_jobs(split_set, plan):
         to_tfrecords._decode_and_write_shard(job, None, data, "png")
     assert len(streamed.required_files()) > 2
     for shard in streamed.required_files():
@@ -365,13 +368,12 @@ def test_worker_processes_write_the_bytes_this_process_writes(tmp_path, monkeypa
     """Large datasets are checked and written by worker processes, a part of a shard each
     (PART_RECORDS images), joined here in order: the same split, the same shard bytes and digests
     as the threads of this process make; a damaged image is still named, and nothing written."""
-    from convflow.runtime import parallel
-    from convflow.data import sources
-    from convflow.tfrecords.writer import PART_RECORDS
-    from convflow.tasks import to_tfrecords
     from conftest import make_image_folder
-
     from convflow.config.schema import SplitFractions
+    from convflow.data import sources
+    from convflow.runtime import parallel
+    from convflow.tasks import to_tfrecords
+    from convflow.tfrecords.writer import PART_RECORDS
 
     folder = make_image_folder(tmp_path / "images", per_class=120, size=(10, 12))  # 360 images
     mostly_train = SplitFractions(train=0.8, validation=0.1, test=0.1)

@@ -7,8 +7,20 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from convflow.tfrecords.spec import (  # noqa: F401  (re-exported for readers)
-    COMPRESSIONS, EXAMPLE_ID, FEATURES, IMAGE, LABEL, RECORD_FORMATS, choose_record_format, compression_type,
-    fits_in_memory_budget, record_format_of, shard_name, shard_records, shard_suffix)
+    COMPRESSIONS,
+    EXAMPLE_ID,
+    FEATURES,
+    IMAGE,
+    LABEL,
+    RECORD_FORMATS,
+    choose_record_format,
+    compression_type,
+    fits_in_memory_budget,
+    record_format_of,
+    shard_name,
+    shard_records,
+    shard_suffix,
+)
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -103,8 +115,9 @@ def untuned_options() -> tf.data.Options:
     With it on, destroying an iterator can wait until the autotuner's thread
     wakes from its current sleep, and those sleeps lengthen the longer the iterator lives.
     Keras destroys the training and the validation iterator at the end of every epoch, so random
-    epochs took twice as long with the cores idle (benchmarks/RESULTS.md, session 4). Without the autotuner each AUTOTUNE parallelism is the number of
-    cores (at most 16), and prefetch still grows its buffer by itself (a tuner of its own).
+    epochs took twice as long with the cores idle (benchmarks/RESULTS.md, session 4). Without the
+    autotuner each AUTOTUNE parallelism is the number of cores (at most 16), and prefetch still
+    grows its buffer by itself (a tuner of its own).
     """
     import tensorflow as tf
 
