@@ -90,11 +90,26 @@ def last_json(text: str) -> dict:
 
 
 def plain_keras(dataset: str, epochs: int, batch_size: int) -> dict:
-    process = run_process([PYTHON, str(ROOT / "benchmarks" / "plain_keras.py"), dataset,
-                           "--epochs", str(epochs), "--batch-size", str(batch_size)])
+    process = run_process(
+        [
+            PYTHON,
+            str(ROOT / "benchmarks" / "plain_keras.py"),
+            dataset,
+            "--epochs",
+            str(epochs),
+            "--batch-size",
+            str(batch_size),
+        ]
+    )
     result = last_json(process.stdout)
-    return {"wall": process.wall, "cpu": process.cpu, "rss": process.peak_rss_mb, "ips": result["images_per_second"],
-            "best_epoch_ips": result["best_epoch_images_per_second"], "accuracy": result["test_accuracy"]}
+    return {
+        "wall": process.wall,
+        "cpu": process.cpu,
+        "rss": process.peak_rss_mb,
+        "ips": result["images_per_second"],
+        "best_epoch_ips": result["best_epoch_images_per_second"],
+        "accuracy": result["test_accuracy"],
+    }
 
 
 def convflow_run(
@@ -129,11 +144,18 @@ def convflow_fresh(pipeline: str, artifacts: Path) -> dict:
     process, summary = convflow_run(pipeline, artifacts)
     stages = {f"stage {stage['name']}": stage["seconds"] for stage in summary["stages"]}
     trained = trained_record(artifacts, summary)
-    return {"wall": process.wall, "cpu": process.cpu, "rss": process.peak_rss_mb, "accuracy": summary["test_accuracy"],
-            "ips": trained["images_per_second"], **stages,
-            "best_epoch_ips": best_epoch_images_per_second(
-                trained, artifacts / pipeline / summary["run_id"] / "download_and_split" / "splits.parquet"),
-            "outside stages": process.wall - sum(stages.values())}
+    return {
+        "wall": process.wall,
+        "cpu": process.cpu,
+        "rss": process.peak_rss_mb,
+        "accuracy": summary["test_accuracy"],
+        "ips": trained["images_per_second"],
+        **stages,
+        "best_epoch_ips": best_epoch_images_per_second(
+            trained, artifacts / pipeline / summary["run_id"] / "download_and_split" / "splits.parquet"
+        ),
+        "outside stages": process.wall - sum(stages.values()),
+    }
 
 
 def wait_until(
@@ -161,14 +183,23 @@ def running_prefect_server(home: Path):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     api_url = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_UI_API_URL": api_url}
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_API_URL": api_url,
+    }
     env.pop("PREFECT_API_URL", None)
-    server = subprocess.Popen([str(Path(PYTHON).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
-                               "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [str(Path(PYTHON).parent / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
-        wait_until(lambda: answers(f"{api_url}/health"), server,
-                   lambda: "prefect server start did not answer within 120 s")
+        wait_until(
+            lambda: answers(f"{api_url}/health"), server, lambda: "prefect server start did not answer within 120 s"
+        )
         yield api_url
     finally:
         server.terminate()
@@ -224,19 +255,42 @@ def compare_rows(m: dict, whole_run_target: str, whole_run_ok: bool, real_mnist:
     on digits the two test sets differ (convflow splits by content hash), one image is ~0.6 pt."""
     ips_ratio = m["cf_ips"] / m["plain_ips"]
     points = (m["cf_accuracy"] - m["plain_accuracy"]) * 100
-    stages = [Row(f"first run: {key.removeprefix('cf_stage ')} stage, wall s", value)
-              for key, value in m.items() if key.startswith("cf_stage ")]
+    stages = [
+        Row(f"first run: {key.removeprefix('cf_stage ')} stage, wall s", value)
+        for key, value in m.items()
+        if key.startswith("cf_stage ")
+    ]
     return [
-        Row("whole run, wall s", m["cf_wall"], m["plain_wall"], f"{m['cf_wall'] / m['plain_wall']:.2f}x",
-            whole_run_target, whole_run_ok),
+        Row(
+            "whole run, wall s",
+            m["cf_wall"],
+            m["plain_wall"],
+            f"{m['cf_wall'] / m['plain_wall']:.2f}x",
+            whole_run_target,
+            whole_run_ok,
+        ),
         Row("whole run, CPU s (user + system)", m["cf_cpu"], m["plain_cpu"], f"{m['cf_cpu'] / m['plain_cpu']:.2f}x"),
-        Row("training images/s", m["cf_ips"], m["plain_ips"], f"{ips_ratio:.3f}x",
-            *((">= 1.0x", ips_ratio >= 1.0) if real_mnist else ())),
-        Row("training images/s, fastest epoch", m["cf_best_epoch_ips"], m["plain_best_epoch_ips"],
-            f"{m['cf_best_epoch_ips'] / m['plain_best_epoch_ips']:.3f}x"),
+        Row(
+            "training images/s",
+            m["cf_ips"],
+            m["plain_ips"],
+            f"{ips_ratio:.3f}x",
+            *((">= 1.0x", ips_ratio >= 1.0) if real_mnist else ()),
+        ),
+        Row(
+            "training images/s, fastest epoch",
+            m["cf_best_epoch_ips"],
+            m["plain_best_epoch_ips"],
+            f"{m['cf_best_epoch_ips'] / m['plain_best_epoch_ips']:.3f}x",
+        ),
         Row("peak RSS, MB", m["cf_rss"], m["plain_rss"], f"{m['cf_rss'] / m['plain_rss']:.2f}x"),
-        Row("test accuracy", m["cf_accuracy"], m["plain_accuracy"], f"{points:+.2f} pt",
-            *(("within 0.3 pt", abs(points) <= 0.3) if real_mnist else ())),
+        Row(
+            "test accuracy",
+            m["cf_accuracy"],
+            m["plain_accuracy"],
+            f"{points:+.2f} pt",
+            *(("within 0.3 pt", abs(points) <= 0.3) if real_mnist else ()),
+        ),
         *stages,
         Row("first run: outside stages (start-up, Prefect server, exit), wall s", m["cf_outside stages"]),
     ]
@@ -245,12 +299,28 @@ def compare_rows(m: dict, whole_run_target: str, whole_run_ok: bool, real_mnist:
 def rerun_rows(m: dict, rerun_epochs: int) -> list[Row]:
     cached_ratio = m["cached_wall"] / m["cf_wall"]
     return [
-        Row("cached rerun, wall s (baseline: first run)", m["cached_wall"], m["cf_wall"], f"{cached_ratio:.2f}x",
-            "<= 0.2x", cached_ratio <= 0.2),
-        Row("cached rerun, CPU s (baseline: first run)", m["cached_cpu"], m["cf_cpu"],
-            f"{m['cached_cpu'] / m['cf_cpu']:.2f}x"),
-        Row(f"rerun, epochs {rerun_epochs}, wall s (baseline: first run)", m["rerun_wall"], m["cf_wall"],
-            f"{m['rerun_wall'] / m['cf_wall']:.2f}x", "data stages cached", m["rerun_data_cached"] == 1.0),
+        Row(
+            "cached rerun, wall s (baseline: first run)",
+            m["cached_wall"],
+            m["cf_wall"],
+            f"{cached_ratio:.2f}x",
+            "<= 0.2x",
+            cached_ratio <= 0.2,
+        ),
+        Row(
+            "cached rerun, CPU s (baseline: first run)",
+            m["cached_cpu"],
+            m["cf_cpu"],
+            f"{m['cached_cpu'] / m['cf_cpu']:.2f}x",
+        ),
+        Row(
+            f"rerun, epochs {rerun_epochs}, wall s (baseline: first run)",
+            m["rerun_wall"],
+            m["cf_wall"],
+            f"{m['rerun_wall'] / m['cf_wall']:.2f}x",
+            "data stages cached",
+            m["rerun_data_cached"] == 1.0,
+        ),
         Row(f"Prefect: s per cached task ({m['cached_stage_count']:.0f} cached)", m["per_task"]),
         Row("Prefect: cached run outside its stages, s", m["outside_stages"]),
     ]

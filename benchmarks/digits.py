@@ -10,7 +10,14 @@ import statistics
 from pathlib import Path
 
 from common import (
-    CONVFLOW, Row, compare_rows, convflow_run, rerun_rows, run_process, running_prefect_server, side_by_side,
+    CONVFLOW,
+    Row,
+    compare_rows,
+    convflow_run,
+    rerun_rows,
+    run_process,
+    running_prefect_server,
+    side_by_side,
 )
 
 TITLE = "digits-cnn: convflow vs plain Keras (10 epochs, batch 64)"
@@ -31,7 +38,11 @@ def rows(m: dict) -> list[Row]:
     return [
         *compare_rows(m, "<= plain + 15 s", m["cf_wall"] <= m["plain_wall"] + 15, real_mnist=False),
         *rerun_rows(m, RERUN_EPOCHS),
-        Row("cached rerun against a running Prefect server, wall s", m["served_cached_wall"], target="< 3 s",
-            ok=m["served_cached_wall"] < 3.0),
+        Row(
+            "cached rerun against a running Prefect server, wall s",
+            m["served_cached_wall"],
+            target="< 3 s",
+            ok=m["served_cached_wall"] < 3.0,
+        ),
         Row("convflow --help, wall s", m["help_wall"], target="< 1 s", ok=m["help_wall"] < 1.0),
     ]

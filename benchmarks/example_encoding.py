@@ -29,8 +29,9 @@ HAND_COMMIT = "3ee5f40eba81c93e6a1e94afae498184daf4af7b"
 
 def load_hand_encoder(scratch: Path):
     """writer.py as of HAND_COMMIT, importable (as hand_writer) here and in spawned worker processes."""
-    source = subprocess.run(["git", "-C", str(ROOT), "show", f"{HAND_COMMIT}:convflow/tfrecords/writer.py"],
-                            capture_output=True, check=True).stdout
+    source = subprocess.run(
+        ["git", "-C", str(ROOT), "show", f"{HAND_COMMIT}:convflow/tfrecords/writer.py"], capture_output=True, check=True
+    ).stdout
     (scratch / "hand_writer.py").write_bytes(source)
     sys.path.insert(0, str(scratch))  # spawned workers get this sys.path
     return importlib.import_module("hand_writer").encode_example
@@ -108,9 +109,11 @@ def stage(encoders: dict, inputs: dict, scratch: Path, repeats: int) -> None:
         print(f"  {name:<24} {sum(tfrecords.counts.values()):>6} images, {tfrecords.record_format}")
         for kind, times in (("wall", wall), ("cpu", cpu)):
             hand, message = (min(times[encoder]) for encoder in ("hand", "message"))
-            print(f"    {kind:<4}  hand {hand:6.2f} ({statistics.median(times['hand']):6.2f})   message {message:6.2f} "
-                  f"({statistics.median(times['message']):6.2f})   ratio {message / hand:.3f} "
-                  f"({statistics.median(times['message']) / statistics.median(times['hand']):.3f})")
+            print(
+                f"    {kind:<4}  hand {hand:6.2f} ({statistics.median(times['hand']):6.2f})   message {message:6.2f} "
+                f"({statistics.median(times['message']):6.2f})   ratio {message / hand:.3f} "
+                f"({statistics.median(times['message']) / statistics.median(times['hand']):.3f})"
+            )
 
 
 def main(repeats: int) -> None:
@@ -129,8 +132,9 @@ def main(repeats: int) -> None:
         inputs = {
             "mnist 28px": dict(source=f"idx:{DATA / 'mnist'}", image_size=(28, 28), channels=1),
             "flowers 96px": dict(source=f"folder:{DATA / 'flowers'}", image_size=(96, 96), channels=3),
-            "flowers 128px jpeg as-is": dict(source=f"folder:{DATA / 'flowers'}", image_size=(128, 128), channels=3,
-                                             record_format="jpeg"),
+            "flowers 128px jpeg as-is": dict(
+                source=f"folder:{DATA / 'flowers'}", image_size=(128, 128), channels=3, record_format="jpeg"
+            ),
             "generated 64px jpegs": dict(source=f"folder:{generated}", image_size=(64, 64), channels=3),
         }
         stage(encoders, inputs, scratch, repeats)

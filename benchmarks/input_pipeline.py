@@ -63,8 +63,11 @@ def mnist_classifier():
 
     model_config = ModelConfig(base="mnist_cnn")
     model = wrap(make_base(model_config, (28, 28, 1), 0), model_config, 10, 0)
-    model.compile(optimizer=keras.optimizers.Adam(1e-3),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-3),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
     return model
 
 
@@ -110,9 +113,13 @@ def repeat(scratch: Path) -> dict:
         "mnist_tfrecord_ips": images_per_second(read_dataset(mnist_train, (28, 28), 1, 128, cache=False)),
         "mnist_source_ips": images_per_second(idx_source_dataset(128)),
         "flowers_tfrecord_ips": images_per_second(
-            read_dataset(flowers_records.shards["train"], (96, 96), 3, 128, cache=False)),
-        "flowers_source_ips": images_per_second(jpeg_source_dataset(
-            [row["path"] for row in train_rows], [row["label"] for row in train_rows], (96, 96), 128)),
+            read_dataset(flowers_records.shards["train"], (96, 96), 3, 128, cache=False)
+        ),
+        "flowers_source_ips": images_per_second(
+            jpeg_source_dataset(
+                [row["path"] for row in train_rows], [row["label"] for row in train_rows], (96, 96), 128
+            )
+        ),
         "real_step_s": real_wall,
         "in_memory_step_s": in_memory_wall,
         "real_step_cpu": real_cpu,
@@ -123,8 +130,12 @@ def repeat(scratch: Path) -> dict:
 def rows(m: dict) -> list[Row]:
     def read(name: str, baseline: str) -> Row:
         ratio = m[f"{name}_tfrecord_ips"] / m[f"{name}_source_ips"]
-        return Row(f"{name}: read images/s, TFRecords (baseline: {baseline})", m[f"{name}_tfrecord_ips"],
-                   m[f"{name}_source_ips"], f"{ratio:.2f}x")
+        return Row(
+            f"{name}: read images/s, TFRecords (baseline: {baseline})",
+            m[f"{name}_tfrecord_ips"],
+            m[f"{name}_source_ips"],
+            f"{ratio:.2f}x",
+        )
 
     bound = m["real_step_s"] / m["in_memory_step_s"]
     cpu_bound = m["real_step_cpu"] / m["in_memory_step_cpu"]
@@ -133,8 +144,18 @@ def rows(m: dict) -> list[Row]:
         read("flowers", "JPEG decode+resize per epoch"),
         Row("flowers: TFRecord write images/s (write_tfrecords)", m["flowers_write_ips"]),
         Row("mnist: TFRecord write images/s (write_tfrecords)", m["mnist_write_ips"]),
-        Row(f"mnist_cnn step, ms (median of {STEPS}), TFRecord input (baseline: in memory)",
-            m["real_step_s"] * 1000, m["in_memory_step_s"] * 1000, f"{bound:.3f}x", "<= 1.05", bound <= 1.05),
-        Row("mnist_cnn step, CPU ms (mean), TFRecord input (baseline: in memory)", m["real_step_cpu"] * 1000,
-            m["in_memory_step_cpu"] * 1000, f"{cpu_bound:.3f}x"),
+        Row(
+            f"mnist_cnn step, ms (median of {STEPS}), TFRecord input (baseline: in memory)",
+            m["real_step_s"] * 1000,
+            m["in_memory_step_s"] * 1000,
+            f"{bound:.3f}x",
+            "<= 1.05",
+            bound <= 1.05,
+        ),
+        Row(
+            "mnist_cnn step, CPU ms (mean), TFRecord input (baseline: in memory)",
+            m["real_step_cpu"] * 1000,
+            m["in_memory_step_cpu"] * 1000,
+            f"{cpu_bound:.3f}x",
+        ),
     ]

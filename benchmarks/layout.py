@@ -9,13 +9,16 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from common import DATA, Row, images_per_second, import_code_under_test
 
 TITLE = "TFRecord layouts: write and read images/s (baseline: raw uint8, uncompressed)"
 # name -> (image encoding, TFRecord compression); "raw" is convflow's own writer and reader.
-LAYOUTS = {"raw (default)": ("raw", "none"), "raw, gzip": ("raw", "gzip"), "png": ("png", "none"),
-           "jpeg q95 (lossy)": ("jpeg", "none")}
+LAYOUTS = {
+    "raw (default)": ("raw", "none"),
+    "raw, gzip": ("raw", "gzip"),
+    "png": ("png", "none"),
+    "jpeg q95 (lossy)": ("jpeg", "none"),
+}
 LAYOUT_SHARD = 1_000
 
 
@@ -38,27 +41,33 @@ def write_layout(images: np.ndarray, encoding: str, compression: str, directory:
 
     import tensorflow as tf
 
-    from convflow.tfrecords import features
     from convflow.tasks.to_tfrecords import _write_shard
+    from convflow.tfrecords import features
 
     directory.mkdir(parents=True)
     starts = range(0, len(images), LAYOUT_SHARD)
-    paths = [str(directory / f"s{start:06d}.n{len(images[start:start + LAYOUT_SHARD])}"
-                 f"{features.shard_suffix(compression)}") for start in starts]
+    paths = [
+        str(
+            directory / f"s{start:06d}.n{len(images[start : start + LAYOUT_SHARD])}{features.shard_suffix(compression)}"
+        )
+        for start in starts
+    ]
 
     def encoded(path: str, chunk: np.ndarray) -> None:
         encode = tf.io.encode_png if encoding == "png" else lambda image: tf.io.encode_jpeg(image, quality=95)
         with tf.io.TFRecordWriter(path) as writer:
             for image in chunk:
                 feature = tf.train.Feature(bytes_list=tf.train.BytesList(value=[encode(image).numpy()]))
-                writer.write(tf.train.Example(features=tf.train.Features(
-                    feature={features.IMAGE: feature})).SerializeToString())
+                writer.write(
+                    tf.train.Example(features=tf.train.Features(feature={features.IMAGE: feature})).SerializeToString()
+                )
 
     def write(path: str, start: int) -> None:
-        chunk = images[start:start + LAYOUT_SHARD]
+        chunk = images[start : start + LAYOUT_SHARD]
         if encoding == "raw":
-            _write_shard(Path(path), chunk, np.zeros(len(chunk), np.int64), [str(i) for i in range(len(chunk))],
-                         compression)
+            _write_shard(
+                Path(path), chunk, np.zeros(len(chunk), np.int64), [str(i) for i in range(len(chunk))], compression
+            )
         else:
             encoded(path, chunk)
 
@@ -81,7 +90,8 @@ def encoded_dataset(paths: list[str], shape: tuple[int, ...], batch_size: int):
         return tf.ensure_shape(tf.io.decode_image(image, channels=shape[-1], expand_animations=False), shape)
 
     records = tf.data.Dataset.from_tensor_slices(paths).interleave(
-        tf.data.TFRecordDataset, cycle_length=min(len(paths), 4), num_parallel_calls=tf.data.AUTOTUNE)
+        tf.data.TFRecordDataset, cycle_length=min(len(paths), 4), num_parallel_calls=tf.data.AUTOTUNE
+    )
     images = records.map(parse, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
     return images.map(lambda batch: (tf.cast(batch, tf.float32),)).prefetch(tf.data.AUTOTUNE)
 
@@ -96,8 +106,11 @@ def repeat(scratch: Path) -> dict:
             folder = scratch / dataset.replace(" ", "-") / encoding / compression
             result[f"{dataset}|{layout}|write"], paths = write_layout(images, encoding, compression, folder)
             result[f"{dataset}|{layout}|MB"] = sum(os.path.getsize(path) for path in paths) / 1e6
-            reader = (lambda: read_dataset(paths, images.shape[1:3], images.shape[3], 128, cache=False)) \
-                if encoding == "raw" else (lambda: encoded_dataset(paths, images.shape[1:], 128))
+            reader = (
+                (lambda paths=paths, shape=images.shape: read_dataset(paths, shape[1:3], shape[3], 128, cache=False))
+                if encoding == "raw"
+                else (lambda paths=paths, shape=images.shape: encoded_dataset(paths, shape[1:], 128))
+            )
             result[f"{dataset}|{layout}|read"] = max(images_per_second(reader()) for _ in range(2))
     return result
 
@@ -109,6 +122,12 @@ def rows(m: dict) -> list[Row]:
         for layout in LAYOUTS:
             for measure in ("write", "read"):
                 value, baseline = m[f"{dataset}|{layout}|{measure}"], m[f"{dataset}|{default}|{measure}"]
-                result.append(Row(f"{dataset}, {layout} ({m[f'{dataset}|{layout}|MB']:.1f} MB): {measure} images/s",
-                                  value, baseline, f"{value / baseline:.2f}x"))
+                result.append(
+                    Row(
+                        f"{dataset}, {layout} ({m[f'{dataset}|{layout}|MB']:.1f} MB): {measure} images/s",
+                        value,
+                        baseline,
+                        f"{value / baseline:.2f}x",
+                    )
+                )
     return result

@@ -7,7 +7,6 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
-
 from common import PYTHON, Row, last_json, run_process
 
 TITLE = "parquet: source, a table over 1 GB through the data stages: peak RSS"
@@ -15,7 +14,7 @@ TARGET_BYTES = 1_100_000_000
 GOAL_MB = 1536
 ROWS_PER_BATCH = 200
 
-DATA_STAGES = textwrap.dedent('''
+DATA_STAGES = textwrap.dedent("""
     import json, sys, time
     from pathlib import Path
     from convflow.config.schema import DataConfig
@@ -27,7 +26,7 @@ DATA_STAGES = textwrap.dedent('''
     split_set = split_dataset(data, Path(sys.argv[2]) / "split")
     tfrecords = write_tfrecords(split_set, data, Path(sys.argv[2]) / "tfrecords")
     print(json.dumps({"rows": sum(tfrecords.counts.values()), "seconds": time.perf_counter() - started}))
-''')
+""")
 
 
 def write_table(path: Path, target_bytes: int) -> tuple[int, int]:
@@ -61,8 +60,12 @@ def _data_stages(scratch: Path, name: str, target_bytes: int) -> dict:
     process = run_process([PYTHON, "-c", DATA_STAGES, str(table), str(scratch / name)])
     result = last_json(process.stdout)
     assert result["rows"] == rows
-    return {f"{name}_gb": size / 1e9, f"{name}_rows": rows, f"{name}_rss_mb": process.peak_rss_mb,
-            f"{name}_seconds": result["seconds"]}
+    return {
+        f"{name}_gb": size / 1e9,
+        f"{name}_rows": rows,
+        f"{name}_rss_mb": process.peak_rss_mb,
+        f"{name}_seconds": result["seconds"],
+    }
 
 
 def repeat(scratch: Path) -> dict:
@@ -74,9 +77,19 @@ def repeat(scratch: Path) -> dict:
 def rows(m: dict) -> list[Row]:
     return [
         Row(f"table size, GB ({m['large_rows']:,.0f} rows of 224x224 PNG bytes)", m["large_gb"]),
-        Row("download_and_split + to_tfrecords, peak RSS MB (largest process; baseline: a table of a quarter "
-            "of the size)", m["large_rss_mb"], m["quarter_rss_mb"], f"{m['large_rss_mb'] / m['quarter_rss_mb']:.2f}x",
-            f"< {GOAL_MB}", m["large_rss_mb"] < GOAL_MB),
-        Row("download_and_split + to_tfrecords, wall s (baseline: a quarter of the size)", m["large_seconds"],
-            m["quarter_seconds"], f"{m['large_seconds'] / m['quarter_seconds']:.2f}x"),
+        Row(
+            "download_and_split + to_tfrecords, peak RSS MB (largest process; baseline: a table of a quarter "
+            "of the size)",
+            m["large_rss_mb"],
+            m["quarter_rss_mb"],
+            f"{m['large_rss_mb'] / m['quarter_rss_mb']:.2f}x",
+            f"< {GOAL_MB}",
+            m["large_rss_mb"] < GOAL_MB,
+        ),
+        Row(
+            "download_and_split + to_tfrecords, wall s (baseline: a quarter of the size)",
+            m["large_seconds"],
+            m["quarter_seconds"],
+            f"{m['large_seconds'] / m['quarter_seconds']:.2f}x",
+        ),
     ]

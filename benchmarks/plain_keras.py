@@ -107,8 +107,15 @@ def train_and_test(data, epochs: int, batch_size: int, seed: int) -> dict:
             epoch_seconds.append(time.perf_counter() - self.started)
 
     started = time.perf_counter()
-    model.fit(x_train, y_train, batch_size=batch_size, epochs=epochs, validation_data=validation, verbose=0,
-              callbacks=[EpochTimer()])
+    model.fit(
+        x_train,
+        y_train,
+        batch_size=batch_size,
+        epochs=epochs,
+        validation_data=validation,
+        verbose=0,
+        callbacks=[EpochTimer()],
+    )
     fit_seconds = time.perf_counter() - started
     _, accuracy = model.evaluate(x_test, y_test, batch_size=256, verbose=0)
     return {
@@ -129,7 +136,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     loaders = {"digits": load_digits, "mnist": load_mnist}
-    result = {"dataset": args.dataset, **train_and_test(loaders[args.dataset](args.seed), args.epochs, args.batch_size, args.seed)}
+    result = {
+        "dataset": args.dataset,
+        **train_and_test(loaders[args.dataset](args.seed), args.epochs, args.batch_size, args.seed),
+    }
     result["wall_seconds"] = round(time.perf_counter() - STARTED, 3)
     print(json.dumps(result))
 

@@ -76,8 +76,9 @@ def frozen_mobilenet(size: int, num_classes: int):
     import keras
     from keras import layers
 
-    base = keras.applications.MobileNet(input_shape=(size, size, 3), alpha=0.25, include_top=False,
-                                        weights=str(WEIGHTS))
+    base = keras.applications.MobileNet(
+        input_shape=(size, size, 3), alpha=0.25, include_top=False, weights=str(WEIGHTS)
+    )
     base.trainable = False
     inputs = keras.Input((size, size, 3))
     features = base(layers.Rescaling(1 / 127.5, offset=-1)(inputs), training=False)
@@ -100,8 +101,11 @@ def main() -> None:
     photos, classes = list_photos(args.folder, dict(zip(SPLITS, args.split)))
     keras.utils.set_random_seed(args.seed)
     model = frozen_mobilenet(args.size, len(classes))
-    model.compile(optimizer=keras.optimizers.Adam(1e-3),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-3),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
     epoch_seconds: list[float] = []
 
     class EpochTimer(keras.callbacks.Callback):
@@ -117,14 +121,19 @@ def main() -> None:
     model.fit(train, validation_data=validation, epochs=args.epochs, verbose=0, callbacks=[EpochTimer()])
     fit_seconds = time.perf_counter() - started
     _, accuracy = model.evaluate(dataset(photos["test"], args.size, args.resize, 256, shuffle=False), verbose=0)
-    print(json.dumps({
-        "train_examples": len(photos["train"]), "test_examples": len(photos["test"]),
-        "fit_seconds": round(fit_seconds, 3),
-        "images_per_second": round(len(photos["train"]) * args.epochs / fit_seconds, 1),
-        "epoch_images_per_second": round(len(photos["train"]) / statistics.median(epoch_seconds), 1),
-        "test_accuracy": float(accuracy),
-        "wall_seconds": round(time.perf_counter() - STARTED, 3),
-    }))
+    print(
+        json.dumps(
+            {
+                "train_examples": len(photos["train"]),
+                "test_examples": len(photos["test"]),
+                "fit_seconds": round(fit_seconds, 3),
+                "images_per_second": round(len(photos["train"]) * args.epochs / fit_seconds, 1),
+                "epoch_images_per_second": round(len(photos["train"]) / statistics.median(epoch_seconds), 1),
+                "test_accuracy": float(accuracy),
+                "wall_seconds": round(time.perf_counter() - STARTED, 3),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

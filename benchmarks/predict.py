@@ -8,14 +8,13 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
-
 from common import CONVFLOW, PYTHON, Row, convflow_run, last_json, run_process
 
 TITLE = "convflow predict: images/s over a folder of PNGs (baseline: plain Keras model.predict)"
 IMAGES = 5_000
 GOAL = 0.9
 
-PLAIN_PREDICT = textwrap.dedent('''
+PLAIN_PREDICT = textwrap.dedent("""
     import json, sys, time
     from pathlib import Path
     import numpy as np
@@ -28,7 +27,7 @@ PLAIN_PREDICT = textwrap.dedent('''
     images = np.stack([np.asarray(Image.open(path).convert("L"), np.uint8)[..., None] for path in files])
     probabilities = keras.ops.softmax(model.predict(images.astype("float32"), batch_size=64, verbose=0))
     print(json.dumps({"images": len(files), "seconds": time.perf_counter() - started}))
-''')
+""")
 
 
 def write_images(folder: Path) -> None:
@@ -53,18 +52,39 @@ def repeat(scratch: Path) -> dict:
     folder = scratch / "images"
     write_images(folder)
     model = Path(summary["saved_model"]).parents[2] / "train" / "model.keras"
-    ours = run_process([CONVFLOW, "predict", "digits-cnn", str(folder), "--artifacts", str(artifacts),
-                        "--output", str(scratch / "out.parquet"), "--json"])
+    ours = run_process(
+        [
+            CONVFLOW,
+            "predict",
+            "digits-cnn",
+            str(folder),
+            "--artifacts",
+            str(artifacts),
+            "--output",
+            str(scratch / "out.parquet"),
+            "--json",
+        ]
+    )
     plain = run_process([PYTHON, "-c", PLAIN_PREDICT, str(model), str(folder)])
     assert last_json(ours.stdout)["scored"] == IMAGES and last_json(plain.stdout)["images"] == IMAGES
-    return {"convflow_ips": IMAGES / ours.wall, "plain_ips": IMAGES / plain.wall, "convflow_rss": ours.peak_rss_mb,
-            "plain_rss": plain.peak_rss_mb}
+    return {
+        "convflow_ips": IMAGES / ours.wall,
+        "plain_ips": IMAGES / plain.wall,
+        "convflow_rss": ours.peak_rss_mb,
+        "plain_rss": plain.peak_rss_mb,
+    }
 
 
 def rows(m: dict) -> list[Row]:
     ratio = m["convflow_ips"] / m["plain_ips"]
     return [
-        Row(f"images/s, {IMAGES:,} PNGs, whole process", m["convflow_ips"], m["plain_ips"], f"{ratio:.2f}x",
-            f">= {GOAL}x", ratio >= GOAL),
+        Row(
+            f"images/s, {IMAGES:,} PNGs, whole process",
+            m["convflow_ips"],
+            m["plain_ips"],
+            f"{ratio:.2f}x",
+            f">= {GOAL}x",
+            ratio >= GOAL,
+        ),
         Row("peak RSS, MB", m["convflow_rss"], m["plain_rss"], f"{m['convflow_rss'] / m['plain_rss']:.2f}x"),
     ]

@@ -46,8 +46,12 @@ def pipelines_file(name: str) -> Path:
 def run_pipeline(name: str, artifacts: Path) -> dict:
     """`convflow run NAME --json`: its summary, with the whole run's wall seconds."""
     started = time.perf_counter()
-    result = subprocess.run([str(CONVFLOW), "run", name, "-f", str(pipelines_file(name)), "--artifacts",
-                             str(artifacts), "--json"], capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [str(CONVFLOW), "run", name, "-f", str(pipelines_file(name)), "--artifacts", str(artifacts), "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     summary["wall_seconds"] = time.perf_counter() - started
     return summary

@@ -1,7 +1,7 @@
 """Side-by-side benchmarks: convflow against plain Keras, its input pipeline, Prefect's cost.
 
     .venv/bin/python benchmarks/run.py [--repeats N] [--mnist-repeats M]
-                                       [--only digits|mnist|input|layout|placement|predict|parquet-memory|transfer|scale ...] [--working-tree]
+        [--only digits|mnist|input|layout|placement|predict|parquet-memory|transfer|scale ...] [--working-tree]
 
 It measures convflow as committed at HEAD (convflow/, flows/, tasks/ and pipelines.yaml exported to
 a temporary folder, laid out as the installed package is), so that edits made to the working tree
@@ -46,8 +46,17 @@ import scale
 import transfer
 from common import CODE, ROOT, Row
 
-SECTIONS = {"digits": digits, "mnist": mnist, "input": input_pipeline, "layout": layout, "placement": placement,
-            "predict": predict, "parquet-memory": parquet_memory, "transfer": transfer, "scale": scale}
+SECTIONS = {
+    "digits": digits,
+    "mnist": mnist,
+    "input": input_pipeline,
+    "layout": layout,
+    "placement": placement,
+    "predict": predict,
+    "parquet-memory": parquet_memory,
+    "transfer": transfer,
+    "scale": scale,
+}
 
 
 def measure(section: str, repeats: int) -> tuple[list[Row], list[dict]]:
@@ -66,10 +75,14 @@ def spread(results: list[dict]) -> str:
     drifts between runs by more than some targets' margins, and a median alone hides that."""
     if not results or "plain_wall" not in results[0]:
         return ""
+
     def ratios(cf: str, plain: str) -> str:
         return ", ".join(f"{result[cf] / result[plain]:.2f}x" for result in results)
-    return (f"Each repeat, convflow / plain: whole run {ratios('cf_wall', 'plain_wall')}; training images/s "
-            f"{ratios('cf_ips', 'plain_ips')}; fastest epoch {ratios('cf_best_epoch_ips', 'plain_best_epoch_ips')}.")
+
+    return (
+        f"Each repeat, convflow / plain: whole run {ratios('cf_wall', 'plain_wall')}; training images/s "
+        f"{ratios('cf_ips', 'plain_ips')}; fastest epoch {ratios('cf_best_epoch_ips', 'plain_best_epoch_ips')}."
+    )
 
 
 NOTES = """## How
@@ -110,8 +123,10 @@ def table(rows: list[Row]) -> list[str]:
     lines = ["| measurement | convflow | baseline | ratio | target | ok |", "|---|---:|---:|---:|---|---|"]
     for row in rows:
         verdict = "" if row.ok is None else "PASS" if row.ok else "FAIL"
-        lines.append(f"| {row.name} | {_number(row.convflow)} | {_number(row.baseline)} | {row.ratio} "
-                     f"| {row.target} | {verdict} |")
+        lines.append(
+            f"| {row.name} | {_number(row.convflow)} | {_number(row.baseline)} | {row.ratio} "
+            f"| {row.target} | {verdict} |"
+        )
     return lines
 
 
@@ -123,8 +138,12 @@ def git(*args: str) -> str:
 # installed package (pyproject's package-dir maps flows/ and tasks/ into convflow), so that
 # PYTHONPATH alone imports all of it. A commit of the older layout has no top-level flows/ or
 # tasks/: they come inside convflow/.
-PACKAGE_LAYOUT = {"convflow": "convflow", "flows": "convflow/flows", "tasks": "convflow/tasks",
-                  "pipelines.yaml": "pipelines.yaml"}
+PACKAGE_LAYOUT = {
+    "convflow": "convflow",
+    "flows": "convflow/flows",
+    "tasks": "convflow/tasks",
+    "pipelines.yaml": "pipelines.yaml",
+}
 
 
 def laid_out(checkout: Path, directory: Path, place: Callable[[Path, Path], object]) -> Path:
@@ -133,8 +152,9 @@ def laid_out(checkout: Path, directory: Path, place: Callable[[Path, Path], obje
     pipelines' relative data paths still resolve)."""
     code = directory / "convflow-code"
     (code / "convflow").mkdir(parents=True)
-    moved_in = {path: where for path, where in PACKAGE_LAYOUT.items()
-                if path != "convflow" and (checkout / path).exists()}
+    moved_in = {
+        path: where for path, where in PACKAGE_LAYOUT.items() if path != "convflow" and (checkout / path).exists()
+    }
     for child in (checkout / "convflow").iterdir():  # one by one, as flows/ and tasks/ join them
         if f"convflow/{child.name}" not in moved_in.values():  # the top-level one wins, as when installed
             place(child, code / "convflow" / child.name)
@@ -152,8 +172,7 @@ def snapshot_head(directory: Path) -> tuple[Path, str]:
     exported.mkdir()
     # Only the paths the commit has: git archive fails on any other (an older layout's flows/, tasks/).
     committed = git("ls-tree", "--name-only", commit, "--", *PACKAGE_LAYOUT).splitlines()
-    archive = subprocess.run(["git", "archive", commit, *committed], cwd=ROOT, capture_output=True,
-                             check=True).stdout
+    archive = subprocess.run(["git", "archive", commit, *committed], cwd=ROOT, capture_output=True, check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(exported)], input=archive, check=True)
     return laid_out(exported, directory, Path.rename), f"commit {git('log', '-1', '--format=%h %s', commit)[:100]}"
 
@@ -171,19 +190,32 @@ def _loads(loads: tuple[float, ...]) -> str:
 
 
 def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
     versions = ", ".join(f"{name} {importlib.metadata.version(name)}" for name in ("tensorflow", "keras", "prefect"))
-    return f"{os.cpu_count()} cores, {cpu}, {platform.system()} {platform.release()}; python " \
-           f"{platform.python_version()}, {versions}"
+    return (
+        f"{os.cpu_count()} cores, {cpu}, {platform.system()} {platform.release()}; python "
+        f"{platform.python_version()}, {versions}"
+    )
 
 
 def section_block(section: str, rows: list[Row], results: list[dict], command: str, code: str, loads: tuple) -> str:
     lines = [
-        f"## {SECTIONS[section].TITLE}", "",
-        f"`{command}`: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}, {code}; median of "
+        f"## {SECTIONS[section].TITLE}",
+        "",
+        f"`{command}`: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M UTC}, {code}; median of "
         f"{len(results)} repeat(s); load average (1, 5, 15 min) before {_loads(loads[0])}, after {_loads(loads[1])}.",
-        "", f"Machine: {machine()}.", "", *table(rows), "",
+        "",
+        f"Machine: {machine()}.",
+        "",
+        *table(rows),
+        "",
     ]
     repeat_ratios = spread(results)
     if repeat_ratios:
@@ -222,12 +254,19 @@ def sections_help() -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=sections_help(),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog=sections_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--mnist-repeats", type=int, default=1)
-    parser.add_argument("--only", choices=list(SECTIONS), action="append",
-                        help="measure only this section (repeatable); RESULTS.md keeps the others as they were")
+    parser.add_argument(
+        "--only",
+        choices=list(SECTIONS),
+        action="append",
+        help="measure only this section (repeatable); RESULTS.md keeps the others as they were",
+    )
     parser.add_argument("--working-tree", action="store_true", help="measure the working tree, not HEAD")
     args = parser.parse_args()
     results_file = ROOT / "benchmarks" / "RESULTS.md"
@@ -239,8 +278,9 @@ def main() -> None:
             before = os.getloadavg()
             rows, results = measure(section, args.mnist_repeats if section == "mnist" else args.repeats)
             print("\n".join(["", SECTIONS[section].TITLE, *table(rows), spread(results)]), flush=True)
-            blocks[SECTIONS[section].TITLE] = section_block(section, rows, results, command, code,
-                                                            (before, os.getloadavg()))
+            blocks[SECTIONS[section].TITLE] = section_block(
+                section, rows, results, command, code, (before, os.getloadavg())
+            )
             results_file.write_text(report(blocks, tail))  # after each section: a later failure loses nothing
 
 

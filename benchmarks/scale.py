@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from common import CODE, DATA, PYTHON, Row, images_per_second, import_code_under_test, last_json
 
 TITLE = "Data at scale: bounded memory, data-stage rate, record formats read from disk"
@@ -34,7 +33,7 @@ READ_IMAGES = {64: 20_000, 224: 4_000}  # per cold-read row: enough for several 
 RSS_GOAL = 1.10
 RATE_GOAL = 0.8
 
-DATA_STAGES = textwrap.dedent('''
+DATA_STAGES = textwrap.dedent("""
     import json, sys, time
     from pathlib import Path
     import tensorflow  # imported before the clock starts, as the keras pass imports keras
@@ -50,9 +49,9 @@ DATA_STAGES = textwrap.dedent('''
     print(json.dumps({"images": sum(tfrecords.counts.values()), "split_s": split_s,
                       "seconds": time.perf_counter() - started, "format": tfrecords.record_format,
                       "shard_bytes": sum(tfrecords.file_sizes.values())}))
-''')
+""")
 
-KERAS_PASS = textwrap.dedent('''
+KERAS_PASS = textwrap.dedent("""
     import json, sys, time
     import keras
     started = time.perf_counter()
@@ -60,7 +59,7 @@ KERAS_PASS = textwrap.dedent('''
                                                        shuffle=False, verbose=False)
     images = sum(int(batch.shape[0]) for batch, _ in dataset)
     print(json.dumps({"images": images, "seconds": time.perf_counter() - started}))
-''')
+""")
 
 
 def _image(index: int) -> bytes:
@@ -92,7 +91,9 @@ def _write_images(folder: str, indices: range) -> None:
 
 def _generate(folder: Path, indices: range) -> None:
     chunks = [range(start, min(start + 5_000, indices.stop)) for start in range(indices.start, indices.stop, 5_000)]
-    with concurrent.futures.ProcessPoolExecutor(os.cpu_count(), mp_context=multiprocessing.get_context("spawn")) as pool:
+    with concurrent.futures.ProcessPoolExecutor(
+        os.cpu_count(), mp_context=multiprocessing.get_context("spawn")
+    ) as pool:
         list(pool.map(_write_images, [str(folder)] * len(chunks), chunks))
 
 
@@ -130,8 +131,9 @@ def tree_peak_rss(command: list[str]) -> tuple[dict, float, float]:
 
     env = {**os.environ, "PYTHONPATH": str(CODE.folder)}
     cpu_before = cpu_seconds()
-    process = subprocess.Popen(command, cwd=CODE.folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+    process = subprocess.Popen(
+        command, cwd=CODE.folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     peak = [0]
 
     def sample() -> None:
@@ -159,10 +161,18 @@ def data_stages(size: int, scratch: Path) -> dict:
     keras, keras_rss, keras_cpu = tree_peak_rss(["nice", PYTHON, "-c", KERAS_PASS, str(folder)])
     assert ours["images"] == keras["images"] == size, (ours, keras)
     subprocess.run(["rm", "-rf", str(scratch / f"run-{size}")], check=True)
-    return {f"{size}|ips": size / ours["seconds"], f"{size}|split_s": ours["split_s"], f"{size}|s": ours["seconds"],
-            f"{size}|rss": rss, f"{size}|shard_mb": ours["shard_bytes"] / 1e6, f"{size}|keras_ips": size / keras["seconds"],
-            f"{size}|keras_rss": keras_rss, f"{size}|{ours['format']}": 1.0, f"{size}|cpu_s": cpu,
-            f"{size}|keras_cpu_s": keras_cpu}
+    return {
+        f"{size}|ips": size / ours["seconds"],
+        f"{size}|split_s": ours["split_s"],
+        f"{size}|s": ours["seconds"],
+        f"{size}|rss": rss,
+        f"{size}|shard_mb": ours["shard_bytes"] / 1e6,
+        f"{size}|keras_ips": size / keras["seconds"],
+        f"{size}|keras_rss": keras_rss,
+        f"{size}|{ours['format']}": 1.0,
+        f"{size}|cpu_s": cpu,
+        f"{size}|keras_cpu_s": keras_cpu,
+    }
 
 
 def _drop_from_page_cache(paths: list[str]) -> None:
@@ -179,8 +189,8 @@ def _write_read_shards(pixels: int, record_format: str, directory: Path) -> list
     """READ_IMAGES[pixels] real photos (cats_vs_dogs, up to 500 px, repeated) at `pixels` square, in
     to_tfrecords' shards of 1,000."""
     from convflow.config.schema import DataConfig
-    from convflow.tfrecords import features
     from convflow.tasks.to_tfrecords import ShardJob, _decode_and_write_shard
+    from convflow.tfrecords import features
 
     photos = sorted(str(path) for path in (DATA / "cats_vs_dogs").rglob("*.jpg"))
     files = [photos[index % len(photos)] for index in range(READ_IMAGES[pixels])]
@@ -188,10 +198,14 @@ def _write_read_shards(pixels: int, record_format: str, directory: Path) -> list
     directory.mkdir(parents=True)
     paths = []
     for number, start in enumerate(range(0, len(files), 1_000)):
-        chunk = files[start:start + 1_000]
+        chunk = files[start : start + 1_000]
         path = directory / features.shard_name("train", number, 0, len(chunk), record_format, "none")
-        _decode_and_write_shard(ShardJob(str(path), list(range(len(chunk))), [0] * len(chunk),
-                                         [str(i) for i in range(len(chunk))], chunk), None, data, record_format)
+        _decode_and_write_shard(
+            ShardJob(str(path), list(range(len(chunk))), [0] * len(chunk), [str(i) for i in range(len(chunk))], chunk),
+            None,
+            data,
+            record_format,
+        )
         paths.append(str(path))
     return paths
 
@@ -205,7 +219,8 @@ def cold_reads(scratch: Path) -> dict:
             paths = _write_read_shards(pixels, record_format, scratch / f"read-{pixels}-{record_format}")
             _drop_from_page_cache(paths)
             result[f"read|{pixels}|{record_format}"] = images_per_second(
-                features.read_dataset(paths, (pixels, pixels), 3, 128, cache=False))
+                features.read_dataset(paths, (pixels, pixels), 3, 128, cache=False)
+            )
             result[f"read|{pixels}|{record_format}|kb"] = sum(map(os.path.getsize, paths)) / READ_IMAGES[pixels] / 1e3
     return result
 
@@ -228,14 +243,30 @@ def _stage_rows(m: dict) -> list[Row]:
     for size in sizes:
         chosen = next(fmt for fmt in ("raw", "jpeg", "png") if f"{size}|{fmt}" in m)
         rate, keras = m[f"{size}|ips"], m[f"{size}|keras_ips"]
-        result.append(Row(f"{size:,} images: data stages images/s ({m[f'{size}|s']:.0f} s, download_and_split "
-                          f"{m[f'{size}|split_s']:.0f} s; {chosen} records, {m[f'{size}|shard_mb']:,.0f} MB of shards) "
-                          "vs image_dataset_from_directory's decode pass", rate, keras, f"{rate / keras:.2f}x",
-                          f">= {RATE_GOAL}x", rate / keras >= RATE_GOAL))
+        result.append(
+            Row(
+                f"{size:,} images: data stages images/s ({m[f'{size}|s']:.0f} s, download_and_split "
+                f"{m[f'{size}|split_s']:.0f} s; {chosen} records, {m[f'{size}|shard_mb']:,.0f} MB of shards) "
+                "vs image_dataset_from_directory's decode pass",
+                rate,
+                keras,
+                f"{rate / keras:.2f}x",
+                f">= {RATE_GOAL}x",
+                rate / keras >= RATE_GOAL,
+            )
+        )
         rss, base = m[f"{size}|rss"], m[f"{smallest}|rss"]
-        result.append(Row(f"{size:,} images: peak RSS MB of the process tree (keras pass: "
-                          f"{m[f'{size}|keras_rss']:,.0f} MB) vs at {smallest:,}", rss, base, f"{rss / base:.2f}x",
-                          f"<= {RSS_GOAL:.2f}x", rss / base <= RSS_GOAL))
+        result.append(
+            Row(
+                f"{size:,} images: peak RSS MB of the process tree (keras pass: "
+                f"{m[f'{size}|keras_rss']:,.0f} MB) vs at {smallest:,}",
+                rss,
+                base,
+                f"{rss / base:.2f}x",
+                f"<= {RSS_GOAL:.2f}x",
+                rss / base <= RSS_GOAL,
+            )
+        )
     return result
 
 
@@ -252,6 +283,14 @@ def _read_rows(m: dict) -> list[Row]:
         best = min(near, key=sizes.get)  # the smaller of those within 10% of the fastest
         auto = features.choose_record_format("auto", (pixels, pixels), 3, 10**8)  # a dataset beyond the cache
         shown = ", ".join(f"{fmt} {rates[fmt]:,.0f}/s ({sizes[fmt]:,.1f} KB/image)" for fmt in rates)
-        result.append(Row(f"{pixels} px, one epoch from dropped pages: {shown}; auto picks {auto}", rates[auto],
-                          rates["raw"], f"{rates[auto] / rates['raw']:.2f}x", f"auto = {best}", auto == best))
+        result.append(
+            Row(
+                f"{pixels} px, one epoch from dropped pages: {shown}; auto picks {auto}",
+                rates[auto],
+                rates["raw"],
+                f"{rates[auto] / rates['raw']:.2f}x",
+                f"auto = {best}",
+                auto == best,
+            )
+        )
     return result

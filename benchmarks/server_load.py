@@ -20,11 +20,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="server-load-home-")
 
-from conftest import PYTHON  # noqa: E402
 from postgres import PostgresCluster, postgres_bin  # noqa: E402
 from prefect_server import PrefectServer, prefect_client  # noqa: E402
 
-TROUBLE = re.compile(r"database is locked|Server error '5\d\d|5\d\d Internal Server Error|Encountered exception in request")
+from conftest import PYTHON  # noqa: E402
+
+TROUBLE = re.compile(
+    r"database is locked|Server error '5\d\d|5\d\d Internal Server Error|Encountered exception in request"
+)
 FLOW = """
 from prefect import flow, task
 
@@ -43,8 +46,16 @@ server_load()
 def run_load(server: PrefectServer, processes: int, tasks: int) -> tuple[float, list[int], list[str]]:
     """All processes started at once; (wall seconds, exit codes, outputs)."""
     started = time.monotonic()
-    children = [subprocess.Popen([PYTHON, "-c", FLOW.format(tasks=tasks)], env=server.env, text=True,
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for _ in range(processes)]
+    children = [
+        subprocess.Popen(
+            [PYTHON, "-c", FLOW.format(tasks=tasks)],
+            env=server.env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for _ in range(processes)
+    ]
     outputs = [child.communicate(timeout=1800)[0] for child in children]
     return time.monotonic() - started, [child.returncode for child in children], outputs
 
@@ -78,9 +89,12 @@ def main(database: str, processes: int = 12, tasks: int = 100) -> None:
         if cluster:
             cluster.stop()
     troubles = sorted({match for output in outputs for match in TROUBLE.findall(output)})
-    print(f"{database}: {processes} flows of {tasks} tasks at once: {wall:.1f} s; exit codes {sorted(exits)}; "
-          f"flow runs {states}; {recorded} task runs, all recorded after {all_recorded:.1f} s; "
-          f"client errors {troubles or 'none'}; server log errors {sorted(set(TROUBLE.findall(server.output()))) or 'none'}")
+    print(
+        f"{database}: {processes} flows of {tasks} tasks at once: {wall:.1f} s; exit codes {sorted(exits)}; "
+        f"flow runs {states}; {recorded} task runs, all recorded after {all_recorded:.1f} s; "
+        f"client errors {troubles or 'none'}; "
+        f"server log errors {sorted(set(TROUBLE.findall(server.output()))) or 'none'}"
+    )
     shutil.rmtree(root, ignore_errors=True)
     shutil.rmtree(os.environ["PREFECT_HOME"], ignore_errors=True)
 

@@ -14,6 +14,7 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from convflow.catalog import runs
+from convflow.catalog.comparisons import Comparison, VariantResult
 from convflow.config.derive import variant_specs
 from convflow.config.errors import ConfigError
 from convflow.config.load import check_pipeline, load_pipeline
@@ -21,10 +22,9 @@ from convflow.config.schema import CompareConfig, PipelineSpec
 from convflow.core.context import RunContext
 from convflow.flows.sequences import compare_variant, data_stages
 from convflow.runtime.stage_runner import StageRunner
-from convflow.catalog.comparisons import Comparison
 from convflow.tasks.compare_report import compare_report
-from convflow.catalog.comparisons import VariantResult
 from convflow.tasks.compare_variant import failed_variant, measure_variants, promote_winner, rank_variants
+
 
 def new_comparison_id(now: datetime.datetime) -> str:
     return f"cmp-{now:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
@@ -74,7 +74,10 @@ def _outcome(name: str, spec: PipelineSpec | list[str], future: PrefectFuture | 
 
 @flow(name="convflow-compare", flow_run_name="{pipeline}", task_runner=ThreadPoolTaskRunner(max_workers=1))
 def compare_pipeline(
-    pipeline: str, pipelines_file: str = "pipelines.yaml", artifacts: str = "artifacts", runner: str = "sequential",
+    pipeline: str,
+    pipelines_file: str = "pipelines.yaml",
+    artifacts: str = "artifacts",
+    runner: str = "sequential",
 ) -> Comparison:
     """Run the data stages of `pipeline` once, fan its compare variants out on the flow's task
     runner, rank them, promote the winner when compare.promote is best, and report.
@@ -82,7 +85,7 @@ def compare_pipeline(
     Raises:
         ConfigError: the pipeline is invalid or has no compare section.
     """
-    started = datetime.datetime.now(datetime.timezone.utc)
+    started = datetime.datetime.now(datetime.UTC)
     spec = load_pipeline(pipelines_file, pipeline)
     if spec.compare is None:
         raise ConfigError(Path(pipelines_file), [f"pipelines.{pipeline}.compare: required by convflow compare"])
@@ -92,16 +95,30 @@ def compare_pipeline(
     split_set, tfrecords = data_stages(stages, spec, run)
     variants = variant_specs(spec, Path(pipelines_file).resolve().parent)
     variant_runs = {name: run.model_copy(update={"run_id": f"{run.run_id}-{name}"}) for name in variants}
-    futures = {name: compare_variant.submit(name, variant, tfrecords, variant_runs[name])
-               for name, variant in variants.items() if isinstance(variant, PipelineSpec)}
-    results = [_outcome(name, variant, futures.get(name), variant_runs[name].run_id)
-               for name, variant in variants.items()]
+    futures = {
+        name: compare_variant.submit(name, variant, tfrecords, variant_runs[name])
+        for name, variant in variants.items()
+        if isinstance(variant, PipelineSpec)
+    }
+    results = [
+        _outcome(name, variant, futures.get(name), variant_runs[name].run_id) for name, variant in variants.items()
+    ]
     results = measure_variants(results, tfrecords)
     ranked, verdict = promote_winner(rank_variants(results, spec.compare.metric), spec.compare.promote, run)
     comparison = Comparison(
-        pipeline=pipeline, comparison_id=run.run_id, started=started.isoformat(), metric=spec.compare.metric,
-        promote=spec.compare.promote, runner=runner, flow_pid=os.getpid(), data_fingerprint=split_set.data_fingerprint,
-        counts=tfrecords.counts, label_names=tfrecords.label_names, variants=ranked, verdict=verdict, stages=stages.timings,
+        pipeline=pipeline,
+        comparison_id=run.run_id,
+        started=started.isoformat(),
+        metric=spec.compare.metric,
+        promote=spec.compare.promote,
+        runner=runner,
+        flow_pid=os.getpid(),
+        data_fingerprint=split_set.data_fingerprint,
+        counts=tfrecords.counts,
+        label_names=tfrecords.label_names,
+        variants=ranked,
+        verdict=verdict,
+        stages=stages.timings,
         overrides={v.name: v.model_dump(include={"model", "train", "evaluate"}) for v in spec.compare.variants},
     )
     report = stages.run(compare_report, comparison, run)
@@ -110,9 +127,7 @@ def compare_pipeline(
     return comparison
 
 
-def run_comparison(
-    pipeline: str, pipelines_file: str, artifacts: str, dask_workers: int | None = None
-) -> Comparison:
+def run_comparison(pipeline: str, pipelines_file: str, artifacts: str, dask_workers: int | None = None) -> Comparison:
     """compare_pipeline on the task runner that the pipeline's compare section (or `dask_workers`) asks for.
 
     Raises:

@@ -20,8 +20,8 @@ from prefect.schedules import Cron, Interval, Schedule
 
 from convflow.config.load import load_pipelines
 from convflow.config.schema import PipelineSpec, ScheduleConfig
-from convflow.runtime.settings import process_environment
 from convflow.flows.train_pipeline import train_pipeline
+from convflow.runtime.settings import process_environment
 
 TAGS = ["convflow", "scheduled"]
 # The code the worker runs: this checkout (or install) of convflow, and the flow within it:
@@ -48,7 +48,7 @@ def scheduled_pipelines(pipelines_file: Path) -> dict[str, PipelineSpec]:
     if not scheduled:
         raise DeploymentError(
             f"{pipelines_file}: no pipeline has a schedule; add e.g. "
-            "`schedule: {cron: \"0 3 * * 1\", timezone: UTC}` to one"
+            '`schedule: {cron: "0 3 * * 1", timezone: UTC}` to one'
         )
     return scheduled
 
@@ -65,8 +65,11 @@ def _deployment_options(spec: PipelineSpec, pipelines_file: Path, artifacts: Pat
         "name": spec.name,
         "schedules": [prefect_schedule(spec.schedule)],
         "parameters": {
-            "pipeline": spec.name, "pipelines_file": str(pipelines_file), "artifacts": str(artifacts),
-            "scheduled": True, "force": force,
+            "pipeline": spec.name,
+            "pipelines_file": str(pipelines_file),
+            "artifacts": str(artifacts),
+            "scheduled": True,
+            "force": force,
         },
         "concurrency_limit": 1,  # a pipeline's runs queue; they never train over each other
         "tags": TAGS,
@@ -91,8 +94,11 @@ def _flows_and_options(pipelines_file: Path, artifacts: Path, force: bool):
 
     specs = scheduled_pipelines(pipelines_file).values()
     return [
-        *((train_pipeline, _deployment_options(spec, pipelines_file, artifacts, force)) for spec in specs
-          if spec.schedule),
+        *(
+            (train_pipeline, _deployment_options(spec, pipelines_file, artifacts, force))
+            for spec in specs
+            if spec.schedule
+        ),
         *((score_pipeline, _score_options(spec, pipelines_file, artifacts)) for spec in specs if spec.score),
     ]
 
@@ -154,8 +160,11 @@ def deploy_pipelines(pipelines_file: Path, artifacts: Path, pool: str, force: bo
     for flow, options in planned:
         from_source = flow.from_source(source=str(SOURCE_ROOT), entrypoint=_entrypoint(flow))
         created[f"{flow.name}/{options['name']}"] = from_source.deploy(
-            **options, work_pool_name=pool, job_variables={"env": process_environment(artifacts)},
-            print_next_steps=False, ignore_warnings=True,
+            **options,
+            work_pool_name=pool,
+            job_variables={"env": process_environment(artifacts)},
+            print_next_steps=False,
+            ignore_warnings=True,
         )
     return created
 

@@ -25,11 +25,19 @@ def score_pipeline(pipeline: str, pipelines_file: str = "pipelines.yaml", artifa
     if spec.score is None:
         raise ConfigError(Path(pipelines_file), [f"pipelines.{pipeline}.score: required by the scoring flow"])
     result = score_new_inputs(pipeline, str(Path(artifacts).resolve()), spec.score.input, spec.score.output)
-    rows = [{"what": "scored", "value": result["scored"]}, {"what": "errors", "value": result["errors"]},
-            {"what": "already scored by this model", "value": result["already_scored"]},
-            *({"what": f"predicted {name}", "value": count} for name, count in sorted(result["per_class"].items()))]
-    create_table_artifact(table=rows, key=f"{pipeline.replace('_', '-').replace('.', '-')}-scoring",
-                          description=f"{pipeline}: scoring with model version {result['model_version']}")
-    get_run_logger().info(f"{pipeline}: scored {result['scored']} ({result['errors']} errors), "
-                          f"{result['already_scored']} already scored; partition {result['partition']}")
+    rows = [
+        {"what": "scored", "value": result["scored"]},
+        {"what": "errors", "value": result["errors"]},
+        {"what": "already scored by this model", "value": result["already_scored"]},
+        *({"what": f"predicted {name}", "value": count} for name, count in sorted(result["per_class"].items())),
+    ]
+    create_table_artifact(
+        table=rows,
+        key=f"{pipeline.replace('_', '-').replace('.', '-')}-scoring",
+        description=f"{pipeline}: scoring with model version {result['model_version']}",
+    )
+    get_run_logger().info(
+        f"{pipeline}: scored {result['scored']} ({result['errors']} errors), "
+        f"{result['already_scored']} already scored; partition {result['partition']}"
+    )
     return result

@@ -11,6 +11,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from convflow.catalog import registry
+from convflow.catalog.comparisons import VariantResult
 from convflow.config.schema import PipelineSpec
 from convflow.core.context import RunContext
 from convflow.core.records import Evaluation, ExportedModel, SplitSet, TFRecordSet, TrainedModel, WrappedModel
@@ -18,7 +19,6 @@ from convflow.data.sources import source_fingerprint
 from convflow.modeling.export_check import FRESH_PROCESS, FreshProcessCheck
 from convflow.runtime.stage_runner import StageRunner, StartAhead
 from convflow.tasks.build_base import build_base, weights_fingerprint
-from convflow.catalog.comparisons import VariantResult
 from convflow.tasks.compare_variant import summarize_variant
 from convflow.tasks.download_and_split import check_image_sizes, download_and_split
 from convflow.tasks.evaluate import evaluate, score_untrained
@@ -60,8 +60,13 @@ def wrapped_model(stages: StageRunner, spec: PipelineSpec, tfrecords: TFRecordSe
     return stages.run(freeze_and_wrap, base, spec.model, len(tfrecords.label_names), spec.train.seed, run)
 
 
-def model_stages(stages: StageRunner, spec: PipelineSpec, tfrecords: TFRecordSet, run: RunContext,
-                 wrapped: WrappedModel | None = None) -> ModelStages:
+def model_stages(
+    stages: StageRunner,
+    spec: PipelineSpec,
+    tfrecords: TFRecordSet,
+    run: RunContext,
+    wrapped: WrappedModel | None = None,
+) -> ModelStages:
     """wrapped_model (unless given), train, evaluate against production's model, export_savedmodel."""
     wrapped = wrapped or wrapped_model(stages, spec, tfrecords, run)
     trained = stages.run(train, wrapped, tfrecords, spec.train, spec.model.fine_tune, run)

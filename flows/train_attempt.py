@@ -13,11 +13,11 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from convflow.runtime import fast_start
 from convflow.config.schema import FineTuneConfig, TrainConfig
-from convflow.core.storage import atomic_write_text
-from convflow.core.records import TFRecordSet, TrainedModel, WrappedModel
 from convflow.core.context import RunContext
+from convflow.core.records import TFRecordSet, TrainedModel, WrappedModel
+from convflow.core.storage import atomic_write_text
+from convflow.runtime import fast_start
 from convflow.runtime.work_pool import TRAIN_FLOW, attempts_dir
 from convflow.tasks.train import train_here
 
@@ -70,13 +70,18 @@ def _write_attempt_record(run: RunContext, attempt: int, trained: TrainedModel) 
 
 @flow(name=TRAIN_FLOW, persist_result=False)
 def train_attempt(
-    wrapped: WrappedModel, tfrecords: TFRecordSet, settings: TrainConfig, fine_tune: FineTuneConfig | None,
-    run: RunContext, attempt: int = 1,
+    wrapped: WrappedModel,
+    tfrecords: TFRecordSet,
+    settings: TrainConfig,
+    fine_tune: FineTuneConfig | None,
+    run: RunContext,
+    attempt: int = 1,
 ) -> str:
     """One attempt of a pipeline's train stage on a worker; returns the path of its TrainedModel record
     (`<run>/train-attempts/<attempt>.json`)."""
     check_shared_artifacts(run, wrapped, tfrecords)
-    get_run_logger().info(f"attempt {attempt} of {run.pipeline} run {run.run_id} on {socket.gethostname()} "
-                          f"pid {os.getpid()}")
+    get_run_logger().info(
+        f"attempt {attempt} of {run.pipeline} run {run.run_id} on {socket.gethostname()} pid {os.getpid()}"
+    )
     trained = train_here(wrapped, tfrecords, settings, fine_tune, run, finished=_finished_attempt(run))
     return str(_write_attempt_record(run, attempt, trained))

@@ -7,7 +7,11 @@ from __future__ import annotations
 import datetime
 
 from convflow.runtime.work_pool import (
-    DEFAULT_HEARTBEAT_SECONDS, DEFAULT_LOST_AFTER_SECONDS, LOST_WORKER_AUTOMATION, TAGS, TRAIN_FLOW,
+    DEFAULT_HEARTBEAT_SECONDS,
+    DEFAULT_LOST_AFTER_SECONDS,
+    LOST_WORKER_AUTOMATION,
+    TAGS,
+    TRAIN_FLOW,
 )
 
 
@@ -34,10 +38,12 @@ def lost_worker_automation(lost_after_seconds: int):
             threshold=1,
             within=datetime.timedelta(seconds=lost_after_seconds),
         ),
-        actions=[ChangeFlowRunState(
-            state=StateType.CRASHED,
-            message=f"no heartbeat for {lost_after_seconds} s: the worker running this train attempt was lost",
-        )],
+        actions=[
+            ChangeFlowRunState(
+                state=StateType.CRASHED,
+                message=f"no heartbeat for {lost_after_seconds} s: the worker running this train attempt was lost",
+            )
+        ],
     )
 
 
@@ -64,15 +70,19 @@ def ensure_train_deployment(pool: str, heartbeat_seconds: int) -> None:
 
     environment = {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(heartbeat_seconds), "TF_CPP_MIN_LOG_LEVEL": "2"}
     deployment = train_attempt.to_deployment(
-        name=pool, work_pool_name=pool, entrypoint_type=EntrypointType.MODULE_PATH, tags=TAGS,
+        name=pool,
+        work_pool_name=pool,
+        entrypoint_type=EntrypointType.MODULE_PATH,
+        tags=TAGS,
         job_variables={"env": environment},
         description="One attempt of a convflow pipeline's train stage; started by the pipeline's flow.",
     )
     deployment.apply()
 
 
-def ensure_train_pool(pool: str, heartbeat_seconds: int = DEFAULT_HEARTBEAT_SECONDS,
-                      lost_after_seconds: int = DEFAULT_LOST_AFTER_SECONDS) -> None:
+def ensure_train_pool(
+    pool: str, heartbeat_seconds: int = DEFAULT_HEARTBEAT_SECONDS, lost_after_seconds: int = DEFAULT_LOST_AFTER_SECONDS
+) -> None:
     """Everything a train pool needs on the server, created or updated (idempotent): the process pool,
     the train deployment and the lost-worker automation.
 
@@ -87,4 +97,3 @@ def ensure_train_pool(pool: str, heartbeat_seconds: int = DEFAULT_HEARTBEAT_SECO
     ensure_process_pool(pool)
     ensure_train_deployment(pool, heartbeat_seconds)
     ensure_lost_worker_automation(lost_after_seconds)
-

@@ -21,14 +21,19 @@ from convflow.tasks.promote import promote
 from convflow.tasks.to_tfrecords import to_tfrecords
 from convflow.tasks.write_report import write_report
 
+
 def new_run_id(now: datetime.datetime) -> str:
     return f"{now:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
 
 
 @flow(name="convflow-train", flow_run_name="{pipeline}")
 def train_pipeline(
-    pipeline: str, pipelines_file: str = "pipelines.yaml", artifacts: str = "artifacts",
-    scheduled: bool = False, force: bool = False, tuned: dict[str, float] | None = None,
+    pipeline: str,
+    pipelines_file: str = "pipelines.yaml",
+    artifacts: str = "artifacts",
+    scheduled: bool = False,
+    force: bool = False,
+    tuned: dict[str, float] | None = None,
 ) -> RunSummary:
     """Download, preprocess, build, wrap, train, evaluate, export, promote and report one pipeline.
 
@@ -36,7 +41,7 @@ def train_pipeline(
     the production model, it stops after download_and_split and records "unchanged"; `force`
     trains anyway. `tuned`: settings found by `convflow tune` (tune.space names) in place of the pipeline's.
     """
-    started = datetime.datetime.now(datetime.timezone.utc)
+    started = datetime.datetime.now(datetime.UTC)
     spec = load_pipeline(pipelines_file, pipeline)
     if tuned:
         spec = tuned_spec(spec, tuned)
@@ -52,10 +57,12 @@ def train_pipeline(
         tfrecords = stages.run(to_tfrecords, split_set, spec.data, run)
         _, trained, evaluation, exported = model_stages(stages, spec, tfrecords, run)
     exported = promote(exported, trained, evaluation, run)
-    report = stages.run(write_report, spec.config_hash(), split_set, trained, evaluation, exported, stages.timings,
-                        run, tfrecords)
-    summary = runs.summarize(run, started, spec.config_hash(), split_set, trained, evaluation, exported, report,
-                             stages.timings)
+    report = stages.run(
+        write_report, spec.config_hash(), split_set, trained, evaluation, exported, stages.timings, run, tfrecords
+    )
+    summary = runs.summarize(
+        run, started, spec.config_hash(), split_set, trained, evaluation, exported, report, stages.timings
+    )
     runs.record(summary, run, flow_run.id, split_set, trained, evaluation)
     if not evaluation.passed_gate:  # a state of its own, so the Prefect UI shows the verdict
         return Completed(name="Not promoted", message=f"not promoted: {evaluation.gate_reason}", data=summary)

@@ -11,11 +11,11 @@ from prefect import flow
 from convflow.config.errors import ConfigError
 from convflow.config.load import load_pipeline
 from convflow.config.schema import PipelineSpec
-from convflow.runtime.stage_runner import StageRunner
+from convflow.core.context import RunContext
+from convflow.core.records import TFRecordSet
 from convflow.flows.sequences import data_stages
 from convflow.flows.train_pipeline import new_run_id, train_pipeline
-from convflow.core.records import TFRecordSet
-from convflow.core.context import RunContext
+from convflow.runtime.stage_runner import StageRunner
 from convflow.tasks.tune_report import Tuning, tune_report
 from convflow.tasks.tune_trial import TrialResult, best_trial, failed_trial, search, tune_trial
 
@@ -44,15 +44,25 @@ def tune_pipeline(pipeline: str, pipelines_file: str = "pipelines.yaml", artifac
     spec = load_pipeline(pipelines_file, pipeline)
     if spec.tune is None:
         raise ConfigError(Path(pipelines_file), [f"pipelines.{pipeline}.tune: required by convflow tune"])
-    run = RunContext(pipeline=pipeline, run_id=f"tune-{new_run_id(datetime.datetime.now(datetime.timezone.utc))}",
-                     artifacts_root=str(Path(artifacts).resolve()))
+    run = RunContext(
+        pipeline=pipeline,
+        run_id=f"tune-{new_run_id(datetime.datetime.now(datetime.UTC))}",
+        artifacts_root=str(Path(artifacts).resolve()),
+    )
     stages = StageRunner(run)
     _, tfrecords = data_stages(stages, spec, run)
     oracle_dir = Path(run.artifacts_root) / pipeline / run.run_id / "oracle"
     trials = search(spec.tune, spec.tune.epochs or spec.train.epochs, oracle_dir, _trial_runner(spec, tfrecords, run))
     best = best_trial(trials, spec.tune.objective)
     final = train_pipeline(pipeline, pipelines_file, artifacts, tuned=best.settings) if best else None
-    tuning = Tuning(pipeline=pipeline, tune_id=run.run_id, algorithm=spec.tune.algorithm,
-                    objective=spec.tune.objective, trials=trials, best=best, final=final)
+    tuning = Tuning(
+        pipeline=pipeline,
+        tune_id=run.run_id,
+        algorithm=spec.tune.algorithm,
+        objective=spec.tune.objective,
+        trials=trials,
+        best=best,
+        final=final,
+    )
     report = stages.run(tune_report, tuning, run)
     return tuning.model_copy(update={"report": report.report_html})

@@ -6,13 +6,13 @@ import socket
 import zipfile
 from pathlib import Path
 
-from convflow.config.schema import ModelConfig
 from convflow.config.model_zoo import BaseSpec, get_base_spec
-from convflow.core.storage import staged_output
-from convflow.core.records import BaseNetwork, TFRecordSet
+from convflow.config.schema import ModelConfig
 from convflow.core.context import RunContext
 from convflow.core.hashing import hash_json, sha256_file
+from convflow.core.records import BaseNetwork, TFRecordSet
 from convflow.core.stage import stage_task
+from convflow.core.storage import staged_output
 
 IMAGENET_MEANS_BGR = (103.939, 116.779, 123.68)
 IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)
@@ -81,8 +81,7 @@ def resolve_run_weights(weights: str, artifacts_root: Path) -> Path:
     Raises:
         WeightsError: no such production model or run, or its model file is gone.
     """
-    from convflow.catalog import registry
-    from convflow.catalog import tables
+    from convflow.catalog import registry, tables
 
     pipeline, _, run_id = weights.removeprefix("run:").partition("@")
     if run_id:
@@ -154,8 +153,11 @@ def _application(spec: BaseSpec, model: ModelConfig, inputs):
     kwargs = {"alpha": model.alpha} if model.alpha is not None else {}
     try:
         return constructor(
-            include_top=False, weights=weights, input_tensor=_preprocess(spec, inputs),
-            input_shape=tuple(inputs.shape[1:]), **kwargs,
+            include_top=False,
+            weights=weights,
+            input_tensor=_preprocess(spec, inputs),
+            input_shape=tuple(inputs.shape[1:]),
+            **kwargs,
         ).output
     except (ValueError, OSError, zipfile.BadZipFile) as error:  # .keras files are zips
         raise WeightsError(f"model.weights: cannot load {model.weights} into {spec.name}: {error}") from error

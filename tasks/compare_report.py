@@ -11,13 +11,13 @@ import pyarrow.parquet as pq
 from markupsafe import Markup
 
 from convflow.catalog import schemas
-from convflow.core.storage import staged_output
 from convflow.catalog.comparisons import Comparison, VariantResult
-from convflow.tasks.compare_variant import HIGHER_IS_BETTER
-from convflow.reporting.figures import figure_tag, pyplot, render_page
-from convflow.core.records import StageRecord
 from convflow.core.context import RunContext
+from convflow.core.records import StageRecord
 from convflow.core.stage import stage_task
+from convflow.core.storage import staged_output
+from convflow.reporting.figures import figure_tag, pyplot, render_page
+from convflow.tasks.compare_variant import HIGHER_IS_BETTER
 
 
 class ComparisonReport(StageRecord):
@@ -40,9 +40,13 @@ def comparison_table(comparison: Comparison) -> pa.Table:
     for variant in comparison.variants:
         row = variant.model_dump(include=set(columns))
         row.update(
-            comparison_id=comparison.comparison_id, pipeline=comparison.pipeline, variant=variant.name,
-            metric=comparison.metric, per_class_f1=list(variant.per_class_f1.items()) or None,
-            passed_gate=variant.passed_gate, promoted_version=variant.promoted_version,
+            comparison_id=comparison.comparison_id,
+            pipeline=comparison.pipeline,
+            variant=variant.name,
+            metric=comparison.metric,
+            per_class_f1=list(variant.per_class_f1.items()) or None,
+            passed_gate=variant.passed_gate,
+            promoted_version=variant.promoted_version,
             epochs=variant.trained.epochs if variant.trained else None,
             train_seconds=variant.trained.train_seconds if variant.trained else None,
             images_per_second=variant.trained.images_per_second if variant.trained else None,
@@ -77,10 +81,17 @@ def _row_css(variant: VariantResult) -> str:
 def _ranking(comparison: Comparison) -> list[dict[str, Any]]:
     """Each variant's scores before and after training."""
     return [
-        {"css": _row_css(v), "rank": _cell(v.rank), "name": v.name, "status": v.status,
-         "scores": [_cell(score) for score in (v.initial_accuracy, v.test_accuracy, v.initial_loss, v.test_loss,
-                                               v.macro_f1)],
-         "passed_gate": v.passed_gate, "promoted": _cell(f"v{v.promoted_version}" if v.promoted_version else None)}
+        {
+            "css": _row_css(v),
+            "rank": _cell(v.rank),
+            "name": v.name,
+            "status": v.status,
+            "scores": [
+                _cell(score) for score in (v.initial_accuracy, v.test_accuracy, v.initial_loss, v.test_loss, v.macro_f1)
+            ],
+            "passed_gate": v.passed_gate,
+            "promoted": _cell(f"v{v.promoted_version}" if v.promoted_version else None),
+        }
         for v in comparison.variants
     ]
 
@@ -90,12 +101,22 @@ def _costs(comparison: Comparison) -> list[dict[str, Any]]:
     rows = []
     for v in comparison.variants:
         trained = v.trained
-        rows.append({"css": _row_css(v), "name": v.name, "cells": [
-            _cell(v.total_params), _cell(v.trainable_params), _cell(trained.epochs if trained else None),
-            _cell(trained.train_seconds if trained else None, 1),
-            _cell(trained.images_per_second if trained else None, 0), _cell(v.saved_model_mb, 2),
-            _cell(v.latency_ms, 2), _cell(str(v.pid) if v.pid else None),
-        ]})
+        rows.append(
+            {
+                "css": _row_css(v),
+                "name": v.name,
+                "cells": [
+                    _cell(v.total_params),
+                    _cell(v.trainable_params),
+                    _cell(trained.epochs if trained else None),
+                    _cell(trained.train_seconds if trained else None, 1),
+                    _cell(trained.images_per_second if trained else None, 0),
+                    _cell(v.saved_model_mb, 2),
+                    _cell(v.latency_ms, 2),
+                    _cell(str(v.pid) if v.pid else None),
+                ],
+            }
+        )
     return rows
 
 
@@ -131,8 +152,15 @@ def _curves(comparison: Comparison) -> Markup:
             axis.plot(history["epoch"], history[metric], linestyle="--", color=color, alpha=0.6, linewidth=width)
             validation = history[f"val_{metric}"]
             shown = validation if any(value is not None for value in validation) else history[metric]
-            axis.plot(history["epoch"], shown, marker="o", color=color, label=variant.name, linewidth=width,
-                      markersize=3 + width)
+            axis.plot(
+                history["epoch"],
+                shown,
+                marker="o",
+                color=color,
+                label=variant.name,
+                linewidth=width,
+                markersize=3 + width,
+            )
     for axis, metric in zip(axes, ("accuracy", "loss")):
         axis.set_title(f"{metric} (validation solid, training dashed)", fontsize=10)
         axis.set_xlabel("epoch")
@@ -166,7 +194,8 @@ def _verdict(comparison: Comparison) -> dict[str, Any]:
     """The winner, which way the metric counts, and whether variants shared the machine while training."""
     winner = comparison.winner
     return {
-        "winner": winner, "winner_score": _cell(winner.metric(comparison.metric)) if winner else None,
+        "winner": winner,
+        "winner_score": _cell(winner.metric(comparison.metric)) if winner else None,
         "direction": "higher" if HIGHER_IS_BETTER[comparison.metric] else "lower",
         "overlap": not comparison.runner.startswith("sequential"),
         "failed": [v for v in comparison.variants if not v.completed],
@@ -179,10 +208,16 @@ def render_comparison(comparison: Comparison) -> str:
     figures = {"accuracy_bars": _accuracy_bars(comparison), "curves": _curves(comparison)} if done else {}
     per_class_header, per_class = _per_class(comparison)
     return render_page(
-        "comparison.html.j2", comparison=comparison, **_verdict(comparison),
+        "comparison.html.j2",
+        comparison=comparison,
+        **_verdict(comparison),
         counts=", ".join(f"{split} {count}" for split, count in comparison.counts.items()),
-        ranking=_ranking(comparison), costs=_costs(comparison), figures=figures,
-        per_class_header=per_class_header, per_class=per_class, overrides=_overrides(comparison),
+        ranking=_ranking(comparison),
+        costs=_costs(comparison),
+        figures=figures,
+        per_class_header=per_class_header,
+        per_class=per_class,
+        overrides=_overrides(comparison),
         stages=_stages(comparison),
     )
 
@@ -194,7 +229,8 @@ def write_comparison_report(comparison: Comparison, output_dir: Path) -> Compari
         schemas.write_parquet(comparison_table(comparison), staging / "comparison.parquet")
         (staging / "comparison.json").write_text(comparison.model_dump_json(indent=2))
     return ComparisonReport(
-        output_dir=str(output_dir), report_html=str(output_dir / "comparison.html"),
+        output_dir=str(output_dir),
+        report_html=str(output_dir / "comparison.html"),
         comparison_parquet=str(output_dir / "comparison.parquet"),
     )
 

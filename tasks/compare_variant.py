@@ -13,12 +13,12 @@ import pyarrow.parquet as pq
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from convflow.config.schema import PipelineSpec
-from convflow.tfrecords import features
-from convflow.tasks.promote import promote_if_passed
-from convflow.core.records import Evaluation, ExportedModel, StageRun, TFRecordSet, TrainedModel
 from convflow.catalog.comparisons import VariantResult
+from convflow.config.schema import PipelineSpec
 from convflow.core.context import RunContext
+from convflow.core.records import Evaluation, ExportedModel, StageRun, TFRecordSet, TrainedModel
+from convflow.tasks.promote import promote_if_passed
+from convflow.tfrecords import features
 
 # Whether a higher value of each ranking metric is better.
 HIGHER_IS_BETTER = {"test_accuracy": True, "macro_f1": True, "test_loss": False, "latency_ms": False}
@@ -38,17 +38,36 @@ def _parameters(model_summary_parquet: str) -> tuple[int, int]:
 
 
 def summarize_variant(
-    name: str, spec: PipelineSpec, initial: tuple[float, float], trained: TrainedModel, evaluation: Evaluation,
-    exported: ExportedModel, stages: list[StageRun], run: RunContext,
+    name: str,
+    spec: PipelineSpec,
+    initial: tuple[float, float],
+    trained: TrainedModel,
+    evaluation: Evaluation,
+    exported: ExportedModel,
+    stages: list[StageRun],
+    run: RunContext,
 ) -> VariantResult:
     """A completed variant's result, from its stage records, in the process that ran it."""
     macro_f1, per_class = _class_scores(evaluation.metrics_parquet)
     total, trainable = _parameters(trained.model_summary_parquet)
     return VariantResult(
-        name=name, status="completed", run_id=run.run_id, config_hash=spec.config_hash(), pid=os.getpid(),
-        initial_accuracy=initial[0], initial_loss=initial[1], test_accuracy=evaluation.test_accuracy,
-        test_loss=evaluation.test_loss, macro_f1=macro_f1, per_class_f1=per_class, total_params=total,
-        trainable_params=trainable, stages=stages, trained=trained, evaluation=evaluation, exported=exported,
+        name=name,
+        status="completed",
+        run_id=run.run_id,
+        config_hash=spec.config_hash(),
+        pid=os.getpid(),
+        initial_accuracy=initial[0],
+        initial_loss=initial[1],
+        test_accuracy=evaluation.test_accuracy,
+        test_loss=evaluation.test_loss,
+        macro_f1=macro_f1,
+        per_class_f1=per_class,
+        total_params=total,
+        trainable_params=trainable,
+        stages=stages,
+        trained=trained,
+        evaluation=evaluation,
+        exported=exported,
     )
 
 
@@ -101,10 +120,12 @@ def measure_saved_models(results: list[VariantResult], tfrecords: TFRecordSet) -
     for result in results:
         if result.completed:
             saved_model = result.exported.saved_model
-            result = result.model_copy(update={
-                "saved_model_mb": _folder_megabytes(saved_model),
-                "latency_ms": saved_model_latency_ms(saved_model, images),
-            })
+            result = result.model_copy(
+                update={
+                    "saved_model_mb": _folder_megabytes(saved_model),
+                    "latency_ms": saved_model_latency_ms(saved_model, images),
+                }
+            )
         measured.append(result)
     return measured
 

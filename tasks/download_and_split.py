@@ -13,15 +13,14 @@ import pyarrow.parquet as pq
 from prefect import get_run_logger
 
 from convflow.catalog import schemas
-from convflow.config.schema import DataConfig
 from convflow.config.model_zoo import get_base_spec
-from convflow.runtime.parallel import ordered_map
-from convflow.data.sources import SPLIT_NAMES, DataError, LoadedSource, load_source
-from convflow.core.storage import staged_output
-from convflow.core.records import SplitSet
+from convflow.config.schema import DataConfig
 from convflow.core.context import RunContext
+from convflow.core.records import SplitSet
 from convflow.core.stage import stage_task
-
+from convflow.core.storage import staged_output
+from convflow.data.sources import SPLIT_NAMES, DataError, LoadedSource, load_source
+from convflow.runtime.parallel import ordered_map
 
 # Rows of splits.parquet (and of the fingerprint's JSON) made at a time.
 PART_ROWS = 8_192
@@ -76,9 +75,7 @@ def _check_classes_in_splits(split_codes: np.ndarray, labels: np.ndarray, label_
         present = set(np.unique(labels[split_codes == SPLIT_NAMES.index(split)]).tolist())
         missing = [label_names[label] for label in range(len(label_names)) if label not in present]
         if missing:
-            raise DataError(
-                f"split {split!r} has no example of class(es) {missing}: add examples or change data.split"
-            )
+            raise DataError(f"split {split!r} has no example of class(es) {missing}: add examples or change data.split")
 
 
 def _hash_words(digests: np.ndarray) -> list[np.ndarray]:
@@ -112,10 +109,12 @@ def _data_fingerprint(digests: np.ndarray, labels: np.ndarray, split_codes: np.n
     order = np.lexsort((split_rank, labels, *reversed(_hash_words(digests))))
     digest = hashlib.sha256(b"[")
     for start in range(0, len(order), PART_ROWS):
-        rows = order[start:start + PART_ROWS]
+        rows = order[start : start + PART_ROWS]
         hexes = digests[rows].tobytes().hex()
-        items = ", ".join(f'["{hexes[64 * at:64 * at + 64]}", {label}, "{SPLIT_NAMES[code]}"]'
-                          for at, (label, code) in enumerate(zip(labels[rows].tolist(), split_codes[rows].tolist())))
+        items = ", ".join(
+            f'["{hexes[64 * at : 64 * at + 64]}", {label}, "{SPLIT_NAMES[code]}"]'
+            for at, (label, code) in enumerate(zip(labels[rows].tolist(), split_codes[rows].tolist()))
+        )
         digest.update((", " if start else "").encode() + items.encode())
     digest.update(b"]")
     return digest.hexdigest()[:24]
@@ -127,8 +126,14 @@ def _image_sizes(loaded: LoadedSource, count: int) -> np.ndarray:
     return np.asarray(loaded.sizes, np.int32).reshape(count, 2)
 
 
-def _splits_parts(loaded: LoadedSource, digests: np.ndarray, split_codes: np.ndarray, sizes: np.ndarray,
-                  staging: Path, output_dir: Path) -> Iterator[pa.Table]:
+def _splits_parts(
+    loaded: LoadedSource,
+    digests: np.ndarray,
+    split_codes: np.ndarray,
+    sizes: np.ndarray,
+    staging: Path,
+    output_dir: Path,
+) -> Iterator[pa.Table]:
     """splits.parquet's rows, PART_ROWS at a time; files written under `staging` named where they
     will be once it is moved into place."""
     label_names = np.array(loaded.label_names, dtype=object)
@@ -143,7 +148,7 @@ def _splits_parts(loaded: LoadedSource, digests: np.ndarray, split_codes: np.nda
                 "label": loaded.labels[rows],
                 "label_name": label_names[loaded.labels[rows]],
                 "split": split_names[split_codes[rows]],
-                "sha256": [hexes[at:at + 64] for at in range(0, len(hexes), 64)],
+                "sha256": [hexes[at : at + 64] for at in range(0, len(hexes), 64)],
                 "path": [path.replace(str(staging), str(output_dir)) if path else None for path in files],
                 "height": sizes[rows, 0],
                 "width": sizes[rows, 1],
@@ -167,8 +172,11 @@ def split_dataset(data: DataConfig, output_dir: Path) -> SplitSet:
         split_codes = _assign_splits(digests, loaded.predefined_split or [None] * len(digests), data)
         _check_classes_in_splits(split_codes, loaded.labels, loaded.label_names)
         sizes = _image_sizes(loaded, len(digests))
-        schemas.write_parquet_parts(_splits_parts(loaded, digests, split_codes, sizes, staging, output_dir),
-                                   schemas.SPLITS_SCHEMA, staging / "splits.parquet")
+        schemas.write_parquet_parts(
+            _splits_parts(loaded, digests, split_codes, sizes, staging, output_dir),
+            schemas.SPLITS_SCHEMA,
+            staging / "splits.parquet",
+        )
         if loaded.images is not None:
             np.save(staging / "images.npy", loaded.images)
         duplicates, across_splits = _duplicate_counts(digests, split_codes)

@@ -9,14 +9,14 @@ import numpy as np
 import pyarrow as pa
 
 from convflow.catalog import schemas
-from convflow.config.schema import EvaluateConfig
 from convflow.catalog.registry import Production
-from convflow.core.storage import staged_output
+from convflow.config.schema import EvaluateConfig
+from convflow.core.context import RunContext
 from convflow.core.records import Evaluation, TFRecordSet, TrainedModel, WrappedModel
+from convflow.core.stage import stage_task
+from convflow.core.storage import staged_output
 from convflow.modeling.classifier import load_classifier, predict_split, probabilities_from_logits, serve_split
 from convflow.modeling.serving import serving_function
-from convflow.core.context import RunContext
-from convflow.core.stage import stage_task
 
 # Test images kept for the report (sample predictions, worst mistakes, feature maps).
 REPORT_SAMPLES = 16
@@ -33,8 +33,11 @@ def _metrics_table(labels, probabilities, loss: float, label_names: list[str], t
     rows = [
         {"metric": "accuracy", "class_name": None, "value": metrics.accuracy_score(labels, predicted)},
         {"metric": "loss", "class_name": None, "value": loss},
-        {"metric": f"top_{k}_accuracy", "class_name": None,
-         "value": metrics.top_k_accuracy_score(labels, scores, k=k, labels=classes)},
+        {
+            "metric": f"top_{k}_accuracy",
+            "class_name": None,
+            "value": metrics.top_k_accuracy_score(labels, scores, k=k, labels=classes),
+        },
     ]
     precision, recall, f1, support = metrics.precision_recall_fscore_support(
         labels, predicted, labels=classes, zero_division=0
@@ -45,7 +48,9 @@ def _metrics_table(labels, probabilities, loss: float, label_names: list[str], t
     return pa.Table.from_pylist(rows, schema=schemas.METRICS_SCHEMA)
 
 
-def _gate(accuracy: float, evaluate: EvaluateConfig, production: Production | None, production_accuracy: float | None) -> tuple[bool, str]:
+def _gate(
+    accuracy: float, evaluate: EvaluateConfig, production: Production | None, production_accuracy: float | None
+) -> tuple[bool, str]:
     if accuracy < evaluate.min_accuracy:
         return False, f"test accuracy {accuracy:.4f} < min_accuracy {evaluate.min_accuracy}"
     if production is None:
@@ -53,7 +58,10 @@ def _gate(accuracy: float, evaluate: EvaluateConfig, production: Production | No
     floor = production_accuracy - evaluate.max_regression
     verdict = f"production v{production.version} scores {production_accuracy:.4f} on the same test split"
     if accuracy < floor:
-        return False, f"test accuracy {accuracy:.4f} < {floor:.4f} ({verdict}, max_regression {evaluate.max_regression})"
+        return (
+            False,
+            f"test accuracy {accuracy:.4f} < {floor:.4f} ({verdict}, max_regression {evaluate.max_regression})",
+        )
     return True, f"test accuracy {accuracy:.4f} ≥ min_accuracy {evaluate.min_accuracy} and ≥ {floor:.4f} ({verdict})"
 
 
@@ -63,10 +71,12 @@ def score_saved_model(saved_model: str, images: np.ndarray, labels: np.ndarray) 
 
     loaded = tf.saved_model.load(saved_model)  # keep referenced while calling its signature
     serve = loaded.signatures["serving_default"]
-    predicted = np.concatenate([
-        serve(images=tf.constant(images[start : start + 512]))["probabilities"].numpy().argmax(axis=1)
-        for start in range(0, len(images), 512)
-    ])
+    predicted = np.concatenate(
+        [
+            serve(images=tf.constant(images[start : start + 512]))["probabilities"].numpy().argmax(axis=1)
+            for start in range(0, len(images), 512)
+        ]
+    )
     return float((predicted == labels).mean())
 
 
@@ -100,8 +110,12 @@ def _report_samples(images, labels, probabilities) -> dict[str, np.ndarray]:
     worst = wrong[np.argsort(-probabilities[wrong, predicted[wrong]])][:REPORT_SAMPLES]
     first = np.arange(min(REPORT_SAMPLES, len(labels)))
     return {
-        "sample_images": images[first], "sample_labels": labels[first], "sample_predicted": predicted[first],
-        "mistake_images": images[worst], "mistake_labels": labels[worst], "mistake_predicted": predicted[worst],
+        "sample_images": images[first],
+        "sample_labels": labels[first],
+        "sample_predicted": predicted[first],
+        "mistake_images": images[worst],
+        "mistake_labels": labels[worst],
+        "mistake_predicted": predicted[worst],
         "mistake_confidence": probabilities[worst, predicted[worst]],
     }
 
@@ -149,17 +163,27 @@ def evaluate_model(
         samples["feature_maps"] = first_conv_feature_maps(model, images[0])
         np.savez_compressed(staging / "samples.npz", **samples)
     return Evaluation(
-        output_dir=str(output_dir), metrics_parquet=str(output_dir / "metrics.parquet"),
-        predictions_parquet=str(output_dir / "predictions.parquet"), confusion_json=str(output_dir / "confusion.json"),
-        samples_npz=str(output_dir / "samples.npz"), test_accuracy=accuracy, test_loss=loss, passed_gate=passed,
-        gate_reason=reason, production_version=production.version if production else None,
+        output_dir=str(output_dir),
+        metrics_parquet=str(output_dir / "metrics.parquet"),
+        predictions_parquet=str(output_dir / "predictions.parquet"),
+        confusion_json=str(output_dir / "confusion.json"),
+        samples_npz=str(output_dir / "samples.npz"),
+        test_accuracy=accuracy,
+        test_loss=loss,
+        passed_gate=passed,
+        gate_reason=reason,
+        production_version=production.version if production else None,
         production_accuracy=production_accuracy,
     )
 
 
 @stage_task()
 def evaluate(
-    trained: TrainedModel, tfrecords: TFRecordSet, settings: EvaluateConfig, production: Production | None, run: RunContext
+    trained: TrainedModel,
+    tfrecords: TFRecordSet,
+    settings: EvaluateConfig,
+    production: Production | None,
+    run: RunContext,
 ) -> Evaluation:
     """Prefect task over evaluate_model; `production` (or None) is part of the cache key."""
     return evaluate_model(trained, tfrecords, settings, run.stage_dir("evaluate"), production)

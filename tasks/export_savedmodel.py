@@ -18,14 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
-from convflow.runtime.process_caches import take_prestarted
+from convflow.core.context import RunContext
+from convflow.core.records import Evaluation, ExportedModel, TFRecordSet, TrainedModel
+from convflow.core.stage import stage_task
 from convflow.core.storage import staged_output
 from convflow.modeling.classifier import load_classifier, serve_split
-from convflow.core.records import Evaluation, ExportedModel, TFRecordSet, TrainedModel
-from convflow.modeling.serving import serving_function
-from convflow.core.context import RunContext
-from convflow.core.stage import stage_task
 from convflow.modeling.export_check import FRESH_PROCESS, FreshProcessCheck
+from convflow.modeling.serving import serving_function
+from convflow.runtime.process_caches import take_prestarted
 
 MODEL_VERSION = 1
 
@@ -57,8 +57,9 @@ def _test_split_expectations(
 
     predictions = pq.read_table(evaluation.predictions_parquet, columns=["example_id", "probabilities"]).to_pydict()
     row_of = {example_id: row for row, example_id in enumerate(predictions["example_id"])}
-    batches = read_dataset(tfrecords.shards["test"], tfrecords.image_size, tfrecords.channels, 1024, cache=False,
-                           with_ids=True)
+    batches = read_dataset(
+        tfrecords.shards["test"], tfrecords.image_size, tfrecords.channels, 1024, cache=False, with_ids=True
+    )
     images, rows = [], []
     for batch_images, _, batch_ids in batches:
         images.append(batch_images.numpy().astype(np.uint8))
@@ -88,6 +89,8 @@ def export_model(
 
 
 @stage_task()
-def export_savedmodel(trained: TrainedModel, evaluation: Evaluation, tfrecords: TFRecordSet, run: RunContext) -> ExportedModel:
+def export_savedmodel(
+    trained: TrainedModel, evaluation: Evaluation, tfrecords: TFRecordSet, run: RunContext
+) -> ExportedModel:
     """Prefect task over export_model; promotion is a task of its own after it (tasks/promote.py)."""
     return export_model(trained, tfrecords, run.pipeline, run.stage_dir("export_savedmodel"), evaluation)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from convflow.config.schema import ModelConfig
 from convflow.config.model_zoo import get_base_spec
-from convflow.core.storage import staged_output
-from convflow.core.records import BaseNetwork, WrappedModel
+from convflow.config.schema import ModelConfig
 from convflow.core.context import RunContext
 from convflow.core.hashing import hash_json
+from convflow.core.records import BaseNetwork, WrappedModel
 from convflow.core.stage import stage_task
+from convflow.core.storage import staged_output
 
 
 def _pooling(kind: str):
@@ -69,11 +69,15 @@ def freeze_and_wrap_model(
         trainable_params=count_params(classifier.trainable_weights),
         total_params=count_params(classifier.weights),
         fingerprint=hash_json([base_model.fingerprint, model, num_classes, seed])[:24],
-        features_fingerprint=hash_json([base_model.fingerprint, model.pooling or get_base_spec(model.base).default_pooling])[:24],
+        features_fingerprint=hash_json(
+            [base_model.fingerprint, model.pooling or get_base_spec(model.base).default_pooling]
+        )[:24],
     )
 
 
 @stage_task()
-def freeze_and_wrap(base_model: BaseNetwork, model: ModelConfig, num_classes: int, seed: int, run: RunContext) -> WrappedModel:
+def freeze_and_wrap(
+    base_model: BaseNetwork, model: ModelConfig, num_classes: int, seed: int, run: RunContext
+) -> WrappedModel:
     """Prefect task over freeze_and_wrap_model."""
     return freeze_and_wrap_model(base_model, model, num_classes, seed, run.stage_dir("freeze_and_wrap"))

@@ -10,10 +10,10 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from convflow.catalog import registry
-from convflow.core.records import Evaluation, ExportedModel, TrainedModel
-from convflow.core.run_log import run_logger
 from convflow.core.context import RunContext
+from convflow.core.records import Evaluation, ExportedModel, TrainedModel
 from convflow.core.retries import retry_on_transient_error
+from convflow.core.run_log import run_logger
 
 
 def promote_if_passed(
@@ -27,14 +27,23 @@ def promote_if_passed(
     if production is not None and production.model == trained.model_path:
         return exported.model_copy(update={"promoted_version": production.version})
     production = registry.promote(
-        Path(run.artifacts_root), run.pipeline, run.run_id, exported.saved_model, trained.model_path,
+        Path(run.artifacts_root),
+        run.pipeline,
+        run.run_id,
+        exported.saved_model,
+        trained.model_path,
         evaluation.test_accuracy,
     )
     return exported.model_copy(update={"promoted_version": production.version})
 
 
-@task(name="promote", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10],
-      retry_condition_fn=retry_on_transient_error)
+@task(
+    name="promote",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    retry_condition_fn=retry_on_transient_error,
+)
 def promote(exported: ExportedModel, trained: TrainedModel, evaluation: Evaluation, run: RunContext) -> ExportedModel:
     """Prefect task over promote_if_passed; transient I/O errors retry."""
     promoted = promote_if_passed(exported, trained, evaluation, run)

@@ -54,15 +54,20 @@ def _record_images(images_npy: str | None, data: DataConfig, record_format: str)
     return imaging.RecordImages(tuple(data.image_size), data.channels, data.resize, record_format, images_npy)
 
 
-def _shard_plan(counts: dict[str, int], data: DataConfig, record_format: str, directory: Path
-                ) -> dict[str, list[tuple[Path, int]]]:
+def _shard_plan(
+    counts: dict[str, int], data: DataConfig, record_format: str, directory: Path
+) -> dict[str, list[tuple[Path, int]]]:
     """Each split's shards (file, examples), `data.shard_size` examples each, in splits.parquet order."""
     plan = {}
     for split in SPLIT_NAMES:
-        sizes = [min(data.shard_size, counts.get(split, 0) - start)
-                 for start in range(0, counts.get(split, 0), data.shard_size)]
-        plan[split] = [(directory / spec.shard_name(split, number, len(sizes), size, record_format,
-                                                    data.compression), size) for number, size in enumerate(sizes)]
+        sizes = [
+            min(data.shard_size, counts.get(split, 0) - start)
+            for start in range(0, counts.get(split, 0), data.shard_size)
+        ]
+        plan[split] = [
+            (directory / spec.shard_name(split, number, len(sizes), size, record_format, data.compression), size)
+            for number, size in enumerate(sizes)
+        ]
     return plan
 
 
@@ -109,13 +114,16 @@ def _tfds_examples(split_set: SplitSet, data: DataConfig) -> Iterator[Example]:
     """The examples of splits.parquet with their images streamed from the TFDS dataset again."""
     for index, (row, example) in enumerate(zip(_examples(split_set), iter_tfds_examples(data))):
         if row.example_id != example.example_id:
-            raise DataError(f"{data.source}: example {index} is {example.example_id}, split as "
-                            f"{row.example_id}: the dataset changed since download_and_split")
+            raise DataError(
+                f"{data.source}: example {index} is {example.example_id}, split as "
+                f"{row.example_id}: the dataset changed since download_and_split"
+            )
         yield Example(row.split, row.label, row.example_id, example.image)
 
 
-def _write_here(examples: Iterator[Example], images: imaging.RecordImages, writers: _ShardWriters,
-                progress: StageProgress) -> None:
+def _write_here(
+    examples: Iterator[Example], images: imaging.RecordImages, writers: _ShardWriters, progress: StageProgress
+) -> None:
     """Decode and encode in threads on every core, a few chunks ahead; frame and write here, in
     order, so shards are the same bytes whatever the number of threads."""
     examples, of_sources = itertools.tee(examples)
@@ -125,9 +133,13 @@ def _write_here(examples: Iterator[Example], images: imaging.RecordImages, write
         progress.update(done)
 
 
-def _write_in_workers(examples: Iterator[Example], images: imaging.RecordImages,
-                      plan: dict[str, list[tuple[Path, int]]], compression: str, progress: StageProgress
-                      ) -> dict[str, str]:
+def _write_in_workers(
+    examples: Iterator[Example],
+    images: imaging.RecordImages,
+    plan: dict[str, list[tuple[Path, int]]],
+    compression: str,
+    progress: StageProgress,
+) -> dict[str, str]:
     """Each shard of `plan` written a part at a time by worker processes, the parts joined here in
     order: the same bytes as _write_here writes. Their names and digests."""
     jobs, of_jobs = itertools.tee(_part_jobs(examples, plan))
@@ -175,15 +187,22 @@ def _part_jobs(examples: Iterator[Example], plan: dict[str, list[tuple[Path, int
         shard.part.append(example)
         shard.left -= 1
         if len(shard.part) == PART_RECORDS or shard.left == 0:
-            yield PartJob(shard.path, f"{shard.path}.part{shard.parts:05d}", [e.label for e in shard.part],
-                          [e.example_id for e in shard.part], [e.source for e in shard.part], last=shard.left == 0)
+            yield PartJob(
+                shard.path,
+                f"{shard.path}.part{shard.parts:05d}",
+                [e.label for e in shard.part],
+                [e.example_id for e in shard.part],
+                [e.source for e in shard.part],
+                last=shard.left == 0,
+            )
             shard.parts, shard.part = shard.parts + 1, []
             if shard.left == 0:
                 del filling[example.split]
 
 
-def _decode_and_write_shard(job: ShardJob, images_npy: str | None, data: DataConfig, record_format: str
-                            ) -> tuple[str, str]:
+def _decode_and_write_shard(
+    job: ShardJob, images_npy: str | None, data: DataConfig, record_format: str
+) -> tuple[str, str]:
     """One shard, start to end, on a Dask worker: its file name and digest."""
     images = _record_images(images_npy, data, record_format)
     sources = job.files if job.files is not None else job.indices
@@ -197,14 +216,25 @@ def _decode_and_write_shard(job: ShardJob, images_npy: str | None, data: DataCon
     return next(iter(writers.digests.items()))
 
 
-def _write_on_dask(address: str, jobs: list[ShardJob], images_npy: str | None, data: DataConfig,
-                   record_format: str) -> dict[str, str]:
+def _write_on_dask(
+    address: str, jobs: list[ShardJob], images_npy: str | None, data: DataConfig, record_format: str
+) -> dict[str, str]:
     """Each shard written by a worker of the Dask cluster; their names and digests."""
     from distributed import Client
 
     with Client(address) as client:
-        return dict(client.gather(client.map(_decode_and_write_shard, jobs, images_npy=images_npy, data=data,
-                                             record_format=record_format, pure=False)))
+        return dict(
+            client.gather(
+                client.map(
+                    _decode_and_write_shard,
+                    jobs,
+                    images_npy=images_npy,
+                    data=data,
+                    record_format=record_format,
+                    pure=False,
+                )
+            )
+        )
 
 
 def _shard_jobs(split_set: SplitSet, plan: dict[str, list[tuple[Path, int]]]) -> list[ShardJob]:
@@ -221,8 +251,13 @@ def _shard_jobs(split_set: SplitSet, plan: dict[str, list[tuple[Path, int]]]) ->
 def _job(table, rows: np.ndarray, path: Path) -> ShardJob:
     part = table.take(rows)
     files = part["path"].to_pylist()
-    return ShardJob(path=str(path), indices=rows.tolist(), labels=part["label"].to_pylist(),
-                    example_ids=part["example_id"].to_pylist(), files=None if files and files[0] is None else files)
+    return ShardJob(
+        path=str(path),
+        indices=rows.tolist(),
+        labels=part["label"].to_pylist(),
+        example_ids=part["example_id"].to_pylist(),
+        files=None if files and files[0] is None else files,
+    )
 
 
 def write_tfrecords(split_set: SplitSet, data: DataConfig, output_dir: Path) -> TFRecordSet:
@@ -243,8 +278,9 @@ def write_tfrecords(split_set: SplitSet, data: DataConfig, output_dir: Path) -> 
     with staged_output(output_dir) as staging:
         plan = _shard_plan(split_set.counts, data, record_format, staging)
         if data.dask_scheduler and data.scheme != "tfds":
-            digests = _write_on_dask(data.dask_scheduler, _shard_jobs(split_set, plan), split_set.images_npy, data,
-                                     record_format)
+            digests = _write_on_dask(
+                data.dask_scheduler, _shard_jobs(split_set, plan), split_set.images_npy, data, record_format
+            )
         else:
             digests = _write_locally(split_set, data, plan, record_format)
     return TFRecordSet(
@@ -261,8 +297,9 @@ def write_tfrecords(split_set: SplitSet, data: DataConfig, output_dir: Path) -> 
     )
 
 
-def _write_locally(split_set: SplitSet, data: DataConfig, plan: dict[str, list[tuple[Path, int]]],
-                   record_format: str) -> dict[str, str]:
+def _write_locally(
+    split_set: SplitSet, data: DataConfig, plan: dict[str, list[tuple[Path, int]]], record_format: str
+) -> dict[str, str]:
     """Every shard of `plan` written from this machine; their names and digests."""
     total = sum(split_set.counts.values())
     examples = _tfds_examples(split_set, data) if data.scheme == "tfds" else _examples(split_set)

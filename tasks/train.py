@@ -18,18 +18,15 @@ import pyarrow as pa
 
 from convflow.catalog import schemas
 from convflow.config.schema import FineTuneConfig, TrainConfig
-from convflow.core.storage import locked, staged_output
-from convflow.modeling import base_features
-from convflow.tfrecords import features
-from convflow.modeling import serving
-from convflow.modeling import train_callbacks
-from convflow.modeling import train_recipe
-from convflow.runtime.process_caches import remember_classifier
-from convflow.core.records import TFRecordSet, TrainedModel, WrappedModel
-from convflow.core.run_log import run_logger
 from convflow.core.context import RunContext
 from convflow.core.hashing import hash_json
+from convflow.core.records import TFRecordSet, TrainedModel, WrappedModel
+from convflow.core.run_log import run_logger
 from convflow.core.stage import stage_task
+from convflow.core.storage import locked, staged_output
+from convflow.modeling import base_features, serving, train_callbacks, train_recipe
+from convflow.runtime.process_caches import remember_classifier
+from convflow.tfrecords import features
 
 
 def checkpoint_key(
@@ -112,7 +109,9 @@ def _with_labels_for_loss(dataset, settings: TrainConfig, tfrecords: TFRecordSet
     transform = train_recipe.label_transform(settings, len(tfrecords.label_names), binary)
     if dataset is None or transform is None:
         return dataset
-    mapped = dataset.map(lambda images, labels: transform(images, labels, training), num_parallel_calls=tf.data.AUTOTUNE)
+    mapped = dataset.map(
+        lambda images, labels: transform(images, labels, training), num_parallel_calls=tf.data.AUTOTUNE
+    )
     return mapped.prefetch(tf.data.AUTOTUNE)
 
 
@@ -128,8 +127,10 @@ def _datasets(tfrecords: TFRecordSet, settings: TrainConfig, global_batch: int, 
     validation = None
     if tfrecords.counts.get("validation"):
         validation = features.read_dataset(tfrecords.shards["validation"], **common)
-    return (_with_labels_for_loss(training, settings, tfrecords, binary, training=True),
-            _with_labels_for_loss(validation, settings, tfrecords, binary, training=False))
+    return (
+        _with_labels_for_loss(training, settings, tfrecords, binary, training=True),
+        _with_labels_for_loss(validation, settings, tfrecords, binary, training=False),
+    )
 
 
 def model_summary(model) -> pa.Table:
@@ -140,13 +141,15 @@ def model_summary(model) -> pa.Table:
         for item in inner:
             if item.__class__.__name__ == "InputLayer":
                 continue
-            rows.append({
-                "layer": f"base/{item.name}" if item is not layer else item.name,
-                "type": item.__class__.__name__,
-                "output_shape": str(tuple(item.output.shape)) if hasattr(item, "output") else "",
-                "params": int(sum(int(w.numpy().size) for w in item.weights)),
-                "trainable": bool(item.trainable and layer.trainable),
-            })
+            rows.append(
+                {
+                    "layer": f"base/{item.name}" if item is not layer else item.name,
+                    "type": item.__class__.__name__,
+                    "output_shape": str(tuple(item.output.shape)) if hasattr(item, "output") else "",
+                    "params": int(sum(int(w.numpy().size) for w in item.weights)),
+                    "trainable": bool(item.trainable and layer.trainable),
+                }
+            )
     return pa.Table.from_pylist(rows, schema=schemas.MODEL_SUMMARY_SCHEMA)
 
 
@@ -154,8 +157,13 @@ def augmentation_preview(tfrecords: TFRecordSet, settings: TrainConfig, images: 
     """A few training images, each followed by versions of it through train.augment's per-image layers (uint8)."""
     import numpy as np
 
-    first = next(iter(features.read_dataset(tfrecords.shards["train"], tfrecords.image_size,
-                                            tfrecords.channels, images, cache=False)))[0]
+    first = next(
+        iter(
+            features.read_dataset(
+                tfrecords.shards["train"], tfrecords.image_size, tfrecords.channels, images, cache=False
+            )
+        )
+    )[0]
     augment = train_recipe.image_augmentation(settings)
     rows = [first.numpy()] + [augment(first, training=True).numpy() for _ in range(versions)]
     return np.clip(np.stack(rows, axis=1), 0, 255).astype(np.uint8).reshape(-1, *first.shape[1:])
@@ -176,7 +184,9 @@ def _compile(model, settings: TrainConfig, learning_rate: float, steps_per_epoch
     loss, metrics = train_recipe.loss_and_metrics(settings, model.output_shape[-1])
     rate = train_recipe.learning_rate(settings.schedule, learning_rate, epochs, steps_per_epoch)
     model.compile(
-        optimizer=train_recipe.optimizer(settings, rate), loss=loss, metrics=metrics,
+        optimizer=train_recipe.optimizer(settings, rate),
+        loss=loss,
+        metrics=metrics,
         steps_per_execution=_steps_per_execution(settings, steps_per_epoch),
         jit_compile=settings.jit_compile,
     )
@@ -251,8 +261,12 @@ def _fit(model, datasets, training: Training, phase: str, initial_epoch: int, ep
         warnings.filterwarnings("ignore", message=".*shuffle=True.*")
         warnings.filterwarnings("ignore", message=".*ran out of data.*")
         model.fit(
-            datasets[0], validation_data=datasets[1], initial_epoch=initial_epoch, epochs=epochs,
-            verbose=0 if in_prefect_run else 2, class_weight=training.class_weight,
+            datasets[0],
+            validation_data=datasets[1],
+            initial_epoch=initial_epoch,
+            epochs=epochs,
+            verbose=0 if in_prefect_run else 2,
+            class_weight=training.class_weight,
             callbacks=[*leading, *train_recipe.plateau_callbacks(training.settings.schedule), *training.callbacks],
         )
     if stopper is not None:
@@ -301,8 +315,10 @@ class Training:
         """Where early stopping ended a phase (1-based epochs); kept beside the checkpoints so a
         resumed fine-tuning still knows the head phase's."""
         stops = self.stops()
-        stops[phase] = {"best_epoch": stopper.best_epoch + 1,
-                        "stopped_epoch": stopper.stopped_epoch + 1 if stopper.stopped_epoch else None}
+        stops[phase] = {
+            "best_epoch": stopper.best_epoch + 1,
+            "stopped_epoch": stopper.stopped_epoch + 1 if stopper.stopped_epoch else None,
+        }
         self._stops_file.write_text(json.dumps(stops))
 
     def stops(self) -> dict[str, dict]:
@@ -316,13 +332,16 @@ def _feature_datasets(front, training: Training, cache: Path, binary: bool):
     infer = base_features.feature_function(front, training.tfrecords)
     extracted = {split: base_features.load_or_extract(infer, training.tfrecords, split, cache, log) for split in splits}
     settings = training.settings
-    train_set = base_features.feature_dataset(extracted["train"], training.global_batch, settings.shuffle_buffer,
-                                              settings.seed)
+    train_set = base_features.feature_dataset(
+        extracted["train"], training.global_batch, settings.shuffle_buffer, settings.seed
+    )
     validation = extracted.get("validation")
     validation_set = base_features.feature_dataset(validation, training.global_batch) if validation else None
     # Features never carry augmentation (applies() sends it to images): one-hot labels at most.
-    return tuple(_with_labels_for_loss(dataset, settings, training.tfrecords, binary, training=False)
-                 for dataset in (train_set, validation_set))
+    return tuple(
+        _with_labels_for_loss(dataset, settings, training.tfrecords, binary, training=False)
+        for dataset in (train_set, validation_set)
+    )
 
 
 def _fit_head(model, training: Training, feature_cache: Path | None) -> float:
@@ -372,8 +391,14 @@ def _fit_phases(model_path: str, training: Training, feature_cache: Path | None)
         unfreeze_top(model, fine_tune)
         _compile(model, settings, fine_tune.learning_rate, training.steps_per_epoch, fine_tune.epochs)
         training.recorder.phase = "fine_tune"
-        fit_seconds += _fit(model, training.image_datasets(model.output_shape[-1] == 1), training, "fine-tune",
-                            settings.epochs, total_epochs)
+        fit_seconds += _fit(
+            model,
+            training.image_datasets(model.output_shape[-1] == 1),
+            training,
+            "fine-tune",
+            settings.epochs,
+            total_epochs,
+        )
     return model, fit_seconds
 
 
@@ -381,14 +406,17 @@ def _previews_augmentation(settings: TrainConfig) -> bool:
     return any(name in train_recipe.IMAGE_LAYERS for step in settings.augment_steps for name in step)
 
 
-def _save_outputs(model, tfrecords: TFRecordSet, settings: TrainConfig, checkpoint_dir: Path, output_dir: Path,
-                  total_epochs: int) -> None:
+def _save_outputs(
+    model, tfrecords: TFRecordSet, settings: TrainConfig, checkpoint_dir: Path, output_dir: Path, total_epochs: int
+) -> None:
     """The trained model in float32 (whatever train.precision was: evaluation, export and serving then
     see one model), its history, its layers, and the TensorBoard logs."""
     saved = with_precision(model, "float32")
     with staged_output(output_dir) as staging:
         saved.save(staging / "model.keras")
-        schemas.write_parquet(_read_history(checkpoint_dir / "history.jsonl", total_epochs), staging / "history.parquet")
+        schemas.write_parquet(
+            _read_history(checkpoint_dir / "history.jsonl", total_epochs), staging / "history.parquet"
+        )
         schemas.write_parquet(model_summary(model), staging / "model_summary.parquet")
         if (checkpoint_dir / "tensorboard").exists():
             shutil.copytree(checkpoint_dir / "tensorboard", staging / "tensorboard")
@@ -399,9 +427,14 @@ def _save_outputs(model, tfrecords: TFRecordSet, settings: TrainConfig, checkpoi
 
 def _hyperparameters(settings: TrainConfig, fine_tune: FineTuneConfig | None, head_trained_on: str) -> dict:
     values = settings.model_dump(mode="json", exclude=set(TrainConfig.EXECUTION_ONLY))
-    values.update(schedule=describe_schedule(settings), augment=json.dumps(values["augment"]),
-                  early_stopping=json.dumps(values["early_stopping"]))
-    values.update({f"fine_tune.{name}": value for name, value in (fine_tune.model_dump(mode="json") if fine_tune else {}).items()})
+    values.update(
+        schedule=describe_schedule(settings),
+        augment=json.dumps(values["augment"]),
+        early_stopping=json.dumps(values["early_stopping"]),
+    )
+    values.update(
+        {f"fine_tune.{name}": value for name, value in (fine_tune.model_dump(mode="json") if fine_tune else {}).items()}
+    )
     return {**values, "head_trained_on": head_trained_on}
 
 
@@ -444,12 +477,27 @@ def train_model(
     head_trained_on = "cached features" if on_features else "images"
     recorder = train_callbacks.epoch_recorder(checkpoint_dir / "history.jsonl", total_epochs)
     progress = train_callbacks.progress_artifact(progress_label, total_epochs)
-    train_callbacks.write_hyperparameters(checkpoint_dir / "tensorboard", _hyperparameters(settings, fine_tune, head_trained_on))
-    callbacks = [recorder, train_callbacks.tensorboard(checkpoint_dir / "tensorboard"), *([progress] if progress else [])]
-    training = Training(tfrecords, settings, fine_tune, checkpoint_dir, settings.batch_size * strategy.num_replicas_in_sync,
-                        recorder, callbacks,
-                        train_recipe.class_weights(tfrecords) if settings.class_weight == "balanced" else None)
-    run_logger().info(_plan_line(wrapped, settings, head_trained_on, strategy.num_replicas_in_sync, training.global_batch))
+    train_callbacks.write_hyperparameters(
+        checkpoint_dir / "tensorboard", _hyperparameters(settings, fine_tune, head_trained_on)
+    )
+    callbacks = [
+        recorder,
+        train_callbacks.tensorboard(checkpoint_dir / "tensorboard"),
+        *([progress] if progress else []),
+    ]
+    training = Training(
+        tfrecords,
+        settings,
+        fine_tune,
+        checkpoint_dir,
+        settings.batch_size * strategy.num_replicas_in_sync,
+        recorder,
+        callbacks,
+        train_recipe.class_weights(tfrecords) if settings.class_weight == "balanced" else None,
+    )
+    run_logger().info(
+        _plan_line(wrapped, settings, head_trained_on, strategy.num_replicas_in_sync, training.global_batch)
+    )
     started = time.perf_counter()
     with strategy.scope():
         cache = (feature_cache or checkpoint_dir / "features") if on_features else None
@@ -461,16 +509,25 @@ def train_model(
     _save_outputs(model, tfrecords, settings, checkpoint_dir, output_dir, total_epochs)
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return TrainedModel(
-        output_dir=str(output_dir), model_path=str(output_dir / "model.keras"),
+        output_dir=str(output_dir),
+        model_path=str(output_dir / "model.keras"),
         history_parquet=str(output_dir / "history.parquet"),
         model_summary_parquet=str(output_dir / "model_summary.parquet"),
         augmentation_npy=str(output_dir / "augmentation.npy") if _previews_augmentation(settings) else None,
-        epochs=total_epochs, resumed_from_epoch=resumed_from, train_seconds=seconds,
+        epochs=total_epochs,
+        resumed_from_epoch=resumed_from,
+        train_seconds=seconds,
         images_per_second=tfrecords.counts["train"] * trained_epochs / fit_seconds if trained_epochs else 0.0,
-        fingerprint=checkpoint_key(wrapped, tfrecords, settings, fine_tune), host=socket.gethostname(), pid=os.getpid(),
-        head_trained_on=head_trained_on, precision=settings.precision, replicas=strategy.num_replicas_in_sync,
-        tensorboard_dir=str(output_dir / "tensorboard"), schedule=describe_schedule(settings),
-        best_epoch=stop.get("best_epoch"), stopped_epoch=stop.get("stopped_epoch"),
+        fingerprint=checkpoint_key(wrapped, tfrecords, settings, fine_tune),
+        host=socket.gethostname(),
+        pid=os.getpid(),
+        head_trained_on=head_trained_on,
+        precision=settings.precision,
+        replicas=strategy.num_replicas_in_sync,
+        tensorboard_dir=str(output_dir / "tensorboard"),
+        schedule=describe_schedule(settings),
+        best_epoch=stop.get("best_epoch"),
+        stopped_epoch=stop.get("stopped_epoch"),
     )
 
 
@@ -478,22 +535,29 @@ def describe_schedule(settings: TrainConfig) -> str:
     """train.schedule in words, for the report: "cosine, 2 warm-up epochs"."""
     schedule = settings.schedule
     details = {
-        "constant": "", "cosine": f", {schedule.warmup_epochs} warm-up epochs" if schedule.warmup_epochs else "",
+        "constant": "",
+        "cosine": f", {schedule.warmup_epochs} warm-up epochs" if schedule.warmup_epochs else "",
         "step": f", x{schedule.factor:g} every {schedule.step_epochs} epochs",
         "reduce_on_plateau": f", x{schedule.factor:g} after {schedule.patience} epochs without a lower validation loss",
     }
     return f"{schedule.kind}{details[schedule.kind]}"
 
 
-def _plan_line(wrapped: WrappedModel, settings: TrainConfig, head_trained_on: str, replicas: int, global_batch: int) -> str:
+def _plan_line(
+    wrapped: WrappedModel, settings: TrainConfig, head_trained_on: str, replicas: int, global_batch: int
+) -> str:
     if not wrapped.base_frozen:
         what = "the whole network on images"
     elif head_trained_on == "images":
-        what = "the head on images " + ("(train.augment is on)" if settings.augment else "(train.cache_features is off)")
+        what = "the head on images " + (
+            "(train.augment is on)" if settings.augment else "(train.cache_features is off)"
+        )
     else:
         what = "the head on cached features of the frozen base"
-    return (f"training {wrapped.trainable_params:,} of {wrapped.total_params:,} parameters for {settings.epochs} epochs: "
-            f"{what}; {settings.precision}; {replicas} replica(s), batch {global_batch}")
+    return (
+        f"training {wrapped.trainable_params:,} of {wrapped.total_params:,} parameters for {settings.epochs} epochs: "
+        f"{what}; {settings.precision}; {replicas} replica(s), batch {global_batch}"
+    )
 
 
 def checkpoint_dir_for(run: RunContext, key: str) -> Path:
@@ -503,8 +567,12 @@ def checkpoint_dir_for(run: RunContext, key: str) -> Path:
 
 
 def train_here(
-    wrapped: WrappedModel, tfrecords: TFRecordSet, settings: TrainConfig, fine_tune: FineTuneConfig | None,
-    run: RunContext, finished: Callable[[str], TrainedModel | None] = lambda key: None,
+    wrapped: WrappedModel,
+    tfrecords: TFRecordSet,
+    settings: TrainConfig,
+    fine_tune: FineTuneConfig | None,
+    run: RunContext,
+    finished: Callable[[str], TrainedModel | None] = lambda key: None,
 ) -> TrainedModel:
     """train_model in this process, holding the checkpoint folder's lock.
 
@@ -520,18 +588,31 @@ def train_here(
         earlier = finished(key)
         if earlier is not None:
             return earlier
-        return train_model(wrapped, tfrecords, settings, checkpoint_dir, run.stage_dir("train"), fine_tune,
-                           progress_label=f"{run.pipeline} run {run.run_id}, training",
-                           feature_cache=base_features.cache_dir(Path(run.artifacts_root), run.pipeline, wrapped,
-                                                                 tfrecords, settings.precision))
+        return train_model(
+            wrapped,
+            tfrecords,
+            settings,
+            checkpoint_dir,
+            run.stage_dir("train"),
+            fine_tune,
+            progress_label=f"{run.pipeline} run {run.run_id}, training",
+            feature_cache=base_features.cache_dir(
+                Path(run.artifacts_root), run.pipeline, wrapped, tfrecords, settings.precision
+            ),
+        )
 
 
 @stage_task(retries=2, retry_delay_seconds=[10, 60])
 def train(
-    wrapped: WrappedModel, tfrecords: TFRecordSet, settings: TrainConfig, fine_tune: FineTuneConfig | None, run: RunContext
+    wrapped: WrappedModel,
+    tfrecords: TFRecordSet,
+    settings: TrainConfig,
+    fine_tune: FineTuneConfig | None,
+    run: RunContext,
 ) -> TrainedModel:
-    """Prefect task over train_model: in this process, or as flow runs on the workers of the pipeline's `train.work_pool`
-    (a lost worker's attempt is started again there). A retry resumes from the last completed epoch."""
+    """Prefect task over train_model: in this process, or as flow runs on the workers of the
+    pipeline's `train.work_pool` (a lost worker's attempt is started again there). A retry resumes
+    from the last completed epoch."""
     if settings.work_pool:
         from convflow.runtime.work_pool import train_on_pool
 

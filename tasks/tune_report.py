@@ -10,11 +10,11 @@ import pyarrow as pa
 import pydantic
 
 from convflow.catalog import schemas
+from convflow.core.context import RunContext
+from convflow.core.records import RunSummary, StageRecord
+from convflow.core.stage import stage_task
 from convflow.core.storage import staged_output
 from convflow.reporting.figures import render_page
-from convflow.core.records import RunSummary, StageRecord
-from convflow.core.context import RunContext
-from convflow.core.stage import stage_task
 from convflow.tasks.tune_trial import TrialResult
 
 
@@ -41,8 +41,15 @@ class TuneReport(StageRecord):
 
 def trials_table(tuning: Tuning) -> pa.Table:
     best_id = tuning.best.trial_id if tuning.best else None
-    rows = [{**trial.model_dump(exclude={"settings"}), "settings": json.dumps(trial.settings, sort_keys=True),
-             "objective": tuning.objective, "best": trial.trial_id == best_id} for trial in tuning.trials]
+    rows = [
+        {
+            **trial.model_dump(exclude={"settings"}),
+            "settings": json.dumps(trial.settings, sort_keys=True),
+            "objective": tuning.objective,
+            "best": trial.trial_id == best_id,
+        }
+        for trial in tuning.trials
+    ]
     return pa.Table.from_pylist(rows, schema=schemas.TRIALS_SCHEMA)
 
 
@@ -52,10 +59,24 @@ def _cell(value) -> str:
 
 def render_tuning(tuning: Tuning) -> str:
     names = sorted({name for trial in tuning.trials for name in trial.settings})
-    rows = [[trial.trial_id, trial.status, *(_cell(trial.settings.get(name)) for name in names), trial.epochs,
-             _cell(trial.score), f"{trial.seconds:.1f}", trial.error or ""] for trial in tuning.trials]
-    return render_page("tune.html.j2", tuning=tuning, header=["trial", "status", *names, "epochs", tuning.objective,
-                                                               "seconds", "error"], rows=rows)
+    rows = [
+        [
+            trial.trial_id,
+            trial.status,
+            *(_cell(trial.settings.get(name)) for name in names),
+            trial.epochs,
+            _cell(trial.score),
+            f"{trial.seconds:.1f}",
+            trial.error or "",
+        ]
+        for trial in tuning.trials
+    ]
+    return render_page(
+        "tune.html.j2",
+        tuning=tuning,
+        header=["trial", "status", *names, "epochs", tuning.objective, "seconds", "error"],
+        rows=rows,
+    )
 
 
 def write_tune_report(tuning: Tuning, output_dir: Path) -> TuneReport:
@@ -63,8 +84,11 @@ def write_tune_report(tuning: Tuning, output_dir: Path) -> TuneReport:
     with staged_output(output_dir) as staging:
         (staging / "tune.html").write_text(render_tuning(tuning))
         schemas.write_parquet(trials_table(tuning), staging / "trials.parquet")
-    return TuneReport(output_dir=str(output_dir), report_html=str(output_dir / "tune.html"),
-                      trials_parquet=str(output_dir / "trials.parquet"))
+    return TuneReport(
+        output_dir=str(output_dir),
+        report_html=str(output_dir / "tune.html"),
+        trials_parquet=str(output_dir / "trials.parquet"),
+    )
 
 
 @stage_task()
@@ -74,6 +98,7 @@ def tune_report(tuning: Tuning, run: RunContext) -> TuneReport:
 
     report = write_tune_report(tuning, run.stage_dir("tune_report"))
     key = "".join(ch if ch.isalnum() else "-" for ch in tuning.pipeline.lower())
-    create_table_artifact(key=f"{key}-tune-trials", table=trials_table(tuning).to_pylist(),
-                          description=f"Tune {tuning.tune_id}: trials")
+    create_table_artifact(
+        key=f"{key}-tune-trials", table=trials_table(tuning).to_pylist(), description=f"Tune {tuning.tune_id}: trials"
+    )
     return report

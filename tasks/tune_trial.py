@@ -19,11 +19,11 @@ from prefect.cache_policies import NO_CACHE
 
 from convflow.config.derive import tuned_spec
 from convflow.config.schema import PipelineSpec, TuneConfig
+from convflow.core.context import RunContext
+from convflow.core.records import TFRecordSet
 from convflow.modeling import base_features
 from convflow.tasks.build_base import build_base_model
 from convflow.tasks.freeze_and_wrap import freeze_and_wrap_model
-from convflow.core.records import TFRecordSet
-from convflow.core.context import RunContext
 from convflow.tasks.train import train_model
 
 # Hyperband's bookkeeping values among a trial's hyperparameters: not settings of the pipeline.
@@ -54,11 +54,21 @@ def hyperparameters(tune: TuneConfig):
         if candidates.values is not None:
             space.Choice(name, [int(value) if integer else value for value in candidates.values])
         elif integer:
-            space.Int(name, int(candidates.min), int(candidates.max), step=int(candidates.step or 1),
-                      sampling="log" if candidates.log else "linear")
+            space.Int(
+                name,
+                int(candidates.min),
+                int(candidates.max),
+                step=int(candidates.step or 1),
+                sampling="log" if candidates.log else "linear",
+            )
         else:
-            space.Float(name, candidates.min, candidates.max, step=candidates.step,
-                        sampling="log" if candidates.log else "linear")
+            space.Float(
+                name,
+                candidates.min,
+                candidates.max,
+                step=candidates.step,
+                sampling="log" if candidates.log else "linear",
+            )
     return space
 
 
@@ -66,9 +76,12 @@ def make_oracle(tune: TuneConfig, epochs: int, directory: Path):
     """KerasTuner's oracle for tune.algorithm; a failed trial never ends the search (the cap is max_trials)."""
     import keras_tuner as kt
 
-    common = {"objective": kt.Objective(tune.objective, "max" if tune.objective == "val_accuracy" else "min"),
-              "seed": tune.seed, "hyperparameters": hyperparameters(tune),
-              "max_consecutive_failed_trials": tune.max_trials + 1}
+    common = {
+        "objective": kt.Objective(tune.objective, "max" if tune.objective == "val_accuracy" else "min"),
+        "seed": tune.seed,
+        "hyperparameters": hyperparameters(tune),
+        "max_consecutive_failed_trials": tune.max_trials + 1,
+    }
     if tune.algorithm == "hyperband":
         oracle = kt.oracles.HyperbandOracle(max_epochs=epochs, factor=3, **common)
     else:
@@ -90,8 +103,9 @@ def _score(history_parquet: str, objective: str, best_epoch: int | None) -> floa
     return float(values[best_epoch - 1] if best_epoch else values[-1])
 
 
-def run_trial(spec: PipelineSpec, trial_id: str, settings: dict[str, float], epochs: int, tfrecords: TFRecordSet,
-              run: RunContext) -> TrialResult:
+def run_trial(
+    spec: PipelineSpec, trial_id: str, settings: dict[str, float], epochs: int, tfrecords: TFRecordSet, run: RunContext
+) -> TrialResult:
     """Train `spec` with `settings` for `epochs` head epochs under `run`'s tune folder; its validation score.
 
     Raises:
@@ -103,30 +117,50 @@ def run_trial(spec: PipelineSpec, trial_id: str, settings: dict[str, float], epo
     train_settings = tuned.train.model_copy(update={"epochs": epochs})
     folder = Path(run.artifacts_root) / run.pipeline / run.run_id / "trials" / trial_id
     base = build_base_model(tuned.model, tfrecords, train_settings.seed, folder / "base", Path(run.artifacts_root))
-    wrapped = freeze_and_wrap_model(base, tuned.model, len(tfrecords.label_names), train_settings.seed, folder / "wrapped")
-    cache = base_features.cache_dir(Path(run.artifacts_root), run.pipeline, wrapped, tfrecords, train_settings.precision)
-    trained = train_model(wrapped, tfrecords, train_settings, folder / "checkpoint", folder / "train",
-                          tuned.model.fine_tune, feature_cache=cache)
+    wrapped = freeze_and_wrap_model(
+        base, tuned.model, len(tfrecords.label_names), train_settings.seed, folder / "wrapped"
+    )
+    cache = base_features.cache_dir(
+        Path(run.artifacts_root), run.pipeline, wrapped, tfrecords, train_settings.precision
+    )
+    trained = train_model(
+        wrapped,
+        tfrecords,
+        train_settings,
+        folder / "checkpoint",
+        folder / "train",
+        tuned.model.fine_tune,
+        feature_cache=cache,
+    )
     score = _score(trained.history_parquet, spec.tune.objective, trained.best_epoch)
-    return TrialResult(trial_id=trial_id, settings=settings, epochs=epochs, status="completed", score=score,
-                       seconds=time.perf_counter() - started)
+    return TrialResult(
+        trial_id=trial_id,
+        settings=settings,
+        epochs=epochs,
+        status="completed",
+        score=score,
+        seconds=time.perf_counter() - started,
+    )
 
 
 def failed_trial(trial_id: str, settings: dict[str, float], epochs: int, error: BaseException) -> TrialResult:
-    return TrialResult(trial_id=trial_id, settings=settings, epochs=epochs, status="failed",
-                       error=f"{type(error).__name__}: {error}")
+    return TrialResult(
+        trial_id=trial_id, settings=settings, epochs=epochs, status="failed", error=f"{type(error).__name__}: {error}"
+    )
 
 
 @task(name="tune_trial", task_run_name="trial {trial_id}", cache_policy=NO_CACHE, retries=0)
-def tune_trial(spec: PipelineSpec, trial_id: str, settings: dict[str, float], epochs: int, tfrecords: TFRecordSet,
-               run: RunContext) -> TrialResult:
+def tune_trial(
+    spec: PipelineSpec, trial_id: str, settings: dict[str, float], epochs: int, tfrecords: TFRecordSet, run: RunContext
+) -> TrialResult:
     """Prefect task over run_trial. No retries: a trial that fails (out of memory, say) is recorded
     failed and the search goes on."""
     return run_trial(spec, trial_id, settings, epochs, tfrecords, run)
 
 
-def search(tune: TuneConfig, epochs: int, directory: Path,
-           run_one: Callable[[str, dict[str, float], int], TrialResult]) -> list[TrialResult]:
+def search(
+    tune: TuneConfig, epochs: int, directory: Path, run_one: Callable[[str, dict[str, float], int], TrialResult]
+) -> list[TrialResult]:
     """Ask the oracle for up to tune.max_trials settings, run each with `run_one(trial id, settings,
     epochs)` and report its score back; a failed trial is told to the oracle as failed and the search goes on."""
     oracle = make_oracle(tune, epochs, directory)

@@ -15,12 +15,12 @@ import numpy as np
 import pyarrow.parquet as pq
 from markupsafe import Markup
 
-from convflow.core.storage import staged_output
-from convflow.reporting.figures import figure_tag, image_grid, page_sources, pyplot, render_page
-from convflow.core.records import Evaluation, ExportedModel, Report, SplitSet, StageRun, TFRecordSet, TrainedModel
 from convflow.core.context import RunContext
 from convflow.core.hashing import hash_json, sha256_file
+from convflow.core.records import Evaluation, ExportedModel, Report, SplitSet, StageRun, TFRecordSet, TrainedModel
 from convflow.core.stage import stage_task
+from convflow.core.storage import staged_output
+from convflow.reporting.figures import figure_tag, image_grid, page_sources, pyplot, render_page
 
 # Under <artifacts>/<pipeline>/: rendered figures, reused by reports of the same model and evaluation.
 FIGURE_CACHE = ".report-figures"
@@ -67,8 +67,11 @@ def _per_class_rows(metrics_parquet: str) -> list[list]:
     per_class = metrics.dropna(subset=["class_name"]).pivot(index="class_name", columns="metric", values="value")
     order = metrics.dropna(subset=["class_name"])["class_name"].drop_duplicates()
     return [
-        [name, *(float(per_class.loc[name, column]) for column in ("precision", "recall", "f1")),
-         int(per_class.loc[name, "support"])]
+        [
+            name,
+            *(float(per_class.loc[name, column]) for column in ("precision", "recall", "f1")),
+            int(per_class.loc[name, "support"]),
+        ]
         for name in order
     ]
 
@@ -87,18 +90,23 @@ def _feature_maps(maps: np.ndarray) -> Markup:
 def _layers(summary_parquet: str) -> tuple[dict[str, int], list[list]]:
     """Parameter totals and one row per layer."""
     rows = pq.read_table(summary_parquet).to_pylist()
-    parameters = {"total": sum(row["params"] for row in rows),
-                  "trainable": sum(row["params"] for row in rows if row["trainable"])}
-    return parameters, [[r["layer"], r["type"], r["output_shape"], r["params"], "yes" if r["trainable"] else "no"]
-                        for r in rows]
+    parameters = {
+        "total": sum(row["params"] for row in rows),
+        "trainable": sum(row["params"] for row in rows if row["trainable"]),
+    }
+    return parameters, [
+        [r["layer"], r["type"], r["output_shape"], r["params"], "yes" if r["trainable"] else "no"] for r in rows
+    ]
 
 
 def _production_rows(evaluation: Evaluation) -> list[list]:
     """This run's accuracy beside the production model's, when there is one."""
     if evaluation.production_version is None:
         return []
-    return [[f"production v{evaluation.production_version}", evaluation.production_accuracy],
-            ["this run", evaluation.test_accuracy]]
+    return [
+        [f"production v{evaluation.production_version}", evaluation.production_accuracy],
+        ["this run", evaluation.test_accuracy],
+    ]
 
 
 def _git_commit() -> str:
@@ -106,8 +114,13 @@ def _git_commit() -> str:
     source = Path(__file__).resolve().parent
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=source,
-                               capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=source,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return "unknown (git not available)"
     if commit.returncode != 0:
@@ -126,7 +139,9 @@ def _class_counts(splits_parquet: str) -> tuple[list[str], list[list]]:
 
 def _lineage(config_hash: str, data_fingerprint: str) -> list[list]:
     rows = [
-        ["config hash", config_hash], ["data fingerprint", data_fingerprint], ["git commit", _git_commit()],
+        ["config hash", config_hash],
+        ["data fingerprint", data_fingerprint],
+        ["git commit", _git_commit()],
         ["python", platform.python_version()],
     ]
     for package in PACKAGES:
@@ -143,7 +158,8 @@ def _render_figures(split_set: SplitSet, trained: TrainedModel, evaluation: Eval
     names = split_set.label_names
     augmentation = np.load(trained.augmentation_npy) if trained.augmentation_npy else None
     return {
-        "augmentation": Markup("") if augmentation is None
+        "augmentation": Markup("")
+        if augmentation is None
         else image_grid(augmentation, [""] * len(augmentation), columns=5),
         "curves": _curves(trained.history_parquet),
         "confusion": _confusion(evaluation.confusion_json),
@@ -153,11 +169,16 @@ def _render_figures(split_set: SplitSet, trained: TrainedModel, evaluation: Eval
         ),
         "mistakes": image_grid(
             samples["mistake_images"],
-            [f"{names[p]} {c:.2f}, true {names[t]}" for t, p, c in
-             zip(samples["mistake_labels"], samples["mistake_predicted"], samples["mistake_confidence"])],
+            [
+                f"{names[p]} {c:.2f}, true {names[t]}"
+                for t, p, c in zip(
+                    samples["mistake_labels"], samples["mistake_predicted"], samples["mistake_confidence"]
+                )
+            ],
         ),
-        "feature_maps": image_grid(samples["sample_images"][:1],
-                                   [f"test image, true {names[samples['sample_labels'][0]]}"])
+        "feature_maps": image_grid(
+            samples["sample_images"][:1], [f"test image, true {names[samples['sample_labels'][0]]}"]
+        )
         + _feature_maps(samples["feature_maps"]),
     }
 
@@ -189,8 +210,15 @@ def report_figures(
 
 
 def render_report(
-    pipeline: str, run_id: str, config_hash: str, split_set: SplitSet, trained: TrainedModel,
-    evaluation: Evaluation, exported: ExportedModel, stages: list[StageRun], figures: dict[str, Markup],
+    pipeline: str,
+    run_id: str,
+    config_hash: str,
+    split_set: SplitSet,
+    trained: TrainedModel,
+    evaluation: Evaluation,
+    exported: ExportedModel,
+    stages: list[StageRun],
+    figures: dict[str, Markup],
     tfrecords: TFRecordSet | None = None,
 ) -> str:
     """The report's HTML: every figure embedded, no external file needed."""
@@ -206,9 +234,18 @@ def render_report(
         "lineage": _lineage(config_hash, split_set.data_fingerprint),
     }
     return render_page(
-        "report.html.j2", pipeline=pipeline, run_id=run_id, split_set=split_set, tfrecords=tfrecords, trained=trained,
-        evaluation=evaluation, exported=exported, figures=figures, parameters=parameters,
-        class_count_splits=class_count_splits, tables={name: _text_rows(rows) for name, rows in tables.items()},
+        "report.html.j2",
+        pipeline=pipeline,
+        run_id=run_id,
+        split_set=split_set,
+        tfrecords=tfrecords,
+        trained=trained,
+        evaluation=evaluation,
+        exported=exported,
+        figures=figures,
+        parameters=parameters,
+        class_count_splits=class_count_splits,
+        tables={name: _text_rows(rows) for name, rows in tables.items()},
     )
 
 
@@ -240,7 +277,7 @@ def _publish_artifacts(report: Report, evaluation: Evaluation, pipeline: str) ->
     create_markdown_artifact(
         key=f"{key}-summary",
         markdown=f"# {pipeline}\n\nTest accuracy **{evaluation.test_accuracy:.4f}** — gate {verdict}: "
-                 f"{evaluation.gate_reason}\n\nReport: `{report.report_html}`",
+        f"{evaluation.gate_reason}\n\nReport: `{report.report_html}`",
         description="convflow run summary",
     )
     metrics = pq.read_table(evaluation.metrics_parquet).to_pylist()
@@ -250,14 +287,28 @@ def _publish_artifacts(report: Report, evaluation: Evaluation, pipeline: str) ->
 
 @stage_task()
 def write_report(
-    config_hash: str, split_set: SplitSet, trained: TrainedModel, evaluation: Evaluation,
-    exported: ExportedModel, stages: list[StageRun], run: RunContext, tfrecords: TFRecordSet | None = None,
+    config_hash: str,
+    split_set: SplitSet,
+    trained: TrainedModel,
+    evaluation: Evaluation,
+    exported: ExportedModel,
+    stages: list[StageRun],
+    run: RunContext,
+    tfrecords: TFRecordSet | None = None,
 ) -> Report:
     """Prefect task over write_report_html; also publishes summary, metrics and link artifacts."""
     report = write_report_html(
-        run.stage_dir("write_report"), Path(run.artifacts_root) / run.pipeline / FIGURE_CACHE,
-        pipeline=run.pipeline, run_id=run.run_id, config_hash=config_hash, split_set=split_set, trained=trained,
-        evaluation=evaluation, exported=exported, stages=stages, tfrecords=tfrecords,
+        run.stage_dir("write_report"),
+        Path(run.artifacts_root) / run.pipeline / FIGURE_CACHE,
+        pipeline=run.pipeline,
+        run_id=run.run_id,
+        config_hash=config_hash,
+        split_set=split_set,
+        trained=trained,
+        evaluation=evaluation,
+        exported=exported,
+        stages=stages,
+        tfrecords=tfrecords,
     )
     _publish_artifacts(report, evaluation, run.pipeline)
     return report

@@ -1,1 +1,2 @@
-"""What happened: Parquet schemas, the runs catalog, the model registry and its production pointer, retraining policy."""
+"""What happened: Parquet schemas, the runs catalog, the model registry and its production pointer,
+retraining policy."""

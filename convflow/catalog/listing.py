@@ -8,8 +8,17 @@ from pathlib import Path
 from typing import Any
 
 # The columns of the listing, in order; each row holds them as display strings.
-RUNS_COLUMNS = ("started", "pipeline", "run_id", "status", "test_accuracy", "promoted_version", "seconds",
-                "config_hash", "data_fingerprint")
+RUNS_COLUMNS = (
+    "started",
+    "pipeline",
+    "run_id",
+    "status",
+    "test_accuracy",
+    "promoted_version",
+    "seconds",
+    "config_hash",
+    "data_fingerprint",
+)
 MISSING = "-"
 FINISHED = ("completed", "not-promoted")
 _FORMATS = {"started": "{:%Y-%m-%d %H:%M:%S}", "test_accuracy": "{:.4f}", "seconds": "{:.1f}"}
@@ -50,5 +59,6 @@ def has_finished_run(artifacts_root: Path, pipeline: str, config_hash: str) -> b
         runs = pq.read_table(catalog_file(artifacts_root), columns=["pipeline", "config_hash", "status"]).to_pylist()
     except Exception:  # missing or unreadable: the run itself will say so if it matters
         return False
-    return any(run["pipeline"] == pipeline and run["config_hash"] == config_hash and run["status"] in FINISHED
-               for run in runs)
+    return any(
+        run["pipeline"] == pipeline and run["config_hash"] == config_hash and run["status"] in FINISHED for run in runs
+    )

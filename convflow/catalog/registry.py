@@ -75,8 +75,14 @@ def _switch_pointer(production: Production, artifacts_root: Path) -> None:
 
 
 def promote(
-    artifacts_root: Path, pipeline: str, run_id: str, saved_model: str, model: str, test_accuracy: float,
-    config_hash: str | None = None, data_fingerprint: str | None = None,
+    artifacts_root: Path,
+    pipeline: str,
+    run_id: str,
+    saved_model: str,
+    model: str,
+    test_accuracy: float,
+    config_hash: str | None = None,
+    data_fingerprint: str | None = None,
 ) -> Production:
     """Copy `saved_model` in as the next version and make it production; `config_hash` and
     `data_fingerprint` say what made it (scheduled runs skip training while both are unchanged)."""
@@ -85,9 +91,15 @@ def promote(
     with locked(root / POINTER):
         version = max((existing.version for existing in versions(artifacts_root, pipeline)), default=0) + 1
         production = Production(
-            pipeline=pipeline, version=version, run_id=run_id, saved_model=str(root / str(version)), model=model,
-            test_accuracy=test_accuracy, promoted_at=datetime.datetime.now(datetime.timezone.utc).isoformat(),
-            config_hash=config_hash, data_fingerprint=data_fingerprint,
+            pipeline=pipeline,
+            version=version,
+            run_id=run_id,
+            saved_model=str(root / str(version)),
+            model=model,
+            test_accuracy=test_accuracy,
+            promoted_at=datetime.datetime.now(datetime.UTC).isoformat(),
+            config_hash=config_hash,
+            data_fingerprint=data_fingerprint,
         )
         with staged_output(root / str(version)) as staging:
             shutil.copytree(saved_model, staging, dirs_exist_ok=True)
@@ -146,6 +158,12 @@ def promote_run(artifacts_root: Path, run_id: str) -> Production:
         raise RegistryError(f"run {run_id!r} is not in {catalog}")
     row = rows[-1]
     return promote(
-        artifacts_root, row["pipeline"], run_id, row["saved_model"], row["model"], row["test_accuracy"],
-        config_hash=row["config_hash"], data_fingerprint=row["data_fingerprint"],
+        artifacts_root,
+        row["pipeline"],
+        run_id,
+        row["saved_model"],
+        row["model"],
+        row["test_accuracy"],
+        config_hash=row["config_hash"],
+        data_fingerprint=row["data_fingerprint"],
     )

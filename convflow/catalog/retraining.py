@@ -14,9 +14,7 @@ from convflow.catalog import registry
 from convflow.config.schema import PipelineSpec
 
 
-def unchanged_production(
-    artifacts_root: Path, spec: PipelineSpec, data_fingerprint: str
-) -> registry.Production | None:
+def unchanged_production(artifacts_root: Path, spec: PipelineSpec, data_fingerprint: str) -> registry.Production | None:
     """The production model that `spec`'s config made from this very data, when the pipeline
     retrains only on change; None when there is none (or its files are gone), anything differs,
     or `retrain: always`."""

@@ -8,10 +8,9 @@ import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from convflow.catalog import registry, schemas
-from convflow.catalog import tables
-from convflow.core.records import Evaluation, ExportedModel, Report, RunSummary, SplitSet, StageRun, TrainedModel
+from convflow.catalog import registry, schemas, tables
 from convflow.core.context import RunContext
+from convflow.core.records import Evaluation, ExportedModel, Report, RunSummary, SplitSet, StageRun, TrainedModel
 
 if TYPE_CHECKING:  # the comparison's module imports what a training run does not need
     from convflow.catalog.comparisons import Comparison
@@ -20,32 +19,65 @@ UNCHANGED = "unchanged"
 
 
 def summarize(
-    run: RunContext, started: datetime.datetime, config_hash: str, split_set: SplitSet, trained: TrainedModel,
-    evaluation: Evaluation, exported: ExportedModel, report: Report, stages: list[StageRun],
+    run: RunContext,
+    started: datetime.datetime,
+    config_hash: str,
+    split_set: SplitSet,
+    trained: TrainedModel,
+    evaluation: Evaluation,
+    exported: ExportedModel,
+    report: Report,
+    stages: list[StageRun],
 ) -> RunSummary:
     """The summary of a run that went through every stage."""
     return RunSummary(
-        pipeline=run.pipeline, run_id=run.run_id, status="completed" if evaluation.passed_gate else "not-promoted",
-        started=started.isoformat(), config_hash=config_hash, data_fingerprint=split_set.data_fingerprint,
-        test_accuracy=evaluation.test_accuracy, passed_gate=evaluation.passed_gate,
-        gate_reason=evaluation.gate_reason, model=trained.model_path, saved_model=exported.saved_model,
-        report=report.report_html, resumed_from_epoch=trained.resumed_from_epoch,
-        promoted_version=exported.promoted_version, stages=stages,
+        pipeline=run.pipeline,
+        run_id=run.run_id,
+        status="completed" if evaluation.passed_gate else "not-promoted",
+        started=started.isoformat(),
+        config_hash=config_hash,
+        data_fingerprint=split_set.data_fingerprint,
+        test_accuracy=evaluation.test_accuracy,
+        passed_gate=evaluation.passed_gate,
+        gate_reason=evaluation.gate_reason,
+        model=trained.model_path,
+        saved_model=exported.saved_model,
+        report=report.report_html,
+        resumed_from_epoch=trained.resumed_from_epoch,
+        promoted_version=exported.promoted_version,
+        stages=stages,
     )
 
 
 def catalog_row(
-    summary: RunSummary, run_dir: Path | None, flow_run_id: Any = None, comparison_id: str | None = None,
-    variant: str | None = None, run_tables: dict[str, str] | None = None,
+    summary: RunSummary,
+    run_dir: Path | None,
+    flow_run_id: Any = None,
+    comparison_id: str | None = None,
+    variant: str | None = None,
+    run_tables: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """The runs.parquet row of one run, or of one variant of a comparison; `run_tables` maps
     schemas.RUN_TABLES names to the run's Parquet files."""
     return {
-        **summary.model_dump(include={"pipeline", "run_id", "status", "config_hash", "data_fingerprint",
-                                      "test_accuracy", "passed_gate", "gate_reason", "model", "saved_model",
-                                      "promoted_version", "report"}),
+        **summary.model_dump(
+            include={
+                "pipeline",
+                "run_id",
+                "status",
+                "config_hash",
+                "data_fingerprint",
+                "test_accuracy",
+                "passed_gate",
+                "gate_reason",
+                "model",
+                "saved_model",
+                "promoted_version",
+                "report",
+            }
+        ),
         "started": datetime.datetime.fromisoformat(summary.started),
-        "finished": datetime.datetime.now(datetime.timezone.utc),
+        "finished": datetime.datetime.now(datetime.UTC),
         "run_dir": str(run_dir) if run_dir is not None else None,
         "flow_run_id": str(flow_run_id) if flow_run_id is not None else None,
         "comparison_id": comparison_id,
@@ -55,20 +87,28 @@ def catalog_row(
 
 
 def record(
-    summary: RunSummary, run: RunContext, flow_run_id: Any, split_set: SplitSet, trained: TrainedModel,
+    summary: RunSummary,
+    run: RunContext,
+    flow_run_id: Any,
+    split_set: SplitSet,
+    trained: TrainedModel,
     evaluation: Evaluation,
 ) -> None:
     """Append the run's catalog row; when its model passed the gate, note on the production record
     which config and data made it (the next scheduled run's retraining policy reads that)."""
     if evaluation.passed_gate:
-        registry.record_lineage(Path(run.artifacts_root), run.pipeline, trained.model_path, summary.config_hash,
-                                summary.data_fingerprint)
+        registry.record_lineage(
+            Path(run.artifacts_root), run.pipeline, trained.model_path, summary.config_hash, summary.data_fingerprint
+        )
     run_tables = {
-        "splits": split_set.splits_parquet, "history": trained.history_parquet,
-        "metrics": evaluation.metrics_parquet, "predictions": evaluation.predictions_parquet,
+        "splits": split_set.splits_parquet,
+        "history": trained.history_parquet,
+        "metrics": evaluation.metrics_parquet,
+        "predictions": evaluation.predictions_parquet,
     }
-    tables.append_run(Path(run.artifacts_root) / "runs.parquet",
-                      catalog_row(summary, run.run_dir, flow_run_id, run_tables=run_tables))
+    tables.append_run(
+        Path(run.artifacts_root) / "runs.parquet", catalog_row(summary, run.run_dir, flow_run_id, run_tables=run_tables)
+    )
 
 
 def unchanged_reason(production: registry.Production) -> str:
@@ -85,10 +125,20 @@ def record_unchanged(
     """Append the row of a scheduled run that trained nothing (its model columns describe
     production) and its run.json; returns the reason, for logs and the UI."""
     summary = RunSummary(
-        pipeline=production.pipeline, run_id=run.run_id, status=UNCHANGED, started=started.isoformat(),
-        config_hash=production.config_hash, data_fingerprint=production.data_fingerprint,
-        test_accuracy=production.test_accuracy, passed_gate=None, gate_reason=unchanged_reason(production),
-        model=production.model, saved_model=production.saved_model, report=None, resumed_from_epoch=0, stages=[],
+        pipeline=production.pipeline,
+        run_id=run.run_id,
+        status=UNCHANGED,
+        started=started.isoformat(),
+        config_hash=production.config_hash,
+        data_fingerprint=production.data_fingerprint,
+        test_accuracy=production.test_accuracy,
+        passed_gate=None,
+        gate_reason=unchanged_reason(production),
+        model=production.model,
+        saved_model=production.saved_model,
+        report=None,
+        resumed_from_epoch=0,
+        stages=[],
     )
     tables.append_run(Path(run.artifacts_root) / "runs.parquet", catalog_row(summary, run.run_dir, flow_run_id))
     return summary.gate_reason
@@ -104,11 +154,20 @@ def record_variant_runs(comparison: Comparison, artifacts_root: Path, flow_run_i
         promoted = variant.rank == 1 and variant.promoted_version is not None
         gate_reason = variant.evaluation.gate_reason + ("" if promoted else f"; {comparison.verdict}")
         summary = RunSummary(
-            pipeline=comparison.pipeline, run_id=variant.run_id, status="completed" if promoted else "not-promoted",
-            started=comparison.started, config_hash=variant.config_hash, data_fingerprint=comparison.data_fingerprint,
-            test_accuracy=variant.test_accuracy, passed_gate=variant.passed_gate, gate_reason=gate_reason,
-            model=variant.trained.model_path, saved_model=variant.exported.saved_model, report=comparison.report,
-            resumed_from_epoch=variant.trained.resumed_from_epoch, promoted_version=variant.promoted_version,
+            pipeline=comparison.pipeline,
+            run_id=variant.run_id,
+            status="completed" if promoted else "not-promoted",
+            started=comparison.started,
+            config_hash=variant.config_hash,
+            data_fingerprint=comparison.data_fingerprint,
+            test_accuracy=variant.test_accuracy,
+            passed_gate=variant.passed_gate,
+            gate_reason=gate_reason,
+            model=variant.trained.model_path,
+            saved_model=variant.exported.saved_model,
+            report=comparison.report,
+            resumed_from_epoch=variant.trained.resumed_from_epoch,
+            promoted_version=variant.promoted_version,
             stages=variant.stages,
         )
         run_dir = Path(artifacts_root) / comparison.pipeline / variant.run_id

@@ -100,8 +100,12 @@ RUNS_SCHEMA = _schema(
     ("run_id", pa.string(), "Run id; the run's folder is artifacts/<pipeline>/<run_id>/."),
     ("started", pa.timestamp("us", tz="UTC"), "When the run started."),
     ("finished", pa.timestamp("us", tz="UTC"), "When the run finished."),
-    ("status", pa.string(), "completed; not-promoted when the gate failed; unchanged when a scheduled run "
-     "found the production model made from the same config and data, and trained nothing."),
+    (
+        "status",
+        pa.string(),
+        "completed; not-promoted when the gate failed; unchanged when a scheduled run "
+        "found the production model made from the same config and data, and trained nothing.",
+    ),
     ("config_hash", pa.string(), "Hash of the pipeline's config (schedule excluded)."),
     ("data_fingerprint", pa.string(), "Hash over example hashes, labels and splits."),
     ("test_accuracy", pa.float64(), "Accuracy on the test split (unchanged runs: the production model's)."),
@@ -113,16 +117,33 @@ RUNS_SCHEMA = _schema(
     ("report", pa.string(), "report.html path; null when the run wrote no report (unchanged)."),
     ("run_dir", pa.string(), "The run's folder, holding its run.json (the catalog can be rebuilt from these)."),
     ("flow_run_id", pa.string(), "The Prefect flow run (UI page /runs/flow-run/<id>); null when unknown."),
-    ("comparison_id", pa.string(), "The `convflow compare` run this variant belonged to (its folder is "
-     "artifacts/<pipeline>/<comparison_id>/); null for plain runs. Only the promoted winner is completed."),
+    (
+        "comparison_id",
+        pa.string(),
+        "The `convflow compare` run this variant belonged to (its folder is "
+        "artifacts/<pipeline>/<comparison_id>/); null for plain runs. Only the promoted winner is completed.",
+    ),
     ("variant", pa.string(), "The compare variant's name; null for plain runs."),
     *(
-        (f"{name}_parquet", pa.string(), f"The run's {name}.parquet; it lies in the folder of the run that made "
-         "it when the stage was a cache hit. Null when the run wrote none (unchanged).")
+        (
+            f"{name}_parquet",
+            pa.string(),
+            f"The run's {name}.parquet; it lies in the folder of the run that made "
+            "it when the stage was a cache hit. Null when the run wrote none (unchanged).",
+        )
         for name in RUN_TABLES
     ),
-    nullable=("passed_gate", "model", "promoted_version", "report", "run_dir", "flow_run_id", "comparison_id",
-              "variant", *(f"{name}_parquet" for name in RUN_TABLES)),
+    nullable=(
+        "passed_gate",
+        "model",
+        "promoted_version",
+        "report",
+        "run_dir",
+        "flow_run_id",
+        "comparison_id",
+        "variant",
+        *(f"{name}_parquet" for name in RUN_TABLES),
+    ),
     table="The runs catalog: one row per finished run of any pipeline, appended under a file lock.",
 )
 
@@ -152,15 +173,37 @@ COMPARISON_SCHEMA = _schema(
     ("promoted_version", pa.int64(), "Registry version, when this variant was promoted."),
     ("run_id", pa.string(), "The variant's run id (runs.parquet); its folder is artifacts/<pipeline>/<run_id>/."),
     ("pid", pa.int64(), "Process that trained the variant."),
-    nullable=("error", "rank", "initial_accuracy", "initial_loss", "test_accuracy", "test_loss", "macro_f1",
-              "per_class_f1", "total_params", "trainable_params", "epochs", "train_seconds", "images_per_second",
-              "saved_model_mb", "latency_ms", "passed_gate", "promoted_version", "run_id", "pid"),
+    nullable=(
+        "error",
+        "rank",
+        "initial_accuracy",
+        "initial_loss",
+        "test_accuracy",
+        "test_loss",
+        "macro_f1",
+        "per_class_f1",
+        "total_params",
+        "trainable_params",
+        "epochs",
+        "train_seconds",
+        "images_per_second",
+        "saved_model_mb",
+        "latency_ms",
+        "passed_gate",
+        "promoted_version",
+        "run_id",
+        "pid",
+    ),
     table="One comparison (`convflow compare`): one row per variant, failed ones included.",
 )
 
 
 TRIALS_SCHEMA = _schema(
-    ("trial_id", pa.string(), "The trial, as KerasTuner's oracle numbered it; its folder is <tune-id>/trials/<trial_id>/."),
+    (
+        "trial_id",
+        pa.string(),
+        "The trial, as KerasTuner's oracle numbered it; its folder is <tune-id>/trials/<trial_id>/.",
+    ),
     ("status", pa.string(), "completed, or failed (an error while building or training it)."),
     ("settings", pa.string(), "The trial's settings as JSON, by tune.space name."),
     ("epochs", pa.int64(), "Head epochs it trained (Hyperband gives trials different ones)."),

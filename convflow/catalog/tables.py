@@ -15,7 +15,6 @@ import pyarrow.parquet as pq
 from convflow.catalog.schemas import RUNS_SCHEMA, write_parquet
 from convflow.core.storage import atomic_write_text, locked
 
-
 RUN_RECORD = "run.json"
 
 

@@ -73,16 +73,24 @@ class _Images:
     def of(cls, table: pa.Table) -> _Images:
         missing = [name for name in IMAGE_PROPERTIES_SCHEMA.names if name not in table.column_names]
         if missing:
-            raise ValueError(f"the per-image table lacks column(s) {missing}: expected IMAGE_PROPERTIES_SCHEMA's "
-                             f"{IMAGE_PROPERTIES_SCHEMA.names}")
+            raise ValueError(
+                f"the per-image table lacks column(s) {missing}: expected IMAGE_PROPERTIES_SCHEMA's "
+                f"{IMAGE_PROPERTIES_SCHEMA.names}"
+            )
         if not table.num_rows:
             raise ValueError("the per-image table has no rows: there is nothing to check")
 
         def strings(name: str) -> np.ndarray:
             return np.asarray(table.column(name).to_pylist(), dtype=object)
 
-        return cls(strings("example_id"), strings("split"), strings("label"), strings("sha256"),
-                   table.column("dhash").to_numpy().astype(np.uint64), table)
+        return cls(
+            strings("example_id"),
+            strings("split"),
+            strings("label"),
+            strings("sha256"),
+            table.column("dhash").to_numpy().astype(np.uint64),
+            table,
+        )
 
     def property(self, name: str) -> np.ndarray:
         return self.table.column(name).to_numpy().astype(np.float64)
@@ -101,12 +109,17 @@ def run_data_checks(current: pa.Table, baseline: pa.Table | None, config: Valida
     """
     now = _Images.of(current)
     before = None if baseline is None else _Images.of(baseline)
-    results = [*_min_count(now, config.min_count), *_label_conflicts(now, before, config.label_conflicts),
-               *_leakage(now, config.leakage)]
+    results = [
+        *_min_count(now, config.min_count),
+        *_label_conflicts(now, before, config.label_conflicts),
+        *_leakage(now, config.leakage),
+    ]
     if before is not None:
-        results += [*_class_set(now, before, config.class_set),
-                    *_class_balance(now, before, config.class_balance, config.alpha),
-                    *_drift(now, before, config.drift, config.alpha)]
+        results += [
+            *_class_set(now, before, config.class_set),
+            *_class_balance(now, before, config.class_balance, config.alpha),
+            *_drift(now, before, config.drift, config.alpha),
+        ]
     return results
 
 
@@ -183,8 +196,16 @@ def _class_set(now: _Images, before: _Images, settings: ClassSetConfig) -> Itera
         else:
             files, more = _named(before.ids[in_before])
             detail = f"disappeared: no examples, {was} in production" + more
-        yield CheckResult(check="class_set", subject=name, value=count, baseline=was, threshold=None,
-                          verdict=_judge(not (count and was), settings.action), detail=detail, files=files)
+        yield CheckResult(
+            check="class_set",
+            subject=name,
+            value=count,
+            baseline=was,
+            threshold=None,
+            verdict=_judge(not (count and was), settings.action),
+            detail=detail,
+            files=files,
+        )
 
 
 def _class_balance(now: _Images, before: _Images, settings: ClassBalanceConfig, alpha: float) -> Iterator[CheckResult]:
@@ -199,11 +220,20 @@ def _class_balance(now: _Images, before: _Images, settings: ClassBalanceConfig, 
         noise = z * math.sqrt(pooled * (1 - pooled) * (1 / n + 1 / m))
         allowed = max(settings.max_distance, noise)
         moved = abs(share - share_before)
-        detail = (f"share {share:.3f} ({count} of {n}), {share_before:.3f} in production ({was} of {m}): moved "
-                  f"{moved:.3f}, allowed {allowed:.3f} (max_distance {settings.max_distance:g}, sampling noise "
-                  f"{noise:.3f})")
-        yield CheckResult(check="class_balance", subject=name, value=share, baseline=share_before, threshold=allowed,
-                          verdict=_judge(moved > allowed, settings.action), detail=detail)
+        detail = (
+            f"share {share:.3f} ({count} of {n}), {share_before:.3f} in production ({was} of {m}): moved "
+            f"{moved:.3f}, allowed {allowed:.3f} (max_distance {settings.max_distance:g}, sampling noise "
+            f"{noise:.3f})"
+        )
+        yield CheckResult(
+            check="class_balance",
+            subject=name,
+            value=share,
+            baseline=share_before,
+            threshold=allowed,
+            verdict=_judge(moved > allowed, settings.action),
+            detail=detail,
+        )
 
 
 def _min_count(now: _Images, settings: MinCountConfig) -> Iterator[CheckResult]:
@@ -216,9 +246,15 @@ def _min_count(now: _Images, settings: MinCountConfig) -> Iterator[CheckResult]:
         minimum = getattr(settings, split)
         for name in now.classes():
             count = int((in_split & (now.labels == name)).sum())
-            yield CheckResult(check="min_count", subject=f"{name} / {split}", value=count, baseline=None,
-                              threshold=minimum, verdict=_judge(count < minimum, settings.action),
-                              detail=f"{count} {split} examples of {name}, at least {minimum} wanted")
+            yield CheckResult(
+                check="min_count",
+                subject=f"{name} / {split}",
+                value=count,
+                baseline=None,
+                threshold=minimum,
+                verdict=_judge(count < minimum, settings.action),
+                detail=f"{count} {split} examples of {name}, at least {minimum} wanted",
+            )
 
 
 def _label_conflicts(now: _Images, before: _Images | None, settings: LabelConflictsConfig) -> Iterator[CheckResult]:
@@ -232,8 +268,9 @@ def _label_conflicts(now: _Images, before: _Images | None, settings: LabelConfli
         yield _conflict_row(now, name, name, shared, "share their content with another class", settings)
         if before is not None:
             moved = {at: labels_before.get(now.sha256[at], set()) - {name} for at in mine}
-            yield _conflict_row(now, f"{name} vs production", name, moved,
-                                "were filed under another class in production", settings)
+            yield _conflict_row(
+                now, f"{name} vs production", name, moved, "were filed under another class in production", settings
+            )
 
 
 def _labels_by_digest(images: _Images) -> dict[str, set[str]]:
@@ -243,16 +280,23 @@ def _labels_by_digest(images: _Images) -> dict[str, set[str]]:
     return labels
 
 
-def _conflict_row(now: _Images, subject: str, name: str, others: dict[int, set[str]], what: str,
-                  settings: LabelConflictsConfig) -> CheckResult:
+def _conflict_row(
+    now: _Images, subject: str, name: str, others: dict[int, set[str]], what: str, settings: LabelConflictsConfig
+) -> CheckResult:
     conflicted = [at for at, labels in others.items() if labels]
     files, more = _named(now.ids[conflicted])
     classes = sorted(set().union(*others.values()))
     detail = f"{len(conflicted)} examples of {name} {what}" + (f" ({', '.join(classes)})" if classes else "") + more
-    return CheckResult(check="label_conflicts", subject=subject, value=len(conflicted), baseline=None,
-                       threshold=settings.max_conflicts,
-                       verdict=_judge(len(conflicted) > settings.max_conflicts, settings.action),
-                       detail=detail, files=files)
+    return CheckResult(
+        check="label_conflicts",
+        subject=subject,
+        value=len(conflicted),
+        baseline=None,
+        threshold=settings.max_conflicts,
+        verdict=_judge(len(conflicted) > settings.max_conflicts, settings.action),
+        detail=detail,
+        files=files,
+    )
 
 
 def _leakage(now: _Images, settings: LeakageConfig) -> Iterator[CheckResult]:
@@ -264,14 +308,22 @@ def _leakage(now: _Images, settings: LeakageConfig) -> Iterator[CheckResult]:
         partner, _ = near_copies(now.dhash[held_out], now.dhash[seen], settings.max_distance)
         leaked = np.flatnonzero(partner >= 0)
         share = len(leaked) / len(held_out)
-        pairs = [str(now.ids[index]) for at in leaked[:MAX_FILES // 2]
-                 for index in (held_out[at], seen[partner[at]])]
+        pairs = [str(now.ids[index]) for at in leaked[: MAX_FILES // 2] for index in (held_out[at], seen[partner[at]])]
         more = f", {len(leaked) - MAX_FILES // 2} more not named" if len(leaked) > MAX_FILES // 2 else ""
-        detail = (f"{len(leaked)} of {len(held_out)} {later} examples ({share:.2%}) have a near copy in {earlier} "
-                  f"(dHash within {settings.max_distance} bits{more}); at most {settings.max_share:.2%} allowed")
-        yield CheckResult(check="leakage", subject=f"{later} ~ {earlier}", value=share, baseline=None,
-                          threshold=settings.max_share, verdict=_judge(share > settings.max_share, settings.action),
-                          detail=detail, files=pairs)
+        detail = (
+            f"{len(leaked)} of {len(held_out)} {later} examples ({share:.2%}) have a near copy in {earlier} "
+            f"(dHash within {settings.max_distance} bits{more}); at most {settings.max_share:.2%} allowed"
+        )
+        yield CheckResult(
+            check="leakage",
+            subject=f"{later} ~ {earlier}",
+            value=share,
+            baseline=None,
+            threshold=settings.max_share,
+            verdict=_judge(share > settings.max_share, settings.action),
+            detail=detail,
+            files=pairs,
+        )
 
 
 def near_copies(queries: np.ndarray, pool: np.ndarray, max_distance: int) -> tuple[np.ndarray, np.ndarray]:
@@ -328,8 +380,7 @@ def _candidate_pairs(lows: np.ndarray, highs: np.ndarray, order: np.ndarray) -> 
     ends = np.cumsum(counts)
     start = 0
     while start < len(counts):
-        stop = max(int(np.searchsorted(ends, (ends[start] - counts[start]) + PAIRS_PER_CHUNK, side="right")),
-                   start + 1)
+        stop = max(int(np.searchsorted(ends, (ends[start] - counts[start]) + PAIRS_PER_CHUNK, side="right")), start + 1)
         chunk_counts = counts[start:stop]
         queries_at = np.repeat(np.arange(start, stop), chunk_counts)
         offsets = np.arange(len(queries_at)) - np.repeat(np.cumsum(chunk_counts) - chunk_counts, chunk_counts)
@@ -342,8 +393,9 @@ def ks_statistic(sample: np.ndarray, reference: np.ndarray) -> tuple[float, floa
     `sample` has more of its mass at or below that point than `reference` (it lies lower there)."""
     sample, reference = np.sort(sample), np.sort(reference)
     points = np.concatenate([sample, reference])
-    gaps = (np.searchsorted(sample, points, side="right") / len(sample)
-            - np.searchsorted(reference, points, side="right") / len(reference))
+    gaps = np.searchsorted(sample, points, side="right") / len(sample) - np.searchsorted(
+        reference, points, side="right"
+    ) / len(reference)
     at = int(np.argmax(np.abs(gaps)))
     return float(abs(gaps[at])), float(points[at]), bool(gaps[at] > 0)
 
@@ -359,8 +411,10 @@ def _drift(now: _Images, before: _Images, settings: DriftConfig, alpha: float) -
         return
     groups = [(None, np.ones(len(now.ids), bool), np.ones(len(before.ids), bool))]
     if settings.per_class:
-        groups += [(name, now.labels == name, before.labels == name)
-                   for name in sorted(set(now.classes()) & set(before.classes()))]
+        groups += [
+            (name, now.labels == name, before.labels == name)
+            for name in sorted(set(now.classes()) & set(before.classes()))
+        ]
     for name in settings.properties:
         values, values_before = now.property(name), before.property(name)
         for label, mine, theirs in groups:
@@ -368,8 +422,9 @@ def _drift(now: _Images, before: _Images, settings: DriftConfig, alpha: float) -
             yield _drift_row(subject, values[mine], values_before[theirs], now.ids[mine], settings, alpha)
 
 
-def _drift_row(subject: str, values: np.ndarray, values_before: np.ndarray, ids: np.ndarray,
-               settings: DriftConfig, alpha: float) -> CheckResult:
+def _drift_row(
+    subject: str, values: np.ndarray, values_before: np.ndarray, ids: np.ndarray, settings: DriftConfig, alpha: float
+) -> CheckResult:
     statistic, point, lower = ks_statistic(values, values_before)
     noise = ks_critical(len(values), len(values_before), alpha)
     allowed = max(settings.max_statistic, noise)
@@ -380,10 +435,20 @@ def _drift_row(subject: str, values: np.ndarray, values_before: np.ndarray, ids:
         farthest = beyond[np.argsort(values[beyond], kind="stable")]
         files, more = _named(ids[farthest if lower else farthest[::-1]])
     side = "at or below" if lower else "above"
-    detail = (f"KS {statistic:.3f}, allowed {allowed:.3f} (max_statistic {settings.max_statistic:g}, sampling noise "
-              f"{noise:.3f}); median {np.median(values):.4g}, {np.median(values_before):.4g} in production; "
-              f"{np.mean(values <= point) if lower else np.mean(values > point):.1%} of this run's images "
-              f"{side} {point:.4g}, {np.mean(values_before <= point) if lower else np.mean(values_before > point):.1%} "
-              f"of production's ({len(values)} and {len(values_before)} images){more}")
-    return CheckResult(check="drift", subject=subject, value=statistic, baseline=None, threshold=allowed,
-                       verdict=_judge(fired, settings.action), detail=detail, files=files)
+    detail = (
+        f"KS {statistic:.3f}, allowed {allowed:.3f} (max_statistic {settings.max_statistic:g}, sampling noise "
+        f"{noise:.3f}); median {np.median(values):.4g}, {np.median(values_before):.4g} in production; "
+        f"{np.mean(values <= point) if lower else np.mean(values > point):.1%} of this run's images "
+        f"{side} {point:.4g}, {np.mean(values_before <= point) if lower else np.mean(values_before > point):.1%} "
+        f"of production's ({len(values)} and {len(values_before)} images){more}"
+    )
+    return CheckResult(
+        check="drift",
+        subject=subject,
+        value=statistic,
+        baseline=None,
+        threshold=allowed,
+        verdict=_judge(fired, settings.action),
+        detail=detail,
+        files=files,
+    )

@@ -20,8 +20,9 @@ class CheckConfig(_Strict):
     """One check: `block` stops the run, `warn` records and reports, `off` skips it. A bare action
     (`leakage: warn`) stands for `{action: warn}` with the default thresholds."""
 
-    action: Action = Field("block", description="block: the run stops (or asks); warn: recorded and reported; "
-                           "off: not run.")
+    action: Action = Field(
+        "block", description="block: the run stops (or asks); warn: recorded and reported; off: not run."
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -40,7 +41,9 @@ class ClassSetConfig(CheckConfig):
 
 class ClassBalanceConfig(CheckConfig):
     max_distance: float = Field(
-        0.05, gt=0, le=1,
+        0.05,
+        gt=0,
+        le=1,
         description="Largest change of a class's share of the examples against production's (the L-infinity "
         "distance of the class shares); a change within sampling noise at `validate.alpha` never fires. Moving "
         "half of any one flowers class into another moves 0.08-0.12; random halves of flowers differ by 0.03.",
@@ -49,14 +52,18 @@ class ClassBalanceConfig(CheckConfig):
 
 class MinCountConfig(CheckConfig):
     train: int = Field(1, ge=0, description="Fewest training examples of each class.")
-    validation: int = Field(1, ge=0, description="Fewest validation examples of each class (splits with no "
-                            "examples at all are not checked).")
+    validation: int = Field(
+        1,
+        ge=0,
+        description="Fewest validation examples of each class (splits with no examples at all are not checked).",
+    )
     test: int = Field(1, ge=0, description="Fewest test examples of each class.")
 
 
 class LabelConflictsConfig(CheckConfig):
     max_conflicts: int = Field(
-        0, ge=0,
+        0,
+        ge=0,
         description="Most examples of a class whose content (sha256) is also filed under another class: in this "
         "run, or in production's data (relabelled since).",
     )
@@ -64,13 +71,17 @@ class LabelConflictsConfig(CheckConfig):
 
 class LeakageConfig(CheckConfig):
     max_distance: int = Field(
-        2, ge=0, le=4,
+        2,
+        ge=0,
+        le=4,
         description="Bits in which two images' 64-bit dHashes may differ and still count as near copies. 2 "
         "catches JPEG re-encoding, a resize by a pixel and a brightness change in 99.7% of cases on "
         "../shared/data/flowers, and finds almost no distinct photos there.",
     )
     max_share: float = Field(
-        0.02, ge=0, le=1,
+        0.02,
+        ge=0,
+        le=1,
         description="Largest share of a held-out split's examples (validation, test) that may have a near copy in "
         "an earlier split (train, validation). Photo collections hold some duplicates of their own: "
         "flowers' random splits leak about 0.5%.",
@@ -79,7 +90,9 @@ class LeakageConfig(CheckConfig):
 
 class DriftConfig(CheckConfig):
     max_statistic: float = Field(
-        0.1, gt=0, le=1,
+        0.1,
+        gt=0,
+        le=1,
         description="Largest two-sample Kolmogorov-Smirnov statistic (the biggest gap between the two cumulative "
         "distributions, 0-1) of an image property against production's; a gap within sampling noise at "
         "`validate.alpha` never fires.",
@@ -101,7 +114,9 @@ class ValidateConfig(_Strict):
         86_400, gt=0, description="Seconds a blocked run waits for a decision under on_block: ask; then it is blocked."
     )
     alpha: float = Field(
-        1e-4, gt=0, lt=1,
+        1e-4,
+        gt=0,
+        lt=1,
         description="Chance that sampling alone takes a class share or a property distribution past its "
         "threshold, per compared subject: thresholds are raised to this noise level for small samples.",
     )

@@ -64,8 +64,9 @@ def _checked(pixels: np.ndarray) -> np.ndarray:
     if pixels.ndim == 2:
         pixels = pixels[..., np.newaxis]
     if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] not in MODES or min(pixels.shape[:2]) < 3:
-        raise ValueError(f"image_properties takes H x W x 1 or 3 uint8 pixels of at least 3 x 3, "
-                         f"got {pixels.dtype} {pixels.shape}")
+        raise ValueError(
+            f"image_properties takes H x W x 1 or 3 uint8 pixels of at least 3 x 3, got {pixels.dtype} {pixels.shape}"
+        )
     return np.ascontiguousarray(pixels)
 
 

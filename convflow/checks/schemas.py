@@ -14,8 +14,10 @@ MAX_FILES = 20
 def _schema(*fields: tuple[str, pa.DataType, str], nullable: tuple[str, ...] = (), table: str) -> pa.Schema:
     """A schema whose fields and table carry a `description` in their metadata, as catalog/schemas.py's."""
     return pa.schema(
-        [pa.field(name, dtype, nullable=name in nullable, metadata={"description": description})
-         for name, dtype, description in fields],
+        [
+            pa.field(name, dtype, nullable=name in nullable, metadata={"description": description})
+            for name, dtype, description in fields
+        ],
         metadata={"description": table},
     )
 
@@ -35,34 +37,60 @@ IMAGE_PROPERTIES_SCHEMA = _schema(
     ("mean_g", pa.float32(), "Mean of the green channel, 0-255 (grayscale: the gray mean)."),
     ("mean_b", pa.float32(), "Mean of the blue channel, 0-255 (grayscale: the gray mean)."),
     ("sharpness", pa.float32(), "Variance of the 4-neighbour Laplacian of luma over interior pixels; blur lowers it."),
-    ("dhash", pa.uint64(), "64-bit difference hash of luma (9 x 8 box thumbnail, a bit set where a cell is "
-     "brighter than its right neighbour): near copies differ in few bits."),
+    (
+        "dhash",
+        pa.uint64(),
+        "64-bit difference hash of luma (9 x 8 box thumbnail, a bit set where a cell is "
+        "brighter than its right neighbour): near copies differ in few bits.",
+    ),
     table="One row per example: the image properties the data checks compare with production's, computed where "
     "the image is decoded. The promoted model keeps its run's table as the next run's baseline.",
 )
 
 CHECK_RESULTS_SCHEMA = _schema(
     ("check", pa.string(), "class_set, class_balance, min_count, label_conflicts, leakage or drift."),
-    ("subject", pa.string(), "What the figure is about: a class, `class / split`, `split ~ earlier split`, a "
-     "property, or `property / class`."),
-    ("value", pa.float64(), "This run's figure: an example count (class_set, min_count, label_conflicts), a class "
-     "share (class_balance), the share of a split with near copies (leakage), or a Kolmogorov-Smirnov statistic "
-     "(drift)."),
-    ("baseline", pa.float64(), "Production's figure where there is one (class_set: its count; class_balance: its "
-     "share); null otherwise."),
-    ("threshold", pa.float64(), "The limit held to: a minimum for min_count, the largest allowed change of share "
-     "for class_balance, a maximum otherwise; null for class_set."),
+    (
+        "subject",
+        pa.string(),
+        "What the figure is about: a class, `class / split`, `split ~ earlier split`, a "
+        "property, or `property / class`.",
+    ),
+    (
+        "value",
+        pa.float64(),
+        "This run's figure: an example count (class_set, min_count, label_conflicts), a class "
+        "share (class_balance), the share of a split with near copies (leakage), or a Kolmogorov-Smirnov statistic "
+        "(drift).",
+    ),
+    (
+        "baseline",
+        pa.float64(),
+        "Production's figure where there is one (class_set: its count; class_balance: its share); null otherwise.",
+    ),
+    (
+        "threshold",
+        pa.float64(),
+        "The limit held to: a minimum for min_count, the largest allowed change of share "
+        "for class_balance, a maximum otherwise; null for class_set.",
+    ),
     ("verdict", pa.string(), "pass, warn or block (a check set to warn never blocks)."),
     ("detail", pa.string(), "The figure in words, with what it was compared to."),
-    ("files", pa.list_(pa.string()), f"Example ids of the offending images, at most {MAX_FILES}; leakage names "
-     "pairs, each held-out image followed by its near copy."),
+    (
+        "files",
+        pa.list_(pa.string()),
+        f"Example ids of the offending images, at most {MAX_FILES}; leakage names "
+        "pairs, each held-out image followed by its near copy.",
+    ),
     nullable=("value", "baseline", "threshold"),
     table="One row per data check and subject of a run, passing or not.",
 )
 
 
 def image_properties_table(
-    example_ids: Sequence[str], splits: Sequence[str], labels: Sequence[str], sha256: Sequence[str],
+    example_ids: Sequence[str],
+    splits: Sequence[str],
+    labels: Sequence[str],
+    sha256: Sequence[str],
     properties: Sequence[Mapping[str, object]],
 ) -> pa.Table:
     """The per-image table: image_properties() of each example, beside its id, split, label and digest."""

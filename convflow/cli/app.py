@@ -13,9 +13,18 @@ __all__ = ["EXIT_BAD_CONFIG", "TENSORFLOW_COMMANDS", "main", "run_command"]
 
 # Each adds one command, in the order `convflow --help` lists them.
 COMMANDS = (
-    flows.add_run, flows.add_compare, flows.add_tune, catalog.add_predict, pipelines_file.add_validate,
-    catalog.add_promote, catalog.add_rollback, catalog.add_runs,
-    server.add_serve, server.add_deploy, server.add_worker, pipelines_file.add_init,
+    flows.add_run,
+    flows.add_compare,
+    flows.add_tune,
+    catalog.add_predict,
+    pipelines_file.add_validate,
+    catalog.add_promote,
+    catalog.add_rollback,
+    catalog.add_runs,
+    server.add_serve,
+    server.add_deploy,
+    server.add_worker,
+    pipelines_file.add_init,
 )
 # The commands that import TensorFlow, whose start-up log --verbose shows.
 TENSORFLOW_COMMANDS = ("run", "compare", "tune", "predict", "init")
@@ -31,8 +40,11 @@ def _parser() -> argparse.ArgumentParser:
         add_command(commands)
     for name in TENSORFLOW_COMMANDS:
         commands.choices[name].add_argument(
-            "-v", "--verbose", action="store_true",
-            help="show TensorFlow's native start-up log too (hidden by default; TF_CPP_MIN_LOG_LEVEL, when set, rules)")
+            "-v",
+            "--verbose",
+            action="store_true",
+            help="show TensorFlow's native start-up log too (hidden by default; TF_CPP_MIN_LOG_LEVEL, when set, rules)",
+        )
     return parser
 
 

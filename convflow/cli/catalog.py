@@ -14,36 +14,47 @@ from convflow.cli.output import fail, table_lines
 
 
 def add_predict(commands) -> None:
-    predict = commands.add_parser("predict", parents=[common_options(pipelines_file=False)],
-                                  help="score images or a Parquet table with a pipeline's model; write Parquet")
+    predict = commands.add_parser(
+        "predict",
+        parents=[common_options(pipelines_file=False)],
+        help="score images or a Parquet table with a pipeline's model; write Parquet",
+    )
     predict.add_argument("pipeline", help="the pipeline whose model scores (its production model by default)")
     predict.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders, globs or Parquet tables")
     which = predict.add_mutually_exclusive_group()
     which.add_argument("--version", type=positive_int, help="a promoted version instead of production")
     which.add_argument("--run", dest="run_id", help="the model a run exported, promoted or not")
-    predict.add_argument("--output",
-                         help="Parquet file to write (default: <artifacts>/<pipeline>/predictions/<time>.parquet)")
+    predict.add_argument(
+        "--output", help="Parquet file to write (default: <artifacts>/<pipeline>/predictions/<time>.parquet)"
+    )
     predict.add_argument("--json", action="store_true", help="print what was written as JSON on the last line")
     predict.set_defaults(handle=score_inputs)
 
 
 def add_promote(commands) -> None:
-    promote = commands.add_parser("promote", parents=[common_options(pipelines_file=False)],
-                                  help="make a finished run's SavedModel the production model")
+    promote = commands.add_parser(
+        "promote",
+        parents=[common_options(pipelines_file=False)],
+        help="make a finished run's SavedModel the production model",
+    )
     promote.add_argument("run_id")
     promote.set_defaults(handle=promote_run)
 
 
 def add_rollback(commands) -> None:
-    rollback = commands.add_parser("rollback", parents=[common_options(pipelines_file=False)],
-                                   help="point production back at the previous promoted version")
+    rollback = commands.add_parser(
+        "rollback",
+        parents=[common_options(pipelines_file=False)],
+        help="point production back at the previous promoted version",
+    )
     rollback.add_argument("pipeline")
     rollback.set_defaults(handle=roll_back)
 
 
 def add_runs(commands) -> None:
-    runs = commands.add_parser("runs", parents=[common_options(pipelines_file=False)],
-                               help="print the runs catalog (artifacts/runs.parquet)")
+    runs = commands.add_parser(
+        "runs", parents=[common_options(pipelines_file=False)], help="print the runs catalog (artifacts/runs.parquet)"
+    )
     runs.add_argument("pipeline", nargs="?", help="only this pipeline's runs")
     runs.set_defaults(handle=list_runs)
 
@@ -80,8 +91,10 @@ def _switch_production(command: str, switch: Callable, artifacts: Path, target: 
         production = switch(artifacts, target)
     except RegistryError as error:
         return fail(f"convflow {command}: {error}")
-    print(f"{production.pipeline}: production is now version {production.version} "
-          f"(run {production.run_id}, test accuracy {production.test_accuracy:.4f}) at {production.saved_model}")
+    print(
+        f"{production.pipeline}: production is now version {production.version} "
+        f"(run {production.run_id}, test accuracy {production.test_accuracy:.4f}) at {production.saved_model}"
+    )
     return 0
 
 
@@ -100,8 +113,18 @@ def score_inputs(args: argparse.Namespace) -> int:
     version = f"version {model.version}" if model.version is not None else f"run {model.run_id}"
     print(f"{args.pipeline} {version}: {scored} scored, {failed} with errors -> {written}")
     if args.json:
-        print(json.dumps({"output": str(written), "scored": scored, "errors": failed, "pipeline": args.pipeline,
-                          "model_version": model.version, "run_id": model.run_id}))
+        print(
+            json.dumps(
+                {
+                    "output": str(written),
+                    "scored": scored,
+                    "errors": failed,
+                    "pipeline": args.pipeline,
+                    "model_version": model.version,
+                    "run_id": model.run_id,
+                }
+            )
+        )
     return 0
 
 

@@ -11,11 +11,20 @@ from convflow.cli.output import table_lines
 _STAGE_COLUMNS = {"stage": "stage", "seconds": "seconds", "cache": "cache", "key": "key"}
 # A variant row's key: its column's title, and the format of its value ("-" where it has none).
 _VARIANT_COLUMNS = {
-    "rank": ("rank", ""), "variant": ("variant", ""), "status": ("status", ""),
-    "initial_accuracy": ("initial", ".4f"), "test_accuracy": ("final", ".4f"), "test_loss": ("loss", ".4f"),
-    "macro_f1": ("F1", ".4f"), "total_params": ("params", ","), "trainable_params": ("trainable", ","),
-    "train_seconds": ("train s", ".1f"), "images_per_second": ("img/s", ".0f"), "saved_model_mb": ("MB", ".2f"),
-    "latency_ms": ("ms/img", ".2f"), "pid": ("pid", ""),
+    "rank": ("rank", ""),
+    "variant": ("variant", ""),
+    "status": ("status", ""),
+    "initial_accuracy": ("initial", ".4f"),
+    "test_accuracy": ("final", ".4f"),
+    "test_loss": ("loss", ".4f"),
+    "macro_f1": ("F1", ".4f"),
+    "total_params": ("params", ","),
+    "trainable_params": ("trainable", ","),
+    "train_seconds": ("train s", ".1f"),
+    "images_per_second": ("img/s", ".0f"),
+    "saved_model_mb": ("MB", ".2f"),
+    "latency_ms": ("ms/img", ".2f"),
+    "pid": ("pid", ""),
 }
 
 
@@ -42,8 +51,15 @@ def print_run(summary, seconds: float, artifacts: Path, temporary_server: bool, 
 
 
 def _stage_rows(summary, seconds: float) -> list[dict[str, str]]:
-    stages = [{"stage": stage.name, "seconds": f"{stage.seconds:.2f}", "cache": "hit" if stage.cached else "miss",
-               "key": stage.cache_key or ""} for stage in summary.stages]
+    stages = [
+        {
+            "stage": stage.name,
+            "seconds": f"{stage.seconds:.2f}",
+            "cache": "hit" if stage.cached else "miss",
+            "key": stage.cache_key or "",
+        }
+        for stage in summary.stages
+    ]
     return [*stages, {"stage": "total", "seconds": f"{seconds:.2f}", "cache": "", "key": ""}]
 
 
@@ -59,8 +75,17 @@ def _print_ui_address(artifacts: Path, run_id: str, temporary_server: bool) -> N
 def summary_json(summary, seconds: float) -> dict:
     """A run summary as `convflow run --json` prints it."""
     payload = summary.model_dump(
-        include={"pipeline", "run_id", "status", "test_accuracy", "saved_model", "report", "resumed_from_epoch",
-                 "promoted_version", "gate_reason"}
+        include={
+            "pipeline",
+            "run_id",
+            "status",
+            "test_accuracy",
+            "saved_model",
+            "report",
+            "resumed_from_epoch",
+            "promoted_version",
+            "gate_reason",
+        }
     )
     payload["stages"] = [stage.model_dump(include={"name", "seconds", "cached"}) for stage in summary.stages]
     payload["seconds"] = round(seconds, 3)
@@ -72,8 +97,10 @@ def print_comparison(comparison, seconds: float, as_json: bool) -> None:
     from convflow.tasks.compare_report import variant_rows
 
     rows = variant_rows(comparison)
-    print(f"\n{comparison.pipeline} comparison {comparison.comparison_id} ({comparison.runner}), "
-          f"ranked by {comparison.metric}")
+    print(
+        f"\n{comparison.pipeline} comparison {comparison.comparison_id} ({comparison.runner}), "
+        f"ranked by {comparison.metric}"
+    )
     header = {key: title for key, (title, _) in _VARIANT_COLUMNS.items()}
     print("\n".join(table_lines([_variant_cells(row) for row in rows], header, indent="  ")))
     for row in rows:
@@ -83,10 +110,12 @@ def print_comparison(comparison, seconds: float, as_json: bool) -> None:
     print(f"  report  {comparison.report}")
     print(f"  total   {seconds:.2f} s")
     if as_json:
-        payload = comparison.model_dump(include={"pipeline", "comparison_id", "metric", "promote", "runner",
-                                                 "flow_pid", "verdict", "report"})
-        payload.update(winner=comparison.winner.name if comparison.winner else None, variants=rows,
-                       seconds=round(seconds, 3))
+        payload = comparison.model_dump(
+            include={"pipeline", "comparison_id", "metric", "promote", "runner", "flow_pid", "verdict", "report"}
+        )
+        payload.update(
+            winner=comparison.winner.name if comparison.winner else None, variants=rows, seconds=round(seconds, 3)
+        )
         print_json(payload)
 
 
@@ -100,11 +129,17 @@ def print_tuning(tuning, seconds: float, as_json: bool) -> None:
         score = "failed: " + (trial.error or "") if trial.score is None else f"{tuning.objective} {trial.score:.4f}"
         print(f"trial {trial.trial_id}: {json.dumps(trial.settings)}, {trial.epochs} epochs: {score}")
     final = tuning.final
-    print(f"final model: run {final.run_id}, test accuracy {final.test_accuracy:.4f}, "
-          f"{'passed' if final.passed_gate else 'failed'} the gate" if final else "no trial completed: no final model")
+    print(
+        f"final model: run {final.run_id}, test accuracy {final.test_accuracy:.4f}, "
+        f"{'passed' if final.passed_gate else 'failed'} the gate"
+        if final
+        else "no trial completed: no final model"
+    )
     print(f"report: {tuning.report}")
     if as_json:
         payload = tuning.model_dump(mode="json", exclude={"final"})
-        payload.update(final={**summary_json(final, 0.0), "passed_gate": final.passed_gate} if final else None,
-                       seconds=round(seconds, 3))
+        payload.update(
+            final={**summary_json(final, 0.0), "passed_gate": final.passed_gate} if final else None,
+            seconds=round(seconds, 3),
+        )
         print_json(payload)

@@ -31,8 +31,9 @@ def add_run(commands) -> None:
 
 
 def add_compare(commands) -> None:
-    compare = commands.add_parser("compare", parents=[common_options()],
-                                  help="run a pipeline's compare variants side by side and rank them")
+    compare = commands.add_parser(
+        "compare", parents=[common_options()], help="run a pipeline's compare variants side by side and rank them"
+    )
     compare.add_argument("name", help="pipeline name in the pipelines file; it needs a compare section")
     compare.add_argument("--json", action="store_true", help="print the comparison as JSON on the last line")
     compare.add_argument(
@@ -42,8 +43,11 @@ def add_compare(commands) -> None:
 
 
 def add_tune(commands) -> None:
-    tune = commands.add_parser("tune", parents=[common_options()],
-                               help="search a pipeline's tune settings, then train the final model with the best")
+    tune = commands.add_parser(
+        "tune",
+        parents=[common_options()],
+        help="search a pipeline's tune settings, then train the final model with the best",
+    )
     tune.add_argument("name", help="pipeline name in the pipelines file; it needs a tune section")
     tune.add_argument("--json", action="store_true", help="print the trials and the final run as JSON on the last line")
     tune.set_defaults(handle=tune_and_train)
@@ -85,13 +89,25 @@ def run_pipeline(args: argparse.Namespace) -> int:
         if problem:
             return fail(f"convflow run {args.name}: {problem}")
         started = time.perf_counter()
-        summary = _call_flow(f"convflow run {args.name}", command, _load_train_pipeline, artifacts,
-                             args.name, str(Path(args.file).resolve()), str(artifacts),
-                             warm_tensorflow=not has_finished_run(artifacts, args.name, spec.config_hash()))
+        summary = _call_flow(
+            f"convflow run {args.name}",
+            command,
+            _load_train_pipeline,
+            artifacts,
+            args.name,
+            str(Path(args.file).resolve()),
+            str(artifacts),
+            warm_tensorflow=not has_finished_run(artifacts, args.name, spec.config_hash()),
+        )
     if summary is None:
         return EXIT_FAILED
-    flow_results.print_run(summary, time.perf_counter() - started, artifacts,
-                           temporary_server=command.server is not None, as_json=args.json)
+    flow_results.print_run(
+        summary,
+        time.perf_counter() - started,
+        artifacts,
+        temporary_server=command.server is not None,
+        as_json=args.json,
+    )
     return 0
 
 
@@ -108,9 +124,17 @@ def compare_variants(args: argparse.Namespace) -> int:
     artifacts = prepare_environment(args.artifacts)
     started = time.perf_counter()
     with FlowCommand(args.exits_after) as command:
-        comparison = _call_flow(f"convflow compare {args.name}", command, _load_run_comparison, artifacts,
-                                args.name, str(Path(args.file).resolve()), str(artifacts), args.dask,
-                                warm_tensorflow=True)
+        comparison = _call_flow(
+            f"convflow compare {args.name}",
+            command,
+            _load_run_comparison,
+            artifacts,
+            args.name,
+            str(Path(args.file).resolve()),
+            str(artifacts),
+            args.dask,
+            warm_tensorflow=True,
+        )
     if comparison is None:
         return EXIT_FAILED
     flow_results.print_comparison(comparison, time.perf_counter() - started, args.json)
@@ -126,8 +150,16 @@ def tune_and_train(args: argparse.Namespace) -> int:
     artifacts = prepare_environment(args.artifacts)
     started = time.perf_counter()
     with FlowCommand(args.exits_after) as command:
-        tuning = _call_flow(f"convflow tune {args.name}", command, _load_tune_pipeline, artifacts,
-                            args.name, str(Path(args.file).resolve()), str(artifacts), warm_tensorflow=True)
+        tuning = _call_flow(
+            f"convflow tune {args.name}",
+            command,
+            _load_tune_pipeline,
+            artifacts,
+            args.name,
+            str(Path(args.file).resolve()),
+            str(artifacts),
+            warm_tensorflow=True,
+        )
     if tuning is None:
         return EXIT_FAILED
     flow_results.print_tuning(tuning, time.perf_counter() - started, args.json)
@@ -186,8 +218,10 @@ def _unreachable_pool(spec, server) -> str | None:
     """Why `train.work_pool`'s workers cannot take this run's training: a temporary server lives in
     this process alone, and no worker can reach it."""
     if spec.train.work_pool and server is not None:
-        return (f"pipelines.{spec.name}.train.work_pool {spec.train.work_pool!r} needs a Prefect server that the "
-                "pool's workers reach; set PREFECT_API_URL (see README, Training on GPU workers)")
+        return (
+            f"pipelines.{spec.name}.train.work_pool {spec.train.work_pool!r} needs a Prefect server that the "
+            "pool's workers reach; set PREFECT_API_URL (see README, Training on GPU workers)"
+        )
     return None
 
 
@@ -204,8 +238,9 @@ def _unwritable(artifacts: Path) -> str | None:
     return None
 
 
-def _call_flow(label: str, command, load_flow: Callable[[], Callable], artifacts: Path, *args: Any,
-               warm_tensorflow: bool) -> Any:
+def _call_flow(
+    label: str, command, load_flow: Callable[[], Callable], artifacts: Path, *args: Any, warm_tensorflow: bool
+) -> Any:
     """The flow `load_flow` returns, called through `command` (fast_start.FlowCommand) with `args`;
     its result, or None after printing why it failed."""
     from convflow.runtime.server_access import is_lost_connection

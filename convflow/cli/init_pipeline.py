@@ -66,9 +66,11 @@ def mobilenet_of(weights: Path) -> tuple[str, float]:
         return "mobilenet", 1.0 if whole == "1" else float(f"0.{whole}{tenths}")
     if match := MOBILENET_V2_FILE.search(weights.name):
         return "mobilenet_v2", float(match.group(1))
-    raise InitError(f"--weights {weights}: not a Keras Applications MobileNet file name "
-                    "(mobilenet_2_5_224_tf_no_top.h5, mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5, "
-                    "...); write model: by hand")
+    raise InitError(
+        f"--weights {weights}: not a Keras Applications MobileNet file name "
+        "(mobilenet_2_5_224_tf_no_top.h5, mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5, "
+        "...); write model: by hand"
+    )
 
 
 def _model_size(survey: SourceSurvey, max_side: int, min_side: int) -> list[int]:
@@ -99,27 +101,42 @@ def _train_images(survey: SourceSurvey, split: dict[str, float]) -> int:
 def _split(survey: SourceSurvey) -> tuple[dict[str, float], list[str]]:
     defined = set(survey.split_counts)
     if not defined:
-        return ({"train": 0.8, "validation": 0.1, "test": 0.1},
-                ["split by each image's content hash: an image keeps its split as the data grows"])
-    kept = ", ".join(f"{name} ({survey.split_counts[name]:,})" for name in ("train", "validation", "test")
-                     if name in defined)
+        return (
+            {"train": 0.8, "validation": 0.1, "test": 0.1},
+            ["split by each image's content hash: an image keeps its split as the data grows"],
+        )
+    kept = ", ".join(
+        f"{name} ({survey.split_counts[name]:,})" for name in ("train", "validation", "test") if name in defined
+    )
     if defined >= {"validation", "test"}:
-        return {"train": 0.8, "validation": 0.1, "test": 0.1}, [f"the source's own splits are kept: {kept}",
-                                                                "(the fractions below are then unused)"]
+        return {"train": 0.8, "validation": 0.1, "test": 0.1}, [
+            f"the source's own splits are kept: {kept}",
+            "(the fractions below are then unused)",
+        ]
     if "validation" in defined:
-        return ({"train": 0.75, "validation": 0.0, "test": 0.25},
-                [f"the source's own splits are kept: {kept}; the test split the gate",
-                 "scores is carved from train, a quarter of it (validation: 0.0, it has its own)"])
-    return ({"train": 0.8, "validation": 0.1, "test": 0.1},
-            [f"the source's own splits are kept: {kept}; validation is carved from train",
-             "(train : validation = 0.8 : 0.1; the test fraction is unused)"])
+        return (
+            {"train": 0.75, "validation": 0.0, "test": 0.25},
+            [
+                f"the source's own splits are kept: {kept}; the test split the gate",
+                "scores is carved from train, a quarter of it (validation: 0.0, it has its own)",
+            ],
+        )
+    return (
+        {"train": 0.8, "validation": 0.1, "test": 0.1},
+        [
+            f"the source's own splits are kept: {kept}; validation is carved from train",
+            "(train : validation = 0.8 : 0.1; the test fraction is unused)",
+        ],
+    )
 
 
 def _gate(survey: SourceSurvey) -> tuple[float, list[str]]:
     chance = 1 / len(survey.class_counts)
     gate = round(chance + (1 - chance) / 4, 2)
-    return gate, [f"the gate: a quarter of the way from guessing ({chance:.2f}) to perfect;",
-                  "raise it once you know what this data allows"]
+    return gate, [
+        f"the gate: a quarter of the way from guessing ({chance:.2f}) to perfect;",
+        "raise it once you know what this data allows",
+    ]
 
 
 # ----------------------------------------------------------------------------- the YAML text
@@ -142,30 +159,51 @@ def pipeline_text(name: str, survey: SourceSurvey, file_dir: Path, weights: Path
         f"{indent}# Written by convflow init from {survey.source}: {len(survey.class_counts)} classes, "
         f"{survey.images:,} images.",
         f"{indent}{name}:",
-        f"{one}data:", *_data_lines(survey, file_dir, size, max_side, pretrained, two),
-        f"{one}model:", *model_lines,
-        f"{one}train:", *_train_lines(survey, size, pretrained, two),
-        f"{one}evaluate:", *_comment(_gate(survey)[1], two), f"{two}min_accuracy: {_gate(survey)[0]}",
+        f"{one}data:",
+        *_data_lines(survey, file_dir, size, max_side, pretrained, two),
+        f"{one}model:",
+        *model_lines,
+        f"{one}train:",
+        *_train_lines(survey, size, pretrained, two),
+        f"{one}evaluate:",
+        *_comment(_gate(survey)[1], two),
+        f"{two}min_accuracy: {_gate(survey)[0]}",
     ]
     return "\n".join(lines) + "\n"
 
 
-def _data_lines(survey: SourceSurvey, file_dir: Path, size: list[int], max_side: int, pretrained: bool,
-                indent: str) -> list[str]:
+def _data_lines(
+    survey: SourceSurvey, file_dir: Path, size: list[int], max_side: int, pretrained: bool, indent: str
+) -> list[str]:
     scheme, _, location = survey.source.partition(":")
     channels = 3 if pretrained else survey.channels
     split, split_notes = _split(survey)
     height, width = survey.typical_size
     return [
         f"{indent}source: {_quoted(_relative_source(scheme, location, file_dir))}",
-        *_comment([f"the images' median size is {height}x{width}; the model sees {size[0]}x{size[1]} "
-                   f"(longer side at most {max_side})"], indent),
+        *_comment(
+            [
+                f"the images' median size is {height}x{width}; the model sees {size[0]}x{size[1]} "
+                f"(longer side at most {max_side})"
+            ],
+            indent,
+        ),
         f"{indent}image_size: [{size[0]}, {size[1]}]",
-        *_comment(["pretrained weights take RGB" if pretrained else
-                   ("every image is grayscale" if channels == 1 else "colour images")], indent),
+        *_comment(
+            [
+                "pretrained weights take RGB"
+                if pretrained
+                else ("every image is grayscale" if channels == 1 else "colour images")
+            ],
+            indent,
+        ),
         f"{indent}channels: {channels}",
-        *(_comment(["the images differ in shape: keep their aspect ratio, pad the rest"], indent)
-          + [f"{indent}resize: pad"] if survey.shapes_vary else []),
+        *(
+            _comment(["the images differ in shape: keep their aspect ratio, pad the rest"], indent)
+            + [f"{indent}resize: pad"]
+            if survey.shapes_vary
+            else []
+        ),
         *_comment(split_notes, indent),
         f"{indent}split: {{train: {split['train']}, validation: {split['validation']}, test: {split['test']}}}",
     ]
@@ -173,17 +211,27 @@ def _data_lines(survey: SourceSurvey, file_dir: Path, size: list[int], max_side:
 
 def _train_lines(survey: SourceSurvey, size: list[int], pretrained: bool, indent: str) -> list[str]:
     epochs = min(MAX_EPOCHS, max(MIN_EPOCHS, round(IMAGES_SEEN / _train_images(survey, _split(survey)[0]))))
-    lines = [*_comment([f"about {IMAGES_SEEN:,} training images seen in all ({MIN_EPOCHS} to {MAX_EPOCHS} "
-                        "epochs): a first model in minutes on a CPU"], indent),
-             f"{indent}epochs: {epochs}"]
+    lines = [
+        *_comment(
+            [
+                f"about {IMAGES_SEEN:,} training images seen in all ({MIN_EPOCHS} to {MAX_EPOCHS} "
+                "epochs): a first model in minutes on a CPU"
+            ],
+            indent,
+        ),
+        f"{indent}epochs: {epochs}",
+    ]
     if not pretrained and max(size) > SMALL_IMAGE_SIDE:
-        lines += [*_comment(["random flips, rotations and zooms: photos seen from scratch need them"], indent),
-                  f"{indent}augment: true"]
+        lines += [
+            *_comment(["random flips, rotations and zooms: photos seen from scratch need them"], indent),
+            f"{indent}augment: true",
+        ]
     return lines
 
 
-def _model_lines(survey: SourceSurvey, file_dir: Path, weights: Path | None,
-                 indent: str) -> tuple[list[str], int, int, bool]:
+def _model_lines(
+    survey: SourceSurvey, file_dir: Path, weights: Path | None, indent: str
+) -> tuple[list[str], int, int, bool]:
     """The model section's lines, the largest and smallest image side for that model, and whether it is pretrained."""
     if weights is None:
         base, why = _seed_cnn(survey)
@@ -238,8 +286,10 @@ def existing_pipelines(file: Path) -> dict:
 def check_new_name(file: Path, name: str) -> None:
     """Raises InitError when `file` already has a pipeline `name`: init never overwrites one."""
     if name in existing_pipelines(file):
-        raise InitError(f"{file}: already has a pipeline {name!r}; convflow init never replaces one: "
-                        f"choose another NAME, or edit pipelines.{name} by hand")
+        raise InitError(
+            f"{file}: already has a pipeline {name!r}; convflow init never replaces one: "
+            f"choose another NAME, or edit pipelines.{name} by hand"
+        )
 
 
 def append_pipeline(file: Path, name: str, survey: SourceSurvey, weights: Path | None) -> Appended:
@@ -270,12 +320,13 @@ def _insertion_point(file: Path, content: bytes) -> tuple[int, str]:
     starts = [sum(len(line) for line in lines[:index]) for index in range(len(lines) + 1)]
     header = next((index for index, line in enumerate(lines) if re.match(rb"pipelines:\s*(#.*)?$", line)), None)
     if header is None:
-        raise InitError(f"{file}: 'pipelines:' is not written as a block mapping on a line of its own; "
-                        "add the pipeline by hand")
+        raise InitError(
+            f"{file}: 'pipelines:' is not written as a block mapping on a line of its own; add the pipeline by hand"
+        )
     end = next((index for index in range(header + 1, len(lines)) if re.match(rb"[^\s#]", lines[index])), len(lines))
     while end > header + 1 and lines[end - 1].strip() == b"":  # before the blank lines that separate blocks
         end -= 1
-    entry = next((line for line in lines[header + 1:end] if re.match(rb"\s+[^\s#]", line)), b"  x")
+    entry = next((line for line in lines[header + 1 : end] if re.match(rb"\s+[^\s#]", line)), b"  x")
     indent = re.match(rb"\s+", entry).group().decode()
     return starts[end], indent
 
@@ -313,17 +364,23 @@ def report_lines(name: str, survey: SourceSurvey, appended: Appended, file_argum
     height, width = survey.typical_size
     colour = "grayscale" if survey.channels == 1 else "colour"
     widest = max(len(label) for label in survey.class_counts)
-    lines = [f"{survey.source}: {len(survey.class_counts)} classes, {survey.images:,} images "
-             f"({colour}, median {height}x{width}{', shapes vary' if survey.shapes_vary else ''})"]
+    lines = [
+        f"{survey.source}: {len(survey.class_counts)} classes, {survey.images:,} images "
+        f"({colour}, median {height}x{width}{', shapes vary' if survey.shapes_vary else ''})"
+    ]
     lines += [f"  {label:<{widest}}  {count:>7,}" for label, count in survey.class_counts.items()]
     if survey.split_counts:
-        lines.append("  splits defined by the source: "
-                     + ", ".join(f"{split} {count:,}" for split, count in survey.split_counts.items()))
+        lines.append(
+            "  splits defined by the source: "
+            + ", ".join(f"{split} {count:,}" for split, count in survey.split_counts.items())
+        )
     lines += _unusable_lines(survey.unusable)
     lines.append(_balance_line(survey.class_counts))
     action = "created" if appended.created else "added to"
-    lines.append(f"{action} {appended.file}: pipeline {name!r} at line {appended.first_line}, its choices explained "
-                 "in comments there")
+    lines.append(
+        f"{action} {appended.file}: pipeline {name!r} at line {appended.first_line}, its choices explained "
+        "in comments there"
+    )
     option = "" if file_argument == "pipelines.yaml" else f" -f {file_argument}"
     lines.append(f"next: convflow run {name}{option}")
     return lines
@@ -347,6 +404,8 @@ def _balance_line(counts: dict[str, int]) -> str:
         return f"  balance: every class has {counts[largest]:,} images"
     if ratio < IMBALANCE_RATIO:
         return f"  balance: fair, largest class {largest} is {ratio:.1f}x the smallest, {smallest}"
-    return (f"  imbalance: {largest} has {ratio:.1f}x the images of {smallest} ({counts[largest]:,} vs "
-            f"{counts[smallest]:,}); accuracy then favours the large classes: check the report's per-class "
-            "scores, or add images of the small ones")
+    return (
+        f"  imbalance: {largest} has {ratio:.1f}x the images of {smallest} ({counts[largest]:,} vs "
+        f"{counts[smallest]:,}); accuracy then favours the large classes: check the report's per-class "
+        "scores, or add images of the small ones"
+    )

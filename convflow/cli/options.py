@@ -9,8 +9,9 @@ def common_options(pipelines_file: bool = True) -> argparse.ArgumentParser:
     """--file and --artifacts, as every command that takes them spells them (a parent parser)."""
     options = argparse.ArgumentParser(add_help=False)
     if pipelines_file:
-        options.add_argument("-f", "--file", default="pipelines.yaml",
-                             help="pipelines file (default: ./pipelines.yaml)")
+        options.add_argument(
+            "-f", "--file", default="pipelines.yaml", help="pipelines file (default: ./pipelines.yaml)"
+        )
     options.add_argument("--artifacts", default="artifacts", help="artifacts root (default: ./artifacts)")
     return options
 

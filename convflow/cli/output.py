@@ -25,8 +25,10 @@ def table_lines(rows: list[dict[str, str]], header: dict[str, str], indent: str 
     a column of numbers (or "-" where one is missing) right-aligned, any other left-aligned."""
     widths = {key: max(len(cell) for cell in (title, *(row[key] for row in rows))) for key, title in header.items()}
     align = {key: ">" if _numbers(row[key] for row in rows) else "<" for key in header}
-    return [indent + "  ".join(f"{cells[key]:{align[key]}{widths[key]}}" for key in header).rstrip()
-            for cells in (header, *rows)]
+    return [
+        indent + "  ".join(f"{cells[key]:{align[key]}{widths[key]}}" for key in header).rstrip()
+        for cells in (header, *rows)
+    ]
 
 
 def _numbers(cells: Iterable[str]) -> bool:

@@ -15,17 +15,26 @@ def add_validate(commands) -> None:
 
 
 def add_init(commands) -> None:
-    init = commands.add_parser("init",
-                               help="look at a data source and append a pipeline for it to a pipelines file")
+    init = commands.add_parser("init", help="look at a data source and append a pipeline for it to a pipelines file")
     init.add_argument("name", help="name of the new pipeline; an existing one is never replaced")
-    init.add_argument("source", metavar="SOURCE",
-                      help="a folder of images (one sub-folder per class), IDX files, a Parquet table, or "
-                           "folder:PATH | idx:PATH | parquet:PATH | tfds:NAME")
-    init.add_argument("-f", "--file", default="pipelines.yaml",
-                      help="pipelines file to append to, created if missing (default: ./pipelines.yaml)")
-    init.add_argument("--weights", type=Path, metavar="PATH",
-                      help="Keras Applications MobileNet weights (.h5): a pretrained base instead of a CNN "
-                           "from scratch")
+    init.add_argument(
+        "source",
+        metavar="SOURCE",
+        help="a folder of images (one sub-folder per class), IDX files, a Parquet table, or "
+        "folder:PATH | idx:PATH | parquet:PATH | tfds:NAME",
+    )
+    init.add_argument(
+        "-f",
+        "--file",
+        default="pipelines.yaml",
+        help="pipelines file to append to, created if missing (default: ./pipelines.yaml)",
+    )
+    init.add_argument(
+        "--weights",
+        type=Path,
+        metavar="PATH",
+        help="Keras Applications MobileNet weights (.h5): a pretrained base instead of a CNN from scratch",
+    )
     init.set_defaults(handle=survey_and_append)
 
 
@@ -37,8 +46,12 @@ def validate_file(args: argparse.Namespace) -> int:
     try:
         specs = load_pipelines(args.file)
     except ConfigError as error:
-        return fail("\n".join([f"{args.file}: {len(error.problems)} problem(s)",
-                               *(f"  {problem}" for problem in error.problems)]), EXIT_BAD_CONFIG)
+        return fail(
+            "\n".join(
+                [f"{args.file}: {len(error.problems)} problem(s)", *(f"  {problem}" for problem in error.problems)]
+            ),
+            EXIT_BAD_CONFIG,
+        )
     print(f"{args.file}: {len(specs)} pipeline(s) valid: {', '.join(specs)}")
     _warn_invalid_variants(specs, Path(args.file).resolve().parent)
     return 0
@@ -52,8 +65,14 @@ def _warn_invalid_variants(specs: dict, base_dir: Path) -> None:
     for spec in specs.values():
         for name, variant in variant_specs(spec, base_dir).items():
             if isinstance(variant, list):
-                print_error("\n".join([f"warning: compare variant {spec.name}/{name} will fail:",
-                                       *(f"  {problem}" for problem in variant)]))
+                print_error(
+                    "\n".join(
+                        [
+                            f"warning: compare variant {spec.name}/{name} will fail:",
+                            *(f"  {problem}" for problem in variant),
+                        ]
+                    )
+                )
 
 
 def survey_and_append(args: argparse.Namespace) -> int:

@@ -13,22 +13,27 @@ from convflow.cli.output import EXIT_BAD_CONFIG, fail
 
 def _force_option() -> argparse.ArgumentParser:
     force = argparse.ArgumentParser(add_help=False)
-    force.add_argument("--force", action="store_true",
-                       help="scheduled runs train even when data and config are unchanged")
+    force.add_argument(
+        "--force", action="store_true", help="scheduled runs train even when data and config are unchanged"
+    )
     return force
 
 
 def add_serve(commands) -> None:
-    serve = commands.add_parser("serve", parents=[common_options(), _force_option()],
-                                help="serve every scheduled pipeline from this process until stopped "
-                                     "(needs PREFECT_API_URL)")
+    serve = commands.add_parser(
+        "serve",
+        parents=[common_options(), _force_option()],
+        help="serve every scheduled pipeline from this process until stopped (needs PREFECT_API_URL)",
+    )
     serve.set_defaults(handle=serve_schedules)
 
 
 def add_deploy(commands) -> None:
-    deploy = commands.add_parser("deploy", parents=[common_options(), _force_option()],
-                                 help="register every scheduled pipeline on a work pool for workers "
-                                      "(needs PREFECT_API_URL)")
+    deploy = commands.add_parser(
+        "deploy",
+        parents=[common_options(), _force_option()],
+        help="register every scheduled pipeline on a work pool for workers (needs PREFECT_API_URL)",
+    )
     deploy.add_argument("--pool", required=True, help="work pool name; created as a process pool if missing")
     deploy.set_defaults(handle=deploy_schedules)
 
@@ -38,14 +43,27 @@ def add_worker(commands) -> None:
         "worker", help="start a worker that trains on a work pool's behalf (train.work_pool; needs PREFECT_API_URL)"
     )
     worker.add_argument("--pool", required=True, help="work pool name; created as a process pool if missing")
-    worker.add_argument("--limit", type=positive_int, default=1,
-                        help="train runs at a time (default 1: one per GPU; set CUDA_VISIBLE_DEVICES per worker)")
+    worker.add_argument(
+        "--limit",
+        type=positive_int,
+        default=1,
+        help="train runs at a time (default 1: one per GPU; set CUDA_VISIBLE_DEVICES per worker)",
+    )
     worker.add_argument("--name", help="worker name shown in the Prefect UI (default: Prefect's)")
-    worker.add_argument("--heartbeat", type=positive_int, default=30, metavar="SECONDS",
-                        help="seconds between a train run's heartbeats (default 30, Prefect's minimum)")
-    worker.add_argument("--lost-after", type=positive_int, default=90, metavar="SECONDS",
-                        help="a train run without heartbeat for this long is marked Crashed and started again "
-                             "(default 90)")
+    worker.add_argument(
+        "--heartbeat",
+        type=positive_int,
+        default=30,
+        metavar="SECONDS",
+        help="seconds between a train run's heartbeats (default 30, Prefect's minimum)",
+    )
+    worker.add_argument(
+        "--lost-after",
+        type=positive_int,
+        default=90,
+        metavar="SECONDS",
+        help="a train run without heartbeat for this long is marked Crashed and started again (default 90)",
+    )
     worker.set_defaults(handle=start_worker)
 
 
@@ -105,8 +123,11 @@ def start_worker(args: argparse.Namespace) -> int:
         ensure_train_pool(args.pool, args.heartbeat, args.lost_after)
     except (DeploymentError, ValueError) as error:
         return fail(f"convflow worker: {error}")
-    print(f"work pool {args.pool}: deployment {deployment_name(args.pool)}, train runs without a heartbeat for "
-          f"{args.lost_after} s are crashed and started again", flush=True)
+    print(
+        f"work pool {args.pool}: deployment {deployment_name(args.pool)}, train runs without a heartbeat for "
+        f"{args.lost_after} s are crashed and started again",
+        flush=True,
+    )
     exec_process_worker(args.pool, args.limit, args.name)
 
 

@@ -1,1 +1,2 @@
-"""pipelines.yaml: its schema (what stages compute with), its loading and error wording, and the settings derived from it."""
+"""pipelines.yaml: its schema (what stages compute with), its loading and error wording, and the
+settings derived from it."""

@@ -32,8 +32,13 @@ def tuned_spec(spec: PipelineSpec, settings: dict[str, float]) -> PipelineSpec:
     for name, value in settings.items():
         if name == "augment_strength":
             steps = spec.train.augment_steps
-            body["train"]["augment"] = [{layer: None if setting is None else min(setting * value, AUGMENT_MAXIMUM[layer])
-                                         for layer, setting in step.items()} for step in steps]
+            body["train"]["augment"] = [
+                {
+                    layer: None if setting is None else min(setting * value, AUGMENT_MAXIMUM[layer])
+                    for layer, setting in step.items()
+                }
+                for step in steps
+            ]
             continue
         section, *path = TuneConfig.SETTINGS[name][0].split(".")
         target = body[section]

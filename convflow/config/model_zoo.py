@@ -43,12 +43,8 @@ APPLICATIONS: dict[str, BaseSpec] = {
     for spec in (
         BaseSpec("mobilenet", "application", 32, "tf", "avg", "MobileNet", takes_alpha=True),
         BaseSpec("mobilenet_v2", "application", 32, "tf", "avg", "MobileNetV2", takes_alpha=True),
-        BaseSpec(
-            "mobilenet_v3_small", "application", 32, "raw", "avg", "MobileNetV3Small", takes_alpha=True
-        ),
-        BaseSpec(
-            "mobilenet_v3_large", "application", 32, "raw", "avg", "MobileNetV3Large", takes_alpha=True
-        ),
+        BaseSpec("mobilenet_v3_small", "application", 32, "raw", "avg", "MobileNetV3Small", takes_alpha=True),
+        BaseSpec("mobilenet_v3_large", "application", 32, "raw", "avg", "MobileNetV3Large", takes_alpha=True),
         BaseSpec("vgg16", "application", 32, "caffe", "avg", "VGG16"),
         BaseSpec("vgg19", "application", 32, "caffe", "avg", "VGG19"),
         BaseSpec("inception_v3", "application", 75, "tf", "avg", "InceptionV3"),

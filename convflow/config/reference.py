@@ -162,8 +162,11 @@ def main(argv: list[str] | None = None) -> int:
     written = args.output.read_text() if args.output.exists() else None
     if written == text:
         return 0
-    print(f"{args.output} is stale: it is not what convflow/config/schema.py renders; regenerate it "
-          f"with `{REGENERATE}` and commit it", file=sys.stderr)
+    print(
+        f"{args.output} is stale: it is not what convflow/config/schema.py renders; regenerate it "
+        f"with `{REGENERATE}` and commit it",
+        file=sys.stderr,
+    )
     return 1
 
 

@@ -202,7 +202,13 @@ class ModelConfig(StrictModel):
 # train.augment's layers and each one's default setting: a factor of the image (rotation, zoom,
 # contrast), RandAugment's magnitude, MixUp's and CutMix's Beta alpha; flip takes none.
 AUGMENT_LAYERS: dict[str, float | None] = {
-    "flip": None, "rotation": 0.1, "zoom": 0.1, "contrast": 0.1, "randaugment": 0.5, "mixup": 0.2, "cutmix": 1.0,
+    "flip": None,
+    "rotation": 0.1,
+    "zoom": 0.1,
+    "contrast": 0.1,
+    "randaugment": 0.5,
+    "mixup": 0.2,
+    "cutmix": 1.0,
 }
 # The largest setting of each (beyond an alpha of 10 the mix is about always 50:50).
 AUGMENT_MAXIMUM = {"rotation": 1.0, "zoom": 1.0, "contrast": 1.0, "randaugment": 1.0, "mixup": 10.0, "cutmix": 10.0}
@@ -238,7 +244,8 @@ class LearningRateSchedule(StrictModel):
     """How the learning rate moves over train.epochs (Keras schedules and callbacks)."""
 
     kind: Literal["constant", "cosine", "step", "reduce_on_plateau"] = Field(
-        "constant", description="constant; cosine decay to 0 after warmup_epochs of linear warm-up; step: times "
+        "constant",
+        description="constant; cosine decay to 0 after warmup_epochs of linear warm-up; step: times "
         "factor every step_epochs; reduce_on_plateau: times factor when validation loss stalls for patience epochs.",
     )
     warmup_epochs: int = Field(0, ge=0, description="cosine: epochs of linear warm-up from 0 to learning_rate.")
@@ -308,13 +315,15 @@ class TrainConfig(StrictModel):
     )
     deterministic: bool = Field(False, description="Deterministic TF ops: identical weights on CPU.")
     checkpoint_seconds: float = Field(
-        10.0, ge=0,
+        10.0,
+        ge=0,
         description="Checkpoint at the end of an epoch once this many seconds of training have passed since "
         "the last checkpoint (0: every epoch). A crash loses at most about this much training; short epochs "
         "do not pay a checkpoint each.",
     )
     steps_per_execution: int = Field(
-        32, ge=1,
+        32,
+        ge=1,
         description="Training steps run per call into TensorFlow (Keras' steps_per_execution; at most one "
         "epoch's): fewer Python round trips between steps, so faster epochs. Batch-level callbacks see every "
         "Nth batch. 1 when training on several GPUs, where Keras' multi-step loop fails (keras-team/keras#19246).",
@@ -327,7 +336,8 @@ class TrainConfig(StrictModel):
         "worker mounts at the same path.",
     )
     max_attempts: int = Field(
-        3, ge=1,
+        3,
+        ge=1,
         description="With work_pool: training runs started in all when a worker is lost (its run Crashed); "
         "each resumes from the last checkpoint.",
     )
@@ -502,7 +512,8 @@ class TuneConfig(StrictModel):
     INTEGER_SETTINGS: ClassVar[frozenset[str]] = frozenset({"batch_size", "unfreeze_top"})
 
     algorithm: Literal["random", "hyperband"] = Field(
-        "random", description="random: KerasTuner's random search; hyperband: many short trials, the best trained longer."
+        "random",
+        description="random: KerasTuner's random search; hyperband: many short trials, the best trained longer.",
     )
     max_trials: int = Field(10, ge=1, description="Trials in all (Hyperband may stop sooner).")
     objective: Literal["val_accuracy", "val_loss"] = Field(
@@ -568,9 +579,14 @@ class PipelineSpec(StrictModel):
 
     @model_validator(mode="after")
     def _validation_split_when_watched(self) -> PipelineSpec:
-        watched = [name for name, on in (("train.early_stopping", self.train.early_stopping is not None),
-                                         ("train.schedule reduce_on_plateau", self.train.schedule.kind == "reduce_on_plateau"))
-                   if on]
+        watched = [
+            name
+            for name, on in (
+                ("train.early_stopping", self.train.early_stopping is not None),
+                ("train.schedule reduce_on_plateau", self.train.schedule.kind == "reduce_on_plateau"),
+            )
+            if on
+        ]
         # tfds sources bring their own validation split or carve one out of train
         if watched and self.data.split.validation == 0 and self.data.scheme != "tfds":
             raise ValueError(f"{' and '.join(watched)} watch the validation split: set data.split.validation > 0")
@@ -580,8 +596,9 @@ class PipelineSpec(StrictModel):
     def _tuned_settings_apply(self) -> PipelineSpec:
         space = self.tune.space if self.tune else {}
         if "unfreeze_top" in space and (self.model.fine_tune is None or self.model.fine_tune.unfreeze_top is None):
-            raise ValueError("tune.space.unfreeze_top tunes model.fine_tune.unfreeze_top: add a fine_tune section "
-                             "that sets it")
+            raise ValueError(
+                "tune.space.unfreeze_top tunes model.fine_tune.unfreeze_top: add a fine_tune section that sets it"
+            )
         if "augment_strength" in space and not self.train.augment:
             raise ValueError("tune.space.augment_strength scales train.augment: turn augmentation on")
         if self.tune and self.data.split.validation == 0 and self.data.scheme != "tfds":
@@ -599,8 +616,16 @@ class PipelineSpec(StrictModel):
         data stages run or store their files are left out."""
         payload = self.model_dump(
             mode="json",
-            exclude={"schedule": True, "name": True, "retrain": True, "compare": True, "score": True, "tune": True,
-                     "data": {*DataConfig.EXECUTION_ONLY, "compression"}, "train": set(TrainConfig.EXECUTION_ONLY)},
+            exclude={
+                "schedule": True,
+                "name": True,
+                "retrain": True,
+                "compare": True,
+                "score": True,
+                "tune": True,
+                "data": {*DataConfig.EXECUTION_ONLY, "compression"},
+                "train": set(TrainConfig.EXECUTION_ONLY),
+            },
         )
         defaults = TrainConfig().model_dump(mode="json")
         for name in TrainConfig.HASHED_WHEN_SET:

@@ -20,8 +20,10 @@ class DuplicateKey:
     line: int
 
     def __str__(self) -> str:
-        return (f"{self.path}: key {self.key!r} written twice, on lines {self.first_line} and {self.line} "
-                "(the second would silently replace the first); keep one")
+        return (
+            f"{self.path}: key {self.key!r} written twice, on lines {self.first_line} and {self.line} "
+            "(the second would silently replace the first); keep one"
+        )
 
 
 def duplicate_keys(text: str) -> list[DuplicateKey]:

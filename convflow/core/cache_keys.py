@@ -52,13 +52,17 @@ def _convflow_imports(source: Path, package: str) -> frozenset[str]:
             names.add(node.module)
             if node.module.startswith(package) and _is_package(node.module):
                 names.update(f"{node.module}.{alias.name}" for alias in node.names)
-    return frozenset(name for name in names if (name == package or name.startswith(package + "."))
-                     and not _outside_cache_keys(name, package))
+    return frozenset(
+        name
+        for name in names
+        if (name == package or name.startswith(package + ".")) and not _outside_cache_keys(name, package)
+    )
 
 
 def _outside_cache_keys(module_name: str, package: str) -> bool:
-    return any(module_name == f"{package}.{sub}" or module_name.startswith(f"{package}.{sub}.")
-               for sub in NOT_IN_CACHE_KEYS)
+    return any(
+        module_name == f"{package}.{sub}" or module_name.startswith(f"{package}.{sub}.") for sub in NOT_IN_CACHE_KEYS
+    )
 
 
 def _is_package(module_name: str) -> bool:

@@ -81,14 +81,17 @@ class TFRecordSet(StageRecord):
 
     shards: dict[str, list[str]] = Field(description="Shard paths per split.")
     compression: str = Field("none", description="data.compression they were written with: none | gzip.")
-    record_format: str = Field("raw", description="How records hold images: raw | jpeg | png (data.record_format, "
-                               "auto resolved).")
+    record_format: str = Field(
+        "raw", description="How records hold images: raw | jpeg | png (data.record_format, auto resolved)."
+    )
     counts: dict[str, int]
     image_size: tuple[int, int]
     channels: int
     label_names: list[str]
     data_fingerprint: str
-    fingerprint: str = Field(description="Hash over the shards' contents (each shard: the sha256 of its parts' sha256s).")
+    fingerprint: str = Field(
+        description="Hash over the shards' contents (each shard: the sha256 of its parts' sha256s)."
+    )
 
     def required_files(self) -> list[str]:
         return [path for paths in self.shards.values() for path in paths]
@@ -96,8 +99,10 @@ class TFRecordSet(StageRecord):
     def log_line(self) -> str:
         shards = sum(len(paths) for paths in self.shards.values())
         height, width = self.image_size
-        return (f"{shards} shards, {sum(self.file_sizes.values()) / 1e6:.1f} MB of {height}x{width}x{self.channels} "
-                f"images ({self.record_format} records, {self.compression} compression) in {Path(self.output_dir)}")
+        return (
+            f"{shards} shards, {sum(self.file_sizes.values()) / 1e6:.1f} MB of {height}x{width}x{self.channels} "
+            f"images ({self.record_format} records, {self.compression} compression) in {Path(self.output_dir)}"
+        )
 
 
 class BaseNetwork(StageRecord):
@@ -152,14 +157,23 @@ class TrainedModel(StageRecord):
     host: str = Field("", description="Host name of the machine that trained (the last attempt's, on a work pool).")
     pid: int = Field(0, description="Process id that trained (the flow's, or a work-pool worker's flow run's).")
     head_trained_on: Literal["images", "cached features"] = Field(
-        "images", description="What the head phase fed: images through the whole model, or the frozen base's cached features."
+        "images",
+        description="What the head phase fed: images through the whole model, or the frozen base's cached features.",
     )
     precision: str = Field("float32", description="train.precision: the Keras dtype policy it trained under.")
-    replicas: int = Field(1, description="Devices that trained in step (MirroredStrategy), each on train.batch_size examples.")
-    tensorboard_dir: str | None = Field(None, description="TensorBoard event files of this training (`tensorboard --logdir`).")
+    replicas: int = Field(
+        1, description="Devices that trained in step (MirroredStrategy), each on train.batch_size examples."
+    )
+    tensorboard_dir: str | None = Field(
+        None, description="TensorBoard event files of this training (`tensorboard --logdir`)."
+    )
     schedule: str = Field("constant", description="train.schedule in words.")
-    best_epoch: int | None = Field(None, description="train.early_stopping: the epoch whose weights were kept (1-based).")
-    stopped_epoch: int | None = Field(None, description="train.early_stopping: the epoch it stopped after; None: ran all.")
+    best_epoch: int | None = Field(
+        None, description="train.early_stopping: the epoch whose weights were kept (1-based)."
+    )
+    stopped_epoch: int | None = Field(
+        None, description="train.early_stopping: the epoch it stopped after; None: ran all."
+    )
 
     def required_files(self) -> list[str]:
         return [self.model_path, self.history_parquet, self.model_summary_parquet]
@@ -167,8 +181,10 @@ class TrainedModel(StageRecord):
     def log_line(self) -> str:
         resumed = f", resumed after epoch {self.resumed_from_epoch}" if self.resumed_from_epoch else ""
         fed = "the head on cached features" if self.head_trained_on == "cached features" else "on images"
-        return (f"{self.epochs} epochs in {self.train_seconds:.1f} s ({self.images_per_second:,.0f} images/s), {fed}, "
-                f"{self.precision}, {self.replicas} replica(s) on {self.host}{resumed}")
+        return (
+            f"{self.epochs} epochs in {self.train_seconds:.1f} s ({self.images_per_second:,.0f} images/s), {fed}, "
+            f"{self.precision}, {self.replicas} replica(s) on {self.host}{resumed}"
+        )
 
 
 class Evaluation(StageRecord):
@@ -190,7 +206,9 @@ class Evaluation(StageRecord):
 
     def log_line(self) -> str:
         verdict = "passed" if self.passed_gate else "failed"
-        return f"test accuracy {self.test_accuracy:.4f}, loss {self.test_loss:.4f}; the gate {verdict}: {self.gate_reason}"
+        return (
+            f"test accuracy {self.test_accuracy:.4f}, loss {self.test_loss:.4f}; the gate {verdict}: {self.gate_reason}"
+        )
 
 
 class ExportedModel(StageRecord):
@@ -205,8 +223,10 @@ class ExportedModel(StageRecord):
 
     def log_line(self) -> str:
         version = Path(self.saved_model).name
-        return (f"SavedModel version {version} at {self.saved_model} (largest difference from Keras "
-                f"{self.max_abs_difference:.1e})")
+        return (
+            f"SavedModel version {version} at {self.saved_model} (largest difference from Keras "
+            f"{self.max_abs_difference:.1e})"
+        )
 
 
 class Report(StageRecord):

@@ -26,5 +26,3 @@ def stage_task(retries: int = 2, retry_delay_seconds: list[float] | None = None)
         )
 
     return decorate
-
-

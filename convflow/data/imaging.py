@@ -123,8 +123,12 @@ class RecordImages:
             return _encode_model_image(_model_image(image, self.size, self.channels, self.resize), self.record_format)
 
     def _keeps_as_it_is(self, image: Image.Image) -> bool:
-        return (self.record_format == "jpeg" and image.format == "JPEG" and image.mode == MODES[self.channels]
-                and image.size == (self.size[1], self.size[0]))
+        return (
+            self.record_format == "jpeg"
+            and image.format == "JPEG"
+            and image.mode == MODES[self.channels]
+            and image.size == (self.size[1], self.size[0])
+        )
 
     def _pixels(self, source: int | np.ndarray) -> np.ndarray:
         if self.images_npy is not None:

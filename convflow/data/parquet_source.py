@@ -29,8 +29,7 @@ BATCH_ROWS = 64  # rows of encoded images held at a time
 STREAM_BUFFER_BYTES = 1 << 20
 DEFAULT_COLUMNS = {"image": "image", "label": "label", "split": "split"}
 # The first bytes of the formats Pillow reads, for a file name a person recognises.
-MAGIC_SUFFIXES = ((b"\x89PNG", ".png"), (b"\xff\xd8", ".jpg"), (b"GIF8", ".gif"), (b"BM", ".bmp"),
-                  (b"RIFF", ".webp"))
+MAGIC_SUFFIXES = ((b"\x89PNG", ".png"), (b"\xff\xd8", ".jpg"), (b"GIF8", ".gif"), (b"BM", ".bmp"), (b"RIFF", ".webp"))
 
 
 def parquet_files(location: str) -> list[Path]:
@@ -82,8 +81,15 @@ def load_parquet(data: DataConfig, scratch_dir: Path):
     for index, file in enumerate(files):
         _read_file(file, index, columns, images_dir, rows)
     labels, names = _label_indices(rows.labels, data)
-    return LoadedSource(labels=labels, label_names=names, example_ids=rows.example_ids, files=rows.files,
-                        sizes=rows.sizes, predefined_split=rows.splits, skipped=rows.skipped)
+    return LoadedSource(
+        labels=labels,
+        label_names=names,
+        example_ids=rows.example_ids,
+        files=rows.files,
+        sizes=rows.sizes,
+        predefined_split=rows.splits,
+        skipped=rows.skipped,
+    )
 
 
 def _read_file(file: Path, index: int, columns: dict[str, str], images_dir: Path, rows: _Rows) -> None:
@@ -92,8 +98,10 @@ def _read_file(file: Path, index: int, columns: dict[str, str], images_dir: Path
     found = table.schema_arrow.names
     missing = [f"{role} column {columns[role]!r}" for role in ("image", "label") if columns[role] not in found]
     if missing:
-        raise DataError(f"{file}: no {' and no '.join(missing)}; its columns are {found} "
-                        "(name yours with data.columns: {image: ..., label: ...})")
+        raise DataError(
+            f"{file}: no {' and no '.join(missing)}; its columns are {found} "
+            "(name yours with data.columns: {image: ..., label: ...})"
+        )
     wanted = [columns[role] for role in ("image", "label", "split") if columns[role] in found]
     partition_split = _partition_value(file, columns["split"])
     row = 0
@@ -113,8 +121,9 @@ def _partition_value(file: Path, key: str) -> str | None:
     return None
 
 
-def _add_row(file: Path, index: int, row: int, image: Any, label: Any, split: Any, images_dir: Path,
-             rows: _Rows) -> None:
+def _add_row(
+    file: Path, index: int, row: int, image: Any, label: Any, split: Any, images_dir: Path, rows: _Rows
+) -> None:
     from convflow.data.imaging import check_image_file
 
     where = f"{file} row {row}"

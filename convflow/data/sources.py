@@ -24,10 +24,10 @@ import numpy as np
 
 from convflow.config.schema import DataConfig
 from convflow.core.errors import DataError
-from convflow.data.loaded import SPLIT_NAMES, LoadedSource
 from convflow.data.imaging import inspect_image_file
-from convflow.runtime.parallel import CHUNK, PROCESSES_FROM, ordered_map
+from convflow.data.loaded import SPLIT_NAMES, LoadedSource
 from convflow.data.parquet_source import fingerprint_files, load_parquet
+from convflow.runtime.parallel import CHUNK, PROCESSES_FROM, ordered_map
 from convflow.runtime.progress import StageProgress
 
 NETWORK_PROBE = ("storage.googleapis.com", 443)
@@ -71,8 +71,13 @@ def load_source(data: DataConfig, scratch_dir: Path) -> LoadedSource:
     Raises:
         DataError: the source is missing, empty, has one class, or a file is unusable.
     """
-    readers = {"sklearn": _load_sklearn, "idx": _load_idx, "folder": _load_folder, "tfds": _load_tfds,
-               "parquet": load_parquet}
+    readers = {
+        "sklearn": _load_sklearn,
+        "idx": _load_idx,
+        "folder": _load_folder,
+        "tfds": _load_tfds,
+        "parquet": load_parquet,
+    }
     loaded = readers[data.scheme](data, scratch_dir)
     if len(loaded.labels) == 0:
         raise DataError(f"{data.source}: no usable examples")
@@ -83,7 +88,8 @@ def load_source(data: DataConfig, scratch_dir: Path) -> LoadedSource:
         if len(data.label_names) != len(loaded.label_names):
             out_of_range = (
                 f": label {int(present[-1])} is out of range (0..{len(data.label_names) - 1})"
-                if present[-1] >= len(data.label_names) else ""
+                if present[-1] >= len(data.label_names)
+                else ""
             )
             raise DataError(
                 f"data.label_names has {len(data.label_names)} names but {data.source} has "
@@ -195,11 +201,16 @@ def _load_folder(data: DataConfig, scratch_dir: Path) -> LoadedSource:
     for split in ("train", "test"):
         missing = [name for name in class_names if split in split_dirs and not (split_dirs[split] / name).is_dir()]
         if missing:
-            raise DataError(f"split {split!r} has no example of class(es) {missing}: {split_dirs[split]} has no "
-                            "folder for them")
+            raise DataError(
+                f"split {split!r} has no example of class(es) {missing}: {split_dirs[split]} has no folder for them"
+            )
     loaded = LoadedSource(labels=np.zeros(0, np.int64), label_names=class_names, example_ids=[], files=[])
-    folders = [(split, label, split_root / name) for split, split_root in layout.items()
-               for label, name in enumerate(class_names) if (split_root / name).is_dir()]
+    folders = [
+        (split, label, split_root / name)
+        for split, split_root in layout.items()
+        for label, name in enumerate(class_names)
+        if (split_root / name).is_dir()
+    ]
     loaded.labels = _scan_class_folders(folders, root, loaded)
     return loaded
 
@@ -276,7 +287,7 @@ def _tfds_builder(data: DataConfig):
                 f"tfds dataset {name!r} is not in {builder.data_dir} and this machine is offline. "
                 f"Pre-download it on a machine with network: "
                 f"`python -c \"import tensorflow_datasets as tfds; tfds.builder('{name}', data_dir='DIR')"
-                f".download_and_prepare()\"`, copy DIR here and set data.data_dir: DIR"
+                f'.download_and_prepare()"`, copy DIR here and set data.data_dir: DIR'
             )
         builder.download_and_prepare()
     return builder
@@ -299,8 +310,9 @@ def _load_tfds(data: DataConfig, scratch_dir: Path) -> LoadedSource:
     examples again, straight into shards)."""
     builder = _tfds_builder(data)
     _, label_key = _tfds_keys(builder)
-    loaded = LoadedSource(labels=np.zeros(0, np.int64), label_names=list(builder.info.features[label_key].names),
-                          example_ids=[])
+    loaded = LoadedSource(
+        labels=np.zeros(0, np.int64), label_names=list(builder.info.features[label_key].names), example_ids=[]
+    )
     labels: list[int] = []
     digests = bytearray()
     examples = iter_tfds_examples(data)
@@ -336,9 +348,7 @@ def _tfds_keys(builder) -> tuple[str, str]:
 
     features = builder.info.features
     image_key = next((key for key, feature in features.items() if isinstance(feature, tfds.features.Image)), None)
-    label_key = next(
-        (key for key, feature in features.items() if isinstance(feature, tfds.features.ClassLabel)), None
-    )
+    label_key = next((key for key, feature in features.items() if isinstance(feature, tfds.features.ClassLabel)), None)
     if image_key is None or label_key is None:
         raise DataError(f"tfds dataset {builder.name!r} has no Image and ClassLabel features: {list(features)}")
     return image_key, label_key

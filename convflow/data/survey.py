@@ -51,8 +51,10 @@ def source_of(argument: str) -> str:
         return f"parquet:{path.resolve()}"
     if path.is_dir():
         return f"{_folder_scheme(path)}:{path.resolve()}"
-    raise DataError(f"SOURCE {argument!r}: no such file or folder; give a folder of images, IDX files, a Parquet "
-                    "table, or folder:PATH | idx:PATH | parquet:PATH | tfds:NAME | sklearn:digits")
+    raise DataError(
+        f"SOURCE {argument!r}: no such file or folder; give a folder of images, IDX files, a Parquet "
+        "table, or folder:PATH | idx:PATH | parquet:PATH | tfds:NAME | sklearn:digits"
+    )
 
 
 def _folder_scheme(path: Path) -> str:
@@ -80,8 +82,12 @@ def survey_source(source: str) -> SourceSurvey:
     counts = collections.Counter(loaded.label_names[label] for label in loaded.labels.tolist())
     splits = collections.Counter(split for split in loaded.predefined_split if split is not None)
     return SourceSurvey(
-        source=source, class_counts={name: counts[name] for name in loaded.label_names},
-        split_counts=dict(splits), typical_size=height_width, shapes_vary=shapes_vary, channels=channels,
+        source=source,
+        class_counts={name: counts[name] for name in loaded.label_names},
+        split_counts=dict(splits),
+        typical_size=height_width,
+        shapes_vary=shapes_vary,
+        channels=channels,
         unusable=list(loaded.skipped),
     )
 

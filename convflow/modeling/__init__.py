@@ -1,1 +1,2 @@
-"""Keras models: custom layers, training recipes and callbacks, frozen-base features, the serving function, the export check."""
+"""Keras models: custom layers, training recipes and callbacks, frozen-base features, the classifier,
+the serving function, the export check."""

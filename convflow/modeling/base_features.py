@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
+from convflow.core.hashing import hash_json
+from convflow.core.records import TFRecordSet, WrappedModel
 from convflow.core.storage import atomic_file, locked
 from convflow.tfrecords import features
-from convflow.core.records import TFRecordSet, WrappedModel
-from convflow.core.hashing import hash_json
 
 FEATURE_DTYPE = np.float16
 # The last layer of the frozen front, in the order wrap() builds a classifier: the pooling when
@@ -59,12 +59,14 @@ def split_front_and_head(model):
     front = keras.Model(model.inputs, model.get_layer(last_front).output, name="frozen_front")
     features_input = keras.Input(shape=front.output_shape[1:], name="features")
     outputs = features_input
-    for layer in model.layers[names.index(last_front) + 1:]:
+    for layer in model.layers[names.index(last_front) + 1 :]:
         outputs = layer(outputs)
     return front, keras.Model(features_input, outputs, name="head")
 
 
-def cache_dir(artifacts_root: Path, pipeline: str, wrapped: WrappedModel, tfrecords: TFRecordSet, precision: str) -> Path:
+def cache_dir(
+    artifacts_root: Path, pipeline: str, wrapped: WrappedModel, tfrecords: TFRecordSet, precision: str
+) -> Path:
     """Where one base's features over one set of TFRecords are kept (`<pipeline>/feature-cache/<key>`)."""
     front = wrapped.features_fingerprint or wrapped.fingerprint
     key = hash_json([front, tfrecords.fingerprint, precision, str(FEATURE_DTYPE)])[:24]
@@ -82,8 +84,9 @@ def feature_function(front, tfrecords: TFRecordSet):
 
 
 def _extract(infer, tfrecords: TFRecordSet, split: str) -> SplitFeatures:
-    dataset = features.read_dataset(tfrecords.shards[split], tfrecords.image_size, tfrecords.channels,
-                                    EXTRACT_BATCH, cache=False)
+    dataset = features.read_dataset(
+        tfrecords.shards[split], tfrecords.image_size, tfrecords.channels, EXTRACT_BATCH, cache=False
+    )
     outputs, labels = [], []
     for images, batch_labels in dataset:
         outputs.append(infer(images).numpy())
@@ -111,8 +114,10 @@ def load_or_extract(infer, tfrecords: TFRecordSet, split: str, folder: Path, log
             with atomic_file(path) as temporary, open(temporary, "wb") as handle:
                 np.save(handle, values)
     seconds = time.perf_counter() - started
-    log(f"{split}: features of {len(extracted.labels):,} images computed in {seconds:.1f} s "
-        f"({len(extracted.labels) / seconds:.0f} images/s), {extracted.features.nbytes / 1e6:.1f} MB cached")
+    log(
+        f"{split}: features of {len(extracted.labels):,} images computed in {seconds:.1f} s "
+        f"({len(extracted.labels) / seconds:.0f} images/s), {extracted.features.nbytes / 1e6:.1f} MB cached"
+    )
     return extracted
 
 

@@ -3,7 +3,6 @@ function, over one split of the TFRecords."""
 
 from __future__ import annotations
 
-
 import numpy as np
 
 from convflow.core.records import TFRecordSet
@@ -51,8 +50,9 @@ def serve_split(serve, tfrecords: TFRecordSet, split: str, batch_size: int = 256
     """Run a serving function (convflow/modeling/serving.py) over one split: (images uint8, labels, example ids,
     probabilities float64). The export stage saves that same function, so this is what the
     SavedModel must answer."""
-    images, labels, ids, probabilities = _over_split(lambda pixels: serve(pixels)["probabilities"].numpy(),
-                                                     tfrecords, split, batch_size)
+    images, labels, ids, probabilities = _over_split(
+        lambda pixels: serve(pixels)["probabilities"].numpy(), tfrecords, split, batch_size
+    )
     probabilities = probabilities.astype(np.float64)
     # float32 rows sum to 1 within ~1e-7; scikit-learn's log_loss wants float64's precision
     return images, labels, ids, probabilities / probabilities.sum(axis=1, keepdims=True)

@@ -33,8 +33,10 @@ def verify_saved_model(saved_model: Path, images: np.ndarray, expected: np.ndarr
 
     loaded = tf.saved_model.load(str(saved_model))  # keep referenced while calling its signature
     serve = loaded.signatures["serving_default"]
-    outputs = [serve(images=tf.constant(images[start : start + 512]))["probabilities"].numpy()
-               for start in range(0, len(images), 512)]
+    outputs = [
+        serve(images=tf.constant(images[start : start + 512]))["probabilities"].numpy()
+        for start in range(0, len(images), 512)
+    ]
     difference = float(np.abs(np.concatenate(outputs) - expected).max())
     if difference > TOLERANCE:
         raise ExportMismatch(f"{saved_model}: SavedModel probabilities differ from Keras by {difference:.2e}")
@@ -50,7 +52,10 @@ class FreshProcessCheck:
     def __init__(self) -> None:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "convflow.modeling.export_check"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
 
     def __enter__(self) -> FreshProcessCheck:
@@ -78,7 +83,9 @@ class FreshProcessCheck:
         finally:
             check.unlink()
         if self.process.returncode != 0:
-            raise ExportMismatch(stderr.strip().splitlines()[-1] if stderr.strip() else f"exit {self.process.returncode}")
+            raise ExportMismatch(
+                stderr.strip().splitlines()[-1] if stderr.strip() else f"exit {self.process.returncode}"
+            )
         return float(stdout.strip().splitlines()[-1])
 
 

@@ -13,6 +13,7 @@ from concurrent.futures import Future
 from convflow.core.records import TFRecordSet
 from convflow.runtime.process_caches import traced_once
 
+
 def serving_function(model, tfrecords: TFRecordSet):
     """The traced tf.function serving `model` for images like `tfrecords`'; the same object again
     for the same model and data (a stage before this one in the process may have traced it, or be
@@ -33,6 +34,7 @@ def trace_ahead(model, tfrecords: TFRecordSet) -> Future:
 def _made(model, tfrecords: TFRecordSet, in_background: bool) -> Future:
     made_for = (tuple(tfrecords.image_size), tfrecords.channels, tuple(tfrecords.label_names))
     return traced_once(model, made_for, lambda: _traced(model, *made_for), in_background)
+
 
 def _traced(model, image_size: tuple[int, int], channels: int, label_names: tuple[str, ...]):
     import tensorflow as tf

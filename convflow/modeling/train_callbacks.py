@@ -43,12 +43,19 @@ def epoch_recorder(path: Path, total_epochs: int):
             seconds = time.perf_counter() - self._started
             self.epochs_run += 1
             metrics = {key: float(value) for key, value in (logs or {}).items()}
-            row = {"epoch": epoch + 1, "phase": self.phase, "seconds": seconds, "host": socket.gethostname(),
-                   "pid": os.getpid(), **metrics}
+            row = {
+                "epoch": epoch + 1,
+                "phase": self.phase,
+                "seconds": seconds,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                **metrics,
+            }
             with open(path, "a") as handle:
                 handle.write(json.dumps(row) + "\n")
-            run_logger().info(f"epoch {epoch + 1}/{total_epochs} ({self.phase}): {_format_metrics(metrics)}; "
-                              f"{seconds:.1f} s")
+            run_logger().info(
+                f"epoch {epoch + 1}/{total_epochs} ({self.phase}): {_format_metrics(metrics)}; {seconds:.1f} s"
+            )
 
     return EpochRecorder()
 
@@ -124,7 +131,8 @@ def early_stopping(patience: int, metric: str, state_dir: Path):
             with atomic_file(weights_file) as temporary, open(temporary, "wb") as handle:
                 np.savez(handle, **{f"w{index}": weight for index, weight in enumerate(self.best_weights)})
             with atomic_file(state_file) as temporary:
-                Path(temporary).write_text(json.dumps({"best": float(self.best), "best_epoch": self.best_epoch,
-                                                       "wait": self.wait}))
+                Path(temporary).write_text(
+                    json.dumps({"best": float(self.best), "best_epoch": self.best_epoch, "wait": self.wait})
+                )
 
     return ResumableEarlyStopping(monitor=metric, patience=patience, restore_best_weights=True, verbose=0)

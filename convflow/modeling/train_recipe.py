@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 
 from convflow.config.schema import LearningRateSchedule, TrainConfig
-from convflow.tfrecords import features
 from convflow.core.records import TFRecordSet
+from convflow.tfrecords import features
 
 # Layers that change one image at a time (applied per batch inside tf.data), by config name.
 IMAGE_LAYERS = ("flip", "rotation", "zoom", "contrast", "randaugment")
@@ -81,7 +81,9 @@ def image_augmentation(settings: TrainConfig):
         "contrast": lambda value: layers.RandomContrast(value, seed=seed),
         "randaugment": lambda value: layers.RandAugment(value_range=(0, 255), factor=value, seed=seed),
     }
-    steps = [build[name](value) for step in settings.augment_steps for name, value in step.items() if name in IMAGE_LAYERS]
+    steps = [
+        build[name](value) for step in settings.augment_steps for name, value in step.items() if name in IMAGE_LAYERS
+    ]
     return keras.Sequential(steps, name="augmentation") if steps else None
 
 
@@ -93,8 +95,10 @@ def label_transform(settings: TrainConfig, classes: int, binary: bool):
 
     if binary or not one_hot_labels(settings):
         return None
-    mixers = {"mixup": lambda value: layers.MixUp(alpha=value, seed=settings.seed),
-              "cutmix": lambda value: layers.CutMix(factor=value, seed=settings.seed)}
+    mixers = {
+        "mixup": lambda value: layers.MixUp(alpha=value, seed=settings.seed),
+        "cutmix": lambda value: layers.CutMix(factor=value, seed=settings.seed),
+    }
     mixing = [mixers[name](value) for step in settings.augment_steps for name, value in step.items() if name in mixers]
 
     def transform(images, labels, training: bool):

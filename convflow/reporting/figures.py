@@ -19,10 +19,14 @@ if TYPE_CHECKING:
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
 
 # Autoescape: every value a template prints is escaped unless it is Markup, which only figure code
-# makes (these tag builders, and the reports' own figures). StrictUndefined: a misspelt name fails the report instead of printing nothing.
+# makes (these tag builders, and the reports' own figures). StrictUndefined: a misspelt name fails
+# the report instead of printing nothing.
 _PAGES = jinja2.Environment(
-    loader=jinja2.FileSystemLoader(TEMPLATE_DIR), autoescape=True, undefined=jinja2.StrictUndefined,
-    trim_blocks=True, lstrip_blocks=True,
+    loader=jinja2.FileSystemLoader(TEMPLATE_DIR),
+    autoescape=True,
+    undefined=jinja2.StrictUndefined,
+    trim_blocks=True,
+    lstrip_blocks=True,
 )
 
 

@@ -1,1 +1,2 @@
-"""How and where code runs, never what it computes: start-up, process caches, logging, progress, worker processes, server access."""
+"""How and where code runs, never what it computes: the stage runner, start-up, process caches,
+progress, worker processes, the work pool, server access."""

@@ -36,8 +36,16 @@ STARTUP_TIMEOUT_SECONDS = 60
 # Event persistence and the task-run recorder stay on: they record the run's task runs, which
 # `prefect server start` on the same PREFECT_HOME shows later.
 LONG_RUNNING_SERVICES = (
-    "SCHEDULER", "LATE_RUNS", "FOREMAN", "CANCELLATION_CLEANUP", "PAUSE_EXPIRATIONS", "REPOSSESSOR",
-    "TRIGGERS", "DB_VACUUM", "CLEANUP_RECONCILER", "EVENT_LOGGER",
+    "SCHEDULER",
+    "LATE_RUNS",
+    "FOREMAN",
+    "CANCELLATION_CLEANUP",
+    "PAUSE_EXPIRATIONS",
+    "REPOSSESSOR",
+    "TRIGGERS",
+    "DB_VACUUM",
+    "CLEANUP_RECONCILER",
+    "EVENT_LOGGER",
 )
 # Nor does it register block types: to see whether any changed, Prefect first imports every
 # installed collection, and convflow uses no blocks. A lasting
@@ -190,7 +198,10 @@ def serve(port: int) -> None:
 # its parameters go through (FastAPI's), its artifacts and graph helpers. The temporary server
 # answers seconds after the CLI has imported the flow, so imported in that wait they cost nothing.
 FLOW_RUN_MODULES = (
-    "prefect.flow_engine", "prefect.task_engine", "fastapi.encoders", "prefect.artifacts",
+    "prefect.flow_engine",
+    "prefect.task_engine",
+    "fastapi.encoders",
+    "prefect.artifacts",
     "prefect.utilities.visualization",
 )
 
@@ -200,6 +211,7 @@ def import_tensorflow_in_background() -> None:
     runtime more to start on its first operation; a process that trains or evaluates pays that
     anyway, so it is paid in a thread while the process waits for something else (the temporary
     server's start, the Prefect engine's start of a flow run) instead of in the stages."""
+
     def load() -> None:
         with contextlib.suppress(Exception):  # a broken install fails loudly in the stage that needs it
             import keras  # noqa: F401

@@ -45,8 +45,9 @@ def worker_count() -> int:
     return os.cpu_count() or 1
 
 
-def ordered_map(function: Callable[[Item], Result], items: Iterable[Item], chunk: int = CHUNK,
-                processes: bool = False) -> Iterator[Result]:
+def ordered_map(
+    function: Callable[[Item], Result], items: Iterable[Item], chunk: int = CHUNK, processes: bool = False
+) -> Iterator[Result]:
     """`function` of each item, in the items' order, a chunk of items a task, on a thread per core
     (or, with `processes`, a worker process per core: then `function` and the items must pickle),
     at most two chunks per worker in flight. An exception of `function` is raised here, where its
@@ -85,8 +86,9 @@ def _result(future: concurrent.futures.Future) -> list:
         release_workers()
         raise RuntimeError(
             "a data stage's worker process died: killed for memory, or a Python script that runs convflow "
-            "without `if __name__ == \"__main__\":` around it (each worker process imports the script again); "
-            "rerun to start new ones") from error
+            'without `if __name__ == "__main__":` around it (each worker process imports the script again); '
+            "rerun to start new ones"
+        ) from error
 
 
 def _worker_pool() -> concurrent.futures.ProcessPoolExecutor:
@@ -95,8 +97,9 @@ def _worker_pool() -> concurrent.futures.ProcessPoolExecutor:
         if _idle_timer is not None:
             _idle_timer.cancel()
         if _workers is None:
-            _workers = concurrent.futures.ProcessPoolExecutor(worker_count(),
-                                                              mp_context=multiprocessing.get_context("spawn"))
+            _workers = concurrent.futures.ProcessPoolExecutor(
+                worker_count(), mp_context=multiprocessing.get_context("spawn")
+            )
         return _workers
 
 

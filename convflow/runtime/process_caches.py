@@ -25,7 +25,8 @@ def _file_identity(model_path: str | Path) -> tuple:
 
 
 def remember_classifier(model_path: str | Path, model) -> None:
-    """`model` is what `model_path` holds (just saved there): recalled_classifier returns it while the file is unchanged."""
+    """`model` is what `model_path` holds (just saved there): recalled_classifier returns it while
+    the file is unchanged."""
     global _last_classifier
     _last_classifier = (_file_identity(model_path), model)
 

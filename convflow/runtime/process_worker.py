@@ -13,6 +13,18 @@ def exec_process_worker(pool: str, limit: int, name: str | None = None) -> NoRet
     # Prefect's default poll interval would add half of it to each training's start, on average.
     os.environ.setdefault("PREFECT_WORKER_QUERY_SECONDS", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    command = [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process",
-               "--limit", str(limit), *(["--name", name] if name else [])]
+    command = [
+        sys.executable,
+        "-m",
+        "prefect",
+        "worker",
+        "start",
+        "--pool",
+        pool,
+        "--type",
+        "process",
+        "--limit",
+        str(limit),
+        *(["--name", name] if name else []),
+    ]
     os.execv(sys.executable, command)

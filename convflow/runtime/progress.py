@@ -16,8 +16,10 @@ def progress_line(stage: str, done: int, total: int, seconds: float) -> str:
     """`stage: [#####---------------] 2,500/10,000 images (25%), 1,234 images/s`."""
     filled = BAR_WIDTH * done // max(total, 1)
     rate = done / seconds if seconds > 0 else 0.0
-    return (f"{stage}: [{'#' * filled}{'-' * (BAR_WIDTH - filled)}] {done:,}/{total:,} images "
-            f"({100 * done // max(total, 1)}%), {rate:,.0f} images/s")
+    return (
+        f"{stage}: [{'#' * filled}{'-' * (BAR_WIDTH - filled)}] {done:,}/{total:,} images "
+        f"({100 * done // max(total, 1)}%), {rate:,.0f} images/s"
+    )
 
 
 class StageProgress:

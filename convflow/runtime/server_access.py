@@ -34,10 +34,14 @@ def auth_refusal() -> str | None:
 
 def _unauthorized(url: str, has_auth_string: bool) -> str:
     if not has_auth_string:
-        return (f"the Prefect server at {url} requires basic auth (401 Unauthorized); "
-                "set PREFECT_API_AUTH_STRING=USER:PASSWORD, the server's PREFECT_SERVER_API_AUTH_STRING")
-    return (f"the Prefect server at {url} refused PREFECT_API_AUTH_STRING "
-            "(401 Unauthorized); set it to the server's PREFECT_SERVER_API_AUTH_STRING (USER:PASSWORD)")
+        return (
+            f"the Prefect server at {url} requires basic auth (401 Unauthorized); "
+            "set PREFECT_API_AUTH_STRING=USER:PASSWORD, the server's PREFECT_SERVER_API_AUTH_STRING"
+        )
+    return (
+        f"the Prefect server at {url} refused PREFECT_API_AUTH_STRING "
+        "(401 Unauthorized); set it to the server's PREFECT_SERVER_API_AUTH_STRING (USER:PASSWORD)"
+    )
 
 
 def is_lost_connection(error: BaseException) -> bool:

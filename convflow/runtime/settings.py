@@ -49,6 +49,11 @@ def flow_call_settings(artifacts_root: str | Path, temporary_api_url: str | None
 
     settings: dict[Any, Any] = {PREFECT_LOCAL_STORAGE_PATH: results_folder(artifacts_root)}
     if temporary_api_url is not None:
-        settings.update({PREFECT_API_URL: temporary_api_url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None,
-                         PREFECT_UI_URL: lasting_ui_url()})
+        settings.update(
+            {
+                PREFECT_API_URL: temporary_api_url,
+                PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None,
+                PREFECT_UI_URL: lasting_ui_url(),
+            }
+        )
     return settings

@@ -11,11 +11,11 @@ from typing import Any
 
 from prefect import Task
 
-from convflow.runtime import process_caches
-from convflow.runtime.settings import results_folder
+from convflow.core.context import RunContext
 from convflow.core.records import StageRun
 from convflow.core.run_log import run_logger
-from convflow.core.context import RunContext
+from convflow.runtime import process_caches
+from convflow.runtime.settings import results_folder
 
 
 @dataclass(frozen=True)

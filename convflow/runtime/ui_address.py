@@ -8,7 +8,6 @@ address that server serves its UI from.
 
 from __future__ import annotations
 
-
 FLOW_RUN_PATH = "/runs/flow-run/"
 
 

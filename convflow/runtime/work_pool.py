@@ -85,7 +85,10 @@ def _check_pool_ready(pool: str) -> None:
 
 
 def train_on_pool(
-    wrapped: WrappedModel, tfrecords: TFRecordSet, settings: TrainConfig, fine_tune: FineTuneConfig | None,
+    wrapped: WrappedModel,
+    tfrecords: TFRecordSet,
+    settings: TrainConfig,
+    fine_tune: FineTuneConfig | None,
     run: RunContext,
 ) -> TrainedModel:
     """Train as flow runs on `train.work_pool`, starting a new attempt for each lost one.
@@ -100,24 +103,33 @@ def train_on_pool(
     _check_pool_ready(pool)
     logger = get_run_logger()
     parameters = {
-        "wrapped": wrapped.model_dump(mode="json"), "tfrecords": tfrecords.model_dump(mode="json"),
+        "wrapped": wrapped.model_dump(mode="json"),
+        "tfrecords": tfrecords.model_dump(mode="json"),
         "settings": settings.model_dump(mode="json"),
         "fine_tune": fine_tune.model_dump(mode="json") if fine_tune else None,
         "run": run.model_dump(mode="json"),
     }
     for attempt in range(1, settings.max_attempts + 1):
         child = run_deployment(
-            deployment_name(pool), parameters={**parameters, "attempt": attempt}, poll_interval=POLL_SECONDS,
-            flow_run_name=f"{run.pipeline} train, attempt {attempt}", tags=TAGS,
+            deployment_name(pool),
+            parameters={**parameters, "attempt": attempt},
+            poll_interval=POLL_SECONDS,
+            flow_run_name=f"{run.pipeline} train, attempt {attempt}",
+            tags=TAGS,
         )
         state = child.state
         if state.is_completed():
             return TrainedModel.model_validate_json((attempts_dir(run) / f"{attempt}.json").read_text())
         if not _lost(state):
-            raise TrainOnPoolError(f"train attempt {attempt} ({child.name}, flow run {child.id}) ended "
-                                   f"{state.name}: {state.message}")
-        logger.warning(f"train attempt {attempt} ({child.name}, flow run {child.id}) was lost: {state.name}, "
-                       f"{state.message}" + ("; the next attempt resumes from the last checkpoint"
-                                             if attempt < settings.max_attempts else ""))
-    raise TrainOnPoolError(f"train.max_attempts: all {settings.max_attempts} train attempts on work pool {pool!r} "
-                           "were lost (see their flow runs); rerun to resume from the last checkpoint")
+            raise TrainOnPoolError(
+                f"train attempt {attempt} ({child.name}, flow run {child.id}) ended {state.name}: {state.message}"
+            )
+        logger.warning(
+            f"train attempt {attempt} ({child.name}, flow run {child.id}) was lost: {state.name}, "
+            f"{state.message}"
+            + ("; the next attempt resumes from the last checkpoint" if attempt < settings.max_attempts else "")
+        )
+    raise TrainOnPoolError(
+        f"train.max_attempts: all {settings.max_attempts} train attempts on work pool {pool!r} "
+        "were lost (see their flow runs); rerun to resume from the last checkpoint"
+    )

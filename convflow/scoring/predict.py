@@ -19,8 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from convflow.catalog import registry, schemas
-from convflow.catalog import tables
+from convflow.catalog import registry, schemas, tables
 
 BATCH_SIZE = 64
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
@@ -60,19 +59,25 @@ def choose_model(artifacts: Path, pipeline: str, version: int | None = None, run
         if not rows or not rows[0]["saved_model"]:
             raise PredictError(f"run {run_id!r} is not in {artifacts / 'runs.parquet'} with a SavedModel")
         return ScoringModel(Path(rows[0]["saved_model"]), rows[0]["pipeline"], rows[0]["promoted_version"], run_id)
-    promoted = registry.versions(artifacts, pipeline) if version is not None else [registry.current(artifacts, pipeline)]
+    promoted = (
+        registry.versions(artifacts, pipeline) if version is not None else [registry.current(artifacts, pipeline)]
+    )
     chosen = next((p for p in promoted if p is not None and (version is None or p.version == version)), None)
     if chosen is None:
         what = f"version {version}" if version is not None else "production model"
-        raise PredictError(f"pipeline {pipeline!r} has no {what} under {registry.models_dir(artifacts, pipeline)}; "
-                           "train one with `convflow run`, or name a run with --run")
+        raise PredictError(
+            f"pipeline {pipeline!r} has no {what} under {registry.models_dir(artifacts, pipeline)}; "
+            "train one with `convflow run`, or name a run with --run"
+        )
     return ScoringModel(Path(chosen.saved_model), pipeline, chosen.version, chosen.run_id)
 
 
 def gather_inputs(inputs: list[str]) -> Iterator[Input]:
     """Each image of `inputs` (files, folders searched recursively, globs, Parquet tables), in order."""
     for item in inputs:
-        paths = [Path(item)] if Path(item).exists() else sorted(Path(match) for match in glob.glob(item, recursive=True))
+        paths = (
+            [Path(item)] if Path(item).exists() else sorted(Path(match) for match in glob.glob(item, recursive=True))
+        )
         if not paths:
             yield Input(item, None, "no such file, folder or glob match")
         for path in paths:
@@ -148,7 +153,7 @@ def score(model: ScoringModel, items: Iterator[Input], progress=sys.stderr) -> t
     loaded = tf.saved_model.load(str(model.saved_model))  # kept referenced while its signature runs
     serve = loaded.signatures["serving_default"]
     channels = int(serve.structured_input_signature[1]["images"].shape[-1])
-    scored_at = datetime.datetime.now(datetime.timezone.utc)
+    scored_at = datetime.datetime.now(datetime.UTC)
     rows: list[dict] = []
     errors = 0
     for batch, pixels, batch_errors in _batches(items, channels):
@@ -204,7 +209,7 @@ def score_new(model: ScoringModel, inputs: list[str], output_root: Path, progres
     rows, errors = score(model, unseen(), progress)
     partition = None
     if rows:
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         partition = output_root / f"scored_date={now:%Y-%m-%d}" / f"{now:%H%M%S%f}.parquet"
         partition.parent.mkdir(parents=True, exist_ok=True)
         schemas.write_parquet(_table(rows), partition)
@@ -212,12 +217,23 @@ def score_new(model: ScoringModel, inputs: list[str], output_root: Path, progres
     for row in rows:
         if row["predicted"] is not None:
             counts[row["predicted"]] = counts.get(row["predicted"], 0) + 1
-    return {"partition": str(partition) if partition else None, "scored": len(rows) - errors, "errors": errors,
-            "already_scored": skipped, "per_class": counts}
+    return {
+        "partition": str(partition) if partition else None,
+        "scored": len(rows) - errors,
+        "errors": errors,
+        "already_scored": skipped,
+        "per_class": counts,
+    }
 
 
-def _row(item: Input, model: ScoringModel, scored_at, probabilities=None, predicted: str | None = None,
-         error: str | None = None) -> dict:
+def _row(
+    item: Input,
+    model: ScoringModel,
+    scored_at,
+    probabilities=None,
+    predicted: str | None = None,
+    error: str | None = None,
+) -> dict:
     return {
         "input": item.source,
         "sha256": hashlib.sha256(item.content).hexdigest() if item.content else None,

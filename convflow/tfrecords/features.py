@@ -43,8 +43,10 @@ def make_parser(height: int, width: int, channels: int, record_format: str = "ra
 
     spec = feature_spec()
     shape = tf.TensorSpec([height, width, channels], tf.uint8)
-    decode = {"jpeg": lambda data: tf.io.decode_jpeg(data, channels=channels),
-              "png": lambda data: tf.io.decode_png(data, channels=channels)}.get(record_format)
+    decode = {
+        "jpeg": lambda data: tf.io.decode_jpeg(data, channels=channels),
+        "png": lambda data: tf.io.decode_png(data, channels=channels),
+    }.get(record_format)
 
     def parse(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
         parsed = tf.io.parse_example(serialized, spec)
@@ -81,8 +83,7 @@ def read_dataset(
     compression = compression_type(shards)
     files = tf.data.Dataset.from_tensor_slices(shards)
     records = files.interleave(
-        lambda path: tf.data.TFRecordDataset(path, compression_type=compression,
-                                             buffer_size=READ_BUFFER_BYTES),
+        lambda path: tf.data.TFRecordDataset(path, compression_type=compression, buffer_size=READ_BUFFER_BYTES),
         cycle_length=min(len(shards), 4),
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=True,

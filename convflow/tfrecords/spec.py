@@ -75,8 +75,10 @@ def record_format_of(shards: list[str]) -> str:
     Raises:
         ValueError: the shards do not all share one format.
     """
-    kinds = {next((kind for kind in RECORD_FORMATS[1:] if f".{kind}.tfrecord" in Path(shard).name), "raw")
-             for shard in shards}
+    kinds = {
+        next((kind for kind in RECORD_FORMATS[1:] if f".{kind}.tfrecord" in Path(shard).name), "raw")
+        for shard in shards
+    }
     if len(kinds) != 1:
         raise ValueError(f"shards must share one record format ({sorted(kinds)} found): {shards}")
     return kinds.pop()

@@ -101,8 +101,11 @@ class ShardFile:
 
     def _new_part(self) -> None:
         self._part_hash = hashlib.sha256()
-        self._compressor = (zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, _GZIP_WINDOW_BITS)
-                            if self._compression == "gzip" else None)
+        self._compressor = (
+            zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, _GZIP_WINDOW_BITS)
+            if self._compression == "gzip"
+            else None
+        )
 
     def _end_part(self) -> None:
         if self._compressor is not None:
@@ -120,8 +123,9 @@ class ShardFile:
     def __enter__(self) -> ShardFile:
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                 traceback: TracebackType | None) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> None:
         if kind is None:
             self.close()
         else:  # an unfinished shard: no digest, just release the file
