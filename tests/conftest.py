@@ -38,8 +38,14 @@ TINY_PIPELINES = _tiny_pipelines()
 
 # The stages of a run, in order.
 STAGES = [
-    "download_and_split", "to_tfrecords", "build_base", "freeze_and_wrap",
-    "train", "evaluate", "export_savedmodel", "write_report",
+    "download_and_split",
+    "to_tfrecords",
+    "build_base",
+    "freeze_and_wrap",
+    "train",
+    "evaluate",
+    "export_savedmodel",
+    "write_report",
 ]
 # A training flow run's task runs: the stages, and promotion after export (never cached).
 TASKS = [*STAGES[:7], "promote", STAGES[7]]
@@ -64,6 +70,36 @@ def pytest_configure(config):
     )
 
 
+def pytest_collection_modifyitems(config, items):
+    """In a pytest-xdist worker: each test's xdist_group where loadgroup finds it, and the modules
+    that start servers or run whole pipelines first (the scheduler hands out the groups, then the
+    other tests in collection order: a minutes-long test picked up last would leave the other
+    workers idle while it runs). A run without workers keeps the files' order."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return
+    if config.getoption("loadgroup", False):
+        for item in items:
+            _suffix_xdist_group(item)
+    heavy = ("e2e", "server", "slow")
+    weight: dict[Path, int] = {}
+    for item in items:
+        marked = sum(item.get_closest_marker(name) is not None for name in heavy)
+        weight[item.path] = max(weight.get(item.path, 0), marked)
+    items.sort(key=lambda item: -weight[item.path])  # stable: a module's tests keep their order
+
+
+def _suffix_xdist_group(item) -> None:
+    """loadgroup groups the tests whose node ids end in "@<group>"; pytest-xdist 3.8 appends it to an
+    attribute that pytest 9.2 no longer reads, so the groups were silently ignored
+    (pytest-dev/pytest-xdist#1386). Appended here where pytest 9.2 reads it; a no-op once xdist
+    appends it itself."""
+    from _pytest.nodeid import NodeId
+
+    mark = item.get_closest_marker("xdist_group")
+    if mark is not None and "@" not in item.nodeid and hasattr(item, "_id"):
+        item._id = NodeId.parse(f"{item.nodeid}@{mark.args[0] if mark.args else mark.kwargs['name']}")
+
+
 def pytest_unconfigure(config):
     home = getattr(config, "_convflow_prefect_home", None)
     if home:
@@ -78,6 +114,9 @@ def subprocess_env() -> dict[str, str]:
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         TF_CPP_MIN_LOG_LEVEL="2",
         CUDA_VISIBLE_DEVICES="",
+        # Prefect's own temporary server (a flow called without the CLI) may take longer than its
+        # default 20 s to start while parallel workers load both cores.
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120",
     )
     return env
 
@@ -114,12 +153,19 @@ class ConvflowRun:
         return self.stdout + self.stderr
 
 
-def start_convflow(args: list[str], *, cwd: Path | None = None, env: dict[str, str] | None = None,
-                   program: Sequence[str] = (CONVFLOW,)) -> subprocess.Popen:
+def start_convflow(
+    args: list[str], *, cwd: Path | None = None, env: dict[str, str] | None = None, program: Sequence[str] = (CONVFLOW,)
+) -> subprocess.Popen:
     """`convflow ARGS` started (`program`: another way in to convflow's main), its output captured;
     env: subprocess_env() unless given."""
-    return subprocess.Popen([*program, *args], cwd=cwd, env=subprocess_env() if env is None else env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [*program, *args],
+        cwd=cwd,
+        env=subprocess_env() if env is None else env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def finish_convflow(process: subprocess.Popen, timeout: float = 540) -> ConvflowRun:
@@ -134,8 +180,14 @@ def finish_convflow(process: subprocess.Popen, timeout: float = 540) -> Convflow
     return ConvflowRun(last_json_line(stdout), stdout, stderr)
 
 
-def run_convflow(args: list[str], *, cwd: Path | None = None, env: dict[str, str] | None = None,
-                 timeout: float = 540, program: Sequence[str] = (CONVFLOW,)) -> ConvflowRun:
+def run_convflow(
+    args: list[str],
+    *,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 540,
+    program: Sequence[str] = (CONVFLOW,),
+) -> ConvflowRun:
     """`convflow ARGS` (with --json among them) as a subprocess that must exit 0; its summary and output."""
     return finish_convflow(start_convflow(args, cwd=cwd, env=env, program=program), timeout)
 
@@ -143,8 +195,7 @@ def run_convflow(args: list[str], *, cwd: Path | None = None, env: dict[str, str
 def run_tiny(root: Path, env: dict[str, str] | None = None) -> dict:
     """`convflow run tiny --json` in `root` (pipelines.yaml there, artifacts/ beside it); its summary
     with `cached` (stage name: cache hit, in run order), `run_dir` and `output` added."""
-    run = run_convflow(["run", "tiny", "-f", "pipelines.yaml", "--artifacts", "artifacts", "--json"],
-                       cwd=root, env=env)
+    run = run_convflow(["run", "tiny", "-f", "pipelines.yaml", "--artifacts", "artifacts", "--json"], cwd=root, env=env)
     summary = run.summary
     summary["cached"] = {stage["name"]: stage["cached"] for stage in summary["stages"]}
     summary["run_dir"] = root / "artifacts" / "tiny" / summary["run_id"]

@@ -24,15 +24,20 @@ import numpy as np
 import pytest
 
 from conftest import (
-    FOLDER_SPLIT, TINY_PIPELINES, last_json_line, make_image_folder, subprocess_env, write_idx, write_yaml,
+    FOLDER_SPLIT,
+    TINY_PIPELINES,
+    last_json_line,
+    make_image_folder,
+    subprocess_env,
+    write_idx,
+    write_yaml,
 )
-from convflow.data import imaging
-from convflow.data import sources
 from convflow.cli.app import EXIT_BAD_CONFIG, main
 from convflow.config.schema import ModelConfig
+from convflow.core.retries import is_transient, retry_on_transient_error
+from convflow.data import imaging, sources
 from convflow.data.sources import DataError
 from convflow.tasks.download_and_split import check_image_sizes, split_dataset
-from convflow.core.retries import is_transient, retry_on_transient_error
 
 
 def pipelines_with(tmp_path: Path, dotted: str | None = None, value=None, *, name: str = "tiny") -> Path:
@@ -58,17 +63,40 @@ def validate(path: Path, capsys) -> tuple[int, str]:
 
 
 CONFIG_CASES = {
-    "unknown key": ("train.epoch", 3, 'pipelines.tiny.train.epoch: 3 — unknown key'),
+    "unknown key": ("train.epoch", 3, "pipelines.tiny.train.epoch: 3 — unknown key"),
     "wrong type": ("train.epochs", "ten", 'pipelines.tiny.train.epochs: "ten" — Input should be a valid integer'),
-    "wrong shape": ("data.image_size", [12, 12, 3], "pipelines.tiny.data.image_size: [12, 12, 3] — Tuple should have at most 2 items"),
-    "negative size": ("data.image_size", [-4, 12], "pipelines.tiny.data.image_size: [-4, 12] — height and width must be ≥ 1, got [-4, 12]"),
+    "wrong shape": (
+        "data.image_size",
+        [12, 12, 3],
+        "pipelines.tiny.data.image_size: [12, 12, 3] — Tuple should have at most 2 items",
+    ),
+    "negative size": (
+        "data.image_size",
+        [-4, 12],
+        "pipelines.tiny.data.image_size: [-4, 12] — height and width must be ≥ 1, got [-4, 12]",
+    ),
     "zero batch size": ("train.batch_size", 0, "pipelines.tiny.train.batch_size: 0 — must be ≥ 1"),
     "zero shard size": ("data.shard_size", 0, "pipelines.tiny.data.shard_size: 0 — must be ≥ 1"),
-    "negative split": ("data.split", {"train": 1.2, "validation": -0.1, "test": -0.1}, "pipelines.tiny.data.split.validation: -0.1 — must be ≥ 0"),
-    "unknown base model": ("model.base", "resnet9000", "pipelines.tiny.model.base: \"resnet9000\" — unknown base model 'resnet9000'; expected one of ['augment_cnn'"),
-    "unknown source": ("data.source", "s3://bucket/cats", 'pipelines.tiny.data.source: "s3://bucket/cats" — must look like one of'),
-    "unknown record format": ("data.record_format", "webp", "pipelines.tiny.data.record_format: \"webp\" — must be one of "
-                              "'auto', 'raw', 'jpeg' or 'png'"),
+    "negative split": (
+        "data.split",
+        {"train": 1.2, "validation": -0.1, "test": -0.1},
+        "pipelines.tiny.data.split.validation: -0.1 — must be ≥ 0",
+    ),
+    "unknown base model": (
+        "model.base",
+        "resnet9000",
+        "pipelines.tiny.model.base: \"resnet9000\" — unknown base model 'resnet9000'; expected one of ['augment_cnn'",
+    ),
+    "unknown source": (
+        "data.source",
+        "s3://bucket/cats",
+        'pipelines.tiny.data.source: "s3://bucket/cats" — must look like one of',
+    ),
+    "unknown record format": (
+        "data.record_format",
+        "webp",
+        "pipelines.tiny.data.record_format: \"webp\" — must be one of 'auto', 'raw', 'jpeg' or 'png'",
+    ),
 }
 
 
@@ -88,12 +116,15 @@ def test_malformed_yaml(tmp_path, capsys):
 
 
 def test_a_key_written_twice(tmp_path, capsys):
-    path = write_yaml(tmp_path / "pipelines.yaml", "pipelines:\n  tiny:\n    train: {epochs: 1}\n"
-                      "    train: {epochs: 3}\n")
+    path = write_yaml(
+        tmp_path / "pipelines.yaml", "pipelines:\n  tiny:\n    train: {epochs: 1}\n    train: {epochs: 3}\n"
+    )
     code, err = validate(path, capsys)
     assert code == EXIT_BAD_CONFIG
-    assert (f"{path}: pipelines.tiny.train: key 'train' written twice, on lines 3 and 4 (the second would "
-            "silently replace the first); keep one") in err, err
+    assert (
+        f"{path}: pipelines.tiny.train: key 'train' written twice, on lines 3 and 4 (the second would "
+        "silently replace the first); keep one"
+    ) in err, err
 
 
 def test_image_size_below_the_base_minimum(tmp_path, capsys):
@@ -148,7 +179,9 @@ def test_weights_file_that_is_not_a_weights_file(tmp_path, name, content, why):
 
     path = tmp_path / name
     path.write_bytes(content)
-    with pytest.raises(WeightsError, match=re.escape(f"model.weights: cannot load {path} into mnist_cnn: ") + f".*{why}"):
+    with pytest.raises(
+        WeightsError, match=re.escape(f"model.weights: cannot load {path} into mnist_cnn: ") + f".*{why}"
+    ):
         build(tmp_path, str(path))
 
 
@@ -157,7 +190,9 @@ def test_weights_for_another_architecture(tmp_path):
 
     path = tmp_path / "cifar.weights.h5"
     make_base(ModelConfig(base="cifar_cnn"), (12, 12, 1), seed=0).save_weights(path)
-    with pytest.raises(WeightsError, match=re.escape(f"model.weights: cannot load {path} into mnist_cnn: ") + ".*could not be loaded"):
+    with pytest.raises(
+        WeightsError, match=re.escape(f"model.weights: cannot load {path} into mnist_cnn: ") + ".*could not be loaded"
+    ):
         build(tmp_path, str(path))
 
 
@@ -167,7 +202,9 @@ def test_weights_for_another_architecture(tmp_path):
 def folder_data(root: Path, **fields):
     from convflow.config.schema import DataConfig
 
-    return DataConfig(source=f"folder:{root}", image_size=(12, 12), channels=1, split=fields.pop("split", FOLDER_SPLIT), **fields)
+    return DataConfig(
+        source=f"folder:{root}", image_size=(12, 12), channels=1, split=fields.pop("split", FOLDER_SPLIT), **fields
+    )
 
 
 def test_empty_dataset(tmp_path):
@@ -195,7 +232,9 @@ def test_missing_source_folder(tmp_path):
 def test_missing_class_folder_in_a_split_folder(tmp_path):
     make_image_folder(tmp_path / "images" / "train", classes=("cat", "dog", "owl"), per_class=6)
     make_image_folder(tmp_path / "images" / "test", classes=("cat", "dog"), per_class=3, start=100)
-    expected = f"split 'test' has no example of class(es) ['owl']: {tmp_path / 'images' / 'test'} has no folder for them"
+    expected = (
+        f"split 'test' has no example of class(es) ['owl']: {tmp_path / 'images' / 'test'} has no folder for them"
+    )
     with pytest.raises(DataError, match=re.escape(expected)):
         split_dataset(folder_data(tmp_path / "images"), tmp_path / "out")
 
@@ -203,7 +242,9 @@ def test_missing_class_folder_in_a_split_folder(tmp_path):
 def test_split_that_leaves_a_class_out_of_test(tmp_path):
     make_image_folder(tmp_path / "images", classes=("cat", "dog"), per_class=4)
     split = {"train": 0.9, "validation": 0.05, "test": 0.05}
-    with pytest.raises(DataError, match=r"split 'test' has no example of class\(es\) \[.*\]: add examples or change data.split"):
+    with pytest.raises(
+        DataError, match=r"split 'test' has no example of class\(es\) \[.*\]: add examples or change data.split"
+    ):
         split_dataset(folder_data(tmp_path / "images", split=split), tmp_path / "out")
 
 
@@ -214,8 +255,10 @@ def test_source_images_smaller_than_the_base_minimum_name_their_files(tmp_path):
     check_image_sizes(split_set, folder_data(tmp_path / "images"), "augment_cnn")  # minimum 8: fine
 
     small = tmp_path / "images" / "dog" / "img-050.png"
-    expected = (f"1 source image(s) smaller than 32x32, the minimum input of model.base mobilenet: {small} (20x16); "
-                "remove them, or use a base with a smaller minimum")
+    expected = (
+        f"1 source image(s) smaller than 32x32, the minimum input of model.base mobilenet: {small} (20x16); "
+        "remove them, or use a base with a smaller minimum"
+    )
     with pytest.raises(DataError, match=re.escape(expected)):
         check_image_sizes(split_set, folder_data(tmp_path / "images"), "mobilenet")
 
@@ -225,8 +268,11 @@ def test_in_memory_images_smaller_than_the_base_minimum_name_the_source(tmp_path
 
     digits = DataConfig(source="sklearn:digits", image_size=(32, 32), channels=1)
     split_set = split_dataset(digits, tmp_path / "out")
-    with pytest.raises(DataError, match=r"^1797 source image\(s\) smaller than 32x32, the minimum input of model.base "
-                       r"vgg16: sklearn:digits example digits-00000 \(8x8\), .* and 1792 more; remove them"):
+    with pytest.raises(
+        DataError,
+        match=r"^1797 source image\(s\) smaller than 32x32, the minimum input of model.base "
+        r"vgg16: sklearn:digits example digits-00000 \(8x8\), .* and 1792 more; remove them",
+    ):
         check_image_sizes(split_set, digits, "vgg16")
 
 
@@ -235,17 +281,37 @@ def test_in_memory_images_smaller_than_the_base_minimum_name_the_source(tmp_path
 def test_run_on_images_smaller_than_the_base_minimum_fails_naming_a_file(tmp_path):
     make_image_folder(tmp_path / "images", classes=("cat", "dog"), per_class=6, size=(16, 20))
     document = copy.deepcopy(TINY_PIPELINES)
-    document["pipelines"]["tiny"]["data"] = {"source": f"folder:{tmp_path / 'images'}", "image_size": [32, 32],
-                                             "channels": 3, "split": FOLDER_SPLIT}
+    document["pipelines"]["tiny"]["data"] = {
+        "source": f"folder:{tmp_path / 'images'}",
+        "image_size": [32, 32],
+        "channels": 3,
+        "split": FOLDER_SPLIT,
+    }
     document["pipelines"]["tiny"]["model"] = {"base": "mobilenet", "alpha": 0.25, "weights": "none"}
     path = write_yaml(tmp_path / "pipelines.yaml", document)
-    result = subprocess.run([sys.executable, "-m", "convflow.cli", "run", "tiny", "-f", str(path),
-                             "--artifacts", str(tmp_path / "artifacts")],
-                            capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "convflow.cli",
+            "run",
+            "tiny",
+            "-f",
+            str(path),
+            "--artifacts",
+            str(tmp_path / "artifacts"),
+        ],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=300,
+    )
     assert result.returncode == 1
-    assert re.search(r"convflow run tiny failed: DataError: 12 source image\(s\) smaller than 32x32, the minimum "
-                     rf"input of model.base mobilenet: {re.escape(str(tmp_path / 'images'))}/cat/img-000.png \(20x16\)",
-                     result.stderr), result.stderr[-3000:]
+    assert re.search(
+        r"convflow run tiny failed: DataError: 12 source image\(s\) smaller than 32x32, the minimum "
+        rf"input of model.base mobilenet: {re.escape(str(tmp_path / 'images'))}/cat/img-000.png \(20x16\)",
+        result.stderr,
+    ), result.stderr[-3000:]
     assert not (tmp_path / "artifacts" / "runs.parquet").exists()
 
 
@@ -263,10 +329,16 @@ def test_labels_out_of_range(tmp_path):
     from convflow.config.schema import DataConfig
 
     data = DataConfig(source=f"idx:{root}", image_size=(12, 12), channels=1, label_names=["a", "b", "c"])
-    with pytest.raises(DataError, match=re.escape(f"data.label_names has 3 names but idx:{root} has 8 classes: label 7 is out of range (0..2)")):
+    with pytest.raises(
+        DataError,
+        match=re.escape(f"data.label_names has 3 names but idx:{root} has 8 classes: label 7 is out of range (0..2)"),
+    ):
         split_dataset(data, tmp_path / "out")
     without_names = DataConfig(source=f"idx:{root}", image_size=(12, 12), channels=1)
-    with pytest.raises(DataError, match=re.escape(f"idx:{root}: no example of class(es) ['3', '4', '5', '6']; labels must run from 0 to 7")):
+    with pytest.raises(
+        DataError,
+        match=re.escape(f"idx:{root}: no example of class(es) ['3', '4', '5', '6']; labels must run from 0 to 7"),
+    ):
         split_dataset(without_names, tmp_path / "out")
 
 
@@ -277,7 +349,12 @@ def png_header(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grayscale
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 16))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_unusable_image_files_are_skipped_and_listed(tmp_path):
@@ -324,7 +401,9 @@ def test_tfds_offline(tmp_path, monkeypatch):
 
     monkeypatch.setattr(sources, "NETWORK_PROBE", ("127.0.0.1", 9))  # refused at once, as offline
     data = DataConfig(source="tfds:mnist", image_size=(28, 28), channels=1, data_dir=str(tmp_path / "tfds"))
-    with pytest.raises(DataError, match=r"tfds dataset 'mnist' is not in .*tfds.* and this machine is offline\. Pre-download it"):
+    with pytest.raises(
+        DataError, match=r"tfds dataset 'mnist' is not in .*tfds.* and this machine is offline\. Pre-download it"
+    ):
         split_dataset(data, tmp_path / "out")
 
 
@@ -339,13 +418,18 @@ def test_artifacts_root_not_writable(tmp_path, capsys):
     code = main(["run", "tiny", "-f", str(pipelines_with(tmp_path)), "--artifacts", str(artifacts)])
     assert code == 1
     err = capsys.readouterr().err
-    assert f"convflow run tiny: artifacts root {artifacts} is not writable: Not a directory ({blocker} is not a folder)" in err
+    assert (
+        f"convflow run tiny: artifacts root {artifacts} is not writable: Not a directory ({blocker} is not a folder)"
+        in err
+    )
 
 
 def test_full_disk_is_transient_and_bad_input_is_not():
     full = OSError(errno.ENOSPC, "No space left on device", "/artifacts/x")
     assert is_transient(full) and is_transient(TimeoutError()) and is_transient(ConnectionResetError())
-    assert not any(is_transient(error) for error in (FileNotFoundError(), PermissionError(), DataError("x"), ValueError()))
+    assert not any(
+        is_transient(error) for error in (FileNotFoundError(), PermissionError(), DataError("x"), ValueError())
+    )
 
     class FailedState:
         def __init__(self, error):
@@ -365,7 +449,7 @@ FULL_DISK_RUN = textwrap.dedent(
 
     with prefect_api() as server:  # set PREFECT_API_URL before Prefect is imported, as the CLI does
         from convflow.catalog import schemas
-        import convflow.flows.train_pipeline as flow
+        import convflow.flows.sequences as sequences
 
         def full_disk(*table, path):  # splits.parquet is written a part at a time
             print(f"writing {path}", flush=True)
@@ -373,7 +457,7 @@ FULL_DISK_RUN = textwrap.dedent(
 
         schemas.write_parquet_parts = lambda parts, schema, path: full_disk(path=path)
         # The real task (its retries and retry condition), without minutes of retry delay.
-        flow.download_and_split = flow.download_and_split.with_options(retry_delay_seconds=0)
+        sequences.download_and_split = sequences.download_and_split.with_options(retry_delay_seconds=0)
         server.wait_until_ready()
         from convflow.cli.app import main
 
@@ -389,8 +473,21 @@ def test_full_disk_is_retried_then_fails_naming_the_file(tmp_path):
     artifacts = tmp_path / "artifacts"
     env = {**subprocess_env(), "PREFECT_LOCAL_STORAGE_PATH": str(artifacts / ".prefect-results")}
     result = subprocess.run(
-        [sys.executable, "-c", FULL_DISK_RUN, "run", "tiny", "-f", str(pipelines_with(tmp_path)), "--artifacts", str(artifacts)],
-        capture_output=True, text=True, env=env, timeout=300,
+        [
+            sys.executable,
+            "-c",
+            FULL_DISK_RUN,
+            "run",
+            "tiny",
+            "-f",
+            str(pipelines_with(tmp_path)),
+            "--artifacts",
+            str(artifacts),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     output = result.stdout + result.stderr
     attempts = re.findall(r"writing (\S+splits\.parquet)", output)
@@ -412,7 +509,8 @@ def test_yaml_is_loaded_safely(tmp_path, capsys):
     marker = tmp_path / "created-by-yaml"
     path = write_yaml(
         tmp_path / "pipelines.yaml",
-        f"pipelines:\n  tiny: !!python/object/apply:pathlib.Path.touch [!!python/object/apply:pathlib.Path ['{marker}']]\n",
+        "pipelines:\n  tiny: !!python/object/apply:pathlib.Path.touch "
+        f"[!!python/object/apply:pathlib.Path ['{marker}']]\n",
     )
     code, err = validate(path, capsys)
     assert code == EXIT_BAD_CONFIG
@@ -443,7 +541,9 @@ def test_temporary_prefect_server_listens_on_loopback_only():
         server.wait_until_ready()
         port = f"{server.port:04X}"
         listening = [
-            line.split()[1] for table in ("/proc/net/tcp", "/proc/net/tcp6") if Path(table).exists()
+            line.split()[1]
+            for table in ("/proc/net/tcp", "/proc/net/tcp6")
+            if Path(table).exists()
             for line in Path(table).read_text().splitlines()[1:]
             if line.split()[1].endswith(f":{port}") and line.split()[3] == "0A"  # 0A: LISTEN
         ]
@@ -464,8 +564,9 @@ def test_temporary_prefect_server_registers_no_block_types(tmp_path, monkeypatch
     server = TemporaryServer()
     try:
         server.wait_until_ready()
-        request = urllib.request.Request(f"{server.api_url}/block_types/filter", data=b"{}",
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            f"{server.api_url}/block_types/filter", data=b"{}", headers={"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(request, timeout=30) as response:
             assert json.loads(response.read()) == []
     finally:
@@ -490,8 +591,13 @@ SERVE_WITHOUT_LISTENING = textwrap.dedent(
 def test_temporary_server_process_freezes_what_prefects_server_import_built():
     # The collector is paused while Prefect's server package is imported (~0.6 s of each start
     # here), then those objects are frozen and collection goes on for the rest of the server's life.
-    result = subprocess.run([sys.executable, "-c", SERVE_WITHOUT_LISTENING], capture_output=True, text=True,
-                            env=subprocess_env(), timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", SERVE_WITHOUT_LISTENING],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     served = last_json_line(result.stdout)
     assert served["app"] == "FastAPI"

@@ -9,11 +9,11 @@ from __future__ import annotations
 import datetime
 
 import pytest
+from prefect_server import Background, prefect_client, started_server
+from test_schedules import finished_runs, read_deployments, scheduled_document
 
 from conftest import CONVFLOW, run_convflow, wait_for, write_yaml
 from convflow.cli.app import main
-from prefect_server import Background, prefect_client, started_server
-from test_schedules import finished_runs, read_deployments, scheduled_document
 
 pytestmark = [pytest.mark.e2e, pytest.mark.server]
 
@@ -44,8 +44,9 @@ def first_run_after(client, deployment, moment: datetime.datetime):
 def test_a_broken_pipeline_stops_only_itself(tmp_path, capsys):
     path = write_yaml(tmp_path / "pipelines.yaml", pipelines(broken=True))
     with started_server(tmp_path / "prefect-home") as server:
-        run = run_convflow(["run", "tiny", "-f", "pipelines.yaml", "--artifacts", "artifacts", "--json"],
-                           cwd=tmp_path, env=server.env)
+        run = run_convflow(
+            ["run", "tiny", "-f", "pipelines.yaml", "--artifacts", "artifacts", "--json"], cwd=tmp_path, env=server.env
+        )
         assert run.summary["status"] == "completed"
         assert "warning: pipelines.yaml: pipeline 'other' is invalid" in run.stderr and MISTAKE in run.stderr
 
@@ -64,11 +65,15 @@ def test_a_broken_pipeline_stops_only_itself(tmp_path, capsys):
                     wait_for(lambda: read_deployments(client, name), 120, lambda: serve.output()[-3000:], interval=1)
                     for name in ("tiny", "other")
                 )
-                broken_at = datetime.datetime.now(datetime.timezone.utc)
+                broken_at = datetime.datetime.now(datetime.UTC)
                 write_yaml(path, pipelines(broken=True))
                 tiny_run, other_run = (
-                    wait_for(lambda: first_run_after(client, deployment, broken_at), 300,
-                             lambda: serve.output()[-5000:], interval=2)
+                    wait_for(
+                        lambda: first_run_after(client, deployment, broken_at),
+                        300,
+                        lambda: serve.output()[-5000:],
+                        interval=2,
+                    )
                     for deployment in (tiny, other)
                 )
                 assert serve.process.poll() is None, serve.output()[-3000:]  # still serving

@@ -48,8 +48,9 @@ class CopyRunner:
         check = "import convflow.tasks.train as module; print(module.__file__)"
         # From the run's folder, as the runs below: `python -c` puts its working folder first on
         # sys.path, and in the checkout that would be the checkout's convflow.
-        return subprocess.run([PYTHON, "-c", check], env=self.env, cwd=self.root, capture_output=True, text=True,
-                              check=True).stdout.strip()
+        return subprocess.run(
+            [PYTHON, "-c", check], env=self.env, cwd=self.root, capture_output=True, text=True, check=True
+        ).stdout.strip()
 
     def cache_hits(self) -> list[str]:
         """`convflow run tiny` with the copy's code; the stages that were cache hits."""
@@ -59,14 +60,25 @@ class CopyRunner:
 def test_code_closure_follows_imports_but_not_the_flows():
     names = {str(path.relative_to(REPO)) for path in code_closure("convflow.tasks.train")}
 
-    assert {"tasks/train.py", "convflow/core/records.py", "convflow/modeling/layers.py", "convflow/catalog/schemas.py",
-            "convflow/config/schema.py", "convflow/core/storage.py", "convflow/core/stage.py"} <= names
+    assert {
+        "tasks/train.py",
+        "convflow/core/records.py",
+        "convflow/modeling/layers.py",
+        "convflow/catalog/schemas.py",
+        "convflow/config/schema.py",
+        "convflow/core/storage.py",
+        "convflow/core/stage.py",
+    } <= names
     # Where and how training runs is not what it makes: no flows, runtime (work pool, process caches) or CLI.
     assert not any(name.startswith(("flows/", "convflow/runtime/", "convflow/cli/")) for name in names)
     assert "tasks/evaluate.py" not in names  # another stage's code is not in train's key
     # The schema, not the file's loader, its error wording or the tune and compare derivations.
-    assert not names & {"convflow/config/load.py", "convflow/config/errors.py", "convflow/config/derive.py",
-                        "convflow/config/yaml_loader.py"}
+    assert not names & {
+        "convflow/config/load.py",
+        "convflow/config/errors.py",
+        "convflow/config/derive.py",
+        "convflow/config/yaml_loader.py",
+    }
     download = {str(path.relative_to(REPO)) for path in code_closure("convflow.tasks.download_and_split")}
     assert "convflow/modeling/layers.py" not in download and "convflow/catalog/schemas.py" in download
 

@@ -31,7 +31,11 @@ THREE_MISTAKES = (
 
 def test_validate_reports_every_mistake_and_exits_2(three_mistakes_file):
     result = subprocess.run(
-        [CONVFLOW, "validate", str(three_mistakes_file)], capture_output=True, text=True, env=subprocess_env(), timeout=60
+        [CONVFLOW, "validate", str(three_mistakes_file)],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=60,
     )
 
     assert result.returncode == EXIT_BAD_CONFIG == 2
@@ -78,7 +82,11 @@ def test_run_refuses_an_unknown_pipeline(pipelines_file, tmp_path, capsys):
 def test_run_subprocess_bad_file_exits_2_and_creates_no_artifacts(three_mistakes_file, tmp_path):
     result = subprocess.run(
         [CONVFLOW, "run", "tiny", "-f", str(three_mistakes_file), "--artifacts", "out", "--json"],
-        capture_output=True, text=True, env=subprocess_env(), cwd=tmp_path, timeout=60,
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        cwd=tmp_path,
+        timeout=60,
     )
     assert result.returncode == 2
     assert THREE_MISTAKES[0] in result.stderr
@@ -128,9 +136,22 @@ def test_run_freezes_its_imports_only_in_a_process_that_ends_with_it(caller, pip
     # of a cached run), then freezes them; main() called in-process (tests) leaves it alone.
     env = {**subprocess_env(), "PREFECT_API_URL": "http://127.0.0.1:9/api"}  # no temporary server
     result = subprocess.run(
-        [sys.executable, "-c", COLLECTOR_AT_FLOW_CALL, caller, "run", "tiny", "-f", str(pipelines_file),
-         "--artifacts", str(tmp_path / "artifacts")],
-        capture_output=True, text=True, env=env, timeout=120,
+        [
+            sys.executable,
+            "-c",
+            COLLECTOR_AT_FLOW_CALL,
+            caller,
+            "run",
+            "tiny",
+            "-f",
+            str(pipelines_file),
+            "--artifacts",
+            str(tmp_path / "artifacts"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
     assert result.returncode == 1, result.stderr[-3000:]
     assert "convflow run tiny failed: RuntimeError: stopped before the flow" in result.stderr
@@ -157,8 +178,12 @@ def test_run_from_python_after_prefect_was_imported_uses_convflows_server(pipeli
     # temporary server for the flow, and its events worker failed against it. The flow now runs
     # with the address of convflow's server in its Prefect settings.
     env = {**subprocess_env(), "PREFECT_API_URL": ""}
-    run = run_convflow(["run", "tiny", "-f", str(pipelines_file), "--artifacts", str(tmp_path / "artifacts"), "--json"],
-                       program=[sys.executable, "-c", IN_PROCESS_RUN_AFTER_PREFECT], env=env, timeout=300)
+    run = run_convflow(
+        ["run", "tiny", "-f", str(pipelines_file), "--artifacts", str(tmp_path / "artifacts"), "--json"],
+        program=[sys.executable, "-c", IN_PROCESS_RUN_AFTER_PREFECT],
+        env=env,
+        timeout=300,
+    )
     output = run.output
     assert run.summary["status"] in ("completed", "not-promoted")
     assert "Starting temporary server" not in output, output[-4000:]
@@ -182,15 +207,22 @@ def test_flow_called_from_python_caches_beside_the_artifacts(pipelines_file, tmp
     home = tmp_path / "prefect-home"
     env = {**subprocess_env(), "PREFECT_HOME": str(home)}
     artifacts = tmp_path / "artifacts"
-    result = subprocess.run([sys.executable, "-c", FLOW_CALLED_FROM_PYTHON, str(pipelines_file), str(artifacts)],
-                            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=400)
+    result = subprocess.run(
+        [sys.executable, "-c", FLOW_CALLED_FROM_PYTHON, str(pipelines_file), str(artifacts)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     stored = sorted(path.name.rsplit("-", 1)[0] for path in (artifacts / ".prefect-results").iterdir())
     assert set(stored) == set(STAGES), stored
     assert not (home / "storage").exists() or not any((home / "storage").iterdir())
 
-    rerun = run_convflow(["run", "tiny", "-f", str(pipelines_file), "--artifacts", str(artifacts), "--json"],
-                         env=env, cwd=tmp_path)
+    rerun = run_convflow(
+        ["run", "tiny", "-f", str(pipelines_file), "--artifacts", str(artifacts), "--json"], env=env, cwd=tmp_path
+    )
     assert [stage["cached"] for stage in rerun.summary["stages"]] == [True] * 7 + [False]
 
 

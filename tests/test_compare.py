@@ -14,14 +14,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import CONVFLOW, REPO, run_convflow, subprocess_env, write_yaml
-from convflow.catalog import registry, schemas
-from convflow.catalog import tables
+from convflow.catalog import registry, schemas, tables
+from convflow.catalog.comparisons import VariantResult
 from convflow.config.derive import variant_specs
 from convflow.config.errors import ConfigError
 from convflow.config.load import load_pipeline, load_pipelines
-from convflow.catalog.comparisons import VariantResult
-from convflow.tasks.compare_variant import promote_winner, rank_variants
 from convflow.core.context import RunContext
+from convflow.tasks.compare_variant import promote_winner, rank_variants
 
 
 def _compare_document(tiny_document: dict, variants: list[dict], **compare) -> dict:
@@ -46,11 +45,14 @@ def test_repository_comparison_has_the_three_mobilenet_variants():
 
 
 def test_variants_deep_merge_over_the_pipeline(tmp_path, tiny_document):
-    document = _compare_document(tiny_document, [
-        {"name": "as-is"},
-        {"name": "wider", "model": {"dropout": 0.3}, "train": {"learning_rate": 0.01}},
-        {"name": "own-weights", "model": {"weights": "weights/seed.h5"}},
-    ])
+    document = _compare_document(
+        tiny_document,
+        [
+            {"name": "as-is"},
+            {"name": "wider", "model": {"dropout": 0.3}, "train": {"learning_rate": 0.01}},
+            {"name": "own-weights", "model": {"weights": "weights/seed.h5"}},
+        ],
+    )
     path = write_yaml(tmp_path / "configs" / "pipelines.yaml", document)
     spec = load_pipeline(path, "tiny")
 
@@ -70,21 +72,34 @@ MOBILENET_WEIGHTS = REPO.parent / "shared" / "weights" / "mobilenet_2_5_224_tf_n
 def _mobilenet_document(tiny_document: dict, images: Path, variants: list[dict]) -> dict:
     """tiny on 32x32 RGB images with the frozen MobileNet 0.25 of ../shared/weights, and `variants`."""
     tiny = tiny_document["pipelines"]["tiny"]
-    tiny["data"] = {"source": f"folder:{images}", "image_size": [32, 32], "channels": 3,
-                    "split": {"train": 0.5, "validation": 0.2, "test": 0.3}}
-    tiny["model"] = {"base": "mobilenet", "alpha": 0.25, "weights": str(MOBILENET_WEIGHTS), "dropout": 0.2,
-                     "fine_tune": {"epochs": 1, "unfreeze_top": 5}}
+    tiny["data"] = {
+        "source": f"folder:{images}",
+        "image_size": [32, 32],
+        "channels": 3,
+        "split": {"train": 0.5, "validation": 0.2, "test": 0.3},
+    }
+    tiny["model"] = {
+        "base": "mobilenet",
+        "alpha": 0.25,
+        "weights": str(MOBILENET_WEIGHTS),
+        "dropout": 0.2,
+        "fine_tune": {"epochs": 1, "unfreeze_top": 5},
+    }
     tiny["evaluate"] = {"min_accuracy": 0.0}
     return _compare_document(tiny_document, variants)
 
 
 def test_a_variant_naming_another_base_drops_the_settings_of_the_pipelines_base(tmp_path, tiny_document):
-    document = _mobilenet_document(tiny_document, tmp_path / "images", [
-        {"name": "seed-cnn", "model": {"base": "augment_cnn"}},
-        {"name": "v2-scratch", "model": {"base": "mobilenet_v2", "weights": "none"}},
-        {"name": "v2-own-alpha", "model": {"base": "mobilenet_v2", "alpha": 0.5, "freeze": True}},
-        {"name": "same-base", "model": {"base": "mobilenet", "dropout": 0.5}},
-    ])
+    document = _mobilenet_document(
+        tiny_document,
+        tmp_path / "images",
+        [
+            {"name": "seed-cnn", "model": {"base": "augment_cnn"}},
+            {"name": "v2-scratch", "model": {"base": "mobilenet_v2", "weights": "none"}},
+            {"name": "v2-own-alpha", "model": {"base": "mobilenet_v2", "alpha": 0.5, "freeze": True}},
+            {"name": "same-base", "model": {"base": "mobilenet", "dropout": 0.5}},
+        ],
+    )
     spec = load_pipeline(write_yaml(tmp_path / "pipelines.yaml", document), "tiny")
 
     variants = variant_specs(spec, tmp_path)
@@ -100,11 +115,14 @@ def test_a_variant_naming_another_base_drops_the_settings_of_the_pipelines_base(
 
 
 def test_an_invalid_variant_is_reported_alone(tmp_path, tiny_document):
-    document = _compare_document(tiny_document, [
-        {"name": "good"},
-        {"name": "no-such-base", "model": {"base": "no_such_net"}},
-        {"name": "zero-epochs", "train": {"epochs": 0}},
-    ])
+    document = _compare_document(
+        tiny_document,
+        [
+            {"name": "good"},
+            {"name": "no-such-base", "model": {"base": "no_such_net"}},
+            {"name": "zero-epochs", "train": {"epochs": 0}},
+        ],
+    )
     path = write_yaml(tmp_path / "pipelines.yaml", document)
     spec = load_pipelines(path)["tiny"]  # the file stays valid
 
@@ -112,8 +130,11 @@ def test_an_invalid_variant_is_reported_alone(tmp_path, tiny_document):
 
     assert variants["good"].train.epochs == 1
     assert variants["no-such-base"] == [
-        next(line for line in variants["no-such-base"]
-             if line.startswith("pipelines.tiny.compare.variants.no-such-base.model.base: \"no_such_net\""))
+        next(
+            line
+            for line in variants["no-such-base"]
+            if line.startswith('pipelines.tiny.compare.variants.no-such-base.model.base: "no_such_net"')
+        )
     ]
     assert "unknown base model" in variants["no-such-base"][0]
     assert variants["zero-epochs"] == ["pipelines.tiny.compare.variants.zero-epochs.train.epochs: 0 — must be ≥ 1"]
@@ -125,8 +146,7 @@ def test_an_invalid_variant_is_reported_alone(tmp_path, tiny_document):
         ({"variants": [{"name": "a"}, {"name": "a"}]}, "variant names must be unique; repeated: ['a']"),
         ({"variants": [{"name": "a"}]}, "compare.variants"),
         ({"variants": [{"name": "a"}, {"name": "b", "data": {"channels": 3}}]}, "compare.variants.1.data"),
-        ({"variants": [{"name": "a"}, {"name": "b"}], "metric": "speed"},
-         "compare.metric: \"speed\" — must be one of"),
+        ({"variants": [{"name": "a"}, {"name": "b"}], "metric": "speed"}, 'compare.metric: "speed" — must be one of'),
         ({"variants": [{"name": "a"}, {"name": "B C"}]}, "variants.1.name"),
     ],
 )
@@ -165,7 +185,10 @@ def test_a_compare_section_leaves_the_config_hash_alone(tmp_path, tiny_document)
 def test_compare_needs_a_compare_section(pipelines_file, tmp_path):
     result = subprocess.run(
         [CONVFLOW, "compare", "tiny", "-f", str(pipelines_file), "--artifacts", str(tmp_path / "artifacts")],
-        capture_output=True, text=True, env=subprocess_env(), timeout=120,
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=120,
     )
     assert result.returncode == 2
     assert "pipelines.tiny.compare: required by convflow compare" in result.stderr
@@ -182,8 +205,13 @@ def _result(name: str, accuracy: float | None, loss: float | None = 1.0) -> Vari
 
 
 def test_ranking_puts_the_best_first_and_failures_last():
-    results = [_result("a", 0.8, 0.5), _result("broken", None), _result("b", 0.9, 0.7), _result("c", 0.8, 0.4),
-               _result("d", 0.8, 0.4)]
+    results = [
+        _result("a", 0.8, 0.5),
+        _result("broken", None),
+        _result("b", 0.9, 0.7),
+        _result("c", 0.8, 0.4),
+        _result("d", 0.8, 0.4),
+    ]
 
     by_accuracy = rank_variants(results, "test_accuracy")
     by_loss = rank_variants(results, "test_loss")
@@ -209,8 +237,9 @@ def test_nothing_is_promoted_without_promote_best_or_a_winner(tmp_path):
 
 def _run_compare(root: Path, document: dict, *extra: str) -> dict:
     write_yaml(root / "pipelines.yaml", document)
-    return run_convflow(["compare", "tiny", "-f", "pipelines.yaml", "--artifacts", "artifacts", "--json", *extra],
-                        cwd=root, timeout=900).summary
+    return run_convflow(
+        ["compare", "tiny", "-f", "pipelines.yaml", "--artifacts", "artifacts", "--json", *extra], cwd=root, timeout=900
+    ).summary
 
 
 @pytest.fixture(scope="module")
@@ -220,12 +249,16 @@ def comparison(tmp_path_factory):
     from conftest import TINY_PIPELINES
 
     document = json.loads(json.dumps(TINY_PIPELINES))
-    _compare_document(document, [
-        {"name": "plain"},
-        {"name": "faster", "train": {"learning_rate": 0.003}},
-        {"name": "broken", "model": {"base": "no_such_net"}},
-        {"name": "lost-weights", "model": {"weights": "nowhere/seed.h5"}},
-    ], promote="best")
+    _compare_document(
+        document,
+        [
+            {"name": "plain"},
+            {"name": "faster", "train": {"learning_rate": 0.003}},
+            {"name": "broken", "model": {"base": "no_such_net"}},
+            {"name": "lost-weights", "model": {"weights": "nowhere/seed.h5"}},
+        ],
+        promote="best",
+    )
     root = tmp_path_factory.mktemp("compare")
     return root, _run_compare(root, document)
 
@@ -262,7 +295,7 @@ def test_bad_variants_are_reported_as_failed_with_why(comparison):
 
     assert variants["broken"]["status"] == "failed" and variants["broken"]["rank"] is None
     assert variants["broken"]["error"].startswith(
-        "invalid config: pipelines.tiny.compare.variants.broken.model.base: \"no_such_net\""
+        'invalid config: pipelines.tiny.compare.variants.broken.model.base: "no_such_net"'
     )
     assert variants["lost-weights"]["status"] == "failed"
     assert variants["lost-weights"]["error"] == (
@@ -285,7 +318,7 @@ def test_the_report_is_one_self_contained_page_in_the_comparison_folder(comparis
     for section in ("verdict", "ranking", "initial-vs-final", "curves", "per-class", "failed", "variants", "stages"):
         assert f'id="{section}"' in page, section
     assert page.count("data:image/png;base64,") == 2  # accuracy bars, overlaid curves
-    assert "src=\"http" not in page and "href=\"http" not in page
+    assert 'src="http' not in page and 'href="http' not in page
     table = pq.read_table(report.with_name("comparison.parquet"))
     assert table.schema.equals(schemas.COMPARISON_SCHEMA, check_metadata=False)
     assert table.column("variant").to_pylist() == [row["variant"] for row in summary["variants"]]
@@ -336,10 +369,14 @@ def test_variants_that_change_a_mobilenet_pipelines_base_all_run(tmp_path, tiny_
     from conftest import make_image_folder
 
     images = make_image_folder(tmp_path / "images", classes=("cat", "dog"), per_class=20, size=(32, 32))
-    document = _mobilenet_document(tiny_document, images, [
-        {"name": "seed-cnn", "model": {"base": "augment_cnn"}},
-        {"name": "v2-scratch", "model": {"base": "mobilenet_v2", "weights": "none"}},
-    ])
+    document = _mobilenet_document(
+        tiny_document,
+        images,
+        [
+            {"name": "seed-cnn", "model": {"base": "augment_cnn"}},
+            {"name": "v2-scratch", "model": {"base": "mobilenet_v2", "weights": "none"}},
+        ],
+    )
 
     summary = _run_compare(tmp_path, document)
 

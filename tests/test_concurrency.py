@@ -11,8 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import STAGES, TINY_PIPELINES, finish_convflow, start_convflow, write_yaml
-from convflow.catalog import registry, schemas
-from convflow.catalog import tables
+from convflow.catalog import registry, schemas, tables
 
 pytestmark = pytest.mark.e2e
 
@@ -49,8 +48,9 @@ def test_same_pipeline_twice_at_once(tmp_path):
     assert not list((artifacts / "models" / "tiny").glob(".*.tmp-*"))
 
     # Every cached result either run left is readable and points at files that are all there.
-    from convflow.core.records import StageRecord  # noqa: F401  (the decoder imports record classes)
     from prefect.serializers import JSONSerializer
+
+    from convflow.core.records import StageRecord  # noqa: F401  (the decoder imports record classes)
 
     results = sorted((artifacts / ".prefect-results").iterdir())
     assert {path.name.rsplit("-", 1)[0] for path in results} == set(STAGES)

@@ -134,8 +134,9 @@ def test_watching_validation_needs_a_validation_split(tmp_path, tiny_document):
     _set(tiny_document, "data.split", {"train": 0.9, "validation": 0, "test": 0.1})
     _set(tiny_document, "train.early_stopping", {"patience": 2})
 
-    with pytest.raises(ConfigError, match=re.escape("train.early_stopping watch the validation split: set "
-                                                    "data.split.validation > 0")):
+    with pytest.raises(
+        ConfigError, match=re.escape("train.early_stopping watch the validation split: set data.split.validation > 0")
+    ):
         load_pipelines(write_yaml(tmp_path / "pipelines.yaml", tiny_document))
 
 
@@ -144,9 +145,13 @@ def test_recipe_settings_are_in_the_config_hash_only_when_set(tmp_path, tiny_doc
     _set(tiny_document, "train.schedule", "constant")  # the default, stated
     stated = load_pipelines(write_yaml(tmp_path / "b.yaml", tiny_document))["tiny"]
     hashes = set()
-    for dotted, value in [("train.schedule", {"kind": "cosine", "warmup_epochs": 1}), ("train.label_smoothing", 0.1),
-                          ("train.class_weight", "balanced"), ("train.early_stopping", {"patience": 2}),
-                          ("train.augment", ["flip", {"mixup": 0.2}])]:
+    for dotted, value in [
+        ("train.schedule", {"kind": "cosine", "warmup_epochs": 1}),
+        ("train.label_smoothing", 0.1),
+        ("train.class_weight", "balanced"),
+        ("train.early_stopping", {"patience": 2}),
+        ("train.augment", ["flip", {"mixup": 0.2}]),
+    ]:
         document = _set(yaml.safe_load(yaml.safe_dump(tiny_document)), dotted, value)
         hashes.add(load_pipelines(write_yaml(tmp_path / "c.yaml", document))["tiny"].config_hash())
 
@@ -161,20 +166,36 @@ def test_recipe_settings_are_in_the_config_hash_only_when_set(tmp_path, tiny_doc
         ("train.epochs", 0, "pipelines.tiny.train.epochs: 0 — must be ≥ 1"),
         ("train.epochs", "ten", 'pipelines.tiny.train.epochs: "ten" — Input should be a valid integer'),
         ("train.learning_rate", 0, "pipelines.tiny.train.learning_rate: 0 — must be > 0"),
-        ("train.optimizer", "nadam", "pipelines.tiny.train.optimizer: \"nadam\" — must be one of 'adam', 'adamw', 'sgd' or 'rmsprop'"),
+        (
+            "train.optimizer",
+            "nadam",
+            "pipelines.tiny.train.optimizer: \"nadam\" — must be one of 'adam', 'adamw', 'sgd' or 'rmsprop'",
+        ),
         ("train.weight_decay", 0.01, "pipelines.tiny.train.weight_decay: 0.01 — applies to optimizer adamw, not adam"),
-        ("train.schedule", "linear", "pipelines.tiny.train.schedule.kind: \"linear\" — must be one of 'constant', 'cosine'"),
-        ("train.schedule", {"kind": "step", "warmup_epochs": 2}, "warmup_epochs applies to the cosine schedule, not step"),
+        (
+            "train.schedule",
+            "linear",
+            "pipelines.tiny.train.schedule.kind: \"linear\" — must be one of 'constant', 'cosine'",
+        ),
+        (
+            "train.schedule",
+            {"kind": "step", "warmup_epochs": 2},
+            "warmup_epochs applies to the cosine schedule, not step",
+        ),
         ("train.label_smoothing", 1, "pipelines.tiny.train.label_smoothing: 1 — must be < 1"),
         ("train.class_weight", "even", "pipelines.tiny.train.class_weight: \"even\" — must be one of 'balanced'"),
         ("train.early_stopping", {"patience": 0}, "pipelines.tiny.train.early_stopping.patience: 0 — must be ≥ 1"),
-        ("train.early_stopping", {"metric": "accuracy"}, "train.early_stopping.metric: \"accuracy\" — must be one of"),
+        ("train.early_stopping", {"metric": "accuracy"}, 'train.early_stopping.metric: "accuracy" — must be one of'),
         ("train.augment", ["flip", "spin"], "'spin': each item must be one of ['flip', 'rotation', 'zoom'"),
         ("train.augment", [{"rotation": 2}], "rotation: 2.0 must be > 0 and ≤ 1"),
         ("data.channels", 2, "pipelines.tiny.data.channels: 2 — must be one of 1 or 3"),
         ("data.image_size", [0, 12], "pipelines.tiny.data.image_size: [0, 12] — height and width must be ≥ 1"),
         ("data.split", {"train": 0.8, "validation": 0.2, "test": 0.1}, "train + validation + test must be 1, got 1.1"),
-        ("data.source", "s3://bucket/images", "pipelines.tiny.data.source: \"s3://bucket/images\" — must look like one of"),
+        (
+            "data.source",
+            "s3://bucket/images",
+            'pipelines.tiny.data.source: "s3://bucket/images" — must look like one of',
+        ),
         ("data.source", "sklearn:iris", "unknown sklearn dataset 'iris'"),
         ("model.base", "resnet9000", "pipelines.tiny.model.base: \"resnet9000\" — unknown base model 'resnet9000'"),
         ("model.weights", "weights.pt", "must be imagenet, none, run:<pipeline> or a path ending in .h5 or .keras"),

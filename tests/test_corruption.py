@@ -19,8 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TinyRunner, write_yaml
-from convflow.catalog import registry
-from convflow.catalog import tables
+from convflow.catalog import registry, tables
 from convflow.cli.app import main
 
 pytestmark = pytest.mark.slow
@@ -30,7 +29,9 @@ GARBAGE = b"PAR1 this is not a parquet file \x00\xff" * 20
 
 def cache_warning(output: str, stage: str, path: Path) -> str:
     """The cache policy's warning that `stage`'s cached result is unusable because of `path`."""
-    pattern = rf"cache entry {stage}-\w+(\.\d+)? is not usable \([^)]*{re.escape(str(path))}: [^)]*\): the stage runs again"
+    pattern = (
+        rf"cache entry {stage}-\w+(\.\d+)? is not usable \([^)]*{re.escape(str(path))}: [^)]*\): the stage runs again"
+    )
     found = re.search(pattern, output)
     assert found, f"no warning naming {path} for {stage} in:\n{output[-5000:]}"
     return found.group(0)
@@ -102,7 +103,8 @@ def test_damaged_catalog_is_set_aside_and_rebuilt_from_the_run_folders(savedmode
     assert len(kept) == 1 and kept[0].read_bytes() == GARBAGE
     assert re.search(
         rf"{re.escape(str(catalog))} is damaged \(.+\); kept it as {re.escape(kept[0].name)} "
-        r"and rebuilt the catalog from the run folders", second["output"],
+        r"and rebuilt the catalog from the run folders",
+        second["output"],
     ), second["output"][-3000:]
     assert runner.catalog_ids() == [first["run_id"], second["run_id"]]  # the first run's row is not lost
 
@@ -160,10 +162,20 @@ def test_runs_command_rebuilds_a_damaged_catalog(
 def test_rebuild_names_an_unreadable_run_record_and_keeps_the_rest(tmp_path, caplog):
     """A damaged catalog and a damaged run.json: the rebuild keeps every readable run and says
     which record it could not read, instead of failing the whole catalog."""
-    good = {"pipeline": "p", "run_id": "r1", "started": "2026-01-01T00:00:00+00:00",
-            "finished": "2026-01-01T00:01:00+00:00", "status": "completed", "config_hash": "c",
-            "data_fingerprint": "d", "test_accuracy": 0.9, "passed_gate": True, "gate_reason": "ok",
-            "saved_model": "s", "run_dir": str(tmp_path / "p" / "r1")}
+    good = {
+        "pipeline": "p",
+        "run_id": "r1",
+        "started": "2026-01-01T00:00:00+00:00",
+        "finished": "2026-01-01T00:01:00+00:00",
+        "status": "completed",
+        "config_hash": "c",
+        "data_fingerprint": "d",
+        "test_accuracy": 0.9,
+        "passed_gate": True,
+        "gate_reason": "ok",
+        "saved_model": "s",
+        "run_dir": str(tmp_path / "p" / "r1"),
+    }
     write_yaml(tmp_path / "p" / "r1" / tables.RUN_RECORD, json.dumps(good))
     broken = write_yaml(tmp_path / "p" / "r2" / tables.RUN_RECORD, json.dumps(good)[:40])
     (tmp_path / "runs.parquet").write_bytes(GARBAGE)

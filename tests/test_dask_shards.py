@@ -7,14 +7,15 @@ import numpy as np
 import pytest
 
 from convflow.config.schema import DataConfig
-from convflow.tfrecords import features
 from convflow.tasks.download_and_split import split_dataset
 from convflow.tasks.to_tfrecords import write_tfrecords
+from convflow.tfrecords import features
 
 
 def _read_all(tfrecords, split):
-    dataset = features.read_dataset(tfrecords.shards[split], tfrecords.image_size, tfrecords.channels, 4096,
-                                    cache=False, with_ids=True)
+    dataset = features.read_dataset(
+        tfrecords.shards[split], tfrecords.image_size, tfrecords.channels, 4096, cache=False, with_ids=True
+    )
     images, labels, ids = [], [], []
     for batch_images, batch_labels, batch_ids in dataset:
         images.append(batch_images.numpy())

@@ -68,8 +68,11 @@ def _table(examples: list[tuple[str, str, np.ndarray]], splits: dict[str, str] |
 
 def _generated(seed: int, classes: dict[str, tuple[int, int, int]] = HUES, per_class: int = PER_CLASS):
     rng = np.random.default_rng(seed)
-    return [(f"s{seed}/{name}/{index:03d}.png", name, _generated_image(rng, hue))
-            for name, hue in classes.items() for index in range(per_class)]
+    return [
+        (f"s{seed}/{name}/{index:03d}.png", name, _generated_image(rng, hue))
+        for name, hue in classes.items()
+        for index in range(per_class)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -155,8 +158,10 @@ def test_tables_round_trip_through_parquet(tmp_path, production, fresh):
 def test_ks_statistic_is_scipys():
     stats = pytest.importorskip("scipy.stats")
     rng = np.random.default_rng(5)
-    for sample, reference in ((rng.normal(size=300), rng.normal(0.3, size=200)),
-                              (rng.integers(0, 4, 100).astype(float), rng.integers(0, 5, 80).astype(float))):
+    for sample, reference in (
+        (rng.normal(size=300), rng.normal(0.3, size=200)),
+        (rng.integers(0, 4, 100).astype(float), rng.integers(0, 5, 80).astype(float)),
+    ):
         statistic, _, _ = ks_statistic(sample, reference)
         assert statistic == pytest.approx(stats.ks_2samp(sample, reference).statistic)
 
@@ -202,8 +207,10 @@ def test_a_class_added_blocks_naming_it_and_its_files(production, fresh):
 
 def test_half_of_a_class_moved_into_another_blocks_on_balance(production, fresh):
     _, baseline = production
-    moved = [(example_id, "fern" if label == "apple" and index % 2 else label, pixels)
-             for index, (example_id, label, pixels) in enumerate(fresh)]
+    moved = [
+        (example_id, "fern" if label == "apple" and index % 2 else label, pixels)
+        for index, (example_id, label, pixels) in enumerate(fresh)
+    ]
     results = check_class_balance(_table(moved), baseline, ValidateConfig().class_balance)
     assert {row.subject for row in results if row.verdict == "block"} == {"apple", "fern"}
     fern = next(row for row in results if row.subject == "fern")
@@ -214,8 +221,9 @@ def test_production_images_relabelled_block_naming_the_files(production):
     examples, baseline = production
     relabelled = {example_id for example_id, label, _ in examples if label == "sea"}
     relabelled = set(sorted(relabelled)[:75])
-    current = _table([(example_id, "sand" if example_id in relabelled else label, pixels)
-                      for example_id, label, pixels in examples])
+    current = _table(
+        [(example_id, "sand" if example_id in relabelled else label, pixels) for example_id, label, pixels in examples]
+    )
     results = run_data_checks(current, baseline, ValidateConfig())
     [conflict] = _failed(results, "label_conflicts")
     assert (conflict.subject, conflict.value) == ("sand vs production", 75)
@@ -238,8 +246,10 @@ def test_every_image_darkened_blocks_on_brightness_naming_dark_files(production,
 
 def test_one_class_darkened_blocks_naming_that_class(production, fresh):
     _, baseline = production
-    darker = [(example_id, label, (pixels * 0.7).astype(np.uint8) if label == "fern" else pixels)
-              for example_id, label, pixels in fresh]
+    darker = [
+        (example_id, label, (pixels * 0.7).astype(np.uint8) if label == "fern" else pixels)
+        for example_id, label, pixels in fresh
+    ]
     results = check_drift(_table(darker), baseline, ValidateConfig().drift)
     per_class = {row.subject.split(" / ")[1] for row in results if row.verdict == "block" and " / " in row.subject}
     assert per_class == {"fern"}
@@ -265,9 +275,11 @@ def test_copies_of_test_images_in_train_block_leakage_naming_the_pairs(fresh):
         "smaller": lambda pixels: np.asarray(Image.fromarray(pixels).resize((SIZE - 1, SIZE - 1))),
         "larger": lambda pixels: np.asarray(Image.fromarray(pixels).resize((SIZE + 1, SIZE + 1))),
     }
-    copies = [(f"train/copy-{name}-{Path(example_id).name}", label, alter(pixels))
-              for index, (example_id, label, pixels) in enumerate(tests)
-              for name, alter in [list(altered.items())[index % 3]]]
+    copies = [
+        (f"train/copy-{name}-{Path(example_id).name}", label, alter(pixels))
+        for index, (example_id, label, pixels) in enumerate(tests)
+        for name, alter in [list(altered.items())[index % 3]]
+    ]
     current = _table(fresh + copies, splits={example_id: "train" for example_id, _, _ in copies})
     results = check_leakage(current, ValidateConfig().leakage)
     [row] = [row for row in results if row.verdict == "block"]
@@ -283,8 +295,10 @@ def splits_count(splits: dict[str, str], split: str) -> int:
 
 def test_too_few_examples_of_a_class_in_a_split_blocks_naming_both(fresh):
     table = _table(fresh)
-    keep = [not (label == "sand" and split == "test")
-            for label, split in zip(table.column("label").to_pylist(), table.column("split").to_pylist())]
+    keep = [
+        not (label == "sand" and split == "test")
+        for label, split in zip(table.column("label").to_pylist(), table.column("split").to_pylist())
+    ]
     results = check_min_count(table.filter(pa.array(keep)), ValidateConfig().min_count)
     assert [(row.subject, row.value) for row in results if row.verdict == "block"] == [("sand / test", 0)]
     assert len(results) == 3 * len(HUES)
@@ -294,9 +308,11 @@ def test_too_few_examples_of_a_class_in_a_split_blocks_naming_both(fresh):
 
 
 def test_validate_section_takes_bare_actions_and_refuses_unknown_keys():
-    config = ValidateConfig.model_validate(yaml.safe_load(
-        "{leakage: warn, drift: off, class_balance: {max_distance: 0.2}, on_block: ask}"  # YAML reads off as false
-    ))
+    config = ValidateConfig.model_validate(
+        yaml.safe_load(
+            "{leakage: warn, drift: off, class_balance: {max_distance: 0.2}, on_block: ask}"  # YAML reads off as false
+        )
+    )
     assert (config.leakage.action, config.leakage.max_distance, config.drift.action) == ("warn", 2, "off")
     assert config.class_balance.action == "block" and config.class_balance.max_distance == 0.2
     with pytest.raises(ValidationError, match="min_cout"):
@@ -350,11 +366,14 @@ def _flowers_table() -> pa.Table:
         digest = hashlib.sha256(content).hexdigest()
         with Image.open(io.BytesIO(content)) as image:
             rows["properties"].append(image_properties(np.asarray(image.convert("RGB")), image.mode))
-        for name, value in (("example_id", str(path)), ("split", _split_of(digest)), ("label", path.parent.name),
-                            ("sha256", digest)):
+        for name, value in (
+            ("example_id", str(path)),
+            ("split", _split_of(digest)),
+            ("label", path.parent.name),
+            ("sha256", digest),
+        ):
             rows[name].append(value)
-    return image_properties_table(rows["example_id"], rows["split"], rows["label"], rows["sha256"],
-                                  rows["properties"])
+    return image_properties_table(rows["example_id"], rows["split"], rows["label"], rows["sha256"], rows["properties"])
 
 
 @pytest.fixture(scope="module")
@@ -380,8 +399,10 @@ def test_flowers_with_one_class_darkened_or_half_relabelled_block(flowers):
     first, _ = _halves(flowers, 0)
     labels = np.array(flowers.column("label").to_pylist(), object)
     daisy = np.flatnonzero(labels == "daisy")
-    darker = [image_properties((np.asarray(Image.open(path).convert("RGB")) * 0.7).astype(np.uint8), "RGB")
-              for path in np.array(flowers.column("example_id").to_pylist())[daisy]]
+    darker = [
+        image_properties((np.asarray(Image.open(path).convert("RGB")) * 0.7).astype(np.uint8), "RGB")
+        for path in np.array(flowers.column("example_id").to_pylist())[daisy]
+    ]
     columns = {name: flowers.column(name).to_pylist() for name in flowers.column_names}
     for at, found in zip(daisy, darker):
         for name in IMAGE_PROPERTIES_SCHEMA.names[4:]:

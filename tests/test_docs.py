@@ -32,8 +32,7 @@ def test_configuration_reference_is_what_the_schema_renders():
 
 @pytest.mark.parametrize("page", DOCS, ids=lambda page: str(page.relative_to(REPO)))
 def test_every_relative_link_points_at_a_file(page):
-    missing = [target for target in _relative_links(page)
-               if not (page.parent / target.partition("#")[0]).exists()]
+    missing = [target for target in _relative_links(page) if not (page.parent / target.partition("#")[0]).exists()]
 
     assert not missing, f"{page.relative_to(REPO)} links to files that do not exist: {missing}"
 

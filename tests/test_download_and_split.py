@@ -297,8 +297,8 @@ def test_splits_counts_and_fingerprint_from_packed_arrays_are_those_of_one_examp
     the split it was given one at a time, and the fingerprint and duplicate counts are unchanged.
     Random digests with repeats (some in two splits when the source predefines splits)."""
     from convflow.config.schema import SplitFractions
-    from convflow.tasks import download_and_split as stage
     from convflow.core.hashing import hash_json
+    from convflow.tasks import download_and_split as stage
 
     rng = np.random.default_rng(7)
     distinct = rng.integers(0, 256, (3_000, 32), dtype=np.uint8)
@@ -306,8 +306,11 @@ def test_splits_counts_and_fingerprint_from_packed_arrays_are_those_of_one_examp
     digests[:40, :8] = 0  # the smallest positions; and the largest, next
     digests[40:80, :8] = 255
     labels = rng.integers(0, 4, len(digests)).astype(np.int64)
-    given = {None: [None] * len(digests), "test": ["test"] * len(digests),
-             "mixed": rng.choice(np.array([None, "train", "test"], dtype=object), len(digests)).tolist()}[predefined]
+    given = {
+        None: [None] * len(digests),
+        "test": ["test"] * len(digests),
+        "mixed": rng.choice(np.array([None, "train", "test"], dtype=object), len(digests)).tolist(),
+    }[predefined]
     data = data_config("sklearn:digits", split=SplitFractions(train=0.7, validation=0.1, test=0.2))
 
     codes = stage._assign_splits(digests, given, data)

@@ -85,8 +85,14 @@ def test_load_pipelines_refuses_the_file(train_twice):
 
 @pytest.mark.parametrize("command", [["validate"], ["run", "tiny", "--artifacts", "artifacts", "-f"]])
 def test_validate_and_run_exit_2_naming_the_key_and_its_lines(train_twice, command):
-    result = subprocess.run([CONVFLOW, *command, str(train_twice)], cwd=train_twice.parent, capture_output=True,
-                            text=True, env=subprocess_env(), timeout=120)
+    result = subprocess.run(
+        [CONVFLOW, *command, str(train_twice)],
+        cwd=train_twice.parent,
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=120,
+    )
 
     assert result.returncode == EXIT_BAD_CONFIG == 2
     assert "pipelines.tiny.train: key 'train' written twice, on lines 10 and 13" in result.stderr

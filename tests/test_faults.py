@@ -41,12 +41,23 @@ ACCURACY_TOLERANCE = 0.02
 def kill_while_holding(root: Path, stage: str) -> Path:
     """Start `convflow run` held at `stage`, SIGKILL its process group once the stage holds;
     return the killed run's folder."""
-    command = [PYTHON, str(HELD_CONVFLOW), stage, "run", "tiny", "-f", str(root / "pipelines.yaml"),
-               "--artifacts", str(root / "artifacts"), "--json"]
+    command = [
+        PYTHON,
+        str(HELD_CONVFLOW),
+        stage,
+        "run",
+        "tiny",
+        "-f",
+        str(root / "pipelines.yaml"),
+        "--artifacts",
+        str(root / "artifacts"),
+        "--json",
+    ]
     log_path = root / f"killed-at-{stage}.log"
     with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+        process = subprocess.Popen(
+            command, env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         deadline = time.monotonic() + HOLD_TIMEOUT_SECONDS
         try:
             while not (markers := list((root / "artifacts").glob(f"tiny/*/{stage}.held"))):
@@ -106,7 +117,9 @@ def stage_files(stage_dir: Path) -> list[str]:
 def _kinds_of_files(stage_dir: Path) -> list[str]:
     """stage_files, TensorBoard's event files as one name per folder: their names hold the time, host
     and process, and a resumed training adds a file of its own to each folder (TensorBoard reads all)."""
-    return sorted({re.sub(r"events\.out\.tfevents\..*$", "events.out.tfevents.*", name) for name in stage_files(stage_dir)})
+    return sorted(
+        {re.sub(r"events\.out\.tfevents\..*$", "events.out.tfevents.*", name) for name in stage_files(stage_dir)}
+    )
 
 
 def assert_stage_complete(stage_dir: Path, reference_dir: Path) -> None:
@@ -179,11 +192,13 @@ class KillChain:
             position = len(self.launches)
             if position < len(STAGES):
                 run_dir = kill_while_holding(self.root, STAGES[position])
-                self.launches.append({
-                    "run_dir": run_dir,
-                    "catalog_existed": (self.artifacts / "runs.parquet").exists(),
-                    "production": registry.current(self.artifacts, "tiny"),
-                })
+                self.launches.append(
+                    {
+                        "run_dir": run_dir,
+                        "catalog_existed": (self.artifacts / "runs.parquet").exists(),
+                        "production": registry.current(self.artifacts, "tiny"),
+                    }
+                )
             else:
                 self.launches.append(run_tiny(self.root))
         return self.launches[index]

@@ -80,7 +80,9 @@ def test_first_run_writes_every_output(first, runner):
     assert row["run_dir"] == str(run_dir) and row["saved_model"] == first["saved_model"]
     assert row["finished"] >= row["started"]
     assert not list(runner.artifacts.rglob("*.tmp-*"))
-    assert not [p for p in (runner.artifacts / "tiny" / "checkpoints").glob("*") if p.is_dir()]  # no training state left
+    assert not [
+        p for p in (runner.artifacts / "tiny" / "checkpoints").glob("*") if p.is_dir()
+    ]  # no training state left
 
 
 def test_second_run_is_cached(first, second, runner):
@@ -138,14 +140,19 @@ def test_training_progress_is_a_prefect_progress_artifact(first, third):
     try:
         server.wait_until_ready()
         with temporary_settings(updates={PREFECT_API_URL: server.api_url}), get_client(sync_client=True) as client:
-            progress = client.read_artifacts(
-                artifact_filter=ArtifactFilter(type=ArtifactFilterType(any_=["progress"])))
-            ours = {artifact.description: artifact for artifact in progress if "tiny run " in (artifact.description or "")}
-            train_tasks = {description: client.read_task_run(artifact.task_run_id).name
-                           for description, artifact in ours.items()}
+            progress = client.read_artifacts(artifact_filter=ArtifactFilter(type=ArtifactFilterType(any_=["progress"])))
+            ours = {
+                artifact.description: artifact for artifact in progress if "tiny run " in (artifact.description or "")
+            }
+            train_tasks = {
+                description: client.read_task_run(artifact.task_run_id).name for description, artifact in ours.items()
+            }
     finally:
         server.stop()
-    expected = {f"tiny run {first['run_id']}, training: epochs of 1", f"tiny run {third['run_id']}, training: epochs of 2"}
+    expected = {
+        f"tiny run {first['run_id']}, training: epochs of 1",
+        f"tiny run {third['run_id']}, training: epochs of 2",
+    }
     assert expected <= set(ours), sorted(ours)
     for description in expected:
         assert ours[description].data == 100.0

@@ -14,7 +14,14 @@ import pytest
 import yaml
 
 from conftest import (
-    CONVFLOW, PYTHON, TINY_PIPELINES, finish_convflow, start_convflow, subprocess_env, wait_for, write_yaml,
+    CONVFLOW,
+    PYTHON,
+    TINY_PIPELINES,
+    finish_convflow,
+    start_convflow,
+    subprocess_env,
+    wait_for,
+    write_yaml,
 )
 from convflow.catalog import schemas
 
@@ -64,8 +71,12 @@ def test_two_processes_appending_at_once_lose_no_row(tmp_path):
         for name in ("a", "b")
     ]
     ready = [tmp_path / f"{name}.ready" for name in ("a", "b")]
-    wait_for(lambda: all(marker.exists() for marker in ready) or any(a.poll() is not None for a in appenders),
-             120, lambda: "the appenders did not reach the start line", interval=0.01)
+    wait_for(
+        lambda: all(marker.exists() for marker in ready) or any(a.poll() is not None for a in appenders),
+        120,
+        lambda: "the appenders did not reach the start line",
+        interval=0.01,
+    )
     assert all(appender.poll() is None for appender in appenders), "an appender ended before the start line"
     start.touch()  # both are waiting at the start line: they append at the same time
     assert [appender.wait(timeout=120) for appender in appenders] == [0, 0]
@@ -139,7 +150,9 @@ def test_duckdb_reads_the_catalog_and_every_runs_tables(two_runs):
             f"SELECT count(*), avg((p.predicted = p.label)::DOUBLE) FROM read_parquet('{predictions}') p "
             f"JOIN read_parquet('{splits}') s USING (example_id) WHERE s.split = 'test'"
         ).fetchall()
-        assert [(tested,)] == duckdb.sql(f"SELECT count(*) FROM read_parquet('{splits}') WHERE split = 'test'").fetchall()
+        assert [(tested,)] == duckdb.sql(
+            f"SELECT count(*) FROM read_parquet('{splits}') WHERE split = 'test'"
+        ).fetchall()
         assert accuracy == pytest.approx(test_accuracy)
         [(description,)] = duckdb.sql(
             f"SELECT value FROM parquet_kv_metadata('{predictions}') WHERE key = 'description'"
@@ -162,7 +175,7 @@ def test_duckdb_reads_the_catalog_and_every_runs_tables(two_runs):
 @pytest.mark.slow
 def test_pandas_reads_every_runs_tables(two_runs):
     catalog = pd.read_parquet(two_runs["artifacts"] / "runs.parquet").set_index("pipeline")
-    for pipeline, row in catalog.iterrows():
+    for _pipeline, row in catalog.iterrows():
         metrics = pd.read_parquet(row["metrics_parquet"])
         overall = metrics[metrics["class_name"].isna()].set_index("metric")["value"]
         assert overall["accuracy"] == pytest.approx(row["test_accuracy"])
@@ -181,7 +194,9 @@ def test_runs_command_prints_the_catalog(two_runs):
     def runs(*args):
         result = subprocess.run(
             [CONVFLOW, "runs", *args, "--artifacts", str(two_runs["artifacts"])],
-            capture_output=True, text=True, env=subprocess_env(),
+            capture_output=True,
+            text=True,
+            env=subprocess_env(),
         )
         assert result.returncode == 0, result.stderr
         return result.stdout

@@ -57,8 +57,12 @@ def test_init_creates_the_file_reports_what_it_found_and_the_next_command(tmp_pa
     assert f"created {file}: pipeline 'pets' at line 3" in out
     assert out.strip().splitlines()[-1] == f"next: convflow run pets -f {file}"
     pets = pipeline_of(file, "pets")
-    assert pets["data"] == {"source": "folder:photos", "image_size": [16, 20], "channels": 3,
-                            "split": {"train": 0.8, "validation": 0.1, "test": 0.1}}
+    assert pets["data"] == {
+        "source": "folder:photos",
+        "image_size": [16, 20],
+        "channels": 3,
+        "split": {"train": 0.8, "validation": 0.1, "test": 0.1},
+    }
     assert pets["model"] == {"base": "cifar_cnn"}  # small colour images, no --weights
     assert pets["evaluate"] == {"min_accuracy": 0.5}  # chance 1/3, a quarter of the way to 1
     spec = load_pipeline(file, "pets")
@@ -89,7 +93,7 @@ def test_init_appends_keeping_every_byte_and_comment_of_the_file(tmp_path, capsy
     assert code == 0
     new = file.read_bytes()
     assert new.startswith(old)  # pipelines: is the file's last section: the new one follows every byte
-    assert new[len(old):].startswith(b"\n\n  # Written by convflow init")
+    assert new[len(old) :].startswith(b"\n\n  # Written by convflow init")
     before = yaml.safe_load(old)
     after = yaml.safe_load(new)
     assert after["pipelines"].pop("mine")["model"] == {"base": "cifar_cnn"}
@@ -99,14 +103,16 @@ def test_init_appends_keeping_every_byte_and_comment_of_the_file(tmp_path, capsy
 
 def test_init_inserts_inside_pipelines_when_another_section_follows(tmp_path, capsys, image_folder):
     file = tmp_path / "pipelines.yaml"
-    old = (b"pipelines:\r\n"
-           b"    # four-space indent, CRLF line ends\r\n"
-           b"    first: {data: {source: \"sklearn:digits\", image_size: [12, 12], channels: 1}, "
-           b"model: {base: mnist_cnn}}\r\n"
-           b"\r\n"
-           b"# the defaults come last in this file\r\n"
-           b"defaults:\r\n"
-           b"  train: {epochs: 1}\r\n")
+    old = (
+        b"pipelines:\r\n"
+        b"    # four-space indent, CRLF line ends\r\n"
+        b'    first: {data: {source: "sklearn:digits", image_size: [12, 12], channels: 1}, '
+        b"model: {base: mnist_cnn}}\r\n"
+        b"\r\n"
+        b"# the defaults come last in this file\r\n"
+        b"defaults:\r\n"
+        b"  train: {epochs: 1}\r\n"
+    )
     file.write_bytes(old)
 
     code, _, _ = init(capsys, "second", str(image_folder), "-f", str(file))
@@ -127,8 +133,13 @@ def test_a_second_init_of_the_same_name_is_refused_and_the_file_untouched(tmp_pa
     assert init(capsys, "pets", str(image_folder), "-f", str(file))[0] == 0
     before, modified = file.read_bytes(), file.stat().st_mtime_ns
 
-    result = subprocess.run([CONVFLOW, "init", "pets", str(image_folder), "-f", str(file)], capture_output=True,
-                            text=True, env=subprocess_env(), timeout=120)
+    result = subprocess.run(
+        [CONVFLOW, "init", "pets", str(image_folder), "-f", str(file)],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=120,
+    )
 
     assert result.returncode == EXIT_BAD_CONFIG
     assert f"{file}: already has a pipeline 'pets'; convflow init never replaces one" in result.stderr
@@ -191,8 +202,8 @@ def test_a_parquet_table_of_images(tmp_path, capsys, image_folder):
 def test_tfds_source_is_read_through_the_tfds_loader(monkeypatch):
     import tensorflow_datasets as tfds
 
-    from convflow.data import sources
     from convflow.cli.init_pipeline import pipeline_text
+    from convflow.data import sources
     from convflow.data.survey import survey_source
 
     monkeypatch.setattr(sources, "_network_available", lambda timeout=3.0: True)  # mock_data serves it
@@ -209,8 +220,9 @@ def test_tfds_source_is_read_through_the_tfds_loader(monkeypatch):
 @needs_shared_data
 def test_cats_vs_dogs_keeps_its_train_and_validation_folders(tmp_path, capsys):
     file = tmp_path / "pipelines.yaml"
-    code, out, _ = init(capsys, "cats", str(SHARED_DATA / "cats_vs_dogs"), "-f", str(file),
-                        "--weights", str(MOBILENET_WEIGHTS))
+    code, out, _ = init(
+        capsys, "cats", str(SHARED_DATA / "cats_vs_dogs"), "-f", str(file), "--weights", str(MOBILENET_WEIGHTS)
+    )
     assert code == 0
     assert "splits defined by the source: train 400, validation 200" in out
     spec = load_pipeline(file, "cats")
@@ -228,15 +240,41 @@ def test_cats_vs_dogs_keeps_its_train_and_validation_folders(tmp_path, capsys):
     assert 0.15 < from_train.count("test") / 400 < 0.35  # the quarter the comment promises
 
 
+# init proposes about as many training images seen for any dataset, so what a run costs follows the
+# image side: the real photos, a sample of them shrunk from 128 px (which init trains at 96 px).
+FLOWERS_PER_CLASS, FLOWERS_SIDE = 400, 48
+
+
+def flowers_sample(root: Path) -> Path:
+    """root/<class>/<photo>.jpg: the first FLOWERS_PER_CLASS photos of each class of ../shared/data/flowers,
+    resized to FLOWERS_SIDE pixels square."""
+    from PIL import Image
+
+    for folder in sorted(path for path in (SHARED_DATA / "flowers").iterdir() if path.is_dir()):
+        (root / folder.name).mkdir(parents=True)
+        for photo in sorted(folder.glob("*.jpg"))[:FLOWERS_PER_CLASS]:
+            with Image.open(photo) as image:
+                image.convert("RGB").resize((FLOWERS_SIDE, FLOWERS_SIDE)).save(root / folder.name / photo.name)
+    return root
+
+
 @pytest.mark.e2e
 @needs_shared_data
 @pytest.mark.slow
 def test_init_on_flowers_then_the_printed_run_command_completes(tmp_path):
+    flowers = flowers_sample(tmp_path / "flowers")
     file = tmp_path / "pipelines.yaml"
-    result = subprocess.run([CONVFLOW, "init", "flowers", str(SHARED_DATA / "flowers"), "-f", str(file)],
-                            capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    result = subprocess.run(
+        [CONVFLOW, "init", "flowers", str(flowers), "-f", str(file)],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
-    assert "5 classes, 4,309 images" in result.stdout
+    assert (
+        f"5 classes, {5 * FLOWERS_PER_CLASS:,} images (colour, median {FLOWERS_SIDE}x{FLOWERS_SIDE})" in result.stdout
+    )
     next_command = result.stdout.strip().splitlines()[-1].removeprefix("next: ")
     assert next_command == f"convflow run flowers -f {file}"
 

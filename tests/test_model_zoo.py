@@ -5,13 +5,22 @@ from __future__ import annotations
 import pytest
 
 from convflow import cli
-from convflow.config.schema import ModelConfig
 from convflow.config.model_zoo import APPLICATIONS, SEED_CNNS
+from convflow.config.schema import ModelConfig
 from convflow.tasks.build_base import make_base
 
 # The big ones take several seconds each to build on two cores.
-BIG = {"inception_v3", "resnet50", "resnet50_v2", "resnet101_v2", "xception", "vgg16", "vgg19",
-       "efficientnet_b0", "densenet121"}
+BIG = {
+    "inception_v3",
+    "resnet50",
+    "resnet50_v2",
+    "resnet101_v2",
+    "xception",
+    "vgg16",
+    "vgg19",
+    "efficientnet_b0",
+    "densenet121",
+}
 
 
 @pytest.mark.parametrize(

@@ -13,9 +13,9 @@ from conftest import REPO, write_yaml
 from convflow.config.errors import ConfigError
 from convflow.config.load import load_pipeline
 from convflow.config.schema import ModelConfig
+from convflow.core.records import TFRecordSet
 from convflow.tasks.build_base import WeightsError, build_base_model, make_base
 from convflow.tasks.freeze_and_wrap import freeze_and_wrap_model
-from convflow.core.records import TFRecordSet
 
 SHARED_MOBILENET = REPO.parent / "shared" / "weights" / "mobilenet_2_5_224_tf_no_top.h5"
 
@@ -23,8 +23,14 @@ SHARED_MOBILENET = REPO.parent / "shared" / "weights" / "mobilenet_2_5_224_tf_no
 def shapes_only(image_size, channels, num_classes=3) -> TFRecordSet:
     """A TFRecordSet that only states image size and channels: all that build_base reads."""
     return TFRecordSet(
-        output_dir="unused", shards={}, counts={}, image_size=image_size, channels=channels,
-        label_names=[f"class{i}" for i in range(num_classes)], data_fingerprint="-", fingerprint="-",
+        output_dir="unused",
+        shards={},
+        counts={},
+        image_size=image_size,
+        channels=channels,
+        label_names=[f"class{i}" for i in range(num_classes)],
+        data_fingerprint="-",
+        fingerprint="-",
     )
 
 

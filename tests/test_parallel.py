@@ -8,9 +8,9 @@ import multiprocessing
 
 import pytest
 
+from convflow.core.errors import DataError
 from convflow.data import imaging
 from convflow.runtime import parallel
-from convflow.core.errors import DataError
 
 
 def test_worker_processes_and_threads_give_the_same_results_in_order(tmp_path):

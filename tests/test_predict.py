@@ -23,8 +23,12 @@ def trained(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("predict")
     images = make_image_folder(root / "images", classes=CLASSES, per_class=12)
     document = copy.deepcopy(TINY_PIPELINES)
-    document["pipelines"]["tiny"]["data"] = {"source": "folder:images", "image_size": [16, 16], "channels": 3,
-                                             "split": FOLDER_SPLIT}
+    document["pipelines"]["tiny"]["data"] = {
+        "source": "folder:images",
+        "image_size": [16, 16],
+        "channels": 3,
+        "split": FOLDER_SPLIT,
+    }
     document["pipelines"]["tiny"]["evaluate"] = {"min_accuracy": 0.0}
     write_yaml(root / "pipelines.yaml", document)
     run = run_convflow(["run", "tiny", "-f", "pipelines.yaml", "--artifacts", "artifacts", "--json"], cwd=root)
@@ -47,8 +51,9 @@ def test_folder_and_corrupt_file_scored_with_the_production_model(trained):
     root = trained["root"]
     (root / "more").mkdir()
     (root / "more" / "broken.png").write_bytes(b"\x89PNG not really")
-    run = run_convflow(["predict", "tiny", "images", "more", "--artifacts", "artifacts", "--output", "out.parquet",
-                        "--json"], cwd=root)
+    run = run_convflow(
+        ["predict", "tiny", "images", "more", "--artifacts", "artifacts", "--output", "out.parquet", "--json"], cwd=root
+    )
     assert run.summary["scored"] == 36 and run.summary["errors"] == 1 and run.summary["model_version"] == 1
 
     rows = pq.read_table(root / "out.parquet").to_pylist()
@@ -62,8 +67,9 @@ def test_folder_and_corrupt_file_scored_with_the_production_model(trained):
     assert broken["predicted"] is None and broken["sha256"] is not None
     assert {row["run_id"] for row in rows} == {trained["summary"]["run_id"]}
 
-    described = duckdb.sql(f"SELECT value FROM parquet_kv_metadata('{root / 'out.parquet'}') "
-                           "WHERE key = 'description'").fetchall()
+    described = duckdb.sql(
+        f"SELECT value FROM parquet_kv_metadata('{root / 'out.parquet'}') WHERE key = 'description'"
+    ).fetchall()
     assert described and "convflow predict" in described[0][0].decode()
     assert pq.read_schema(root / "out.parquet").equals(schemas.BATCH_PREDICTIONS_SCHEMA, check_metadata=False)
 
@@ -74,10 +80,13 @@ def test_folder_and_corrupt_file_scored_with_the_production_model(trained):
 def test_parquet_table_rows_are_scored_by_row(trained):
     root = trained["root"]
     files = sorted(trained["images"].glob("*/*.png"))[:5]
-    pq.write_table(pa.table({"image": pa.array([path.read_bytes() for path in files] + [None], pa.binary())}),
-                   root / "batch.parquet")
-    run = run_convflow(["predict", "tiny", "batch.parquet", "--artifacts", "artifacts", "--output", "rows.parquet",
-                        "--json"], cwd=root)
+    pq.write_table(
+        pa.table({"image": pa.array([path.read_bytes() for path in files] + [None], pa.binary())}),
+        root / "batch.parquet",
+    )
+    run = run_convflow(
+        ["predict", "tiny", "batch.parquet", "--artifacts", "artifacts", "--output", "rows.parquet", "--json"], cwd=root
+    )
     rows = pq.read_table(root / "rows.parquet").to_pylist()
     assert [row["input"] for row in rows] == [f"batch.parquet#{row}" for row in range(6)]
     assert rows[5]["error"] == "no image" and run.summary["errors"] == 1

@@ -9,12 +9,12 @@ import re
 import subprocess
 
 import pytest
+from tf_error_convflow import MESSAGE
 
 from conftest import PYTHON, REPO, TinyRunner, start_convflow, subprocess_env
-from convflow.runtime import native_log
 from convflow.cli.app import _tensorflow_log
+from convflow.runtime import native_log
 from convflow.runtime.native_log import NativeLogFilter
-from tf_error_convflow import MESSAGE
 
 # What `import tensorflow` and its first op print on this CPU-only machine (TensorFlow 2.21).
 STARTUP_LOG = [
@@ -37,8 +37,9 @@ KEPT = [
     b"Traceback (most recent call last):",
     b"tensorflow.python.framework.errors_impl.InvalidArgumentError: boom : Tensor had NaN values",
 ]
-NATIVE_OR_BANNER = re.compile(r"^([IWEF]\d{4} [\d:.]+\s+\d+ \S+:\d+\]|WARNING: All log messages before absl)",
-                              re.MULTILINE)
+NATIVE_OR_BANNER = re.compile(
+    r"^([IWEF]\d{4} [\d:.]+\s+\d+ \S+:\d+\]|WARNING: All log messages before absl)", re.MULTILINE
+)
 
 
 def quiet_env() -> dict[str, str]:
@@ -85,8 +86,9 @@ def test_the_filter_stops_at_the_end_of_the_command_though_a_child_still_holds_s
     assert shown.read_bytes() == b"last words, then a prompt: "
 
 
-@pytest.mark.parametrize(("user_level", "verbose", "level"), [(None, True, "0"), ("3", True, "3"), ("2", False, "2"),
-                                                             (None, False, "1")])
+@pytest.mark.parametrize(
+    ("user_level", "verbose", "level"), [(None, True, "0"), ("3", True, "3"), ("2", False, "2"), (None, False, "1")]
+)
 def test_tensorflows_log_level(monkeypatch, user_level, verbose, level):
     if user_level is None:
         monkeypatch.delenv("TF_CPP_MIN_LOG_LEVEL", raising=False)
@@ -101,8 +103,10 @@ def test_tensorflows_log_level(monkeypatch, user_level, verbose, level):
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_convflow_run_digits_cnn_shows_no_native_log_line(tmp_path):
-    process = start_convflow(["run", "digits-cnn", "-f", str(REPO / "pipelines.yaml"), "--artifacts",
-                              str(tmp_path / "artifacts")], env=quiet_env())
+    process = start_convflow(
+        ["run", "digits-cnn", "-f", str(REPO / "pipelines.yaml"), "--artifacts", str(tmp_path / "artifacts")],
+        env=quiet_env(),
+    )
     stdout, stderr = process.communicate(timeout=900)
 
     assert process.returncode == 0, stderr[-3000:]
@@ -115,8 +119,9 @@ def test_convflow_run_digits_cnn_shows_no_native_log_line(tmp_path):
 @pytest.mark.slow
 def test_verbose_shows_the_native_log(tmp_path):
     runner = TinyRunner(tmp_path)
-    process = start_convflow(["run", "tiny", "--verbose", "--artifacts", str(runner.artifacts)], cwd=tmp_path,
-                             env=quiet_env())
+    process = start_convflow(
+        ["run", "tiny", "--verbose", "--artifacts", str(runner.artifacts)], cwd=tmp_path, env=quiet_env()
+    )
     stdout, stderr = process.communicate(timeout=600)
 
     assert process.returncode == 0, stderr[-3000:]
@@ -132,9 +137,14 @@ def test_verbose_shows_the_native_log(tmp_path):
 @pytest.mark.slow
 def test_an_error_tensorflow_raises_during_a_run_reaches_the_user(tmp_path):
     runner = TinyRunner(tmp_path)
-    result = subprocess.run([PYTHON, str(REPO / "tests" / "tf_error_convflow.py"), "run", "tiny", "--artifacts",
-                             str(runner.artifacts)], cwd=tmp_path, env=quiet_env(), capture_output=True, text=True,
-                            timeout=600)
+    result = subprocess.run(
+        [PYTHON, str(REPO / "tests" / "tf_error_convflow.py"), "run", "tiny", "--artifacts", str(runner.artifacts)],
+        cwd=tmp_path,
+        env=quiet_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
     assert result.returncode == 1
     last_line = result.stderr.strip().splitlines()[-1]

@@ -25,8 +25,15 @@ PATIENCE = 2
 EPOCHS = 25
 # Random labels: nothing generalises, so as the network memorises the training images its
 # validation loss rises after the first epoch or two; early stopping must then stop.
-STOPPING = TrainConfig(epochs=EPOCHS, batch_size=16, learning_rate=0.003, seed=0, deterministic=True,
-                       checkpoint_seconds=0, early_stopping={"patience": PATIENCE, "metric": "val_loss"})
+STOPPING = TrainConfig(
+    epochs=EPOCHS,
+    batch_size=16,
+    learning_rate=0.003,
+    seed=0,
+    deterministic=True,
+    checkpoint_seconds=0,
+    early_stopping={"patience": PATIENCE, "metric": "val_loss"},
+)
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +44,12 @@ def noise(tmp_path_factory):
     for label in ("a", "b", "c"):
         for index in range(40):
             save_image(root / "images" / label / f"{index}.png", rng.integers(0, 256, (16, 16, 1), dtype=np.uint8))
-    data = DataConfig(source=f"folder:{root / 'images'}", image_size=(16, 16), channels=1,
-                      split={"train": 0.5, "validation": 0.3, "test": 0.2})
+    data = DataConfig(
+        source=f"folder:{root / 'images'}",
+        image_size=(16, 16),
+        channels=1,
+        split={"train": 0.5, "validation": 0.3, "test": 0.2},
+    )
     tfrecords = write_tfrecords(split_dataset(data, root / "split"), data, root / "tfrecords")
     model = ModelConfig(base="mnist_cnn")
     base = build_base_model(model, tfrecords, seed=0, output_dir=root / "base")
@@ -52,9 +63,12 @@ def _validation_loss(model_path: str, tfrecords) -> float:
     from convflow.tfrecords import features
 
     model = keras.models.load_model(model_path, compile=False)
-    losses = [keras.losses.sparse_categorical_crossentropy(labels, model(images, training=False), from_logits=True)
-              for images, labels in features.read_dataset(tfrecords.shards["validation"], tfrecords.image_size,
-                                                          tfrecords.channels, 16)]
+    losses = [
+        keras.losses.sparse_categorical_crossentropy(labels, model(images, training=False), from_logits=True)
+        for images, labels in features.read_dataset(
+            tfrecords.shards["validation"], tfrecords.image_size, tfrecords.channels, 16
+        )
+    ]
     return float(np.concatenate([np.asarray(loss) for loss in losses]).mean())
 
 
@@ -69,6 +83,7 @@ def stopped(noise, tmp_path_factory):
     return train_model(wrapped, tfrecords, STOPPING, root / "checkpoint", root / "train")
 
 
+@pytest.mark.xdist_group("early-stopping")
 def test_early_stopping_stops_within_patience_and_keeps_the_best_epochs_weights(noise, stopped):
     tfrecords, _ = noise
     history = _history(stopped)
@@ -97,12 +112,15 @@ def _train_killed_after(epoch: int, wrapped, tfrecords, root: Path) -> None:
     train_model(wrapped, tfrecords, STOPPING, root / "checkpoint", root / "train")
 
 
+@pytest.mark.e2e
+@pytest.mark.xdist_group("early-stopping")
 def test_a_run_killed_after_the_best_epoch_resumes_and_still_keeps_its_weights(noise, stopped, tmp_path):
     tfrecords, wrapped = noise
     best = stopped.best_epoch
     kill_at = best + 1  # after the best epoch, before patience runs out
-    child = multiprocessing.get_context("spawn").Process(target=_train_killed_after,
-                                                         args=(kill_at, wrapped, tfrecords, tmp_path))
+    child = multiprocessing.get_context("spawn").Process(
+        target=_train_killed_after, args=(kill_at, wrapped, tfrecords, tmp_path)
+    )
     child.start()
     child.join(300)
     assert child.exitcode == -signal.SIGKILL
@@ -141,8 +159,12 @@ def test_balanced_class_weights_weigh_the_rare_class_up(tmp_path):
     for label, count in (("many", 45), ("few", 15)):
         for index in range(count):
             save_image(tmp_path / "images" / label / f"{index}.png", rng.integers(0, 256, (8, 8, 1), dtype=np.uint8))
-    data = DataConfig(source=f"folder:{tmp_path / 'images'}", image_size=(8, 8), channels=1,
-                      split={"train": 0.6, "validation": 0.1, "test": 0.3})
+    data = DataConfig(
+        source=f"folder:{tmp_path / 'images'}",
+        image_size=(8, 8),
+        channels=1,
+        split={"train": 0.6, "validation": 0.1, "test": 0.3},
+    )
     split_set = split_dataset(data, tmp_path / "split")
     tfrecords = write_tfrecords(split_set, data, tmp_path / "tfrecords")
     rows = pq.read_table(split_set.splits_parquet).to_pydict()
@@ -156,7 +178,12 @@ def test_balanced_class_weights_weigh_the_rare_class_up(tmp_path):
 
 def test_a_full_recipe_trains_and_records_its_schedule(digits_wrapped, digits_tfrecords, tmp_path):
     settings = TrainConfig(
-        epochs=2, batch_size=64, optimizer="adamw", weight_decay=0.01, label_smoothing=0.1, class_weight="balanced",
+        epochs=2,
+        batch_size=64,
+        optimizer="adamw",
+        weight_decay=0.01,
+        label_smoothing=0.1,
+        class_weight="balanced",
         schedule={"kind": "cosine", "warmup_epochs": 1},
         augment=["flip", {"rotation": 0.05}, "zoom", "contrast", "randaugment", "mixup", "cutmix"],
     )

@@ -29,11 +29,15 @@ def image_of(size: int, seed: int = 0) -> bytes:
 
 def tensorflow_example(image: bytes, label: int, example_id: str) -> bytes:
     """The record as tf.train.Example serializes it, deterministically (map entries by key)."""
-    return tf.train.Example(features=tf.train.Features(feature={
-        features.IMAGE: tf.train.Feature(bytes_list=tf.train.BytesList(value=[image])),
-        features.LABEL: tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
-        features.EXAMPLE_ID: tf.train.Feature(bytes_list=tf.train.BytesList(value=[example_id.encode()])),
-    })).SerializeToString(deterministic=True)
+    return tf.train.Example(
+        features=tf.train.Features(
+            feature={
+                features.IMAGE: tf.train.Feature(bytes_list=tf.train.BytesList(value=[image])),
+                features.LABEL: tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
+                features.EXAMPLE_ID: tf.train.Feature(bytes_list=tf.train.BytesList(value=[example_id.encode()])),
+            }
+        )
+    ).SerializeToString(deterministic=True)
 
 
 def sample_records(count: int = 5) -> list[tuple[bytes, int, str]]:
@@ -55,10 +59,20 @@ def test_encode_example_rejects_labels_beyond_int64():
 
 def test_the_example_schema_is_tensorflows():
     """example_proto's messages have TensorFlow's fields: names, numbers, types, oneofs, packing."""
+
     def fields(message):
-        return [(field.name, field.number, field.type, field.is_repeated, field.is_packed,
-                 field.message_type and field.message_type.full_name,
-                 field.containing_oneof and field.containing_oneof.name) for field in message.fields]
+        return [
+            (
+                field.name,
+                field.number,
+                field.type,
+                field.is_repeated,
+                field.is_packed,
+                field.message_type and field.message_type.full_name,
+                field.containing_oneof and field.containing_oneof.name,
+            )
+            for field in message.fields
+        ]
 
     messages = Example.DESCRIPTOR.file.message_types_by_name
     assert set(messages) == {"Example", "Features", "Feature", "BytesList", "FloatList", "Int64List"}
@@ -76,7 +90,8 @@ def test_a_record_holds_exactly_the_features_the_reader_parses():
     dtypes = {"bytes_list": tf.string, "int64_list": tf.int64}
     written = tf.train.Example.FromString(encode_example(b"pixels", 3, "a.jpg")).features.feature
     assert {key: dtypes[feature.WhichOneof("kind")] for key, feature in written.items()} == {
-        key: spec.dtype for key, spec in features.feature_spec().items()}
+        key: spec.dtype for key, spec in features.feature_spec().items()
+    }
 
 
 def test_uncompressed_shard_is_tensorflows(tmp_path):
@@ -120,8 +135,9 @@ def test_records_parse_with_the_feature_spec(tmp_path, compression):
     write_shard(path, [encode_example(*sample) for sample in samples], compression)
     dataset = tf.data.TFRecordDataset(str(path), features.compression_type([str(path)]))
     parsed = [tf.io.parse_single_example(record, features.feature_spec()) for record in dataset]
-    assert [(example["image"].numpy(), int(example["label"]), example["example_id"].numpy().decode())
-            for example in parsed] == samples
+    assert [
+        (example["image"].numpy(), int(example["label"]), example["example_id"].numpy().decode()) for example in parsed
+    ] == samples
 
 
 def test_an_error_inside_the_shard_propagates_and_closes_it(tmp_path):
@@ -141,7 +157,10 @@ def test_unknown_compression_is_refused(tmp_path):
 def test_import_leaves_tensorflow_out():
     imported = subprocess.run(
         [sys.executable, "-c", "import convflow.tfrecords.writer, sys; print('tensorflow' in sys.modules)"],
-        cwd=REPO, capture_output=True, text=True, check=True,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert imported.stdout.strip() == "False"
 
@@ -151,12 +170,14 @@ def test_a_shard_joined_from_parts_is_the_shard_written_whole(tmp_path, compress
     """Worker processes write a shard's parts (PART_RECORDS records each, the last fewer) and one
     process joins them: the same bytes and digest as one ShardFile, whose digest hashes each part's
     bytes as they lie in the file; TensorFlow reads every record back."""
-    records = [encode_example(image_of(300 + index % 7, index), index, f"c/{index}.jpg")
-               for index in range(2 * PART_RECORDS + 10)]
+    records = [
+        encode_example(image_of(300 + index % 7, index), index, f"c/{index}.jpg")
+        for index in range(2 * PART_RECORDS + 10)
+    ]
     whole = write_shard(tmp_path / "whole", records, compression)
     joined = ShardOfParts(tmp_path / "joined")
     for number, start in enumerate(range(0, len(records), PART_RECORDS)):
-        part = write_shard(tmp_path / f"part{number}", records[start:start + PART_RECORDS], compression)
+        part = write_shard(tmp_path / f"part{number}", records[start : start + PART_RECORDS], compression)
         joined.append(str(tmp_path / f"part{number}"), part.part_digests[0], part.records)
         assert not (tmp_path / f"part{number}").exists()
     joined.close()

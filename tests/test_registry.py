@@ -23,7 +23,8 @@ def _fake_saved_model(root: Path, content: bytes) -> Path:
 def _tree_digest(root: Path) -> dict[str, str]:
     return {
         str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
-        for path in sorted(root.rglob("*")) if path.is_file() and not path.name.endswith(".lock")
+        for path in sorted(root.rglob("*"))
+        if path.is_file() and not path.name.endswith(".lock")
     }
 
 
@@ -68,8 +69,10 @@ def _pipelines(path: Path, epochs: int) -> Path:
 
 def _run(tmp_path: Path, epochs: int) -> dict:
     pipelines = _pipelines(tmp_path / f"pipelines-{epochs}.yaml", epochs)
-    return run_convflow(["run", "gate", "-f", str(pipelines), "--artifacts", str(tmp_path / "artifacts"), "--json"],
-                        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}).summary
+    return run_convflow(
+        ["run", "gate", "-f", str(pipelines), "--artifacts", str(tmp_path / "artifacts"), "--json"],
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    ).summary
 
 
 @pytest.mark.e2e

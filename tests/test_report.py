@@ -13,12 +13,29 @@ import pytest
 from conftest import run_convflow
 
 SECTIONS = (
-    "summary", "dataset", "augmentation", "model", "training", "confusion", "per-class", "samples",
-    "mistakes", "feature-maps", "production", "stages", "lineage",
+    "summary",
+    "dataset",
+    "augmentation",
+    "model",
+    "training",
+    "confusion",
+    "per-class",
+    "samples",
+    "mistakes",
+    "feature-maps",
+    "production",
+    "stages",
+    "lineage",
 )
 CHROMIUM_FLAGS = (
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run", "--virtual-time-budget=20000",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--virtual-time-budget=20000",
 )
 
 
@@ -45,7 +62,7 @@ def test_report_is_self_contained_with_every_section(report):
     assert "data:image/png;base64," in page
     samples = page.split('id="samples"')[1].split("<h2")[0]
     assert samples.count("<figure>") == samples.count("<figcaption>") == 16  # each test image with its caption
-    assert "src=\"http" not in page and "href=\"http" not in page  # nothing to fetch
+    assert 'src="http' not in page and 'href="http' not in page  # nothing to fetch
     training = page.split('id="training"')[1].split("<h2")[0]
     assert "Trained on images in every epoch." in training  # augmentation on: no cached features
     assert "Precision float32, 1 replica(s)." in training and "tensorboard --logdir " in training
@@ -66,15 +83,22 @@ def _chromium() -> str:
 def test_report_renders_in_headless_chromium(report, tmp_path):
     chromium = _chromium()
     profile = ["--user-data-dir=" + str(tmp_path / "profile")]
-    dom = subprocess.run([chromium, *CHROMIUM_FLAGS, *profile, "--dump-dom", report.as_uri()],
-                         capture_output=True, text=True, timeout=120)
+    dom = subprocess.run(
+        [chromium, *CHROMIUM_FLAGS, *profile, "--dump-dom", report.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert dom.returncode == 0, dom.stderr[-2000:]
     for section in SECTIONS:
         assert f'id="{section}"' in dom.stdout, section
     screenshot = tmp_path / "report.png"
-    shot = subprocess.run([chromium, *CHROMIUM_FLAGS, *profile, "--window-size=1200,3000",
-                           f"--screenshot={screenshot}", report.as_uri()],
-                          capture_output=True, text=True, timeout=120)
+    shot = subprocess.run(
+        [chromium, *CHROMIUM_FLAGS, *profile, "--window-size=1200,3000", f"--screenshot={screenshot}", report.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert shot.returncode == 0, shot.stderr[-2000:]
     assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert screenshot.stat().st_size > 50_000  # a rendered page with figures, not a blank one
@@ -88,19 +112,28 @@ HOSTILE = '<script>alert("owned")</script>'
 def test_text_from_a_run_is_escaped_and_figures_are_not(tmp_path, digits_split, digits_trained, digits_tfrecords):
     """Class names, a gate reason, skipped files and stage names carry HTML as text, not as markup."""
     from convflow.config.schema import EvaluateConfig
-    from convflow.tasks.evaluate import evaluate_model
     from convflow.core.records import ExportedModel, StageRun
+    from convflow.tasks.evaluate import evaluate_model
     from convflow.tasks.write_report import render_report, report_figures
 
     evaluation = evaluate_model(digits_trained, digits_tfrecords, EvaluateConfig(top_k=3), tmp_path / "evaluate")
     evaluation = evaluation.model_copy(update={"passed_gate": False, "gate_reason": HOSTILE})
-    split_set = digits_split.model_copy(update={
-        "label_names": [f"{name}{HOSTILE}" for name in digits_split.label_names], "skipped": [f"{HOSTILE}.png"],
-    })
+    split_set = digits_split.model_copy(
+        update={
+            "label_names": [f"{name}{HOSTILE}" for name in digits_split.label_names],
+            "skipped": [f"{HOSTILE}.png"],
+        }
+    )
     exported = ExportedModel(output_dir=str(tmp_path / "export"), saved_model=HOSTILE, max_abs_difference=0.0)
     page = render_report(
-        pipeline=HOSTILE, run_id="run", config_hash="hash", split_set=split_set, trained=digits_trained,
-        evaluation=evaluation, exported=exported, stages=[StageRun(name=HOSTILE, seconds=1.0, cached=False)],
+        pipeline=HOSTILE,
+        run_id="run",
+        config_hash="hash",
+        split_set=split_set,
+        trained=digits_trained,
+        evaluation=evaluation,
+        exported=exported,
+        stages=[StageRun(name=HOSTILE, seconds=1.0, cached=False)],
         figures=report_figures(split_set, digits_trained, evaluation),
     )
 
@@ -119,9 +152,20 @@ def test_comparison_text_is_escaped():
 
     failed = VariantResult(name=HOSTILE, status="failed", error=f"ValueError: {HOSTILE}")
     comparison = Comparison(
-        pipeline=HOSTILE, comparison_id="cmp", started=HOSTILE, metric="test_accuracy", promote="best",
-        runner=HOSTILE, flow_pid=1, data_fingerprint=HOSTILE, counts={HOSTILE: 1}, label_names=[HOSTILE],
-        overrides={HOSTILE: {"train": {"note": HOSTILE}}}, variants=[failed], verdict=HOSTILE, stages=[],
+        pipeline=HOSTILE,
+        comparison_id="cmp",
+        started=HOSTILE,
+        metric="test_accuracy",
+        promote="best",
+        runner=HOSTILE,
+        flow_pid=1,
+        data_fingerprint=HOSTILE,
+        counts={HOSTILE: 1},
+        label_names=[HOSTILE],
+        overrides={HOSTILE: {"train": {"note": HOSTILE}}},
+        variants=[failed],
+        verdict=HOSTILE,
+        stages=[],
     )
 
     page = render_comparison(comparison)
@@ -131,20 +175,28 @@ def test_comparison_text_is_escaped():
     assert '<tr class="failed"><td><b>&lt;script&gt;' in page  # markup from the template itself stays
 
 
-def test_the_report_shows_the_schedule_and_early_stoppings_epoch(tmp_path, digits_split, digits_trained,
-                                                                  digits_tfrecords):
+def test_the_report_shows_the_schedule_and_early_stoppings_epoch(
+    tmp_path, digits_split, digits_trained, digits_tfrecords
+):
     from convflow.config.schema import EvaluateConfig
-    from convflow.tasks.evaluate import evaluate_model
     from convflow.core.records import ExportedModel
+    from convflow.tasks.evaluate import evaluate_model
     from convflow.tasks.write_report import render_report, report_figures
 
     evaluation = evaluate_model(digits_trained, digits_tfrecords, EvaluateConfig(top_k=3), tmp_path / "evaluate")
-    trained = digits_trained.model_copy(update={"schedule": "cosine, 2 warm-up epochs", "best_epoch": 3,
-                                                "stopped_epoch": 5})
+    trained = digits_trained.model_copy(
+        update={"schedule": "cosine, 2 warm-up epochs", "best_epoch": 3, "stopped_epoch": 5}
+    )
     page = render_report(
-        pipeline="tiny", run_id="run", config_hash="hash", split_set=digits_split, trained=trained,
-        evaluation=evaluation, exported=ExportedModel(output_dir=str(tmp_path), saved_model="m", max_abs_difference=0.0),
-        stages=[], figures=report_figures(digits_split, trained, evaluation),
+        pipeline="tiny",
+        run_id="run",
+        config_hash="hash",
+        split_set=digits_split,
+        trained=trained,
+        evaluation=evaluation,
+        exported=ExportedModel(output_dir=str(tmp_path), saved_model="m", max_abs_difference=0.0),
+        stages=[],
+        figures=report_figures(digits_split, trained, evaluation),
     )
 
     training = page.split('id="training"')[1].split("<h2")[0]
@@ -154,15 +206,22 @@ def test_the_report_shows_the_schedule_and_early_stoppings_epoch(tmp_path, digit
 
 def test_the_report_shows_the_record_format(tmp_path, digits_split, digits_trained, digits_tfrecords):
     from convflow.config.schema import EvaluateConfig
-    from convflow.tasks.evaluate import evaluate_model
     from convflow.core.records import ExportedModel
+    from convflow.tasks.evaluate import evaluate_model
     from convflow.tasks.write_report import render_report, report_figures
 
     evaluation = evaluate_model(digits_trained, digits_tfrecords, EvaluateConfig(top_k=3), tmp_path / "evaluate")
     page = render_report(
-        pipeline="tiny", run_id="run", config_hash="hash", split_set=digits_split, trained=digits_trained,
-        evaluation=evaluation, exported=ExportedModel(output_dir=str(tmp_path), saved_model="m", max_abs_difference=0.0),
-        stages=[], figures=report_figures(digits_split, digits_trained, evaluation), tfrecords=digits_tfrecords,
+        pipeline="tiny",
+        run_id="run",
+        config_hash="hash",
+        split_set=digits_split,
+        trained=digits_trained,
+        evaluation=evaluation,
+        exported=ExportedModel(output_dir=str(tmp_path), saved_model="m", max_abs_difference=0.0),
+        stages=[],
+        figures=report_figures(digits_split, digits_trained, evaluation),
+        tfrecords=digits_tfrecords,
     )
 
     dataset = page.split('id="dataset"')[1].split("<h2")[0]

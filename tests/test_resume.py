@@ -37,8 +37,13 @@ def _history_lines(artifacts: Path) -> int:
 def test_killed_run_resumes_from_last_completed_epoch(tmp_path):
     pipelines, artifacts = _pipelines(tmp_path / "pipelines.yaml"), tmp_path / "artifacts"
     args = ["run", "resume", "-f", str(pipelines), "--artifacts", str(artifacts), "--json"]
-    first = subprocess.Popen([CONVFLOW, *args], env=subprocess_env(), stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, start_new_session=True)
+    first = subprocess.Popen(
+        [CONVFLOW, *args],
+        env=subprocess_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 300
     while _history_lines(artifacts) < 2:  # epochs 1 and 2 are checkpointed: epoch 3 is running
         assert first.poll() is None, "the run ended before it could be killed"

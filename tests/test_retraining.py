@@ -11,10 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import write_yaml
-from convflow.catalog import registry
-from convflow.catalog import retraining
-from convflow.catalog import runs
-from convflow.catalog import tables
+from convflow.catalog import registry, retraining, runs, tables
 from convflow.config.errors import ConfigError
 from convflow.config.load import load_pipeline
 from convflow.core.context import RunContext
@@ -80,7 +77,9 @@ def test_promote_records_lineage_and_old_records_still_load(artifacts, tmp_path)
     assert (production.config_hash, production.data_fingerprint) == ("c1", FINGERPRINT)
     assert registry.current(artifacts, "tiny") == production
     pointer = registry.models_dir(artifacts, "tiny") / registry.POINTER
-    old_style = {k: v for k, v in json.loads(pointer.read_text()).items() if k not in ("config_hash", "data_fingerprint")}
+    old_style = {
+        k: v for k, v in json.loads(pointer.read_text()).items() if k not in ("config_hash", "data_fingerprint")
+    }
     pointer.write_text(json.dumps(old_style))
     assert registry.current(artifacts, "tiny").config_hash is None
 
@@ -124,7 +123,7 @@ def test_unchanged_run_appends_a_catalog_row_and_run_record(artifacts, tmp_path,
     promote(artifacts, tmp_path, config_hash=spec.config_hash(), data_fingerprint=FINGERPRINT)
     production = registry.current(artifacts, "tiny")
     run = RunContext(pipeline="tiny", run_id="20270101T030000Z-abcdef", artifacts_root=str(artifacts))
-    started = datetime.datetime(2027, 1, 1, 3, tzinfo=datetime.timezone.utc)
+    started = datetime.datetime(2027, 1, 1, 3, tzinfo=datetime.UTC)
 
     reason = runs.record_unchanged(run, production, started, "flow-run-1")
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pyarrow.parquet as pq
 import pytest
+from prefect_server import prefect_client, started_server
 
 from conftest import STAGES, TINY_PIPELINES, run_tiny, wait_for, write_yaml
-from prefect_server import prefect_client, started_server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.server]
 
@@ -27,9 +27,15 @@ def test_run_log_in_prefect_has_each_stage_and_each_epoch(tmp_path):
         [flow_run_id] = pq.read_table(root / "artifacts" / "runs.parquet").column("flow_run_id").to_pylist()
         with prefect_client(server) as client:
             # Logs reach the API in batches: wait for the last stage's line.
-            messages = wait_for(lambda: (found := _messages(client, flow_run_id))
-                                and any(line.startswith("write_report (") for line in found) and found,
-                                60, lambda: summary["output"][-3000:])
+            messages = wait_for(
+                lambda: (
+                    (found := _messages(client, flow_run_id))
+                    and any(line.startswith("write_report (") for line in found)
+                    and found
+                ),
+                60,
+                lambda: summary["output"][-3000:],
+            )
 
     lines = {stage: [line for line in messages if line.startswith(f"{stage} (")] for stage in STAGES}
     assert all(len(found) == 1 for found in lines.values()), lines

@@ -17,11 +17,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from prefect_server import PREFECT, Background, prefect_client, started_server
 
 from conftest import CONVFLOW, PYTHON, REPO, TASKS, TINY_PIPELINES, subprocess_env, wait_for, write_yaml
 from convflow.cli.app import main
 from convflow.flows import deployments
-from prefect_server import PREFECT, Background, prefect_client, started_server
 
 FLOW = "convflow-train"
 
@@ -51,8 +51,11 @@ def test_one_deployment_per_scheduled_pipeline(tmp_path):
     weekly, hourly = built["weekly"], built["hourly"]
     assert weekly.flow_name == FLOW and weekly.entrypoint == "convflow.flows.train_pipeline.train_pipeline"
     assert weekly.parameters == {
-        "pipeline": "weekly", "pipelines_file": str(path.resolve()), "artifacts": str(Path("artifacts").resolve()),
-        "scheduled": True, "force": False,
+        "pipeline": "weekly",
+        "pipelines_file": str(path.resolve()),
+        "artifacts": str(Path("artifacts").resolve()),
+        "scheduled": True,
+        "force": False,
     }
     assert weekly.concurrency_limit == 1
     [cron] = weekly.schedules
@@ -116,7 +119,11 @@ def read_deployments(client, name: str):
 def finished_runs(client, deployment_id):
     """Flow runs of the deployment in a final state, oldest first."""
     from prefect.client.schemas.filters import (
-        DeploymentFilter, DeploymentFilterId, FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType,
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
     )
     from prefect.client.schemas.objects import StateType
     from prefect.client.schemas.sorting import FlowRunSort
@@ -157,13 +164,21 @@ def served(server, tmp_path_factory):
             )
             runs = wait_for(
                 lambda: (found := finished_runs(client, deployment.id)) and len(found) >= 2 and found,
-                480, lambda: serve.output()[-5000:], interval=3,
+                480,
+                lambda: serve.output()[-5000:],
+                interval=3,
             )
             task_runs = [task_runs_of(client, run.id) for run in runs[:2]]
     finally:
         serve.stop()
-    return {"root": root, "artifacts": root / "artifacts", "deployment": deployment, "runs": runs[:2],
-            "task_runs": task_runs, "log": serve.output()}
+    return {
+        "root": root,
+        "artifacts": root / "artifacts",
+        "deployment": deployment,
+        "runs": runs[:2],
+        "task_runs": task_runs,
+        "log": serve.output(),
+    }
 
 
 @pytest.mark.e2e
@@ -200,12 +215,15 @@ def test_second_scheduled_run_with_unchanged_data_trains_nothing(served):
     unchanged = catalog[1]
     assert unchanged["flow_run_id"] == str(second.id) and unchanged["promoted_version"] is None
     assert (unchanged["config_hash"], unchanged["data_fingerprint"]) == (
-        catalog[0]["config_hash"], catalog[0]["data_fingerprint"]
+        catalog[0]["config_hash"],
+        catalog[0]["data_fingerprint"],
     )
     run_dir = Path(unchanged["run_dir"])
     assert not (run_dir / "train").exists() and not (run_dir / "to_tfrecords").exists()
     listing = subprocess.run(
-        [CONVFLOW, "runs", "tiny", "--artifacts", str(served["artifacts"])], capture_output=True, text=True,
+        [CONVFLOW, "runs", "tiny", "--artifacts", str(served["artifacts"])],
+        capture_output=True,
+        text=True,
         env=subprocess_env(),
     )
     assert listing.returncode == 0 and "unchanged" in listing.stdout and unchanged["run_id"] in listing.stdout
@@ -223,7 +241,9 @@ def test_serving_again_keeps_one_deployment(server, served):
         with prefect_client(server) as client:
             again = wait_for(
                 lambda: [d for d in read_deployments(client, "tiny") if d.updated > first.updated and not d.paused],
-                120, lambda: serve.output()[-3000:], interval=1,
+                120,
+                lambda: serve.output()[-3000:],
+                interval=1,
             )
     finally:
         serve.stop()
@@ -268,7 +288,9 @@ def test_deploy_twice_registers_once_and_a_worker_runs_it(server, served):
             finished = [
                 wait_for(
                     lambda: (run := client.read_flow_run(flow_run.id)).state.is_final() and run,
-                    420, lambda: worker.output()[-5000:], interval=3,
+                    420,
+                    lambda: worker.output()[-5000:],
+                    interval=3,
                 )
                 for flow_run in (unchanged, forced)
             ]

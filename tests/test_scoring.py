@@ -12,9 +12,9 @@ import subprocess
 
 import duckdb
 import pytest
+from prefect_server import PREFECT, Background, prefect_client, started_server
 
 from conftest import CONVFLOW, FOLDER_SPLIT, TINY_PIPELINES, make_image_folder, run_convflow, write_yaml
-from prefect_server import PREFECT, Background, prefect_client, started_server
 
 CLASSES = ("cat", "dog", "owl")
 
@@ -59,8 +59,9 @@ def scoring_artifacts(server) -> list[dict]:
 
 def train(root, env, epochs: int) -> dict:
     write_yaml(root / "pipelines.yaml", scoring_document(epochs))
-    return run_convflow(["run", "tiny", "-f", "pipelines.yaml", "--artifacts", "artifacts", "--json"],
-                        cwd=root, env=env).summary
+    return run_convflow(
+        ["run", "tiny", "-f", "pipelines.yaml", "--artifacts", "artifacts", "--json"], cwd=root, env=env
+    ).summary
 
 
 @pytest.mark.e2e
@@ -76,8 +77,14 @@ def test_scoring_runs_score_only_what_the_production_model_has_not(tmp_path):
     with started_server(root / "prefect-home") as server:
         env = {**server.env, "PREFECT_WORKER_QUERY_SECONDS": "1"}
         assert train(root, env, epochs=1)["promoted_version"] == 1
-        deployed = subprocess.run([CONVFLOW, "deploy", "--pool", "scoring", "-f", "pipelines.yaml", "--artifacts",
-                                   "artifacts"], cwd=root, env=env, capture_output=True, text=True, timeout=180)
+        deployed = subprocess.run(
+            [CONVFLOW, "deploy", "--pool", "scoring", "-f", "pipelines.yaml", "--artifacts", "artifacts"],
+            cwd=root,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
         assert "deployed convflow-score/tiny on work pool scoring" in deployed.stdout, deployed.stderr[-3000:]
         worker = Background([PREFECT, "worker", "start", "--pool", "scoring"], env, root / "worker.log")
         try:
@@ -93,7 +100,7 @@ def test_scoring_runs_score_only_what_the_production_model_has_not(tmp_path):
         finally:
             worker.stop()
         shown = scoring_artifacts(server)
-    today = datetime.datetime.now(datetime.timezone.utc).date()
+    today = datetime.datetime.now(datetime.UTC).date()
     assert len(first) == 6 and {row[1:] for row in first} == {(1, today)}
     assert sorted(row[0] for row in second if row not in first) == ["new-img-010.png", "new-img-011.png"]
     assert len(second) == 8
@@ -116,5 +123,8 @@ def test_a_score_section_is_served_beside_training(tmp_path):
     scoring = built[("convflow-score", "tiny")]
     assert scoring.entrypoint == "convflow.flows.score.score_pipeline"
     assert [schedule.schedule.cron for schedule in scoring.schedules] == ["0 3 * * 1"]
-    assert scoring.parameters == {"pipeline": "tiny", "pipelines_file": str(path.resolve()),
-                                  "artifacts": str(Path("artifacts").resolve())}
+    assert scoring.parameters == {
+        "pipeline": "tiny",
+        "pipelines_file": str(path.resolve()),
+        "artifacts": str(Path("artifacts").resolve()),
+    }

@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pyarrow.parquet as pq
 import tensorflow as tf
+from test_cached_features import _softmax, _test_images, built  # noqa: F401  (fixture)
+from test_transfer import rgb_tfrecords  # noqa: F401  (fixture)
 
 from convflow.config.schema import EvaluateConfig, TrainConfig
 from convflow.modeling import serving
@@ -13,14 +15,18 @@ from convflow.modeling.classifier import load_classifier
 from convflow.tasks.evaluate import evaluate_model
 from convflow.tasks.export_savedmodel import export_model
 from convflow.tasks.train import train_model
-from test_cached_features import _softmax, _test_images, built  # noqa: F401  (fixture)
-from test_transfer import rgb_tfrecords  # noqa: F401  (fixture)
 
 
 def test_model_is_traced_once_for_evaluate_and_export(tmp_path, rgb_tfrecords, built):  # noqa: F811
     _, wrapped = built
-    trained = train_model(wrapped, rgb_tfrecords, TrainConfig(epochs=2, batch_size=16), tmp_path / "ckpt",
-                          tmp_path / "train", feature_cache=tmp_path / "features")
+    trained = train_model(
+        wrapped,
+        rgb_tfrecords,
+        TrainConfig(epochs=2, batch_size=16),
+        tmp_path / "ckpt",
+        tmp_path / "train",
+        feature_cache=tmp_path / "features",
+    )
     model = load_classifier(trained.model_path)  # the object training saved, as evaluate gets it
     serve = serving.serving_function(model, rgb_tfrecords)
     assert serve.experimental_get_tracing_count() == 1  # traced during training, not here
@@ -35,8 +41,7 @@ def test_model_is_traced_once_for_evaluate_and_export(tmp_path, rgb_tfrecords, b
     # what evaluate recorded is the Keras model's answer, and the SavedModel reloaded elsewhere agrees
     predictions = pq.read_table(evaluation.predictions_parquet).to_pydict()
     images = _test_images(rgb_tfrecords)
-    np.testing.assert_allclose(np.asarray(predictions["probabilities"]), _softmax(np.asarray(model(images))),
-                               atol=1e-6)
+    np.testing.assert_allclose(np.asarray(predictions["probabilities"]), _softmax(np.asarray(model(images))), atol=1e-6)
     assert exported.max_abs_difference <= 1e-5
     loaded = tf.saved_model.load(exported.saved_model)
     assert list(loaded.signatures) == ["serving_default"]

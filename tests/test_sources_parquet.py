@@ -35,8 +35,10 @@ def image_files(folder: Path) -> list[tuple[Path, str]]:
 def hugging_face_table(folder: Path, output: Path) -> Path:
     """Hugging Face `datasets`' Image feature in Parquet: struct<bytes: binary, path: string>."""
     files = image_files(folder)
-    image = pa.array([{"bytes": path.read_bytes(), "path": path.name} for path, _ in files],
-                     pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+    image = pa.array(
+        [{"bytes": path.read_bytes(), "path": path.name} for path, _ in files],
+        pa.struct([("bytes", pa.binary()), ("path", pa.string())]),
+    )
     pq.write_table(pa.table({"image": image, "label": [CLASSES.index(name) for _, name in files]}), output)
     return output
 
@@ -100,8 +102,10 @@ def test_hive_split_partitions_are_predefined_splits(folder, tmp_path):
     root = tmp_path / "table"
     for split, rows in (("train", files[0::2]), ("test", files[1::2])):
         (root / f"split={split}").mkdir(parents=True)
-        pq.write_table(pa.table({"image": [path.read_bytes() for path, _ in rows],
-                                 "label": [name for _, name in rows]}), root / f"split={split}" / "part-0.parquet")
+        pq.write_table(
+            pa.table({"image": [path.read_bytes() for path, _ in rows], "label": [name for _, name in rows]}),
+            root / f"split={split}" / "part-0.parquet",
+        )
     loaded = load_source(data_config(f"parquet:{root}", channels=3), tmp_path / "s")
 
     assert sorted(set(loaded.predefined_split)) == ["test", "train"]
@@ -122,10 +126,14 @@ def test_unusable_rows_are_skipped_and_named(folder, tmp_path):
 
 def test_mixed_label_types_are_refused(folder, tmp_path):
     files = image_files(folder)[:4]
-    pq.write_table(pa.table({"image": [path.read_bytes() for path, _ in files],
-                             "label": pa.array(["cat", "dog", "cat", "dog"])}), tmp_path / "a.parquet")
-    pq.write_table(pa.table({"image": [path.read_bytes() for path, _ in files],
-                             "label": pa.array([0, 1, 0, 1])}), tmp_path / "b.parquet")
+    pq.write_table(
+        pa.table({"image": [path.read_bytes() for path, _ in files], "label": pa.array(["cat", "dog", "cat", "dog"])}),
+        tmp_path / "a.parquet",
+    )
+    pq.write_table(
+        pa.table({"image": [path.read_bytes() for path, _ in files], "label": pa.array([0, 1, 0, 1])}),
+        tmp_path / "b.parquet",
+    )
     with pytest.raises(DataError, match=r"labels must be all strings or all integers, found \['int', 'str'\]"):
         load_source(data_config(f"parquet:{tmp_path}/*.parquet", channels=3), tmp_path / "s")
 
@@ -146,8 +154,13 @@ def test_each_layout_trains_end_to_end(folder, tmp_path, layout):
     table = layout(folder, tmp_path / "table.parquet")
     document = copy.deepcopy(TINY_PIPELINES)
     tiny = document["pipelines"]["tiny"]
-    tiny["data"] = {"source": f"parquet:{table.name}", "image_size": [16, 16], "channels": 3,
-                    "split": FOLDER_SPLIT, "label_names": list(CLASSES)}
+    tiny["data"] = {
+        "source": f"parquet:{table.name}",
+        "image_size": [16, 16],
+        "channels": 3,
+        "split": FOLDER_SPLIT,
+        "label_names": list(CLASSES),
+    }
     tiny["evaluate"] = {"min_accuracy": 0.0}
     write_yaml(tmp_path / "pipelines.yaml", document)
 
@@ -172,19 +185,35 @@ def test_cats_vs_dogs_as_a_table_trains_as_the_folder_does(tmp_path):
         "(FORMAT parquet)"
     )
     pipeline = {
-        "data": {"image_size": [160, 160], "channels": 3, "resize": "pad",
-                 "split": {"train": 0.6, "validation": 0.1, "test": 0.3}},
-        "model": {"base": "mobilenet", "alpha": 0.25, "dropout": 0.2,
-                  "weights": str(SHARED / "weights" / "mobilenet_2_5_224_tf_no_top.h5")},
+        "data": {
+            "image_size": [160, 160],
+            "channels": 3,
+            "resize": "pad",
+            "split": {"train": 0.6, "validation": 0.1, "test": 0.3},
+        },
+        "model": {
+            "base": "mobilenet",
+            "alpha": 0.25,
+            "dropout": 0.2,
+            "weights": str(SHARED / "weights" / "mobilenet_2_5_224_tf_no_top.h5"),
+        },
         "train": {"epochs": 5, "batch_size": 32, "seed": 0},
         "evaluate": {"min_accuracy": 0.0},
     }
     sources = {"from-folder": f"folder:{folder}", "from-table": "parquet:cats_vs_dogs.parquet"}
-    document = {"pipelines": {name: {**copy.deepcopy(pipeline), "data": {**pipeline["data"], "source": source}}
-                              for name, source in sources.items()}}
+    document = {
+        "pipelines": {
+            name: {**copy.deepcopy(pipeline), "data": {**pipeline["data"], "source": source}}
+            for name, source in sources.items()
+        }
+    }
     write_yaml(tmp_path / "pipelines.yaml", document)
-    accuracy = {name: run_convflow(["run", name, "-f", "pipelines.yaml", "--artifacts", "artifacts", "--json"],
-                                   cwd=tmp_path).summary["test_accuracy"] for name in sources}
+    accuracy = {
+        name: run_convflow(
+            ["run", name, "-f", "pipelines.yaml", "--artifacts", "artifacts", "--json"], cwd=tmp_path
+        ).summary["test_accuracy"]
+        for name in sources
+    }
     print(f"\ncats_vs_dogs test accuracy: {accuracy}")
     assert accuracy["from-folder"] > 0.75  # a sanity floor: 5 epochs at 160 px
     assert abs(accuracy["from-table"] - accuracy["from-folder"]) <= 0.01

@@ -11,15 +11,14 @@ import pyarrow.parquet as pq
 import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
+from test_to_tfrecords import read_split
 
-from convflow.data import imaging
-from convflow.data import sources
+from conftest import split_as_before
 from convflow.config.schema import DataConfig
+from convflow.data import imaging, sources
 from convflow.data.sources import DataError
 from convflow.tasks.download_and_split import split_dataset
 from convflow.tasks.to_tfrecords import write_tfrecords
-from conftest import split_as_before
-from test_to_tfrecords import read_split
 
 
 @pytest.fixture
@@ -51,8 +50,14 @@ def _old_png_hash(image: np.ndarray, path: Path) -> str:
 
 
 def test_tfds_goes_straight_into_shards_with_the_splits_of_before(tmp_path, online):
-    data = DataConfig(source="tfds:mnist", image_size=(20, 20), channels=1, data_dir=str(tmp_path / "tfds"),
-                      record_format="png", shard_size=16)
+    data = DataConfig(
+        source="tfds:mnist",
+        image_size=(20, 20),
+        channels=1,
+        data_dir=str(tmp_path / "tfds"),
+        record_format="png",
+        shard_size=16,
+    )
     with tfds.testing.mock_data(num_examples=40, policy=tfds.testing.MockPolicy.USE_CODE):
         split_set = split_dataset(data, tmp_path / "split")
         tfrecords = write_tfrecords(split_set, data, tmp_path / "tfr")
@@ -64,8 +69,9 @@ def test_tfds_goes_straight_into_shards_with_the_splits_of_before(tmp_path, onli
     carved = ["train", "validation"]  # mock mnist has train and test splits: validation is carved from train
     for example_id, example in examples.items():
         assert rows.at[example_id, "sha256"] == _old_png_hash(example.image, before)
-        assert rows.at[example_id, "split"] == split_as_before(rows.at[example_id, "sha256"], example.split, carved,
-                                                               data.split.model_dump())
+        assert rows.at[example_id, "split"] == split_as_before(
+            rows.at[example_id, "sha256"], example.split, carved, data.split.model_dump()
+        )
     assert tfrecords.record_format == "png" and len(tfrecords.shards["train"]) > 1
     for split in ("train", "validation", "test"):
         read = read_split(tfrecords, split)
@@ -77,7 +83,10 @@ def test_tfds_goes_straight_into_shards_with_the_splits_of_before(tmp_path, onli
 
 def test_tfds_slicing_maps_to_splits(tmp_path, online):
     data = DataConfig(
-        source="tfds:mnist", image_size=(28, 28), channels=1, data_dir=str(tmp_path / "tfds"),
+        source="tfds:mnist",
+        image_size=(28, 28),
+        channels=1,
+        data_dir=str(tmp_path / "tfds"),
         tfds_split={"train": "train[:50%]", "test": "train[50%:]"},
     )
     with tfds.testing.mock_data(num_examples=40, policy=tfds.testing.MockPolicy.USE_CODE):

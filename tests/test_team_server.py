@@ -22,14 +22,22 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
-
-from conftest import (
-    CONVFLOW, PYTHON, TASKS, TINY_PIPELINES, finish_convflow, last_json_line, run_convflow, start_convflow, wait_for,
-    write_yaml,
-)
 from postgres import PostgresCluster, postgres_bin
 from prefect_server import Background, PrefectServer, prefect_client, started_server
 from test_schedules import finished_runs, read_deployments, task_runs_of
+
+from conftest import (
+    CONVFLOW,
+    PYTHON,
+    TASKS,
+    TINY_PIPELINES,
+    finish_convflow,
+    last_json_line,
+    run_convflow,
+    start_convflow,
+    wait_for,
+    write_yaml,
+)
 
 pytestmark = pytest.mark.server
 
@@ -88,15 +96,25 @@ def convflow(args: list[str], cwd, env) -> subprocess.CompletedProcess:
 @pytest.mark.xdist_group("team-server")
 @pytest.mark.parametrize(
     ("auth", "expected"),
-    [(None, "requires basic auth (401 Unauthorized); set PREFECT_API_AUTH_STRING=USER:PASSWORD, the server's "
-            "PREFECT_SERVER_API_AUTH_STRING"),
-     ("convflow-team:wrong", "refused PREFECT_API_AUTH_STRING (401 Unauthorized); set it to the server's "
-                             "PREFECT_SERVER_API_AUTH_STRING (USER:PASSWORD)")],
+    [
+        (
+            None,
+            "requires basic auth (401 Unauthorized); set PREFECT_API_AUTH_STRING=USER:PASSWORD, the server's "
+            "PREFECT_SERVER_API_AUTH_STRING",
+        ),
+        (
+            "convflow-team:wrong",
+            "refused PREFECT_API_AUTH_STRING (401 Unauthorized); set it to the server's "
+            "PREFECT_SERVER_API_AUTH_STRING (USER:PASSWORD)",
+        ),
+    ],
     ids=["missing", "wrong"],
 )
 def test_refused_credentials_are_one_clear_line_and_nothing_is_written(team_server, tmp_path, auth, expected):
-    scheduled = {**TINY_PIPELINES, "pipelines": {"tiny": {**TINY_PIPELINES["pipelines"]["tiny"],
-                                                          "schedule": {"cron": "0 3 * * 1"}}}}
+    scheduled = {
+        **TINY_PIPELINES,
+        "pipelines": {"tiny": {**TINY_PIPELINES["pipelines"]["tiny"], "schedule": {"cron": "0 3 * * 1"}}},
+    }
     write_yaml(tmp_path / "pipelines.yaml", scheduled)
     env = client_env(team_server, auth)
     commands = {
@@ -132,7 +150,7 @@ def team_document(due: datetime.datetime) -> dict:
 
 
 def next_minute(after: datetime.datetime) -> datetime.datetime:
-    return datetime.datetime.fromtimestamp(math.ceil(after.timestamp() / 60) * 60, datetime.timezone.utc)
+    return datetime.datetime.fromtimestamp(math.ceil(after.timestamp() / 60) * 60, datetime.UTC)
 
 
 def flow_runs_between(client, start: datetime.datetime, end: datetime.datetime):
@@ -159,7 +177,7 @@ def recorded_task_runs(client, flow_run_id, timeout: float = 60) -> dict[str, st
 
 
 def utc_now() -> datetime.datetime:
-    return datetime.datetime.now(datetime.timezone.utc)
+    return datetime.datetime.now(datetime.UTC)
 
 
 @pytest.mark.e2e
@@ -170,43 +188,64 @@ def test_a_team_load_completes_and_is_recorded(team_server, tmp_path):
     run` started at that minute: all 12 complete, the API and runs.parquet record each."""
     due = next_minute(utc_now() + datetime.timedelta(seconds=50))  # serve and warm-up are done by then
     write_yaml(tmp_path / "pipelines.yaml", team_document(due))
-    serve = Background([CONVFLOW, "serve", "--artifacts", "artifacts"], team_server.env, tmp_path / "serve.log",
-                       cwd=tmp_path)
+    serve = Background(
+        [CONVFLOW, "serve", "--artifacts", "artifacts"], team_server.env, tmp_path / "serve.log", cwd=tmp_path
+    )
     try:
         warm_up = start_convflow(["run", "warm-up", "--json"], cwd=tmp_path, env=team_server.env)
         with prefect_client(team_server) as client:
-            deployments = [wait_for(lambda: read_deployments(client, f"scheduled-{index}"), 120,
-                                    lambda: serve.output()[-3000:], interval=1)[0]
-                           for index in range(SCHEDULED_PIPELINES)]
+            deployments = [
+                wait_for(
+                    lambda: read_deployments(client, f"scheduled-{index}"),
+                    120,
+                    lambda: serve.output()[-3000:],
+                    interval=1,
+                )[0]
+                for index in range(SCHEDULED_PIPELINES)
+            ]
             finish_convflow(warm_up)  # its stages are cached for the twelve runs
             catalog = tmp_path / "artifacts" / "runs.parquet"
             rows_before = pq.read_metadata(catalog).num_rows
             assert utc_now() < due, "serve or the warm-up run took too long: the runs' minute has passed"
             time.sleep((due - utc_now()).total_seconds())
             started = time.monotonic()
-            runs = [start_convflow(["run", f"run-{index}", "--json"], cwd=tmp_path, env=team_server.env)
-                    for index in range(RUNS_AT_ONCE)]
+            runs = [
+                start_convflow(["run", f"run-{index}", "--json"], cwd=tmp_path, env=team_server.env)
+                for index in range(RUNS_AT_ONCE)
+            ]
             summaries = [finish_convflow(run, timeout=600) for run in runs]
-            scheduled = [wait_for(lambda: finished_runs(client, deployment.id), 600,
-                                  lambda: serve.output()[-5000:], interval=2)[0] for deployment in deployments]
+            scheduled = [
+                wait_for(lambda: finished_runs(client, deployment.id), 600, lambda: serve.output()[-5000:], interval=2)[
+                    0
+                ]
+                for deployment in deployments
+            ]
             seconds = time.monotonic() - started
             flow_runs = flow_runs_between(client, due - datetime.timedelta(seconds=1), utc_now())
             task_runs = {flow_run.id: recorded_task_runs(client, flow_run.id) for flow_run in flow_runs}
     finally:
         serve.stop()
-    outputs = {"server": team_server.output(), "serve": serve.output(),
-               **{f"run-{index}": summary.output for index, summary in enumerate(summaries)}}
-    print(f"\nteam load on {DATABASE}: {len(flow_runs)} flow runs in {seconds:.1f} s; states "
-          f"{sorted(run.state_name for run in flow_runs)}")
+    outputs = {
+        "server": team_server.output(),
+        "serve": serve.output(),
+        **{f"run-{index}": summary.output for index, summary in enumerate(summaries)},
+    }
+    print(
+        f"\nteam load on {DATABASE}: {len(flow_runs)} flow runs in {seconds:.1f} s; states "
+        f"{sorted(run.state_name for run in flow_runs)}"
+    )
 
-    assert [run.state_type.value for run in scheduled] == ["COMPLETED"] * SCHEDULED_PIPELINES, \
-        [(run.name, run.state) for run in scheduled]
+    assert [run.state_type.value for run in scheduled] == ["COMPLETED"] * SCHEDULED_PIPELINES, [
+        (run.name, run.state) for run in scheduled
+    ]
     assert all(summary.summary["status"] in ("completed", "not-promoted") for summary in summaries)
     assert len(flow_runs) == SCHEDULED_PIPELINES + RUNS_AT_ONCE
     assert all(run.state_type.value == "COMPLETED" for run in flow_runs)
     # Each run's nine task runs, finished: the stages the warm-up ran are cache hits ("Cached").
-    assert all(sorted(stages) == sorted(TASKS) and set(stages.values()) <= {"Completed", "Cached"}
-               for stages in task_runs.values()), task_runs
+    assert all(
+        sorted(stages) == sorted(TASKS) and set(stages.values()) <= {"Completed", "Cached"}
+        for stages in task_runs.values()
+    ), task_runs
     new_rows = pq.read_table(catalog).to_pylist()[rows_before:]
     assert sorted(row["flow_run_id"] for row in new_rows) == sorted(str(run.id) for run in flow_runs)
     troubles = {name: SERVER_TROUBLE.findall(output) for name, output in outputs.items()}
@@ -222,10 +261,14 @@ HELD_CONVFLOW = Path(__file__).with_name("held_convflow.py")
 def run_past_server_stop(root: Path, server: PrefectServer, **env: str):
     """`convflow run tiny --json` in `root`, its train stage held (trained, not yet published) until
     `server` has stopped, then released: the run's next calls meet no server. Returns the run."""
-    run = start_convflow([str(HELD_CONVFLOW), "train", "run", "tiny", "--json"], program=[PYTHON], cwd=root,
-                         env={**server.env, **env})
-    held = wait_for(lambda: next(root.glob("artifacts/tiny/*/train.held"), None), 300,
-                    lambda: f"train did not hold; run exited {run.poll()}")
+    run = start_convflow(
+        [str(HELD_CONVFLOW), "train", "run", "tiny", "--json"], program=[PYTHON], cwd=root, env={**server.env, **env}
+    )
+    held = wait_for(
+        lambda: next(root.glob("artifacts/tiny/*/train.held"), None),
+        300,
+        lambda: f"train did not hold; run exited {run.poll()}",
+    )
     server.stop()
     (held.parent / "train.release").touch()
     return run
@@ -254,8 +297,10 @@ def test_a_run_outlives_its_server_restarting(database, request, tmp_path):
     finally:
         for server in servers:
             server.stop()
-    print(f"\nserver restart on {database}: {outage:.1f} s without a server; run exited {run.returncode}, "
-          f"flow run {flow_run.state_name}, task runs {stages}")
+    print(
+        f"\nserver restart on {database}: {outage:.1f} s without a server; run exited {run.returncode}, "
+        f"flow run {flow_run.state_name}, task runs {stages}"
+    )
 
     assert run.returncode == 0, stdout[-3000:] + stderr[-5000:]
     summary = last_json_line(stdout)
@@ -304,9 +349,11 @@ def test_a_run_whose_server_stays_away_fails_clearly_and_a_rerun_finishes(databa
         rerun = run_convflow(["run", "tiny", "--json"], cwd=tmp_path, env=server.env)
     finally:
         server.stop()
-    print(f"\nserver away on {database}: the run exited {failed.returncode}; "
-          f"{[line for line in stderr.splitlines() if 'convflow run tiny' in line]}; rerun {rerun.summary['status']}, "
-          f"cached {[stage['name'] for stage in rerun.summary['stages'] if stage['cached']]}")
+    print(
+        f"\nserver away on {database}: the run exited {failed.returncode}; "
+        f"{[line for line in stderr.splitlines() if 'convflow run tiny' in line]}; rerun {rerun.summary['status']}, "
+        f"cached {[stage['name'] for stage in rerun.summary['stages'] if stage['cached']]}"
+    )
 
     assert failed.returncode == 1
     assert "convflow run tiny failed: ConnectError" in stderr

@@ -115,8 +115,9 @@ def test_readers_run_without_the_tf_data_autotuner(digits_tfrecords):
     """An autotuned iterator could take seconds to be destroyed, and Keras destroys one per epoch
     (features.untuned_options): training, augmented and evaluation readers are all built without it."""
     common = (digits_tfrecords.image_size, digits_tfrecords.channels, 32)
-    training = features.read_dataset(digits_tfrecords.shards["train"], *common, shuffle_buffer=100,
-                                     augment=lambda images, training: images)
+    training = features.read_dataset(
+        digits_tfrecords.shards["train"], *common, shuffle_buffer=100, augment=lambda images, training: images
+    )
     evaluation = features.read_dataset(digits_tfrecords.shards["test"], *common, cache=False, with_ids=True)
     assert training.options().autotune.enabled is False
     assert evaluation.options().autotune.enabled is False
@@ -158,8 +159,11 @@ def test_records_are_uncompressed_by_default_and_gzip_on_request(digits_split, d
 
     gzipped = write_tfrecords(digits_split, digits_data.model_copy(update={"compression": "gzip"}), tmp_path / "gz")
     assert gzipped.compression == "gzip"
-    assert all(shard.endswith(f".n{gzipped.counts[split]}.tfrecord.gz")
-               for split, shards in gzipped.shards.items() for shard in shards)
+    assert all(
+        shard.endswith(f".n{gzipped.counts[split]}.tfrecord.gz")
+        for split, shards in gzipped.shards.items()
+        for shard in shards
+    )
     # digits compress to about half; a gzip member per part of 256 records costs about 2% of that
     assert Path(gzipped.shards["train"][0]).stat().st_size < 0.55 * Path(raw_shard).stat().st_size
     for split in ("train", "test"):
@@ -270,8 +274,10 @@ def test_where_shards_are_written_is_not_part_of_the_cache_key_or_config_hash(di
 
 
 def test_record_format_enters_the_cache_key(digits_data):
-    keys = {_to_tfrecords_cache_key(digits_data.model_copy(update={"record_format": fmt}))
-            for fmt in ("auto", "raw", "jpeg", "png")}
+    keys = {
+        _to_tfrecords_cache_key(digits_data.model_copy(update={"record_format": fmt}))
+        for fmt in ("auto", "raw", "jpeg", "png")
+    }
     assert len(keys) == 4
 
 
@@ -344,7 +350,7 @@ def test_an_image_that_fails_to_decode_is_named_and_nothing_is_written(tmp_path,
     damaged = Path(pq.read_table(split_set.splits_parquet, columns=["path"])["path"][7].as_py())
     content = damaged.read_bytes()
     tables_at = content.find(b"\xff\xc4") + 4  # Huffman tables zeroed: header and end marker intact
-    damaged.write_bytes(content[:tables_at] + bytes(16) + content[tables_at + 16:])
+    damaged.write_bytes(content[:tables_at] + bytes(16) + content[tables_at + 16 :])
     with pytest.raises(DataError, match=re.escape(f"{damaged}: cannot decode: broken data stream")):
         write_tfrecords(split_set, data, tmp_path / "tfr")
     assert not (tmp_path / "tfr").exists()
@@ -354,13 +360,16 @@ def test_each_data_stage_shows_its_progress_bar(image_folder, tmp_path, caplog):
     from convflow.runtime.progress import progress_line
 
     assert progress_line("to_tfrecords", 2_500, 10_000, 2.0) == (
-        "to_tfrecords: [#####---------------] 2,500/10,000 images (25%), 1,250 images/s")
+        "to_tfrecords: [#####---------------] 2,500/10,000 images (25%), 1,250 images/s"
+    )
     data = data_config(f"folder:{image_folder}", split=FOLDER_SPLIT)
     with caplog.at_level("INFO", logger="convflow"):
         write_tfrecords(split_dataset(data, tmp_path / "split"), data, tmp_path / "tfr")
     bars = [record.getMessage() for record in caplog.records if "images/s" in record.getMessage()]
     assert [bar.split(" images (")[0] for bar in bars] == [
-        "download_and_split: [####################] 60/60", "to_tfrecords: [####################] 60/60"]
+        "download_and_split: [####################] 60/60",
+        "to_tfrecords: [####################] 60/60",
+    ]
 
 
 @pytest.mark.parametrize("compression", ["none", "gzip"])
@@ -377,8 +386,14 @@ def test_worker_processes_write_the_bytes_this_process_writes(tmp_path, monkeypa
 
     folder = make_image_folder(tmp_path / "images", per_class=120, size=(10, 12))  # 360 images
     mostly_train = SplitFractions(train=0.8, validation=0.1, test=0.1)
-    data = data_config(f"folder:{folder}", channels=3, split=mostly_train, shard_size=PART_RECORDS + 30,
-                       compression=compression, record_format="raw")
+    data = data_config(
+        f"folder:{folder}",
+        channels=3,
+        split=mostly_train,
+        shard_size=PART_RECORDS + 30,
+        compression=compression,
+        record_format="raw",
+    )
     threads = split_dataset(data, tmp_path / "split-threads")
     written_here = write_tfrecords(threads, data, tmp_path / "here")
     monkeypatch.setattr(sources, "PROCESSES_FROM", 0)
@@ -387,8 +402,9 @@ def test_worker_processes_write_the_bytes_this_process_writes(tmp_path, monkeypa
     written_by_workers = write_tfrecords(processes, data, tmp_path / "workers")
     assert parallel._workers is not None  # the worker processes were used
 
-    assert (pq.read_table(processes.splits_parquet).drop(["path"])
-            == pq.read_table(threads.splits_parquet).drop(["path"]))
+    assert pq.read_table(processes.splits_parquet).drop(["path"]) == pq.read_table(threads.splits_parquet).drop(
+        ["path"]
+    )
     assert written_by_workers.fingerprint == written_here.fingerprint
     shards = [Path(shard).name for shard in written_here.required_files()]
     assert len(shards) >= 3 and written_here.counts["train"] > PART_RECORDS  # a shard of two parts
@@ -432,7 +448,7 @@ def test_a_jpeg_at_the_models_size_goes_into_a_jpeg_record_as_it_is(tmp_path):
     damaged = next(Path(path) for path in path_of.values() if Image.open(path).size == (24, 24))
     content = damaged.read_bytes()
     tables_at = content.find(b"\xff\xc4") + 4  # Huffman tables zeroed: header and end marker intact
-    damaged.write_bytes(content[:tables_at] + bytes(16) + content[tables_at + 16:])
+    damaged.write_bytes(content[:tables_at] + bytes(16) + content[tables_at + 16 :])
     split_set = split_dataset(data, tmp_path / "split-damaged")
     with pytest.raises(DataError, match=re.escape(f"{damaged}: cannot decode")):
         write_tfrecords(split_set, data, tmp_path / "tfr-damaged")

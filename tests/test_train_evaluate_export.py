@@ -16,16 +16,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import FOLDER_SPLIT, PYTHON, REPO, data_config, subprocess_env
-from convflow.runtime import process_caches
 from convflow.catalog import schemas
-from convflow.config.schema import EvaluateConfig, ModelConfig, TrainConfig
 from convflow.catalog.registry import Production
+from convflow.config.schema import EvaluateConfig, ModelConfig, TrainConfig
+from convflow.modeling.classifier import predict_split, probabilities_from_logits
+from convflow.modeling.export_check import FRESH_PROCESS, ExportMismatch, FreshProcessCheck, verify_saved_model
+from convflow.runtime import process_caches
 from convflow.tasks.build_base import build_base_model
 from convflow.tasks.download_and_split import split_dataset
-from convflow.modeling.classifier import predict_split, probabilities_from_logits
 from convflow.tasks.evaluate import evaluate_model
 from convflow.tasks.export_savedmodel import MODEL_VERSION, export_model
-from convflow.modeling.export_check import FRESH_PROCESS, ExportMismatch, FreshProcessCheck, verify_saved_model
 from convflow.tasks.freeze_and_wrap import freeze_and_wrap_model
 from convflow.tasks.to_tfrecords import write_tfrecords
 from convflow.tasks.train import checkpoint_key, train_model
@@ -47,7 +47,9 @@ def assert_schema(actual: pa.Schema, expected: pa.Schema) -> None:
 @pytest.fixture(scope="module")
 def digits_evaluation(tmp_path_factory, digits_trained, digits_tfrecords):
     return evaluate_model(
-        digits_trained, digits_tfrecords, EvaluateConfig(min_accuracy=0.5, top_k=3),
+        digits_trained,
+        digits_tfrecords,
+        EvaluateConfig(min_accuracy=0.5, top_k=3),
         tmp_path_factory.mktemp("digits-eval") / "evaluate",
     )
 
@@ -125,15 +127,26 @@ def _crash_during_training(tmp_path, digits_wrapped, digits_tfrecords, train, cr
     """train_model in a process that dies at the start of epoch `crash_at_epoch` (0-based)."""
     checkpoint_dir, output_dir = tmp_path / "checkpoint", tmp_path / "train"
     arguments = tmp_path / "arguments.json"
-    arguments.write_text(json.dumps({
-        "wrapped": digits_wrapped.model_dump(), "tfrecords": digits_tfrecords.model_dump(),
-        "train": train.model_dump(), "checkpoint_dir": str(checkpoint_dir), "output_dir": str(output_dir),
-    }))
+    arguments.write_text(
+        json.dumps(
+            {
+                "wrapped": digits_wrapped.model_dump(),
+                "tfrecords": digits_tfrecords.model_dump(),
+                "train": train.model_dump(),
+                "checkpoint_dir": str(checkpoint_dir),
+                "output_dir": str(output_dir),
+            }
+        )
+    )
     script = tmp_path / "crash.py"
     script.write_text(RESUME_SCRIPT)
     crashed = subprocess.run(
-        [PYTHON, str(script), str(arguments), str(crash_at_epoch)], capture_output=True, text=True,
-        env=subprocess_env(), cwd=REPO, timeout=300,
+        [PYTHON, str(script), str(arguments), str(crash_at_epoch)],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        cwd=REPO,
+        timeout=300,
     )
     assert crashed.returncode == 17, crashed.stderr[-3000:]
     assert not output_dir.exists()  # nothing that looks like a finished training
@@ -142,6 +155,7 @@ def _crash_during_training(tmp_path, digits_wrapped, digits_tfrecords, train, cr
     return checkpoint_dir, output_dir
 
 
+@pytest.mark.e2e
 def test_training_resumes_after_a_crash(tmp_path, digits_wrapped, digits_tfrecords):
     train = TrainConfig(epochs=4, batch_size=128, seed=0, checkpoint_seconds=0)  # a checkpoint every epoch
     checkpoint_dir, output_dir = _crash_during_training(tmp_path, digits_wrapped, digits_tfrecords, train, 2)
@@ -156,6 +170,7 @@ def test_training_resumes_after_a_crash(tmp_path, digits_wrapped, digits_tfrecor
     assert history[2]["loss"] < history[0]["loss"]
 
 
+@pytest.mark.e2e
 def test_epochs_shorter_than_checkpoint_seconds_are_not_checkpointed(tmp_path, digits_wrapped, digits_tfrecords):
     train = TrainConfig(epochs=3, batch_size=128, seed=0, checkpoint_seconds=3600)
     checkpoint_dir, output_dir = _crash_during_training(tmp_path, digits_wrapped, digits_tfrecords, train, 2)
@@ -166,8 +181,9 @@ def test_epochs_shorter_than_checkpoint_seconds_are_not_checkpointed(tmp_path, d
     assert resumed.resumed_from_epoch == 0  # the lost epochs are trained again, and logged once each
     assert [row["epoch"] for row in pq.read_table(resumed.history_parquet).to_pylist()] == [1, 2, 3]
     same_but_every_epoch = train.model_copy(update={"checkpoint_seconds": 0})
-    assert checkpoint_key(digits_wrapped, digits_tfrecords, same_but_every_epoch) == \
-        checkpoint_key(digits_wrapped, digits_tfrecords, train)  # how often to save is not what is trained
+    assert checkpoint_key(digits_wrapped, digits_tfrecords, same_but_every_epoch) == checkpoint_key(
+        digits_wrapped, digits_tfrecords, train
+    )  # how often to save is not what is trained
     assert not checkpoint_dir.exists()
     assert keras.models.load_model(resumed.model_path, compile=False).output_shape == (None, 10)
 
@@ -178,8 +194,9 @@ def test_steps_per_execution_runs_one_optimizer_step_per_batch(tmp_path, digits_
     weights = {}
     for steps in (5, 64):
         train = TrainConfig(epochs=2, batch_size=128, seed=0, deterministic=True, steps_per_execution=steps)
-        trained = train_model(digits_wrapped, digits_tfrecords, train, tmp_path / f"checkpoint-{steps}",
-                              tmp_path / f"train-{steps}")
+        trained = train_model(
+            digits_wrapped, digits_tfrecords, train, tmp_path / f"checkpoint-{steps}", tmp_path / f"train-{steps}"
+        )
         model = keras.models.load_model(trained.model_path)
         assert int(model.optimizer.iterations.numpy()) == 2 * math.ceil(digits_tfrecords.counts["train"] / 128)
         assert [row["epoch"] for row in pq.read_table(trained.history_parquet).to_pylist()] == [1, 2]
@@ -251,20 +268,34 @@ def test_gate(digits_trained, digits_tfrecords, digits_evaluation, tmp_path):
     assert strict.test_accuracy == pytest.approx(digits_evaluation.test_accuracy)
 
 
-def test_gate_against_production(digits_trained, digits_wrapped, digits_tfrecords, digits_evaluation, digits_export, tmp_path):
+@pytest.mark.xdist_group("digits-export")
+def test_gate_against_production(
+    digits_trained, digits_wrapped, digits_tfrecords, digits_evaluation, digits_export, tmp_path
+):
     """A model worse than production on the same test split is not promoted, whatever min_accuracy says."""
     production = Production(
-        pipeline="digits", version=1, run_id="earlier", saved_model=digits_export.saved_model,
-        model=digits_trained.model_path, test_accuracy=digits_evaluation.test_accuracy, promoted_at="2026-01-01T00:00:00+00:00",
+        pipeline="digits",
+        version=1,
+        run_id="earlier",
+        saved_model=digits_export.saved_model,
+        model=digits_trained.model_path,
+        test_accuracy=digits_evaluation.test_accuracy,
+        promoted_at="2026-01-01T00:00:00+00:00",
     )
     untrained = digits_trained.model_copy(update={"model_path": digits_wrapped.model_path})  # the same net, not trained
 
-    worse = evaluate_model(untrained, digits_tfrecords, EvaluateConfig(min_accuracy=0.0), tmp_path / "worse", production)
-    same = evaluate_model(digits_trained, digits_tfrecords, EvaluateConfig(min_accuracy=0.0), tmp_path / "same", production)
+    worse = evaluate_model(
+        untrained, digits_tfrecords, EvaluateConfig(min_accuracy=0.0), tmp_path / "worse", production
+    )
+    same = evaluate_model(
+        digits_trained, digits_tfrecords, EvaluateConfig(min_accuracy=0.0), tmp_path / "same", production
+    )
 
     # production is scored afresh, through its SavedModel, on this run's test split
     assert worse.production_version == 1
-    assert worse.production_accuracy == pytest.approx(digits_evaluation.test_accuracy, abs=1 / digits_tfrecords.counts["test"])
+    assert worse.production_accuracy == pytest.approx(
+        digits_evaluation.test_accuracy, abs=1 / digits_tfrecords.counts["test"]
+    )
     assert worse.test_accuracy < worse.production_accuracy
     assert worse.passed_gate is False and "production v1" in worse.gate_reason
     assert same.passed_gate is True
@@ -278,7 +309,9 @@ def test_evaluate_two_classes(tmp_path, image_folder_factory):
     model = ModelConfig(base="mnist_cnn")
     base = build_base_model(model, tfrecords, 0, tmp_path / "base")
     wrapped = freeze_and_wrap_model(base, model, 2, 0, tmp_path / "wrapped")
-    trained = train_model(wrapped, tfrecords, TrainConfig(epochs=1, batch_size=16), tmp_path / "ckpt", tmp_path / "train")
+    trained = train_model(
+        wrapped, tfrecords, TrainConfig(epochs=1, batch_size=16), tmp_path / "ckpt", tmp_path / "train"
+    )
 
     evaluation = evaluate_model(trained, tfrecords, EvaluateConfig(top_k=5), tmp_path / "evaluate")
 
@@ -310,6 +343,7 @@ SERVE_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.xdist_group("digits-export")
 def test_export_serves_raw_images_in_a_fresh_process(digits_export, digits_trained, digits_tfrecords, tmp_path):
     saved_model = digits_export.saved_model
     assert saved_model.endswith(f"/digits/{MODEL_VERSION}")
@@ -325,7 +359,11 @@ def test_export_serves_raw_images_in_a_fresh_process(digits_export, digits_train
 
     result = subprocess.run(
         [PYTHON, str(script), saved_model, str(tmp_path / "inputs.npz"), str(tmp_path / "outputs.npz")],
-        capture_output=True, text=True, env=subprocess_env(), cwd=tmp_path, timeout=300,
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        cwd=tmp_path,
+        timeout=300,
     )
 
     assert result.returncode == 0, result.stderr[-3000:]
@@ -342,7 +380,9 @@ def test_export_serves_raw_images_in_a_fresh_process(digits_export, digits_train
     np.testing.assert_allclose(served["bigger_probabilities"].sum(axis=1), 1, atol=1e-5)
 
 
-def test_export_checks_against_the_evaluate_stage_predictions(digits_trained, digits_tfrecords, digits_evaluation, tmp_path):
+def test_export_checks_against_the_evaluate_stage_predictions(
+    digits_trained, digits_tfrecords, digits_evaluation, tmp_path
+):
     exported = export_model(digits_trained, digits_tfrecords, "digits", tmp_path / "export", digits_evaluation)
     assert exported.max_abs_difference <= 1e-5
 
@@ -356,7 +396,9 @@ def test_export_checks_against_the_evaluate_stage_predictions(digits_trained, di
     assert not (tmp_path / "export-2").exists()
 
 
-def test_export_takes_the_fresh_process_started_ahead_of_it(digits_trained, digits_tfrecords, digits_evaluation, tmp_path):
+def test_export_takes_the_fresh_process_started_ahead_of_it(
+    digits_trained, digits_tfrecords, digits_evaluation, tmp_path
+):
     assert process_caches.start_ahead(FRESH_PROCESS, FreshProcessCheck)
     waiting = process_caches.waiting(FRESH_PROCESS)
     assert waiting is not None and waiting.process.poll() is None  # importing TensorFlow, no model yet
@@ -379,16 +421,21 @@ def test_predictions_run_as_a_graph_equal_the_eager_model(digits_trained, digits
     np.testing.assert_allclose(logits, eager, atol=1e-5)
 
 
+@pytest.mark.xdist_group("digits-export")
 def test_saved_model_that_disagrees_with_keras_is_refused(digits_export, digits_trained, digits_tfrecords):
     images, _, _, logits = predict_split(digits_trained.model_path, digits_tfrecords, "test")
     expected = probabilities_from_logits(logits)
     assert verify_saved_model(Path(digits_export.saved_model), images, expected) <= 1e-5
     expected[0] = expected[0][::-1]  # as if the export had lost a layer for one image
-    with pytest.raises(ExportMismatch, match=re.escape(digits_export.saved_model) + r": SavedModel probabilities "
-                       r"differ from Keras by \d"):
+    with pytest.raises(
+        ExportMismatch,
+        match=re.escape(digits_export.saved_model) + r": SavedModel probabilities "
+        r"differ from Keras by \d",
+    ):
         verify_saved_model(Path(digits_export.saved_model), images, expected)
 
 
+@pytest.mark.xdist_group("digits-export")
 def test_export_is_written_atomically(digits_export):
     export_dir = Path(digits_export.output_dir)
     assert [path.name for path in export_dir.parent.iterdir()] == [export_dir.name]

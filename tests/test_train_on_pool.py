@@ -20,12 +20,12 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from prefect_server import Background, PrefectServer, prefect_client, started_server
 
 from conftest import CONVFLOW, TINY_PIPELINES, last_json_line, wait_for, write_yaml
 from convflow.cli.app import main
 from convflow.config.errors import ConfigError
 from convflow.config.load import load_pipeline
-from prefect_server import Background, PrefectServer, prefect_client, started_server
 
 POOL = "gpu"
 HEARTBEAT_SECONDS = 30  # Prefect's minimum
@@ -50,7 +50,7 @@ def train_runs(client, pipeline: str) -> dict[int, object]:
 
     runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["convflow-train-stage"])))
     prefix = f"{pipeline} train, attempt "
-    return {int(run.name[len(prefix):]): run for run in runs if run.name.startswith(prefix)}
+    return {int(run.name[len(prefix) :]): run for run in runs if run.name.startswith(prefix)}
 
 
 def parent_pid(pid: int) -> int:
@@ -74,8 +74,19 @@ class Worker(Background):
 
     def __init__(self, server: PrefectServer, folder: Path, name: str, pool: str = POOL, wrapper: list[str] = ()):
         folder.mkdir(parents=True, exist_ok=True)
-        command = [*wrapper, CONVFLOW, "worker", "--pool", pool, "--name", name, "--heartbeat",
-                   str(HEARTBEAT_SECONDS), "--lost-after", str(LOST_AFTER_SECONDS)]
+        command = [
+            *wrapper,
+            CONVFLOW,
+            "worker",
+            "--pool",
+            pool,
+            "--name",
+            name,
+            "--heartbeat",
+            str(HEARTBEAT_SECONDS),
+            "--lost-after",
+            str(LOST_AFTER_SECONDS),
+        ]
         super().__init__(command, server.env, folder / "worker.log", cwd=folder)
         self.name = name
         wait_for(lambda: "started!" in self.output() or self.process.poll() is not None, 120, self.output)
@@ -137,17 +148,22 @@ def test_work_pool_is_where_training_runs_not_what_it_trains(tmp_path):
     assert on_pool.config_hash() == here.config_hash()  # same model: same checkpoint, same cached stages
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("work_pool", "GPU pool", "must be 1-64 of a-z 0-9 _ . -"),
-    ("max_attempts", 0, "must be ≥ 1"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("work_pool", "GPU pool", "must be 1-64 of a-z 0-9 _ . -"),
+        ("max_attempts", 0, "must be ≥ 1"),
+    ],
+)
 def test_bad_work_pool_settings_name_the_field(tmp_path, field, value, message):
     document = pool_pipelines()
     document["pipelines"]["tiny"]["train"][field] = value
     with pytest.raises(ConfigError) as caught:
         load_pipeline(write_yaml(tmp_path / "pipelines.yaml", document), "tiny")
-    assert any(line.startswith(f"pipelines.tiny.train.{field}: {json.dumps(value)}") and message in line
-               for line in caught.value.problems), caught.value.problems
+    assert any(
+        line.startswith(f"pipelines.tiny.train.{field}: {json.dumps(value)}") and message in line
+        for line in caught.value.problems
+    ), caught.value.problems
 
 
 def test_run_on_a_pool_without_a_server_refuses_before_writing(tmp_path, capsys):
@@ -209,8 +225,11 @@ def _attempt_while_training(server, run: PipelineRun, workers: dict) -> tuple[ob
 def _resumed_training(run: PipelineRun, killed_at: float) -> None:
     """Wait until the next attempt has trained an epoch (or the run ended); print how long that took."""
     epochs_before = run.checkpointed_epochs()  # read after the kill: nothing adds to it meanwhile
-    wait_for(lambda: run.checkpointed_epochs() > epochs_before or run.process.poll() is not None,
-             LOST_AFTER_SECONDS + 180, run.output)
+    wait_for(
+        lambda: run.checkpointed_epochs() > epochs_before or run.process.poll() is not None,
+        LOST_AFTER_SECONDS + 180,
+        run.output,
+    )
     print(f"\n{run.name}: {time.monotonic() - killed_at:.1f} s from the kill to the first resumed epoch's end")
 
 
@@ -278,8 +297,11 @@ def test_lost_worker_costs_one_attempt_not_the_run(server, workers, tmp_path):
 
 
 def _tree(root: Path) -> dict[str, tuple[int, int]]:
-    return {str(path.relative_to(root)): (path.stat().st_size, path.stat().st_mtime_ns)
-            for path in sorted(root.rglob("*")) if path.is_file()}
+    return {
+        str(path.relative_to(root)): (path.stat().st_size, path.stat().st_mtime_ns)
+        for path in sorted(root.rglob("*"))
+        if path.is_file()
+    }
 
 
 @pytest.mark.e2e
@@ -293,8 +315,15 @@ def test_worker_that_does_not_see_the_artifacts_root_fails_at_once(server, tmp_p
     hidden_view = tmp_path / "what-the-worker-sees"
     hidden_view.mkdir()
     root.mkdir()
-    wrapper = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-               f"mount --bind {hidden_view} {root} && exec \"$0\" \"$@\""]
+    wrapper = [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        f'mount --bind {hidden_view} {root} && exec "$0" "$@"',
+    ]
     worker = Worker(server, tmp_path / "worker-elsewhere", "worker-elsewhere", pool="elsewhere", wrapper=wrapper)
     try:
         run = PipelineRun(server, root, "unseen-root", pool="elsewhere")
@@ -309,6 +338,7 @@ def test_worker_that_does_not_see_the_artifacts_root_fails_at_once(server, tmp_p
     assert list(attempts) == [1] and attempts[1].state.is_failed(), attempts  # failed at once: no second attempt
     assert _tree(hidden_view) == {}  # the worker wrote nothing where it looked
     artifacts = _tree(root / "artifacts")
-    assert not any("checkpoints" in path or "/train/" in path or "train-attempts" in path
-                   for path in artifacts), sorted(artifacts)
+    assert not any("checkpoints" in path or "/train/" in path or "train-attempts" in path for path in artifacts), (
+        sorted(artifacts)
+    )
     assert "runs.parquet" not in artifacts

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from test_transfer import _load, _mobilenet, rgb_tfrecords  # noqa: F401  (fixture)
 
 from conftest import data_config, subprocess_env
 from convflow.config.schema import EvaluateConfig, FineTuneConfig, ModelConfig, TrainConfig
@@ -24,7 +25,6 @@ from convflow.tasks.export_savedmodel import export_model
 from convflow.tasks.freeze_and_wrap import freeze_and_wrap_model
 from convflow.tasks.to_tfrecords import write_tfrecords
 from convflow.tasks.train import train_model
-from test_transfer import _load, _mobilenet, rgb_tfrecords  # noqa: F401  (fixture)
 
 
 def _saved_model_probabilities(saved_model: str, images: np.ndarray) -> np.ndarray:
@@ -43,8 +43,15 @@ def test_mixed_precision_trains_evaluates_and_exports_float32(tmp_path, rgb_tfre
     wrapped = freeze_and_wrap_model(base, config, 2, 0, tmp_path / "wrapped")
     settings = TrainConfig(epochs=2, batch_size=16, learning_rate=0.01, precision=precision)
     # The head on features the base computed in `precision`, then fine-tuning on images in it.
-    trained = train_model(wrapped, rgb_tfrecords, settings, tmp_path / "ckpt", tmp_path / "train",
-                          config.fine_tune, feature_cache=tmp_path / "cache")
+    trained = train_model(
+        wrapped,
+        rgb_tfrecords,
+        settings,
+        tmp_path / "ckpt",
+        tmp_path / "train",
+        config.fine_tune,
+        feature_cache=tmp_path / "cache",
+    )
     assert trained.precision == precision and trained.head_trained_on == "cached features"
     losses = pq.read_table(trained.history_parquet).column("loss").to_pylist()
     assert len(losses) == 3 and all(np.isfinite(losses))
@@ -69,8 +76,10 @@ def test_tensorboard_reads_back_epoch_scalars_and_settings(tmp_path, digits_wrap
     def scalars(run: str, tag: str) -> list[float]:
         events = EventAccumulator(str(Path(trained.tensorboard_dir) / run))
         events.Reload()
-        return [float(np.asarray(__import__("tensorflow").make_ndarray(event.tensor_proto)))
-                for event in events.Tensors(tag)]
+        return [
+            float(np.asarray(__import__("tensorflow").make_ndarray(event.tensor_proto)))
+            for event in events.Tensors(tag)
+        ]
 
     np.testing.assert_allclose(scalars("train", "epoch_loss"), history["loss"], rtol=1e-5)
     np.testing.assert_allclose(scalars("train", "epoch_accuracy"), history["accuracy"], rtol=1e-5)
@@ -109,6 +118,7 @@ def _history_lines(root: Path) -> int:
     return len(log.read_text().splitlines()) if log.exists() else 0
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_two_replicas_killed_mid_training_resume_and_export(tmp_path):
     data = data_config("sklearn:digits", image_size=(20, 20), channels=1)  # about a second per epoch
@@ -120,11 +130,18 @@ def test_two_replicas_killed_mid_training_resume_and_export(tmp_path):
     (tmp_path / "tfrecords.json").write_text(tfrecords.model_dump_json())
     (tmp_path / "driver.py").write_text(REPLICA_DRIVER)
     epochs, root = 6, tmp_path / "training"
-    command = [sys.executable, str(tmp_path / "driver.py"), str(tmp_path / "wrapped.json"),
-               str(tmp_path / "tfrecords.json"), str(root), str(epochs)]
+    command = [
+        sys.executable,
+        str(tmp_path / "driver.py"),
+        str(tmp_path / "wrapped.json"),
+        str(tmp_path / "tfrecords.json"),
+        str(root),
+        str(epochs),
+    ]
 
-    first = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True)
+    first = subprocess.Popen(
+        command, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.monotonic() + 300
     while _history_lines(root) < 2:  # two epochs checkpointed, the third training
         assert first.poll() is None, "training ended before it could be killed"

@@ -16,7 +16,6 @@ from convflow.tasks.freeze_and_wrap import freeze_and_wrap_model
 from convflow.tasks.to_tfrecords import write_tfrecords
 from convflow.tasks.train import train_model
 
-
 # Real ImageNet features (see ../shared/data/README.md); random MobileNet features at 32x32 are
 # mostly dead ReLUs, which would leave the head's kernel without gradient.
 MOBILENET_WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights" / "mobilenet_2_5_224_tf_no_top.h5"
@@ -64,8 +63,9 @@ def test_head_training_leaves_frozen_base_bit_identical(tmp_path, rgb_tfrecords)
     wrapped = _wrapped(tmp_path, rgb_tfrecords, config)
     assert wrapped.base_frozen and wrapped.trainable_params < wrapped.total_params
     before = _load(wrapped.model_path)
-    trained = train_model(wrapped, rgb_tfrecords, TrainConfig(epochs=2, batch_size=16),
-                          tmp_path / "ckpt", tmp_path / "train")
+    trained = train_model(
+        wrapped, rgb_tfrecords, TrainConfig(epochs=2, batch_size=16), tmp_path / "ckpt", tmp_path / "train"
+    )
     after = _load(trained.model_path)
     base_before = _weights_by_layer(before.get_layer("base"))
     base_after = _weights_by_layer(after.get_layer("base"))
@@ -82,8 +82,9 @@ def test_fine_tuning_changes_only_the_unfrozen_top(tmp_path, rgb_tfrecords):
     config = _mobilenet(fine_tune=fine_tune)
     wrapped = _wrapped(tmp_path, rgb_tfrecords, config)
     before = _load(wrapped.model_path).get_layer("base")
-    trained = train_model(wrapped, rgb_tfrecords, TrainConfig(epochs=1, batch_size=16),
-                          tmp_path / "ckpt", tmp_path / "train", fine_tune)
+    trained = train_model(
+        wrapped, rgb_tfrecords, TrainConfig(epochs=1, batch_size=16), tmp_path / "ckpt", tmp_path / "train", fine_tune
+    )
     assert trained.epochs == 2
     after = _load(trained.model_path).get_layer("base")
     top = {layer.name for layer in before.layers[-6:]}
@@ -103,8 +104,14 @@ def test_fine_tune_from_unknown_layer_is_a_clear_error(tmp_path, rgb_tfrecords):
     config = _mobilenet(fine_tune=fine_tune)
     wrapped = _wrapped(tmp_path, rgb_tfrecords, config)
     with pytest.raises(ValueError, match="from_layer 'no_such_layer' is not a layer of the base"):
-        train_model(wrapped, rgb_tfrecords, TrainConfig(epochs=1, batch_size=16),
-                    tmp_path / "ckpt", tmp_path / "train", fine_tune)
+        train_model(
+            wrapped,
+            rgb_tfrecords,
+            TrainConfig(epochs=1, batch_size=16),
+            tmp_path / "ckpt",
+            tmp_path / "train",
+            fine_tune,
+        )
 
 
 def test_binary_head_trains_evaluates_and_exports(tmp_path, rgb_tfrecords):
@@ -115,8 +122,13 @@ def test_binary_head_trains_evaluates_and_exports(tmp_path, rgb_tfrecords):
     config = _mobilenet(binary_head=True)
     wrapped = _wrapped(tmp_path, rgb_tfrecords, config)
     assert _load(wrapped.model_path).output_shape == (None, 1)
-    trained = train_model(wrapped, rgb_tfrecords, TrainConfig(epochs=3, batch_size=16, learning_rate=0.01),
-                          tmp_path / "ckpt", tmp_path / "train")
+    trained = train_model(
+        wrapped,
+        rgb_tfrecords,
+        TrainConfig(epochs=3, batch_size=16, learning_rate=0.01),
+        tmp_path / "ckpt",
+        tmp_path / "train",
+    )
     losses = pq.read_table(trained.history_parquet).column("loss").to_pylist()
     assert losses[-1] < losses[0]  # binary cross-entropy on the one logit goes down
     evaluation = evaluate_model(trained, rgb_tfrecords, EvaluateConfig(), tmp_path / "evaluate")

@@ -16,8 +16,11 @@ from convflow.config.errors import ConfigError
 from convflow.config.load import load_pipelines
 from convflow.tasks.tune_trial import TrialResult, best_trial, search
 
-SPACE = {"learning_rate": {"min": 0.0003, "max": 0.01, "log": True}, "dropout": {"values": [0.0, 0.3]},
-         "batch_size": {"values": [32, 128]}}
+SPACE = {
+    "learning_rate": {"min": 0.0003, "max": 0.01, "log": True},
+    "dropout": {"values": [0.0, 0.3]},
+    "batch_size": {"values": [32, 128]},
+}
 
 
 def _tune_document(tiny_document: dict, **tune) -> dict:
@@ -42,20 +45,31 @@ def test_augment_strength_scales_every_augmentation_setting(tmp_path, tiny_docum
     document["pipelines"]["tiny"]["tune"]["space"] = {"augment_strength": {"min": 0.5, "max": 2}}
     spec = load_pipelines(write_yaml(tmp_path / "p.yaml", document))["tiny"]
 
-    assert tuned_spec(spec, {"augment_strength": 2.0}).train.augment == [{"flip": None}, {"rotation": 0.2},
-                                                                         {"mixup": 0.4}]
+    assert tuned_spec(spec, {"augment_strength": 2.0}).train.augment == [
+        {"flip": None},
+        {"rotation": 0.2},
+        {"mixup": 0.4},
+    ]
 
 
-@pytest.mark.parametrize(("space", "expected"), [
-    ({"momentum": {"values": [0.9]}}, "unknown setting 'momentum'; expected any of ['learning_rate', 'dropout'"),
-    ({"dropout": {"min": 0.5, "max": 0.2}}, "min 0.5 must be below max 0.2"),
-    ({"dropout": {"values": [0.2, 1.5]}}, "dropout: [0.2, 1.5] must lie within 0 and 0.95"),
-    ({"batch_size": {"values": [32, 48.5]}}, "batch_size: [32.0, 48.5] must be whole numbers"),
-    ({"learning_rate": {"min": 0, "max": 0.1, "log": True}}, "a log range needs min > 0"),
-    ({"unfreeze_top": {"values": [10, 20]}},
-     "tune.space.unfreeze_top tunes model.fine_tune.unfreeze_top: add a fine_tune section that sets it"),
-    ({"augment_strength": {"values": [0.5]}}, "tune.space.augment_strength scales train.augment: turn augmentation on"),
-])
+@pytest.mark.parametrize(
+    ("space", "expected"),
+    [
+        ({"momentum": {"values": [0.9]}}, "unknown setting 'momentum'; expected any of ['learning_rate', 'dropout'"),
+        ({"dropout": {"min": 0.5, "max": 0.2}}, "min 0.5 must be below max 0.2"),
+        ({"dropout": {"values": [0.2, 1.5]}}, "dropout: [0.2, 1.5] must lie within 0 and 0.95"),
+        ({"batch_size": {"values": [32, 48.5]}}, "batch_size: [32.0, 48.5] must be whole numbers"),
+        ({"learning_rate": {"min": 0, "max": 0.1, "log": True}}, "a log range needs min > 0"),
+        (
+            {"unfreeze_top": {"values": [10, 20]}},
+            "tune.space.unfreeze_top tunes model.fine_tune.unfreeze_top: add a fine_tune section that sets it",
+        ),
+        (
+            {"augment_strength": {"values": [0.5]}},
+            "tune.space.augment_strength scales train.augment: turn augmentation on",
+        ),
+    ],
+)
 def test_tune_mistakes_are_named_at_load_time(tmp_path, tiny_document, space, expected):
     document = _tune_document(tiny_document)
     document["pipelines"]["tiny"]["tune"]["space"] = space
@@ -72,8 +86,9 @@ def test_the_oracle_hears_of_failed_trials_and_the_search_goes_on(tmp_path, tiny
         asked.append(settings)
         if len(asked) == 2:
             return TrialResult(trial_id=trial_id, settings=settings, epochs=epochs, status="failed", error="OOM")
-        return TrialResult(trial_id=trial_id, settings=settings, epochs=epochs, status="completed",
-                           score=settings["learning_rate"])
+        return TrialResult(
+            trial_id=trial_id, settings=settings, epochs=epochs, status="completed", score=settings["learning_rate"]
+        )
 
     results = search(spec.tune, 3, tmp_path / "oracle", run_one)
 
@@ -88,8 +103,14 @@ def test_hyperband_gives_trials_their_epochs(tmp_path, tiny_document):
     document = _tune_document(tiny_document, algorithm="hyperband", max_trials=30, epochs=9)
     spec = load_pipelines(write_yaml(tmp_path / "p.yaml", document))["tiny"]
 
-    results = search(spec.tune, 9, tmp_path / "oracle", lambda trial_id, settings, epochs: TrialResult(
-        trial_id=trial_id, settings=settings, epochs=epochs, status="completed", score=epochs + settings["dropout"]))
+    results = search(
+        spec.tune,
+        9,
+        tmp_path / "oracle",
+        lambda trial_id, settings, epochs: TrialResult(
+            trial_id=trial_id, settings=settings, epochs=epochs, status="completed", score=epochs + settings["dropout"]
+        ),
+    )
 
     assert {result.epochs for result in results} == {1, 3, 9}  # Hyperband's rungs with factor 3
     assert all(not name.startswith("tuner/") for result in results for name in result.settings)
@@ -100,14 +121,17 @@ def test_hyperband_gives_trials_their_epochs(tmp_path, tiny_document):
 
 def _tune(root: Path, document: dict, program: list[str]) -> dict:
     write_yaml(root / "pipelines.yaml", document)
-    return run_convflow(["tune", "tiny", "-f", "pipelines.yaml", "--artifacts", "artifacts", "--json"],
-                        cwd=root, timeout=900, program=program).summary
+    return run_convflow(
+        ["tune", "tiny", "-f", "pipelines.yaml", "--artifacts", "artifacts", "--json"],
+        cwd=root,
+        timeout=900,
+        program=program,
+    ).summary
 
 
 @pytest.mark.e2e
 @pytest.mark.slow
-def test_a_tune_run_on_digits_lists_every_trial_goes_on_past_a_failed_one_and_gates_the_best(tmp_path,
-                                                                                              tiny_document):
+def test_a_tune_run_on_digits_lists_every_trial_goes_on_past_a_failed_one_and_gates_the_best(tmp_path, tiny_document):
     """Seven trials on the 12 px digits, trial 1 out of memory (tests/oom_trial_convflow.py): six
     complete with their settings and validation scores, the failed one is recorded, the best's
     settings train the final model, which passes the gate."""

@@ -10,17 +10,20 @@ import urllib.request
 
 import pyarrow.parquet as pq
 import pytest
+from prefect_server import PREFECT, Background, free_port
 
 from conftest import TASKS, TinyRunner, run_convflow, subprocess_env
 from convflow.runtime.fast_start import wait_until_healthy
-from prefect_server import PREFECT, Background, free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.server]
 
 
 # What a browser sends when it opens an address: Prefect's server answers it with the UI's page.
-BROWSER_NAVIGATION = {"Accept": "text/html,application/xhtml+xml", "Sec-Fetch-Mode": "navigate",
-                      "Sec-Fetch-Dest": "document"}
+BROWSER_NAVIGATION = {
+    "Accept": "text/html,application/xhtml+xml",
+    "Sec-Fetch-Mode": "navigate",
+    "Sec-Fetch-Dest": "document",
+}
 
 
 def fetch(url: str, data: dict | None = None, headers: dict | None = None) -> tuple[int, str]:
@@ -53,8 +56,7 @@ def check_run_in_ui(address: str, flow_run_id: str) -> None:
     api_url = json.loads(fetch(f"{ui_root}/ui-settings")[1])["api_url"]
     flow_run = json.loads(fetch(f"{api_url}/flow_runs/{flow_run_id}")[1])
     assert flow_run["state"]["type"] == "COMPLETED"
-    task_runs = json.loads(fetch(f"{api_url}/task_runs/filter",
-                                 {"flow_runs": {"id": {"any_": [flow_run_id]}}})[1])
+    task_runs = json.loads(fetch(f"{api_url}/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}})[1])
     assert set(TASKS) <= {run["name"].rsplit("-", 1)[0] for run in task_runs}
 
 
@@ -80,8 +82,7 @@ def test_the_printed_instructions_open_the_run_in_the_ui(tmp_path):
         check_run_in_ui(address, flow_run_id)
 
         lasting = {**env, "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
-        again = run_convflow(["run", "tiny", "--artifacts", str(runner.artifacts), "--json"], cwd=tmp_path,
-                             env=lasting)
+        again = run_convflow(["run", "tiny", "--artifacts", str(runner.artifacts), "--json"], cwd=tmp_path, env=lasting)
         line = next(line for line in again.stdout.splitlines() if line.startswith("  Prefect UI"))
         second_id = catalog_flow_run(runner, again.summary["run_id"])
         assert line == f"  Prefect UI     http://127.0.0.1:{port}/runs/flow-run/{second_id}"
