@@ -116,8 +116,9 @@ def start_worker(args: argparse.Namespace) -> int:
     if problem:
         return fail(problem)
     from convflow.flows.deployments import DeploymentError
-    from convflow.flows.train_on_pool import deployment_name, ensure_train_pool
+    from convflow.flows.train_on_pool import ensure_train_pool
     from convflow.runtime.process_worker import exec_process_worker
+    from convflow.runtime.work_pool import deployment_name
 
     try:
         ensure_train_pool(args.pool, args.heartbeat, args.lost_after)
