@@ -167,7 +167,7 @@ def tune_and_train(args: argparse.Namespace) -> int:
 
 
 def prepare_environment(artifacts: str) -> Path:
-    """The environment of a flow run from the command line (run_settings); the resolved artifacts
+    """The environment of a flow run from the command line (runtime/settings.py); the resolved artifacts
     root. Set before Prefect and TensorFlow are imported, which read it then."""
     root = Path(artifacts).resolve()
     for name, value in process_environment(root).items():

@@ -43,7 +43,7 @@ class StageRunner:
         self.ahead = ahead
         self._started: list[str] = []
         # Naming the storage costs each task a Prefect client (~20 ms); the CLI and deployments set
-        # it as the default already (run_settings), so only other callers pay that.
+        # it as the default already (runtime/settings.py), so only other callers pay that.
         self._storage = {} if _default_storage_is(self.results) else {"result_storage": self.results}
 
     def run(self, stage: Task, *args: Any) -> Any:
