@@ -104,7 +104,7 @@ def compare_pipeline(
         _outcome(name, variant, futures.get(name), variant_runs[name].run_id) for name, variant in variants.items()
     ]
     results = measure_variants(results, tfrecords)
-    ranked, verdict = promote_winner(rank_variants(results, spec.compare.metric), spec.compare.promote, run)
+    ranked, verdict = promote_winner(rank_variants(results, spec.compare.metric), spec.compare.promote, run, tfrecords)
     comparison = Comparison(
         pipeline=pipeline,
         comparison_id=run.run_id,

@@ -14,11 +14,20 @@ from convflow.catalog import registry
 from convflow.catalog.comparisons import VariantResult
 from convflow.config.schema import PipelineSpec
 from convflow.core.context import RunContext
-from convflow.core.records import Evaluation, ExportedModel, SplitSet, TFRecordSet, TrainedModel, WrappedModel
+from convflow.core.records import (
+    DataChecks,
+    Evaluation,
+    ExportedModel,
+    SplitSet,
+    TFRecordSet,
+    TrainedModel,
+    WrappedModel,
+)
 from convflow.data.sources import source_fingerprint
 from convflow.modeling.export_check import FRESH_PROCESS, FreshProcessCheck
 from convflow.runtime.stage_runner import StageRunner, StartAhead
 from convflow.tasks.build_base import build_base, weights_fingerprint
+from convflow.tasks.check_data import check_data
 from convflow.tasks.compare_variant import summarize_variant
 from convflow.tasks.download_and_split import check_image_sizes, download_and_split
 from convflow.tasks.evaluate import evaluate, score_untrained
@@ -51,6 +60,24 @@ def data_stages(stages: StageRunner, spec: PipelineSpec, run: RunContext) -> tup
     """split_data, then to_tfrecords."""
     split_set = split_data(stages, spec, run)
     return split_set, stages.run(to_tfrecords, split_set, spec.data, run)
+
+
+def data_checks(
+    stages: StageRunner, spec: PipelineSpec, split_set: SplitSet, tfrecords: TFRecordSet, run: RunContext
+) -> DataChecks:
+    """check_data, against the data of the pipeline's production version (when it kept any). Data
+    that made production itself is compared with nothing, as evaluate's rival skips production's
+    own model: it would pass every comparison, and a rerun's check_data stays a cache hit."""
+    production = registry.current(Path(run.artifacts_root), run.pipeline)
+    if (
+        production is None
+        or not production.image_properties
+        or production.data_fingerprint == split_set.data_fingerprint
+    ):
+        return stages.run(check_data, split_set, tfrecords, spec.validate_, None, None, run)
+    return stages.run(
+        check_data, split_set, tfrecords, spec.validate_, production.image_properties, production.version, run
+    )
 
 
 def wrapped_model(stages: StageRunner, spec: PipelineSpec, tfrecords: TFRecordSet, run: RunContext) -> WrappedModel:

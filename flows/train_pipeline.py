@@ -15,7 +15,7 @@ from convflow.config.derive import tuned_spec
 from convflow.config.load import load_pipeline
 from convflow.core.context import RunContext
 from convflow.core.records import RunSummary
-from convflow.flows.sequences import EXPORT_CHECK_AHEAD, model_stages, split_data
+from convflow.flows.sequences import EXPORT_CHECK_AHEAD, data_checks, model_stages, split_data
 from convflow.runtime.stage_runner import StageRunner
 from convflow.tasks.promote import promote
 from convflow.tasks.to_tfrecords import to_tfrecords
@@ -35,7 +35,9 @@ def train_pipeline(
     force: bool = False,
     tuned: dict[str, float] | None = None,
 ) -> RunSummary:
-    """Download, preprocess, build, wrap, train, evaluate, export, promote and report one pipeline.
+    """Download, preprocess, check the data, build, wrap, train, evaluate, export, promote and report
+    one pipeline. A run whose data checks block ends in the state Blocked before training, with
+    catalog status blocked; production is left as it was.
 
     A `scheduled` run follows the pipeline's `retrain` policy: with the data and config that made
     the production model, it stops after download_and_split and records "unchanged"; `force`
@@ -55,15 +57,31 @@ def train_pipeline(
                 get_run_logger().info(reason)
                 return Completed(name="Unchanged", message=reason)
         tfrecords = stages.run(to_tfrecords, split_set, spec.data, run)
+        checks = data_checks(stages, spec, split_set, tfrecords, run)
+        if checks.verdict == "block":  # before training: a bad data drop costs no GPU time
+            summary = runs.record_blocked(
+                run, started, spec.config_hash(), split_set, checks, stages.timings, flow_run.id
+            )
+            get_run_logger().warning(summary.gate_reason)
+            return Completed(name="Blocked", message=summary.gate_reason, data=summary)
         _, trained, evaluation, exported = model_stages(stages, spec, tfrecords, run)
-    exported = promote(exported, trained, evaluation, run)
+    exported = promote(exported, trained, evaluation, run, tfrecords)
     report = stages.run(
-        write_report, spec.config_hash(), split_set, trained, evaluation, exported, stages.timings, run, tfrecords
+        write_report,
+        spec.config_hash(),
+        split_set,
+        trained,
+        evaluation,
+        exported,
+        stages.timings,
+        run,
+        tfrecords,
+        checks,
     )
     summary = runs.summarize(
         run, started, spec.config_hash(), split_set, trained, evaluation, exported, report, stages.timings
     )
-    runs.record(summary, run, flow_run.id, split_set, trained, evaluation)
+    runs.record(summary, run, flow_run.id, split_set, trained, evaluation, checks)
     if not evaluation.passed_gate:  # a state of its own, so the Prefect UI shows the verdict
         return Completed(name="Not promoted", message=f"not promoted: {evaluation.gate_reason}", data=summary)
     return summary

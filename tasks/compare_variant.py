@@ -142,7 +142,9 @@ def rank_variants(results: list[VariantResult], metric: str) -> list[VariantResu
     return ranked + [result for result in results if not result.completed]
 
 
-def promote_winner(ranked: list[VariantResult], promote: str, run: RunContext) -> tuple[list[VariantResult], str]:
+def promote_winner(
+    ranked: list[VariantResult], promote: str, run: RunContext, tfrecords: TFRecordSet | None = None
+) -> tuple[list[VariantResult], str]:
     """Send the winner (rank 1) alone through promotion when `promote` is best; the gate verdict
     is the one its evaluation gave against production. Returns the results and the verdict."""
     winner = ranked[0] if ranked and ranked[0].completed else None
@@ -151,7 +153,7 @@ def promote_winner(ranked: list[VariantResult], promote: str, run: RunContext) -
     if promote == "none":
         return ranked, f"compare.promote is none: {winner.name} won, nothing was promoted"
     winner_run = run.model_copy(update={"run_id": winner.run_id})
-    exported = promote_if_passed(winner.exported, winner.trained, winner.evaluation, winner_run)
+    exported = promote_if_passed(winner.exported, winner.trained, winner.evaluation, winner_run, tfrecords)
     ranked = [winner.model_copy(update={"exported": exported}), *ranked[1:]]
     if exported.promoted_version is None:
         return ranked, f"{winner.name} won but was not promoted: {winner.evaluation.gate_reason}"

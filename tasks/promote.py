@@ -11,16 +11,21 @@ from prefect.cache_policies import NO_CACHE
 
 from convflow.catalog import registry
 from convflow.core.context import RunContext
-from convflow.core.records import Evaluation, ExportedModel, TrainedModel
+from convflow.core.records import Evaluation, ExportedModel, TFRecordSet, TrainedModel
 from convflow.core.retries import retry_on_transient_error
 from convflow.core.run_log import run_logger
 
 
 def promote_if_passed(
-    exported: ExportedModel, trained: TrainedModel, evaluation: Evaluation, run: RunContext
+    exported: ExportedModel,
+    trained: TrainedModel,
+    evaluation: Evaluation,
+    run: RunContext,
+    tfrecords: TFRecordSet | None = None,
 ) -> ExportedModel:
     """Copy a gate-passing export into the registry as the new production version (unless this
-    very model is production already: a rerun does not duplicate it); the export with its version."""
+    very model is production already: a rerun does not duplicate it), with the per-image table of
+    `tfrecords`' data as the next runs' check baseline; the export with its version."""
     if not evaluation.passed_gate:
         return exported
     production = registry.current(Path(run.artifacts_root), run.pipeline)
@@ -33,6 +38,7 @@ def promote_if_passed(
         exported.saved_model,
         trained.model_path,
         evaluation.test_accuracy,
+        image_properties=tfrecords.image_properties if tfrecords else None,
     )
     return exported.model_copy(update={"promoted_version": production.version})
 
@@ -44,9 +50,15 @@ def promote_if_passed(
     retry_delay_seconds=[2, 10],
     retry_condition_fn=retry_on_transient_error,
 )
-def promote(exported: ExportedModel, trained: TrainedModel, evaluation: Evaluation, run: RunContext) -> ExportedModel:
+def promote(
+    exported: ExportedModel,
+    trained: TrainedModel,
+    evaluation: Evaluation,
+    run: RunContext,
+    tfrecords: TFRecordSet | None = None,
+) -> ExportedModel:
     """Prefect task over promote_if_passed; transient I/O errors retry."""
-    promoted = promote_if_passed(exported, trained, evaluation, run)
+    promoted = promote_if_passed(exported, trained, evaluation, run, tfrecords)
     if promoted.promoted_version is None:
         run_logger().info(f"not promoted: {evaluation.gate_reason}")
     else:

@@ -1,4 +1,5 @@
-"""Stage 2, to_tfrecords: resize every example once and write sharded TFRecords, shard by shard."""
+"""Stage 2, to_tfrecords: resize every example once and write sharded TFRecords, shard by shard,
+and each image's properties for check_data (image_properties.parquet), measured as it is decoded."""
 
 from __future__ import annotations
 
@@ -9,9 +10,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from convflow.catalog.schemas import write_parquet
+from convflow.checks.image_properties import batch_properties
+from convflow.checks.schemas import IMAGE_PROPERTIES, image_properties_table
 from convflow.config.schema import DataConfig
 from convflow.core.context import RunContext
 from convflow.core.hashing import hash_json
@@ -25,6 +30,9 @@ from convflow.runtime.progress import StageProgress
 from convflow.tfrecords import spec
 from convflow.tfrecords.parts import PartJob, write_part
 from convflow.tfrecords.writer import PART_RECORDS, ShardFile, ShardOfParts, encode_example
+
+# Rows of images.npy measured at a time: 4,096 MNIST digits are 13 MB of float32 pixels.
+ARRAY_CHUNK = 4096
 
 
 @dataclass(frozen=True)
@@ -122,14 +130,22 @@ def _tfds_examples(split_set: SplitSet, data: DataConfig) -> Iterator[Example]:
 
 
 def _write_here(
-    examples: Iterator[Example], images: imaging.RecordImages, writers: _ShardWriters, progress: StageProgress
+    examples: Iterator[Example],
+    images: imaging.RecordImages,
+    writers: _ShardWriters,
+    progress: StageProgress,
+    measured: list[dict] | None = None,
 ) -> None:
     """Decode and encode in threads on every core, a few chunks ahead; frame and write here, in
-    order, so shards are the same bytes whatever the number of threads."""
+    order, so shards are the same bytes whatever the number of threads. Each image's properties
+    are appended to `measured`, unless it is None."""
     examples, of_sources = itertools.tee(examples)
-    encoded = ordered_map(images.one, (example.source for example in of_sources))
-    for done, (example, image) in enumerate(zip(examples, encoded), 1):
+    decode = functools.partial(images.measured, measure=measured is not None)
+    encoded = ordered_map(decode, (example.source for example in of_sources))
+    for done, (example, (image, properties)) in enumerate(zip(examples, encoded), 1):
         writers.write(example.split, encode_example(image, example.label, example.example_id))
+        if measured is not None:
+            measured.append(properties)
         progress.update(done)
 
 
@@ -139,15 +155,18 @@ def _write_in_workers(
     plan: dict[str, list[tuple[Path, int]]],
     compression: str,
     progress: StageProgress,
+    measured: dict[str, dict],
 ) -> dict[str, str]:
     """Each shard of `plan` written a part at a time by worker processes, the parts joined here in
-    order: the same bytes as _write_here writes. Their names and digests."""
+    order: the same bytes as _write_here writes. Their names and digests; the images' properties
+    go into `measured` by example id (parts of different splits finish out of splits.parquet order)."""
     jobs, of_jobs = itertools.tee(_part_jobs(examples, plan))
     write = functools.partial(write_part, images=images, compression=compression)
     shards: dict[str, ShardOfParts] = {}
     digests, done = {}, 0
     try:
-        for job, (part_digest, records) in zip(of_jobs, ordered_map(write, jobs, chunk=1, processes=True)):
+        for job, (part_digest, records, properties) in zip(of_jobs, ordered_map(write, jobs, chunk=1, processes=True)):
+            measured.update(zip(job.example_ids, properties))
             if job.shard not in shards:
                 shards[job.shard] = ShardOfParts(job.shard)
             shard = shards[job.shard]
@@ -202,39 +221,40 @@ def _part_jobs(examples: Iterator[Example], plan: dict[str, list[tuple[Path, int
 
 def _decode_and_write_shard(
     job: ShardJob, images_npy: str | None, data: DataConfig, record_format: str
-) -> tuple[str, str]:
-    """One shard, start to end, on a Dask worker: its file name and digest."""
+) -> tuple[str, str, list[dict]]:
+    """One shard, start to end, on a Dask worker: its file name, digest and images' properties."""
     images = _record_images(images_npy, data, record_format)
     sources = job.files if job.files is not None else job.indices
     writers = _ShardWriters({"shard": [(Path(job.path), len(sources))]}, data.compression)
     examples = (Example("shard", *row) for row in zip(job.labels, job.example_ids, sources))
     unseen = StageProgress(Path(job.path).name, len(sources), every=float("inf"))  # a worker has no run log
+    measured: list[dict] = []
     try:
-        _write_here(examples, images, writers, unseen)
+        _write_here(examples, images, writers, unseen, measured)
     finally:
         writers.close()
-    return next(iter(writers.digests.items()))
+    return (*next(iter(writers.digests.items())), measured)
 
 
 def _write_on_dask(
     address: str, jobs: list[ShardJob], images_npy: str | None, data: DataConfig, record_format: str
-) -> dict[str, str]:
-    """Each shard written by a worker of the Dask cluster; their names and digests."""
+) -> tuple[dict[str, str], dict[str, dict]]:
+    """Each shard written by a worker of the Dask cluster; their names and digests, and the images'
+    properties by example id."""
     from distributed import Client
 
     with Client(address) as client:
-        return dict(
-            client.gather(
-                client.map(
-                    _decode_and_write_shard,
-                    jobs,
-                    images_npy=images_npy,
-                    data=data,
-                    record_format=record_format,
-                    pure=False,
-                )
+        shards = client.gather(
+            client.map(
+                _decode_and_write_shard, jobs, images_npy=images_npy, data=data, record_format=record_format, pure=False
             )
         )
+    by_example = {
+        example_id: properties
+        for job, (_, _, measured) in zip(jobs, shards)
+        for example_id, properties in zip(job.example_ids, measured)
+    }
+    return {name: digest for name, digest, _ in shards}, by_example
 
 
 def _shard_jobs(split_set: SplitSet, plan: dict[str, list[tuple[Path, int]]]) -> list[ShardJob]:
@@ -268,7 +288,8 @@ def write_tfrecords(split_set: SplitSet, data: DataConfig, output_dir: Path) -> 
     shards in turn, so memory holds a few chunks of images, never the dataset. Image files are
     decoded by worker processes from PROCESSES_FROM of them on (each writes parts of shards, joined
     here), else in threads; or each shard is written by a worker of the Dask cluster at
-    `data.dask_scheduler`.
+    `data.dask_scheduler`. Each image's properties (checks.image_properties, for check_data) are
+    measured where it is decoded and written as image_properties.parquet, in splits.parquet order.
 
     Raises:
         DataError: an image file does not decode, naming it; nothing is written.
@@ -278,11 +299,13 @@ def write_tfrecords(split_set: SplitSet, data: DataConfig, output_dir: Path) -> 
     with staged_output(output_dir) as staging:
         plan = _shard_plan(split_set.counts, data, record_format, staging)
         if data.dask_scheduler and data.scheme != "tfds":
-            digests = _write_on_dask(
+            digests, by_example = _write_on_dask(
                 data.dask_scheduler, _shard_jobs(split_set, plan), split_set.images_npy, data, record_format
             )
+            measured = [by_example[example.example_id] for example in _examples(split_set)]
         else:
-            digests = _write_locally(split_set, data, plan, record_format)
+            digests, measured = _write_locally(split_set, data, plan, record_format)
+        _write_image_properties(split_set, measured, staging / IMAGE_PROPERTIES)
     return TFRecordSet(
         output_dir=str(output_dir),
         shards={split: [str(output_dir / path.name) for path, _ in shards] for split, shards in plan.items()},
@@ -294,31 +317,65 @@ def write_tfrecords(split_set: SplitSet, data: DataConfig, output_dir: Path) -> 
         label_names=split_set.label_names,
         data_fingerprint=split_set.data_fingerprint,
         fingerprint=hash_json(digests)[:24],
+        image_properties=str(output_dir / IMAGE_PROPERTIES),
     )
 
 
 def _write_locally(
     split_set: SplitSet, data: DataConfig, plan: dict[str, list[tuple[Path, int]]], record_format: str
-) -> dict[str, str]:
-    """Every shard of `plan` written from this machine; their names and digests."""
+) -> tuple[dict[str, str], list[dict] | pa.Table]:
+    """Every shard of `plan` written from this machine; their names and digests, and the images'
+    properties in splits.parquet order."""
     total = sum(split_set.counts.values())
     examples = _tfds_examples(split_set, data) if data.scheme == "tfds" else _examples(split_set)
     images = _record_images(split_set.images_npy, data, record_format)
     progress = StageProgress("to_tfrecords", total)
+    measured: list[dict] = []
     # Worker processes pay off where each image is a file to decode. Rows of images.npy are
     # written by threads (MNIST's 70,000: 0.8 s, against 1.2 s with workers to start and feed),
     # and TFDS images, read here from the dataset, would cross to workers as pickles.
     if total >= PROCESSES_FROM and split_set.images_npy is None and data.scheme != "tfds":
-        digests = _write_in_workers(examples, images, plan, data.compression, progress)
+        by_example: dict[str, dict] = {}
+        digests = _write_in_workers(examples, images, plan, data.compression, progress, by_example)
+        measured = [by_example[example.example_id] for example in _examples(split_set)]
     else:
         writers = _ShardWriters(plan, data.compression)
         try:
-            _write_here(examples, images, writers, progress)
+            # Rows of images.npy are measured afterwards, many at a time (no decode to share).
+            _write_here(examples, images, writers, progress, None if split_set.images_npy else measured)
         finally:
             writers.close()
         digests = writers.digests
     progress.finish()
-    return digests
+    if split_set.images_npy is not None:
+        return digests, _array_properties(images, total)
+    return digests, measured
+
+
+def _array_properties(images: imaging.RecordImages, total: int) -> pa.Table:
+    """The properties of every row of images.npy at the model's size, ARRAY_CHUNK rows at a time."""
+    source = imaging.images_array(images.images_npy)
+    mode = imaging.MODES[1 if source.ndim == 3 or source.shape[-1] == 1 else 3]
+    parts = []
+    for start in range(0, total, ARRAY_CHUNK):
+        pixels = np.stack([images.pixels(row) for row in range(start, min(start + ARRAY_CHUNK, total))])
+        columns = batch_properties(pixels, mode)
+        columns["width"][:], columns["height"][:] = source.shape[2], source.shape[1]
+        columns["channels"][:] = 1 if source.ndim == 3 else source.shape[3]
+        parts.append(pa.table(columns))
+    return pa.concat_tables(parts)
+
+
+def _write_image_properties(split_set: SplitSet, measured: list[dict] | pa.Table, path: Path) -> None:
+    """The per-image table of the data checks (checks.schemas.IMAGE_PROPERTIES_SCHEMA), in
+    splits.parquet order."""
+    rows = pq.read_table(split_set.splits_parquet, columns=["example_id", "split", "label", "sha256"])
+    labels = [split_set.label_names[label] for label in rows["label"].to_pylist()]
+    digests = [digest or "" for digest in rows["sha256"].to_pylist()]
+    if isinstance(measured, pa.Table):
+        measured = measured.to_pylist()
+    table = image_properties_table(rows["example_id"].to_pylist(), rows["split"].to_pylist(), labels, digests, measured)
+    write_parquet(table, path)
 
 
 @stage_task()

@@ -17,9 +17,19 @@ from markupsafe import Markup
 
 from convflow.core.context import RunContext
 from convflow.core.hashing import hash_json, sha256_file
-from convflow.core.records import Evaluation, ExportedModel, Report, SplitSet, StageRun, TFRecordSet, TrainedModel
+from convflow.core.records import (
+    DataChecks,
+    Evaluation,
+    ExportedModel,
+    Report,
+    SplitSet,
+    StageRun,
+    TFRecordSet,
+    TrainedModel,
+)
 from convflow.core.stage import stage_task
 from convflow.core.storage import staged_output
+from convflow.reporting.checks import checks_context
 from convflow.reporting.figures import figure_tag, image_grid, page_sources, pyplot, render_page
 
 # Under <artifacts>/<pipeline>/: rendered figures, reused by reports of the same model and evaluation.
@@ -220,6 +230,7 @@ def render_report(
     stages: list[StageRun],
     figures: dict[str, Markup],
     tfrecords: TFRecordSet | None = None,
+    checks: DataChecks | None = None,
 ) -> str:
     """The report's HTML: every figure embedded, no external file needed."""
     parameters, layers = _layers(trained.model_summary_parquet)
@@ -243,6 +254,9 @@ def render_report(
         evaluation=evaluation,
         exported=exported,
         figures=figures,
+        checks=checks_context(checks.results_parquet, split_set.splits_parquet, split_set.images_npy)
+        if checks
+        else None,
         parameters=parameters,
         class_count_splits=class_count_splits,
         tables={name: _text_rows(rows) for name, rows in tables.items()},
@@ -295,6 +309,7 @@ def write_report(
     stages: list[StageRun],
     run: RunContext,
     tfrecords: TFRecordSet | None = None,
+    checks: DataChecks | None = None,
 ) -> Report:
     """Prefect task over write_report_html; also publishes summary, metrics and link artifacts."""
     report = write_report_html(
@@ -309,6 +324,7 @@ def write_report(
         exported=exported,
         stages=stages,
         tfrecords=tfrecords,
+        checks=checks,
     )
     _publish_artifacts(report, evaluation, run.pipeline)
     return report

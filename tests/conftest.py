@@ -40,6 +40,7 @@ TINY_PIPELINES = _tiny_pipelines()
 STAGES = [
     "download_and_split",
     "to_tfrecords",
+    "check_data",
     "build_base",
     "freeze_and_wrap",
     "train",
@@ -48,7 +49,7 @@ STAGES = [
     "write_report",
 ]
 # A training flow run's task runs: the stages, and promotion after export (never cached).
-TASKS = [*STAGES[:7], "promote", STAGES[7]]
+TASKS = [*STAGES[:-1], "promote", STAGES[-1]]
 
 # Generated folders are small, so their test share is larger than the default 0.1: every class
 # then has test examples (split_dataset refuses a split that lacks a class).

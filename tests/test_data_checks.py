@@ -310,7 +310,7 @@ def test_too_few_examples_of_a_class_in_a_split_blocks_naming_both(fresh):
 def test_validate_section_takes_bare_actions_and_refuses_unknown_keys():
     config = ValidateConfig.model_validate(
         yaml.safe_load(
-            "{leakage: warn, drift: off, class_balance: {max_distance: 0.2}, on_block: ask}"  # YAML reads off as false
+            "{leakage: warn, drift: off, class_balance: {max_distance: 0.2}}"  # YAML reads off as false
         )
     )
     assert (config.leakage.action, config.leakage.max_distance, config.drift.action) == ("warn", 2, "off")
@@ -319,6 +319,8 @@ def test_validate_section_takes_bare_actions_and_refuses_unknown_keys():
         ValidateConfig.model_validate({"min_cout": 3})
     with pytest.raises(ValidationError, match="properties"):
         ValidateConfig.model_validate({"drift": {"properties": ["hue"]}})
+    with pytest.raises(ValidationError, match="on_block: ask .* is not available yet"):
+        ValidateConfig.model_validate({"on_block": "ask"})
     assert all(field.description for field in ValidateConfig.model_fields.values())
 
 
@@ -416,3 +418,34 @@ def test_flowers_with_one_class_darkened_or_half_relabelled_block(flowers):
     results = run_data_checks(relabelled, first, ValidateConfig())
     assert {row.subject for row in _failed(results, "class_balance")} == {"rose", "tulip"}
     assert "rose vs production" in {row.subject for row in _failed(results, "label_conflicts")}
+
+
+# The stage: check_images over what to_tfrecords measured
+
+
+def test_check_data_records_every_figure_and_names_conflicting_files_with_thumbnails(tmp_path):
+    """A folder whose same photo is filed under two classes: to_tfrecords measures each image,
+    check_images blocks on label_conflicts with no production yet, writes checks.parquet with every
+    figure, and checks.html names both files and shows their thumbnails."""
+    from conftest import make_image_folder
+    from convflow.config.schema import DataConfig
+    from convflow.tasks.check_data import check_images
+    from convflow.tasks.download_and_split import split_dataset
+    from convflow.tasks.to_tfrecords import write_tfrecords
+
+    images = make_image_folder(tmp_path / "images", per_class=30, size=(40, 40))
+    (images / "dog" / "from-cat.png").write_bytes((images / "cat" / "img-003.png").read_bytes())
+    data = DataConfig(source=f"folder:{images}", image_size=(32, 32), channels=3)
+    split_set = split_dataset(data, tmp_path / "split")
+    tfrecords = write_tfrecords(split_set, data, tmp_path / "tfr")
+    checks = check_images(split_set, tfrecords, ValidateConfig(), None, None, tmp_path / "checks", "p", "run-1")
+
+    assert checks.verdict == "block" and checks.baseline_version is None
+    assert checks.reasons[0].startswith("block: label_conflicts")
+    rows = pq.read_table(checks.results_parquet).to_pylist()
+    assert len(rows) == checks.checks and {row["check"] for row in rows} == {"min_count", "label_conflicts", "leakage"}
+    conflict = [row for row in rows if row["verdict"] == "block"]
+    assert sorted(file for row in conflict for file in row["files"]) == ["cat/img-003.png", "dog/from-cat.png"]
+    page = Path(checks.report_html).read_text()
+    assert "cat/img-003.png" in page and "dog/from-cat.png" in page and "Data and model checks" in page
+    assert page.count("data:image/png;base64") == 2  # the two conflicting files' thumbnails

@@ -43,6 +43,22 @@ def test_promote_versions_and_rollback(tmp_path):
         registry.rollback(tmp_path, "p")
 
 
+def test_a_promoted_version_keeps_its_datas_image_properties(tmp_path):
+    """The per-image table of the data a version was made from is copied in with it: the data
+    checks' baseline stays with the model even when the run's folder is gone."""
+    table = tmp_path / "run1" / "image_properties.parquet"
+    table.parent.mkdir()
+    table.write_bytes(b"per-image table")
+    v1 = registry.promote(
+        tmp_path, "p", "run1", str(_fake_saved_model(tmp_path / "m1", b"one")), "m1", 0.9, image_properties=str(table)
+    )
+    table.unlink()
+    assert Path(v1.image_properties).read_bytes() == b"per-image table"
+    assert Path(v1.image_properties).parent == Path(v1.saved_model)
+    v2 = registry.promote(tmp_path, "p", "run2", str(_fake_saved_model(tmp_path / "m2", b"two")), "m2", 0.9)
+    assert v2.image_properties is None and registry.current(tmp_path, "p") == v2
+
+
 def test_rival_skips_the_model_already_in_production(tmp_path):
     saved = _fake_saved_model(tmp_path / "run1", b"x")
     registry.promote(tmp_path, "p", "run1", str(saved), "run1/model.keras", 0.9)

@@ -245,7 +245,7 @@ def test_a_team_load_completes_and_is_recorded(team_server, tmp_path):
     assert all(summary.summary["status"] in ("completed", "not-promoted") for summary in summaries)
     assert len(flow_runs) == SCHEDULED_PIPELINES + RUNS_AT_ONCE
     assert all(run.state_type.value == "COMPLETED" for run in flow_runs)
-    # Each run's nine task runs, finished: the stages the warm-up ran are cache hits ("Cached").
+    # Each run's task runs (TASKS), finished: the stages the warm-up ran are cache hits ("Cached").
     assert all(
         sorted(stages) == sorted(TASKS) and set(stages.values()) <= {"Completed", "Cached"}
         for stages in task_runs.values()

@@ -14,6 +14,7 @@ import tensorflow as tf
 from PIL import Image
 
 from conftest import FOLDER_SPLIT, data_config, make_idx_folder
+from convflow.checks.schemas import IMAGE_PROPERTIES
 from convflow.data import imaging
 from convflow.data.sources import DataError
 from convflow.tasks.download_and_split import split_dataset
@@ -199,7 +200,7 @@ def test_shard_size_splits_into_several_shards(image_folder, tmp_path):
         assert total == count
         assert len(read_split(tfrecords, split)) == count
     assert sorted(path.name for path in (tmp_path / "tfr").iterdir()) == sorted(
-        shard.rsplit("/", 1)[-1] for shards in tfrecords.shards.values() for shard in shards
+        [IMAGE_PROPERTIES, *(shard.rsplit("/", 1)[-1] for shards in tfrecords.shards.values() for shard in shards)]
     )
 
 
@@ -223,7 +224,7 @@ def test_output_is_written_atomically(digits_split, digits_data, tmp_path):
 
     assert [path.name for path in output.parent.iterdir()] == ["to_tfrecords"]  # no .tmp- folder left
     assert sorted(path.name for path in output.iterdir()) == sorted(
-        shard.rsplit("/", 1)[-1] for shards in tfrecords.shards.values() for shard in shards
+        Path(path).name for path in tfrecords.required_files()
     )
     assert tfrecords.damaged_files() == []
 
@@ -288,7 +289,7 @@ def test_encoded_records_round_trip(folder_split, tmp_path, record_format):
     path_of = dict(zip(*pq.read_table(split_set.splits_parquet, columns=["example_id", "path"]).to_pydict().values()))
 
     assert tfrecords.record_format == record_format
-    shards = tfrecords.required_files()
+    shards = tfrecords.shard_files()
     assert all(shard.endswith(f".{record_format}.tfrecord") for shard in shards) and len(shards) > 3
     first = read_raw(shards[0])[0].features.feature[features.IMAGE].bytes_list.value[0]
     assert first.startswith(b"\x89PNG" if record_format == "png" else b"\xff\xd8")
@@ -336,8 +337,8 @@ def test_a_dask_job_writes_the_shard_this_process_streams(image_folder, tmp_path
     plan = to_tfrecords._shard_plan(split_set.counts, data, "png", tmp_path / "jobs")
     for job in to_tfrecords._shard_jobs(split_set, plan):
         to_tfrecords._decode_and_write_shard(job, None, data, "png")
-    assert len(streamed.required_files()) > 2
-    for shard in streamed.required_files():
+    assert len(streamed.shard_files()) > 2
+    for shard in streamed.shard_files():
         assert Path(shard).read_bytes() == (tmp_path / "jobs" / Path(shard).name).read_bytes(), shard
 
 
@@ -410,7 +411,10 @@ def test_worker_processes_write_the_bytes_this_process_writes(tmp_path, monkeypa
     assert len(shards) >= 3 and written_here.counts["train"] > PART_RECORDS  # a shard of two parts
     assert shards == [Path(shard).name for shard in written_by_workers.required_files()]
     for name in shards:
-        assert (tmp_path / "workers" / name).read_bytes() == (tmp_path / "here" / name).read_bytes(), name
+        if name != IMAGE_PROPERTIES:
+            assert (tmp_path / "workers" / name).read_bytes() == (tmp_path / "here" / name).read_bytes(), name
+    measured_here = pq.read_table(written_here.image_properties)
+    assert pq.read_table(written_by_workers.image_properties).to_pylist() == measured_here.to_pylist()
     assert sorted(path.name for path in (tmp_path / "workers").iterdir()) == sorted(shards)  # no part left
 
     damaged = pq.read_table(processes.splits_parquet, columns=["path"])["path"][300].as_py()
@@ -433,7 +437,7 @@ def test_a_jpeg_at_the_models_size_goes_into_a_jpeg_record_as_it_is(tmp_path):
     tfrecords = write_tfrecords(split_set, data, tmp_path / "tfr")
     path_of = dict(zip(*pq.read_table(split_set.splits_parquet, columns=["example_id", "path"]).to_pydict().values()))
     kept = resized = 0
-    for shard in tfrecords.required_files():
+    for shard in tfrecords.shard_files():
         for example in read_raw(shard):
             record = example.features.feature[features.IMAGE].bytes_list.value[0]
             source = Path(path_of[example.features.feature[features.EXAMPLE_ID].bytes_list.value[0].decode()])
@@ -452,3 +456,61 @@ def test_a_jpeg_at_the_models_size_goes_into_a_jpeg_record_as_it_is(tmp_path):
     split_set = split_dataset(data, tmp_path / "split-damaged")
     with pytest.raises(DataError, match=re.escape(f"{damaged}: cannot decode")):
         write_tfrecords(split_set, data, tmp_path / "tfr-damaged")
+
+
+def test_each_images_properties_are_measured_where_it_is_decoded(tmp_path):
+    """to_tfrecords writes image_properties.parquet beside the shards, a row per example in
+    splits.parquet order: the size and mode as decoded, brightness and colour means of the pixels at
+    the model's size, whichever path decoded it (resized, or a JPEG kept as it is)."""
+    from conftest import save_image
+
+    colours = {"dark": (40, 40, 40), "red": (200, 30, 30)}
+    for name, colour in colours.items():
+        for index in range(6):
+            pixels = np.full((20, 30, 3), colour, np.uint8)  # 30 x 20, resized
+            pixels[0, index] += 1  # distinct files (identical ones would be set aside as duplicates)
+            save_image(tmp_path / "images" / name / f"big-{index}.png", pixels)
+            solid = Image.new("RGB", (24, 24), colour)  # at the model's size: kept as it is
+            solid.putpixel((index, 0), (colour[0] + 4, *colour[1:]))
+            solid.save(tmp_path / "images" / name / f"kept-{index}.jpg", quality=100)
+    data = data_config(
+        f"folder:{tmp_path / 'images'}", image_size=(24, 24), channels=3, split=FOLDER_SPLIT, record_format="jpeg"
+    )
+    split_set = split_dataset(data, tmp_path / "split")
+    tfrecords = write_tfrecords(split_set, data, tmp_path / "tfr")
+
+    table = pq.read_table(tfrecords.image_properties)
+    splits = pq.read_table(split_set.splits_parquet)
+    assert table["example_id"] == splits["example_id"] and table["split"] == splits["split"]
+    assert table["sha256"] == splits["sha256"]
+    for row in table.to_pylist():
+        red, green, blue = colours[row["label"]]
+        big = "big-" in row["example_id"]
+        assert (row["width"], row["height"], row["mode"], row["channels"]) == ((30, 20) if big else (24, 24)) + (
+            "RGB",
+            3,
+        )
+        assert row["mean_r"] == pytest.approx(red, abs=2) and row["mean_b"] == pytest.approx(blue, abs=2)
+        assert row["brightness"] == pytest.approx(0.299 * red + 0.587 * green + 0.114 * blue, abs=2)
+        assert row["contrast"] < 2 and row["sharpness"] < 2
+
+
+def test_rows_of_an_in_memory_source_are_measured_as_stored(digits_split, digits_data, digits_tfrecords):
+    """images.npy rows are measured many at a time, with the figures image_properties() gives one by one."""
+    from convflow.checks.image_properties import image_properties
+
+    table = pq.read_table(digits_tfrecords.image_properties)
+    assert table.num_rows == sum(digits_split.counts.values())
+    stored = np.load(digits_split.images_npy, mmap_mode="r")
+    for row in (0, 17, table.num_rows - 1):
+        expected = image_properties(
+            imaging.RecordImages(
+                tuple(digits_data.image_size), 1, digits_data.resize, "raw", digits_split.images_npy
+            ).pixels(row),
+            "L",
+        )
+        measured = table.slice(row, 1).to_pylist()[0]
+        assert (measured["width"], measured["height"]) == (stored.shape[2], stored.shape[1])
+        assert measured["dhash"] == expected["dhash"]
+        for name in ("brightness", "contrast", "mean_g", "sharpness"):
+            assert measured[name] == pytest.approx(expected[name], rel=1e-5, abs=1e-3), name

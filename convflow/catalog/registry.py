@@ -1,7 +1,8 @@
 """The model registry: promoted SavedModels in TF-Serving layout and each pipeline's production pointer.
 
 ```
-artifacts/models/<pipeline>/<version>/   saved_model.pb, variables/, convflow.json
+artifacts/models/<pipeline>/<version>/   saved_model.pb, variables/, convflow.json,
+                                         image_properties.parquet (its data, the next run's baseline)
 artifacts/models/<pipeline>/production.json
 ```
 The pointer is replaced atomically (write, then os.replace), so a reader sees the old or the new
@@ -21,6 +22,7 @@ from convflow.core.storage import atomic_write_text, locked, staged_output
 
 POINTER = "production.json"
 VERSION_RECORD = "convflow.json"
+BASELINE = "image_properties.parquet"  # checks.schemas.IMAGE_PROPERTIES
 
 
 class Production(pydantic.BaseModel):
@@ -37,6 +39,11 @@ class Production(pydantic.BaseModel):
     promoted_at: str
     config_hash: str | None = pydantic.Field(None, description="Config hash of the pipeline that made the model.")
     data_fingerprint: str | None = pydantic.Field(None, description="Fingerprint of the data it was trained on.")
+    image_properties: str | None = pydantic.Field(
+        None,
+        description="The per-image table of the data it was made from (check_data's baseline for the next runs); "
+        "None for versions promoted before the data checks, or by hand from a run without one.",
+    )
 
 
 class RegistryError(ValueError):
@@ -83,9 +90,12 @@ def promote(
     test_accuracy: float,
     config_hash: str | None = None,
     data_fingerprint: str | None = None,
+    image_properties: str | None = None,
 ) -> Production:
     """Copy `saved_model` in as the next version and make it production; `config_hash` and
-    `data_fingerprint` say what made it (scheduled runs skip training while both are unchanged)."""
+    `data_fingerprint` say what made it (scheduled runs skip training while both are unchanged).
+    `image_properties`, the per-image table of its data, is copied in beside it: the data checks
+    of later runs compare with it."""
     root = models_dir(artifacts_root, pipeline)
     root.mkdir(parents=True, exist_ok=True)
     with locked(root / POINTER):
@@ -100,9 +110,12 @@ def promote(
             promoted_at=datetime.datetime.now(datetime.UTC).isoformat(),
             config_hash=config_hash,
             data_fingerprint=data_fingerprint,
+            image_properties=str(root / str(version) / BASELINE) if image_properties else None,
         )
         with staged_output(root / str(version)) as staging:
             shutil.copytree(saved_model, staging, dirs_exist_ok=True)
+            if image_properties:
+                shutil.copyfile(image_properties, staging / BASELINE)
             (staging / VERSION_RECORD).write_text(production.model_dump_json(indent=2))
         _switch_pointer(production, artifacts_root)
     return production

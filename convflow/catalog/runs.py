@@ -10,12 +10,22 @@ from typing import TYPE_CHECKING, Any
 
 from convflow.catalog import registry, schemas, tables
 from convflow.core.context import RunContext
-from convflow.core.records import Evaluation, ExportedModel, Report, RunSummary, SplitSet, StageRun, TrainedModel
+from convflow.core.records import (
+    DataChecks,
+    Evaluation,
+    ExportedModel,
+    Report,
+    RunSummary,
+    SplitSet,
+    StageRun,
+    TrainedModel,
+)
 
 if TYPE_CHECKING:  # the comparison's module imports what a training run does not need
     from convflow.catalog.comparisons import Comparison
 
 UNCHANGED = "unchanged"
+BLOCKED = "blocked"
 
 
 def summarize(
@@ -93,6 +103,7 @@ def record(
     split_set: SplitSet,
     trained: TrainedModel,
     evaluation: Evaluation,
+    checks: DataChecks | None = None,
 ) -> None:
     """Append the run's catalog row; when its model passed the gate, note on the production record
     which config and data made it (the next scheduled run's retraining policy reads that)."""
@@ -102,6 +113,7 @@ def record(
         )
     run_tables = {
         "splits": split_set.splits_parquet,
+        "checks": checks.results_parquet if checks else None,
         "history": trained.history_parquet,
         "metrics": evaluation.metrics_parquet,
         "predictions": evaluation.predictions_parquet,
@@ -142,6 +154,45 @@ def record_unchanged(
     )
     tables.append_run(Path(run.artifacts_root) / "runs.parquet", catalog_row(summary, run.run_dir, flow_run_id))
     return summary.gate_reason
+
+
+def blocked_reason(checks: DataChecks) -> str:
+    blocks = [reason.removeprefix("block: ") for reason in checks.reasons if reason.startswith("block: ")]
+    return f"blocked by {len(blocks)} data check(s), nothing trained: " + "; ".join(blocks)
+
+
+def record_blocked(
+    run: RunContext,
+    started: datetime.datetime,
+    config_hash: str,
+    split_set: SplitSet,
+    checks: DataChecks,
+    stages: list[StageRun],
+    flow_run_id: Any,
+) -> RunSummary:
+    """Append the row of a run its data checks blocked before training (its model columns describe
+    production, which it left as it was) and its run.json; returns its summary."""
+    production = registry.current(Path(run.artifacts_root), run.pipeline)
+    summary = RunSummary(
+        pipeline=run.pipeline,
+        run_id=run.run_id,
+        status=BLOCKED,
+        started=started.isoformat(),
+        config_hash=config_hash,
+        data_fingerprint=split_set.data_fingerprint,
+        test_accuracy=production.test_accuracy if production else None,
+        passed_gate=None,
+        gate_reason=blocked_reason(checks),
+        model=production.model if production else None,
+        saved_model=production.saved_model if production else None,
+        report=checks.report_html,
+        resumed_from_epoch=0,
+        stages=stages,
+    )
+    run_tables = {"splits": split_set.splits_parquet, "checks": checks.results_parquet}
+    row = catalog_row(summary, run.run_dir, flow_run_id, run_tables=run_tables)
+    tables.append_run(Path(run.artifacts_root) / "runs.parquet", row)
+    return summary
 
 
 def record_variant_runs(comparison: Comparison, artifacts_root: Path, flow_run_id: Any = None) -> None:

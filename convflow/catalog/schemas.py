@@ -93,7 +93,7 @@ MODEL_SUMMARY_SCHEMA = _schema(
 )
 
 # Each run's Parquet tables, named in the catalog's <name>_parquet columns.
-RUN_TABLES = ("splits", "history", "metrics", "predictions")
+RUN_TABLES = ("splits", "checks", "history", "metrics", "predictions")
 
 RUNS_SCHEMA = _schema(
     ("pipeline", pa.string(), "Pipeline name in pipelines.yaml."),
@@ -104,15 +104,20 @@ RUNS_SCHEMA = _schema(
         "status",
         pa.string(),
         "completed; not-promoted when the gate failed; unchanged when a scheduled run "
-        "found the production model made from the same config and data, and trained nothing.",
+        "found the production model made from the same config and data, and trained nothing; blocked when a data "
+        "check blocked it (gate_reason says which): it trained nothing and production is unchanged.",
     ),
     ("config_hash", pa.string(), "Hash of the pipeline's config (schedule excluded)."),
     ("data_fingerprint", pa.string(), "Hash over example hashes, labels and splits."),
-    ("test_accuracy", pa.float64(), "Accuracy on the test split (unchanged runs: the production model's)."),
-    ("passed_gate", pa.bool_(), "Whether the model passed the gate; null when no gate ran (unchanged)."),
+    (
+        "test_accuracy",
+        pa.float64(),
+        "Accuracy on the test split (unchanged and blocked runs: the production model's; null with none).",
+    ),
+    ("passed_gate", pa.bool_(), "Whether the model passed the gate; null when no gate ran (unchanged, blocked)."),
     ("gate_reason", pa.string(), "Why the gate passed or failed, or why nothing was trained."),
-    ("model", pa.string(), "The trained Keras model (.keras) of the run (unchanged runs: production's)."),
-    ("saved_model", pa.string(), "Exported SavedModel folder (unchanged runs: production's)."),
+    ("model", pa.string(), "The trained Keras model (.keras) of the run (unchanged and blocked runs: production's)."),
+    ("saved_model", pa.string(), "Exported SavedModel folder (unchanged and blocked runs: production's)."),
     ("promoted_version", pa.int64(), "Registry version the run was promoted to; null if not promoted."),
     ("report", pa.string(), "report.html path; null when the run wrote no report (unchanged)."),
     ("run_dir", pa.string(), "The run's folder, holding its run.json (the catalog can be rebuilt from these)."),
@@ -134,8 +139,10 @@ RUNS_SCHEMA = _schema(
         for name in RUN_TABLES
     ),
     nullable=(
+        "test_accuracy",
         "passed_gate",
         "model",
+        "saved_model",
         "promoted_version",
         "report",
         "run_dir",

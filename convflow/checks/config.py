@@ -78,6 +78,12 @@ class LeakageConfig(CheckConfig):
         "catches JPEG re-encoding, a resize by a pixel and a brightness change in 99.7% of cases on "
         "../shared/data/flowers, and finds almost no distinct photos there.",
     )
+    min_side: int = Field(
+        32,
+        ge=1,
+        description="Images whose shorter side (as decoded, the median of the dataset) is under this many pixels "
+        "count as copies only when their content is identical: a dHash cannot tell small images such as digits apart.",
+    )
     max_share: float = Field(
         0.02,
         ge=0,
@@ -104,7 +110,7 @@ class DriftConfig(CheckConfig):
 
 
 class ValidateConfig(_Strict):
-    """The data checks between download_and_split and training, against the data that made the
+    """The data checks between to_tfrecords and build_base, against the data that made the
     production model. With no production model yet, only min_count, label_conflicts and leakage run."""
 
     on_block: Literal["fail", "ask"] = Field(
@@ -130,3 +136,11 @@ class ValidateConfig(_Strict):
         LeakageConfig(), description="Near-copies of validation or test images in an earlier split."
     )
     drift: DriftConfig = Field(DriftConfig(), description="Image properties drifted from production's.")
+
+    @model_validator(mode="after")
+    def _asking_is_not_built(self) -> ValidateConfig:
+        # Refused rather than accepted and ignored: a run that should wait for a person must not
+        # quietly end blocked instead.
+        if self.on_block == "ask":
+            raise ValueError("on_block: ask (a person decides in the Prefect UI) is not available yet; use fail")
+        return self

@@ -60,6 +60,44 @@ def image_properties(pixels: np.ndarray, mode: str) -> dict[str, int | float | s
     }
 
 
+def batch_properties(pixels: np.ndarray, mode: str) -> dict[str, np.ndarray]:
+    """image_properties() of N same-sized images at once (N x H x W x C uint8), as columns: for
+    in-memory sources such as images.npy, where one call an image would cost more than writing it
+    (70,000 MNIST digits: 6 s one by one, about 1 s here). Figures agree with image_properties() to
+    float32 rounding."""
+    if pixels.ndim == 3:
+        pixels = pixels[..., np.newaxis]
+    count, height, width, channels = pixels.shape
+    if count:
+        _checked(pixels[0])
+    values = pixels.astype(np.float32)
+    # float32 sums are exact up to 65,793 pixels of 255, and twice as fast as float64's
+    channel_means = values.reshape(count, -1, channels).sum(axis=1).astype(np.float64) / (height * width)
+    luma = values @ LUMA_WEIGHTS if channels == 3 else values[..., 0]
+    brightness = channel_means @ LUMA_WEIGHTS.astype(np.float64) if channels == 3 else channel_means[:, 0]
+    means = channel_means if channels == 3 else np.repeat(channel_means, 3, axis=1)
+    centred = luma - brightness.astype(np.float32)[:, None, None]
+    laplacian = (
+        luma[:, :-2, 1:-1] + luma[:, 2:, 1:-1] + luma[:, 1:-1, :-2] + luma[:, 1:-1, 2:] - 4 * luma[:, 1:-1, 1:-1]
+    )
+    rows, columns = _box_weights(height, width)
+    thumbnails = rows @ luma @ columns
+    bits = (thumbnails[:, :, :-1] > thumbnails[:, :, 1:]).reshape(count, 64)
+    return {
+        "width": np.full(count, width, np.int32),
+        "height": np.full(count, height, np.int32),
+        "channels": np.full(count, channels, np.int8),
+        "mode": np.full(count, mode, object),
+        "brightness": brightness.astype(np.float32),
+        "contrast": np.sqrt(np.square(centred).mean(axis=(1, 2), dtype=np.float64)).astype(np.float32),
+        "mean_r": means[:, 0].astype(np.float32),
+        "mean_g": means[:, 1].astype(np.float32),
+        "mean_b": means[:, 2].astype(np.float32),
+        "sharpness": laplacian.reshape(count, -1).var(axis=1).astype(np.float32),
+        "dhash": np.packbits(bits, axis=1).view(">u8")[:, 0].astype(np.uint64),
+    }
+
+
 def _checked(pixels: np.ndarray) -> np.ndarray:
     if pixels.ndim == 2:
         pixels = pixels[..., np.newaxis]

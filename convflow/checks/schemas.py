@@ -7,6 +7,8 @@ from collections.abc import Mapping, Sequence
 
 import pyarrow as pa
 
+# The per-image table's file name in to_tfrecords' folder and in a promoted model's version folder.
+IMAGE_PROPERTIES = "image_properties.parquet"
 # Files a result row names; its detail says how many there were in all.
 MAX_FILES = 20
 
@@ -29,9 +31,14 @@ IMAGE_PROPERTIES_SCHEMA = _schema(
     ("sha256", pa.string(), "sha256 of the example's source bytes: identical content has the same digest."),
     ("width", pa.int32(), "Width in pixels as decoded, before resizing."),
     ("height", pa.int32(), "Height in pixels as decoded, before resizing."),
-    ("channels", pa.int8(), "Channels as decoded: 1 (grayscale) or 3 (RGB)."),
+    ("channels", pa.int8(), "Channels as decoded: the bands of its mode (L 1, RGB 3, RGBA and CMYK 4)."),
     ("mode", pa.string(), "The Pillow mode the image was decoded from (RGB, L, P, CMYK, ...)."),
-    ("brightness", pa.float32(), "Mean luma (ITU-R BT.601: 0.299 R + 0.587 G + 0.114 B), 0-255."),
+    (
+        "brightness",
+        pa.float32(),
+        "Mean luma (ITU-R BT.601: 0.299 R + 0.587 G + 0.114 B), 0-255, at the model's size: this figure and "
+        "those below describe the pixels the model sees.",
+    ),
     ("contrast", pa.float32(), "Standard deviation of luma, 0-255."),
     ("mean_r", pa.float32(), "Mean of the red channel, 0-255 (grayscale: the gray mean)."),
     ("mean_g", pa.float32(), "Mean of the green channel, 0-255 (grayscale: the gray mean)."),

@@ -35,8 +35,28 @@ def print_json(payload: dict) -> None:
 def print_run(summary, seconds: float, artifacts: Path, temporary_server: bool, as_json: bool) -> None:
     """A training run's outcome, what it wrote, each stage's time and cache use, and where the Prefect
     UI shows it."""
-    verdict = "passed" if summary.passed_gate else "NOT PROMOTED"
     print(f"\n{summary.pipeline} run {summary.run_id}: {summary.status}")
+    if summary.status == "blocked":
+        _print_blocked(summary)
+    else:
+        _print_trained(summary)
+    print("\n".join(table_lines(_stage_rows(summary, seconds), _STAGE_COLUMNS, indent="  ")))
+    _print_ui_address(artifacts, summary.run_id, temporary_server)
+    if as_json:
+        print_json(summary_json(summary, seconds))
+
+
+def _print_blocked(summary) -> None:
+    """Why the data checks stopped the run, a line a check; production stays as it was."""
+    head, _, reasons = summary.gate_reason.partition(": ")
+    print(f"  {head}:")
+    for reason in reasons.split("; "):
+        print(f"    {reason}")
+    print("  production     unchanged" + (f": {summary.saved_model}" if summary.saved_model else " (none yet)"))
+
+
+def _print_trained(summary) -> None:
+    verdict = "passed" if summary.passed_gate else "NOT PROMOTED"
     print(f"  test accuracy  {summary.test_accuracy:.4f}  (gate {verdict}: {summary.gate_reason})")
     if summary.resumed_from_epoch:
         print(f"  resumed from epoch {summary.resumed_from_epoch}")
@@ -44,10 +64,6 @@ def print_run(summary, seconds: float, artifacts: Path, temporary_server: bool, 
     if summary.promoted_version is not None:
         print(f"  promoted       production version {summary.promoted_version}")
     print(f"  report         {summary.report}")
-    print("\n".join(table_lines(_stage_rows(summary, seconds), _STAGE_COLUMNS, indent="  ")))
-    _print_ui_address(artifacts, summary.run_id, temporary_server)
-    if as_json:
-        print_json(summary_json(summary, seconds))
 
 
 def _stage_rows(summary, seconds: float) -> list[dict[str, str]]:

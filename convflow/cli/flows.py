@@ -12,7 +12,7 @@ from typing import Any
 
 from convflow.cli import flow_results
 from convflow.cli.options import common_options
-from convflow.cli.output import EXIT_BAD_CONFIG, EXIT_FAILED, fail, print_error
+from convflow.cli.output import EXIT_BAD_CONFIG, EXIT_BLOCKED, EXIT_FAILED, fail, print_error
 from convflow.runtime.settings import flow_call_settings, process_environment
 
 # The Prefect client retries a lost connection (PREFECT_CLIENT_MAX_RETRIES, with back-off: about a
@@ -108,7 +108,7 @@ def run_pipeline(args: argparse.Namespace) -> int:
         temporary_server=command.server is not None,
         as_json=args.json,
     )
-    return 0
+    return EXIT_BLOCKED if summary.status == "blocked" else 0
 
 
 def compare_variants(args: argparse.Namespace) -> int:

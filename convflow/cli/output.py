@@ -8,6 +8,7 @@ from collections.abc import Iterable
 
 EXIT_FAILED = 1
 EXIT_BAD_CONFIG = 2  # a pipelines file with mistakes; argparse exits with it too, on a bad command line
+EXIT_BLOCKED = 3  # the data checks blocked the run: nothing was trained, production is unchanged
 
 
 def print_error(message: str) -> None:

@@ -58,7 +58,7 @@ def _places(model: type[BaseModel], where: str, found: dict[type[BaseModel], lis
     if len(found[model]) == 1:  # a model met again keeps its first place in the order
         for name, field in model.model_fields.items():
             for nested, suffix in _nested_models(field.annotation):
-                _places(nested, f"{where}.{name}{suffix}", found)
+                _places(nested, f"{where}.{field.alias or name}{suffix}", found)
     return found
 
 
@@ -85,7 +85,7 @@ def _section(model: type[BaseModel], where: list[str]) -> list[str]:
         lines += [_prose(doc), ""]
     lines += ["Where: " + ", ".join(f"`{place}`" for place in where), ""]
     lines += ["| field | type | default | description |", "|---|---|---|---|"]
-    lines += [_row(name, field) for name, field in model.model_fields.items()]
+    lines += [_row(field.alias or name, field) for name, field in model.model_fields.items()]
     return lines + [""]
 
 

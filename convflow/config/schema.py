@@ -20,6 +20,7 @@ from pydantic import (
     model_validator,
 )
 
+from convflow.checks.config import ValidateConfig
 from convflow.config.model_zoo import get_base_spec
 
 PIPELINE_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
@@ -544,6 +545,12 @@ class PipelineSpec(StrictModel):
     model: ModelConfig = Field(description="The base network, its weights, and the head put on it.")
     train: TrainConfig = Field(TrainConfig(), description="How the model is trained, and where.")
     evaluate: EvaluateConfig = Field(EvaluateConfig(), description="The gate a model must pass to be promoted.")
+    validate_: ValidateConfig = Field(
+        ValidateConfig(),
+        alias="validate",
+        description="The data checks between to_tfrecords and training, against the production model's data; "
+        "each blocks, warns or is off.",
+    )
     schedule: ScheduleConfig | None = Field(None, description="When `convflow serve` or `deploy` retrains it.")
     retrain: Literal["on_change", "always"] = Field(
         "on_change",
@@ -623,6 +630,7 @@ class PipelineSpec(StrictModel):
                 "compare": True,
                 "score": True,
                 "tune": True,
+                "validate_": True,
                 "data": {*DataConfig.EXECUTION_ONLY, "compression"},
                 "train": set(TrainConfig.EXECUTION_ONLY),
             },

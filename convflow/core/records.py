@@ -92,9 +92,15 @@ class TFRecordSet(StageRecord):
     fingerprint: str = Field(
         description="Hash over the shards' contents (each shard: the sha256 of its parts' sha256s)."
     )
+    image_properties: str | None = Field(
+        None, description="image_properties.parquet: each image's properties for the data checks, measured as decoded."
+    )
+
+    def shard_files(self) -> list[str]:
+        return [path for paths in self.shards.values() for path in paths]
 
     def required_files(self) -> list[str]:
-        return [path for paths in self.shards.values() for path in paths]
+        return self.shard_files() + ([self.image_properties] if self.image_properties else [])
 
     def log_line(self) -> str:
         shards = sum(len(paths) for paths in self.shards.values())
@@ -103,6 +109,28 @@ class TFRecordSet(StageRecord):
             f"{shards} shards, {sum(self.file_sizes.values()) / 1e6:.1f} MB of {height}x{width}x{self.channels} "
             f"images ({self.record_format} records, {self.compression} compression) in {Path(self.output_dir)}"
         )
+
+
+class DataChecks(StageRecord):
+    """check_data: every data check's figure, this run's data against the production model's, and
+    the verdict."""
+
+    results_parquet: str = Field(description="checks.parquet: a row per check and subject (CHECK_RESULTS_SCHEMA).")
+    report_html: str = Field(description="checks.html: the figures, offending files and their thumbnails.")
+    verdict: Literal["pass", "warn", "block"]
+    reasons: list[str] = Field(description="Each result that did not pass, in words, blocks first.")
+    baseline_version: int | None = Field(
+        description="The production version whose data this run's was compared with; None before a first promotion."
+    )
+    checks: int = Field(description="Result rows, passing or not.")
+
+    def required_files(self) -> list[str]:
+        return [self.results_parquet, self.report_html]
+
+    def log_line(self) -> str:
+        against = f"production version {self.baseline_version}" if self.baseline_version else "no production yet"
+        line = f"data checks against {against}: {self.verdict} ({self.checks} figures)"
+        return line + "".join(f"\n  {reason}" for reason in self.reasons[:10])
 
 
 class BaseNetwork(StageRecord):
@@ -259,11 +287,11 @@ class RunSummary(pydantic.BaseModel):
     started: str
     config_hash: str
     data_fingerprint: str
-    test_accuracy: float
+    test_accuracy: float | None = Field(description="None for a run blocked before training with no production model.")
     passed_gate: bool | None = Field(description="None for a scheduled run that trained nothing (unchanged).")
     gate_reason: str
-    model: str
-    saved_model: str
+    model: str | None = Field(description="Unchanged and blocked runs: production's model (None if there is none).")
+    saved_model: str | None
     report: str | None = Field(description="None for a scheduled run that trained nothing (unchanged).")
     resumed_from_epoch: int
     promoted_version: int | None = None

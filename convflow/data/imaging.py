@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from convflow.checks.image_properties import image_properties
 from convflow.core.errors import DataError
 
 MODES = {1: "L", 3: "RGB"}
@@ -100,27 +101,43 @@ class RecordImages:
     images_npy: str | None = None
 
     def one(self, source: str | int | np.ndarray) -> bytes:
+        return self.measured(source, measure=False)[0]
+
+    def measured(self, source: str | int | np.ndarray, measure: bool = True) -> tuple[bytes, dict | None]:
+        """The record bytes of `source` and, when `measure`, the data checks' image properties
+        (checks.image_properties) of the image at the model's size, with its width, height and
+        mode as decoded: the pixels the model sees, measured while they are decoded anyway."""
         if isinstance(source, str):
             try:
-                return self._file_record(source)
+                return self._file_record(source, measure)
             except Exception as error:  # PIL raises many types for bad files
                 # download_and_split read only a JPEG's header and end marker: this is its decode
                 raise DataError(f"{source}: cannot decode: {error}") from error
-        return encode_image(self._pixels(source), self.record_format)
+        original = np.asarray(images_array(self.images_npy)[source] if self.images_npy is not None else source)
+        pixels = self.pixels(source)
+        record = encode_image(pixels, self.record_format)
+        if not measure:
+            return record, None
+        as_decoded = original if original.ndim == 3 else original[..., np.newaxis]
+        return record, _measured(pixels, MODES.get(as_decoded.shape[2], "RGB"), as_decoded.shape[1::-1])
 
-    def _file_record(self, path: str) -> bytes:
+    def _file_record(self, path: str, measure: bool) -> tuple[bytes, dict | None]:
         """A file's record bytes. A JPEG already at the model's size and colours goes into a JPEG
         record as it is: decoding and encoding it again would cost a third of the stage and lose
         detail. It is still decoded once, at an eighth of its size (the whole compressed stream
-        is read, so a damaged file fails here, named, not in training)."""
+        is read, so a damaged file fails here, named, not in training), or whole when measured."""
         content = Path(path).read_bytes()
         with Image.open(io.BytesIO(content)) as image:
+            mode, size = image.mode, image.size
             if self._keeps_as_it_is(image):
-                image.draft(image.mode, (max(1, image.width // 8), max(1, image.height // 8)))
+                if not measure:
+                    image.draft(image.mode, (max(1, image.width // 8), max(1, image.height // 8)))
                 image.load()
-                return content
+                return content, _measured(np.asarray(image), mode, size) if measure else None
             _draft(image, self.size, self.channels)
-            return _encode_model_image(_model_image(image, self.size, self.channels, self.resize), self.record_format)
+            model_image = _model_image(image, self.size, self.channels, self.resize)
+            record = _encode_model_image(model_image, self.record_format)
+            return record, _measured(np.asarray(model_image), mode, size) if measure else None
 
     def _keeps_as_it_is(self, image: Image.Image) -> bool:
         return (
@@ -130,16 +147,25 @@ class RecordImages:
             and image.size == (self.size[1], self.size[0])
         )
 
-    def _pixels(self, source: int | np.ndarray) -> np.ndarray:
+    def pixels(self, source: int | np.ndarray) -> np.ndarray:
         if self.images_npy is not None:
-            source = _images_array(self.images_npy)[source]
+            source = images_array(self.images_npy)[source]
             if source.shape == (*self.size, self.channels):
                 return np.asarray(source)
         return load_array(np.asarray(source), self.size, self.channels, self.resize)
 
 
+def _measured(pixels: np.ndarray, mode: str, size: tuple[int, int]) -> dict:
+    """image_properties of the model-size `pixels`, with the (width, height), mode and channels (the
+    mode's bands) as decoded."""
+    properties = image_properties(pixels, mode)
+    properties["width"], properties["height"] = size
+    properties["channels"] = Image.getmodebands(mode)
+    return properties
+
+
 @functools.lru_cache(maxsize=2)
-def _images_array(images_npy: str) -> np.ndarray:
+def images_array(images_npy: str) -> np.ndarray:
     """images.npy mapped, not read: a process touches only the rows it encodes."""
     return np.load(images_npy, mmap_mode="r")
 

@@ -28,9 +28,13 @@ class PartJob:
     last: bool
 
 
-def write_part(job: PartJob, images: RecordImages, compression: str) -> tuple[bytes, int]:
-    """Write the job's part file; the part's sha256 digest and record count."""
+def write_part(job: PartJob, images: RecordImages, compression: str) -> tuple[bytes, int, list[dict]]:
+    """Write the job's part file; the part's sha256 digest, record count, and its images' properties
+    for the data checks (a few hundred bytes an image: they cross back, the pixels do not)."""
+    measured = []
     with ShardFile(job.path, compression) as part:
         for label, example_id, source in zip(job.labels, job.example_ids, job.sources):
-            part.write(encode_example(images.one(source), label, example_id))
-    return part.part_digests[0], part.records
+            record, properties = images.measured(source)
+            part.write(encode_example(record, label, example_id))
+            measured.append(properties)
+    return part.part_digests[0], part.records, measured
