@@ -95,11 +95,15 @@ def print_checks(checks_parquet: str) -> None:
 
 
 def measuring_cost(whole: Path, scratch: Path) -> tuple[float, float]:
-    """to_tfrecords' seconds on `whole` with each image measured, and with measuring stubbed out."""
+    """to_tfrecords' seconds on `whole` with each image measured, and with measuring stubbed out. On
+    this process's threads: the stub does not reach worker processes, which import imaging afresh."""
     from convflow.config.schema import DataConfig
     from convflow.data import imaging
+    from convflow.tasks import to_tfrecords
     from convflow.tasks.download_and_split import split_dataset
     from convflow.tasks.to_tfrecords import write_tfrecords
+
+    to_tfrecords.PROCESSES_FROM = 10**9
 
     data = DataConfig(source=f"folder:{whole}", image_size=(96, 96), channels=3)
     split_set = split_dataset(data, scratch / "split")
