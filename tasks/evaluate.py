@@ -65,19 +65,47 @@ def _gate(
     return True, f"test accuracy {accuracy:.4f} ≥ min_accuracy {evaluate.min_accuracy} and ≥ {floor:.4f} ({verdict})"
 
 
-def score_saved_model(saved_model: str, images: np.ndarray, labels: np.ndarray) -> float:
-    """Accuracy of a SavedModel's serving signature on raw uint8 images."""
+def class_recalls(labels: np.ndarray, predicted: np.ndarray, label_names: list[str]) -> dict[str, float]:
+    """Each class's recall on the split: the share of its examples predicted as it (0 with none)."""
+    return {
+        name: float((predicted[labels == index] == index).mean()) if (labels == index).any() else 0.0
+        for index, name in enumerate(label_names)
+    }
+
+
+def _class_gate(
+    recalls: dict[str, float], evaluate: EvaluateConfig, production_recalls: dict[str, float] | None
+) -> list[str]:
+    """Why the per-class gate fails, a reason per class (none: it passes or is not set)."""
+    reasons = []
+    if evaluate.min_class_recall is not None:
+        reasons += [
+            f"{name} recall {recall:.4f} < min_class_recall {evaluate.min_class_recall}"
+            for name, recall in recalls.items()
+            if recall < evaluate.min_class_recall
+        ]
+    if evaluate.max_class_regression is not None and production_recalls is not None:
+        reasons += [
+            f"{name} recall {recall:.4f} < production's {production_recalls[name]:.4f} - max_class_regression "
+            f"{evaluate.max_class_regression}"
+            for name, recall in recalls.items()
+            if name in production_recalls and recall < production_recalls[name] - evaluate.max_class_regression
+        ]
+    return reasons
+
+
+def saved_model_predictions(saved_model: str, images: np.ndarray) -> np.ndarray:
+    """The class a SavedModel's serving signature predicts for each raw uint8 image."""
     import tensorflow as tf
 
     loaded = tf.saved_model.load(saved_model)  # keep referenced while calling its signature
     serve = loaded.signatures["serving_default"]
-    predicted = np.concatenate(
+    return np.concatenate(
         [
             serve(images=tf.constant(images[start : start + 512]))["probabilities"].numpy().argmax(axis=1)
             for start in range(0, len(images), 512)
         ]
     )
-    return float((predicted == labels).mean())
 
 
 def score_untrained(wrapped: WrappedModel, tfrecords: TFRecordSet) -> tuple[float, float]:
@@ -141,7 +169,8 @@ def evaluate_model(
     production: Production | None = None,
 ) -> Evaluation:
     """Score the trained model on the test split; gate on min_accuracy and on the production
-    model's accuracy on the same split (max_regression)."""
+    model's accuracy on the same split (max_regression), then on each class's recall
+    (min_class_recall, and max_class_regression against production's on the same split)."""
     from sklearn.metrics import confusion_matrix, log_loss
 
     model = load_classifier(trained.model_path)
@@ -151,8 +180,16 @@ def evaluate_model(
     metrics = _metrics_table(labels, probabilities, loss, tfrecords.label_names, settings.top_k)
     accuracy = float(metrics.column("value")[0].as_py())
     confusion = confusion_matrix(labels, probabilities.argmax(axis=1), labels=classes)
-    production_accuracy = score_saved_model(production.saved_model, images, labels) if production else None
+    recalls = class_recalls(labels, probabilities.argmax(axis=1), tfrecords.label_names)
+    production_accuracy = production_recalls = None
+    if production:
+        production_predicted = saved_model_predictions(production.saved_model, images)
+        production_accuracy = float((production_predicted == labels).mean())
+        production_recalls = class_recalls(labels, production_predicted, tfrecords.label_names)
     passed, reason = _gate(accuracy, settings, production, production_accuracy)
+    class_failures = _class_gate(recalls, settings, production_recalls)
+    if passed and class_failures:
+        passed, reason = False, "; ".join(class_failures)
     with staged_output(output_dir) as staging:
         schemas.write_parquet(metrics, staging / "metrics.parquet")
         schemas.write_parquet(_predictions_table(ids, labels, probabilities), staging / "predictions.parquet")
@@ -174,6 +211,8 @@ def evaluate_model(
         gate_reason=reason,
         production_version=production.version if production else None,
         production_accuracy=production_accuracy,
+        class_recalls=recalls,
+        production_class_recalls=production_recalls,
     )
 
 

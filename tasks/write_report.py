@@ -72,7 +72,9 @@ def _confusion(confusion_json: str) -> Markup:
     return figure_tag(figure)
 
 
-def _per_class_rows(metrics_parquet: str) -> list[list]:
+def _per_class_rows(metrics_parquet: str, production_recalls: dict[str, float] | None = None) -> list[list]:
+    """Precision, recall, F1 and support of each class; with production's recall on the same split
+    beside them when there is a production model."""
     metrics = pq.read_table(metrics_parquet).to_pandas()
     per_class = metrics.dropna(subset=["class_name"]).pivot(index="class_name", columns="metric", values="value")
     order = metrics.dropna(subset=["class_name"])["class_name"].drop_duplicates()
@@ -81,6 +83,7 @@ def _per_class_rows(metrics_parquet: str) -> list[list]:
             name,
             *(float(per_class.loc[name, column]) for column in ("precision", "recall", "f1")),
             int(per_class.loc[name, "support"]),
+            *([production_recalls.get(name, "")] if production_recalls else []),
         ]
         for name in order
     ]
@@ -239,7 +242,7 @@ def render_report(
         "splits": [[split, count] for split, count in split_set.counts.items()],
         "class_counts": class_counts,
         "layers": layers,
-        "per_class": _per_class_rows(evaluation.metrics_parquet),
+        "per_class": _per_class_rows(evaluation.metrics_parquet, evaluation.production_class_recalls),
         "production": _production_rows(evaluation),
         "stages": _stage_rows(stages, trained),
         "lineage": _lineage(config_hash, split_set.data_fingerprint),

@@ -116,3 +116,41 @@ def test_worse_model_is_not_promoted_better_one_is_and_rollback_restores(tmp_pat
     assert rolled.returncode == 0, rolled.stderr
     assert "production is now version 1" in rolled.stdout
     assert registry.current(tmp_path / "artifacts", "gate").run_id == first["run_id"]
+
+
+# ----------------------------------------------------------------------------- the per-class gate
+
+
+def test_the_per_class_gate_names_each_class_below_its_floor():
+    """A model may pass on overall accuracy and still lose one class: min_class_recall and
+    max_class_regression (against production's recall on the same split) name each such class."""
+    import numpy as np
+
+    from convflow.config.schema import EvaluateConfig
+    from convflow.tasks.evaluate import _class_gate, class_recalls
+
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1, 2, 2])
+    candidate = class_recalls(labels, np.array([0, 0, 0, 0, 1, 1, 0, 0, 2, 2]), ["cat", "dog", "owl"])
+    assert candidate == {"cat": 1.0, "dog": 0.5, "owl": 1.0}
+    production = class_recalls(labels, np.array([0, 0, 0, 1, 1, 1, 1, 1, 2, 0]), ["cat", "dog", "owl"])
+    assert production == {"cat": 0.75, "dog": 1.0, "owl": 0.5}
+
+    assert _class_gate(candidate, EvaluateConfig(), production) == []  # unset: not held
+    assert _class_gate(candidate, EvaluateConfig(min_class_recall=0.6), None) == [
+        "dog recall 0.5000 < min_class_recall 0.6"
+    ]
+    assert _class_gate(candidate, EvaluateConfig(max_class_regression=0.2), production) == [
+        "dog recall 0.5000 < production's 1.0000 - max_class_regression 0.2"
+    ]
+    assert _class_gate(candidate, EvaluateConfig(max_class_regression=0.5), production) == []
+    assert _class_gate(candidate, EvaluateConfig(max_class_regression=0.2), None) == []  # no production yet
+
+
+def test_per_class_gate_settings_leave_existing_config_hashes_alone():
+    from conftest import REPO
+    from convflow.config.load import load_pipeline
+
+    spec = load_pipeline(REPO / "pipelines.yaml", "digits-cnn")
+    assert spec.config_hash() == "aed33119b935e2ce"  # as before the per-class settings existed
+    stricter = spec.model_copy(update={"evaluate": spec.evaluate.model_copy(update={"min_class_recall": 0.9})})
+    assert stricter.config_hash() != spec.config_hash()

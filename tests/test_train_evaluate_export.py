@@ -299,6 +299,18 @@ def test_gate_against_production(
     assert worse.test_accuracy < worse.production_accuracy
     assert worse.passed_gate is False and "production v1" in worse.gate_reason
     assert same.passed_gate is True
+    # Per class, production's recall on the same split beside the model's: the same model, the same recalls.
+    assert same.production_class_recalls == pytest.approx(same.class_recalls, abs=1 / digits_tfrecords.counts["test"])
+    assert set(same.class_recalls) == set(digits_tfrecords.label_names)
+
+    # The untrained net loses classes: the per-class gate names them even where accuracy is let through.
+    lenient = EvaluateConfig(min_accuracy=0.0, max_regression=1.0, max_class_regression=0.3)
+    per_class = evaluate_model(untrained, digits_tfrecords, lenient, tmp_path / "per-class", production)
+    production_recalls = per_class.production_class_recalls
+    lost = [name for name, recall in per_class.class_recalls.items() if recall < production_recalls[name] - 0.3]
+    assert lost and per_class.passed_gate is False
+    assert per_class.gate_reason.count("max_class_regression") == len(lost)
+    assert all(f"{name} recall" in per_class.gate_reason for name in lost)
 
 
 def test_evaluate_two_classes(tmp_path, image_folder_factory):

@@ -384,6 +384,19 @@ class EvaluateConfig(StrictModel):
         0.0, ge=0, le=1, description="The gate: how far below production's test accuracy a model may be."
     )
     top_k: int = Field(5, ge=1, description="k of the top-k accuracy.")
+    min_class_recall: float | None = Field(
+        None, ge=0, le=1, description="The gate: lowest recall of any one class on the test split (unset: not held)."
+    )
+    max_class_regression: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="The gate: how far below production's recall of a class, on the same test split, the model's "
+        "may be (unset: not held). A model better overall can still lose one class.",
+    )
+
+    # Left out of the config hash while unset, so that pipelines written before them keep their hash.
+    HASHED_WHEN_SET: ClassVar[frozenset[str]] = frozenset({"min_class_recall", "max_class_regression"})
 
 
 class ScheduleConfig(StrictModel):
@@ -635,10 +648,11 @@ class PipelineSpec(StrictModel):
                 "train": set(TrainConfig.EXECUTION_ONLY),
             },
         )
-        defaults = TrainConfig().model_dump(mode="json")
-        for name in TrainConfig.HASHED_WHEN_SET:
-            if payload["train"][name] == defaults[name]:
-                del payload["train"][name]
+        for section, model in (("train", TrainConfig), ("evaluate", EvaluateConfig)):
+            defaults = model().model_dump(mode="json")
+            for name in model.HASHED_WHEN_SET:
+                if payload[section][name] == defaults[name]:
+                    del payload[section][name]
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

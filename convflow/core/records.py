@@ -228,6 +228,10 @@ class Evaluation(StageRecord):
     gate_reason: str
     production_version: int | None = Field(None, description="The production model compared against.")
     production_accuracy: float | None = Field(None, description="Its accuracy on the same test split.")
+    class_recalls: dict[str, float] = Field(default_factory=dict, description="Each class's recall on the test split.")
+    production_class_recalls: dict[str, float] | None = Field(
+        None, description="The production model's recall of each class on the same test split."
+    )
 
     def required_files(self) -> list[str]:
         return [self.metrics_parquet, self.predictions_parquet, self.confusion_json, self.samples_npz]
