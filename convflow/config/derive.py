@@ -28,7 +28,7 @@ def tuned_spec(spec: PipelineSpec, settings: dict[str, float]) -> PipelineSpec:
     Raises:
         ValidationError: the settings make the pipeline invalid.
     """
-    body = spec.model_dump(mode="json", exclude={"tune"})
+    body = spec.model_dump(mode="json", exclude={"tune"}, by_alias=True)
     for name, value in settings.items():
         if name == "augment_strength":
             steps = spec.train.augment_steps
@@ -54,7 +54,7 @@ def variant_specs(spec: PipelineSpec, base_dir: str | Path) -> dict[str, Pipelin
     problems, one line each; relative paths in overrides resolve against `base_dir`."""
     if spec.compare is None:
         return {}
-    body = spec.model_dump(mode="json", exclude={"compare"})
+    body = spec.model_dump(mode="json", exclude={"compare"}, by_alias=True)
     results: dict[str, PipelineSpec | list[str]] = {}
     for variant in spec.compare.variants:
         overrides = variant.model_dump(include={"model", "train", "evaluate"})

@@ -553,6 +553,10 @@ class TuneConfig(StrictModel):
 
 
 class PipelineSpec(StrictModel):
+    # `validate` is a field of pydantic's BaseModel, so the section is the field validate_ under the
+    # alias validate; by name too, so that a spec dumped by name (a task's parameters) reads back.
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
     name: SafeName = Field(description="The pipeline's key under `pipelines:`; it names its artifacts folder.")
     data: DataConfig = Field(description="Where the images come from, the size the model sees, and the splits.")
     model: ModelConfig = Field(description="The base network, its weights, and the head put on it.")
