@@ -14,6 +14,7 @@ from convflow.catalog import registry
 from convflow.catalog.comparisons import VariantResult
 from convflow.config.schema import PipelineSpec
 from convflow.core.context import RunContext
+from convflow.core.hashing import sha256_file
 from convflow.core.records import (
     DataChecks,
     Evaluation,
@@ -69,15 +70,19 @@ def data_checks(
     that made production itself is compared with nothing, as evaluate's rival skips production's
     own model: it would pass every comparison, and a rerun's check_data stays a cache hit."""
     production = registry.current(Path(run.artifacts_root), run.pipeline)
-    if (
-        production is None
-        or not production.image_properties
-        or production.data_fingerprint == split_set.data_fingerprint
-    ):
+    if production is None or not production.image_properties or _made_from(production, split_set, tfrecords):
         return stages.run(check_data, split_set, tfrecords, spec.validate_, None, None, run)
     return stages.run(
         check_data, split_set, tfrecords, spec.validate_, production.image_properties, production.version, run
     )
+
+
+def _made_from(production: registry.Production, split_set: SplitSet, tfrecords: TFRecordSet) -> bool:
+    """Whether production was made from this very data: its lineage says so, or (a run stopped
+    between promotion and recording its lineage) its per-image table is this run's, byte for byte."""
+    if production.data_fingerprint is not None:
+        return production.data_fingerprint == split_set.data_fingerprint
+    return sha256_file(Path(production.image_properties)) == sha256_file(Path(tfrecords.image_properties))
 
 
 def wrapped_model(stages: StageRunner, spec: PipelineSpec, tfrecords: TFRecordSet, run: RunContext) -> WrappedModel:

@@ -116,7 +116,7 @@ def test_editing_imported_code_misses_the_stages_that_import_it(tmp_path):
     edit(runner.copy, "reporting/templates/report.html.j2")  # how the report looks
     assert runner.cache_hits() == cached
     edit(runner.copy, "modeling/layers.py")  # custom Keras layers: the model stages, not the data ones
-    assert runner.cache_hits() == ["download_and_split", "to_tfrecords"]
+    assert runner.cache_hits() == ["download_and_split", "to_tfrecords", "check_data"]
     edit(runner.copy, "catalog/schemas.py")  # Parquet schemas: download_and_split writes splits.parquet
     assert runner.cache_hits() == []
     edit(runner.copy, "config/schema.py")  # every stage reads its config slice through it

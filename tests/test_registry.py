@@ -154,3 +154,27 @@ def test_per_class_gate_settings_leave_existing_config_hashes_alone():
     assert spec.config_hash() == "aed33119b935e2ce"  # as before the per-class settings existed
     stricter = spec.model_copy(update={"evaluate": spec.evaluate.model_copy(update={"min_class_recall": 0.9})})
     assert stricter.config_hash() != spec.config_hash()
+
+
+def test_a_blocked_run_cannot_be_promoted_by_hand(tmp_path):
+    """A blocked run's catalog row names production's model (it trained none): promoting it by hand
+    is refused, naming why, and the registry is left as it was."""
+    import datetime
+
+    from convflow.catalog import tables
+
+    now = datetime.datetime.now(datetime.UTC)
+    row = {
+        "pipeline": "p",
+        "run_id": "r-blocked",
+        "started": now,
+        "finished": now,
+        "status": "blocked",
+        "config_hash": "h",
+        "data_fingerprint": "d",
+        "gate_reason": "blocked by 1 data check(s), nothing trained: drift brightness: KS 0.8",
+    }
+    tables.append_run(tmp_path / "runs.parquet", row)
+    with pytest.raises(registry.RegistryError, match="'r-blocked' is blocked: it trained no model .*drift brightness"):
+        registry.promote_run(tmp_path, "r-blocked")
+    assert not (tmp_path / "models").exists()

@@ -24,6 +24,7 @@ SECTIONS = (
     "mistakes",
     "feature-maps",
     "production",
+    "checks",
     "stages",
     "lineage",
 )

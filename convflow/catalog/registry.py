@@ -163,13 +163,16 @@ def promote_run(artifacts_root: Path, run_id: str) -> Production:
     """Promote a finished run from the catalog by hand (`convflow promote RUN_ID`).
 
     Raises:
-        RegistryError: no such run in runs.parquet.
+        RegistryError: no such run in runs.parquet, or a run that trained no model of its own
+            (blocked by its data checks, or unchanged).
     """
     catalog = Path(artifacts_root) / "runs.parquet"
     rows = [row for row in tables.read_runs(catalog).to_pylist() if row["run_id"] == run_id]
     if not rows:
         raise RegistryError(f"run {run_id!r} is not in {catalog}")
     row = rows[-1]
+    if row["status"] in ("blocked", "unchanged"):
+        raise RegistryError(f"run {run_id!r} is {row['status']}: it trained no model to promote ({row['gate_reason']})")
     return promote(
         artifacts_root,
         row["pipeline"],
