@@ -18,11 +18,11 @@ from pathlib import Path
 import pydantic
 
 from convflow.catalog import tables
+from convflow.checks.schemas import IMAGE_PROPERTIES
 from convflow.core.storage import atomic_write_text, locked, staged_output
 
 POINTER = "production.json"
 VERSION_RECORD = "convflow.json"
-BASELINE = "image_properties.parquet"  # checks.schemas.IMAGE_PROPERTIES
 
 
 class Production(pydantic.BaseModel):
@@ -110,12 +110,12 @@ def promote(
             promoted_at=datetime.datetime.now(datetime.UTC).isoformat(),
             config_hash=config_hash,
             data_fingerprint=data_fingerprint,
-            image_properties=str(root / str(version) / BASELINE) if image_properties else None,
+            image_properties=str(root / str(version) / IMAGE_PROPERTIES) if image_properties else None,
         )
         with staged_output(root / str(version)) as staging:
             shutil.copytree(saved_model, staging, dirs_exist_ok=True)
             if image_properties:
-                shutil.copyfile(image_properties, staging / BASELINE)
+                shutil.copyfile(image_properties, staging / IMAGE_PROPERTIES)
             (staging / VERSION_RECORD).write_text(production.model_dump_json(indent=2))
         _switch_pointer(production, artifacts_root)
     return production

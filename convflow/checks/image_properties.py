@@ -63,7 +63,7 @@ def image_properties(pixels: np.ndarray, mode: str) -> dict[str, int | float | s
 def batch_properties(pixels: np.ndarray, mode: str) -> dict[str, np.ndarray]:
     """image_properties() of N same-sized images at once (N x H x W x C uint8), as columns: for
     in-memory sources such as images.npy, where one call an image would cost more than writing it
-    (70,000 MNIST digits: 6 s one by one, about 1 s here). Figures agree with image_properties() to
+    (70,000 MNIST digits: 3.6 s one by one, 0.55 s here 4,096 at a time). Figures agree with image_properties() to
     float32 rounding."""
     if pixels.ndim == 3:
         pixels = pixels[..., np.newaxis]

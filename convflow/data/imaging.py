@@ -113,13 +113,14 @@ class RecordImages:
             except Exception as error:  # PIL raises many types for bad files
                 # download_and_split read only a JPEG's header and end marker: this is its decode
                 raise DataError(f"{source}: cannot decode: {error}") from error
-        original = np.asarray(images_array(self.images_npy)[source] if self.images_npy is not None else source)
         pixels = self.pixels(source)
         record = encode_image(pixels, self.record_format)
         if not measure:
             return record, None
-        as_decoded = original if original.ndim == 3 else original[..., np.newaxis]
-        return record, _measured(pixels, MODES.get(as_decoded.shape[2], "RGB"), as_decoded.shape[1::-1])
+        stored = images_array(self.images_npy)[source] if self.images_npy is not None else np.asarray(source)
+        height, width = stored.shape[:2]
+        channels = stored.shape[2] if stored.ndim == 3 else 1
+        return record, _measured(pixels, MODES.get(channels, "RGB"), (width, height))
 
     def _file_record(self, path: str, measure: bool) -> tuple[bytes, dict | None]:
         """A file's record bytes. A JPEG already at the model's size and colours goes into a JPEG
