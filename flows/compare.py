@@ -8,7 +8,7 @@ import os
 import uuid
 from pathlib import Path
 
-from prefect import flow
+from prefect import flow, get_run_logger
 from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -20,7 +20,8 @@ from convflow.config.errors import ConfigError
 from convflow.config.load import check_pipeline, load_pipeline
 from convflow.config.schema import CompareConfig, PipelineSpec
 from convflow.core.context import RunContext
-from convflow.flows.sequences import compare_variant, data_stages
+from convflow.core.records import TFRecordSet
+from convflow.flows.sequences import compare_variant, data_checks, data_stages
 from convflow.runtime.stage_runner import StageRunner
 from convflow.tasks.compare_report import compare_report
 from convflow.tasks.compare_variant import failed_variant, measure_variants, promote_winner, rank_variants
@@ -80,7 +81,8 @@ def compare_pipeline(
     runner: str = "sequential",
 ) -> Comparison:
     """Run the data stages of `pipeline` once, fan its compare variants out on the flow's task
-    runner, rank them, promote the winner when compare.promote is best, and report.
+    runner, rank them, promote the winner when compare.promote is best, and report. Data that the
+    data checks block trains no variant (Comparison.blocked; validate.on_block: ask is not asked here).
 
     Raises:
         ConfigError: the pipeline is invalid or has no compare section.
@@ -93,18 +95,12 @@ def compare_pipeline(
     run = RunContext(pipeline=pipeline, run_id=new_comparison_id(started), artifacts_root=root)
     stages = StageRunner(run)
     split_set, tfrecords = data_stages(stages, spec, run)
-    variants = variant_specs(spec, Path(pipelines_file).resolve().parent)
-    variant_runs = {name: run.model_copy(update={"run_id": f"{run.run_id}-{name}"}) for name in variants}
-    futures = {
-        name: compare_variant.submit(name, variant, tfrecords, variant_runs[name])
-        for name, variant in variants.items()
-        if isinstance(variant, PipelineSpec)
-    }
-    results = [
-        _outcome(name, variant, futures.get(name), variant_runs[name].run_id) for name, variant in variants.items()
-    ]
-    results = measure_variants(results, tfrecords)
-    ranked, verdict = promote_winner(rank_variants(results, spec.compare.metric), spec.compare.promote, run, tfrecords)
+    checks = data_checks(stages, spec, split_set, tfrecords, run)
+    if checks.verdict == "block":  # before training: no variant trains on a bad data drop
+        ranked, verdict = [], runs.blocked_reason(checks)
+        get_run_logger().warning(verdict)
+    else:
+        ranked, verdict = _run_variants(spec, Path(pipelines_file).resolve().parent, tfrecords, run)
     comparison = Comparison(
         pipeline=pipeline,
         comparison_id=run.run_id,
@@ -120,11 +116,31 @@ def compare_pipeline(
         verdict=verdict,
         stages=stages.timings,
         overrides={v.name: v.model_dump(include={"model", "train", "evaluate"}) for v in spec.compare.variants},
+        blocked=checks.verdict == "block",
     )
     report = stages.run(compare_report, comparison, run)
     comparison = comparison.model_copy(update={"report": report.report_html, "stages": stages.timings})
     runs.record_variant_runs(comparison, Path(run.artifacts_root), flow_run.id)
     return comparison
+
+
+def _run_variants(
+    spec: PipelineSpec, base_dir: Path, tfrecords: TFRecordSet, run: RunContext
+) -> tuple[list[VariantResult], str]:
+    """Each compare variant trained on the task runner, measured and ranked; the winner promoted
+    when compare.promote is best. The results by rank, and the verdict."""
+    variants = variant_specs(spec, base_dir)
+    variant_runs = {name: run.model_copy(update={"run_id": f"{run.run_id}-{name}"}) for name in variants}
+    futures = {
+        name: compare_variant.submit(name, variant, tfrecords, variant_runs[name])
+        for name, variant in variants.items()
+        if isinstance(variant, PipelineSpec)
+    }
+    results = [
+        _outcome(name, variant, futures.get(name), variant_runs[name].run_id) for name, variant in variants.items()
+    ]
+    results = measure_variants(results, tfrecords)
+    return promote_winner(rank_variants(results, spec.compare.metric), spec.compare.promote, run, tfrecords)
 
 
 def run_comparison(pipeline: str, pipelines_file: str, artifacts: str, dask_workers: int | None = None) -> Comparison:

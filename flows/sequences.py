@@ -103,7 +103,9 @@ def model_stages(
     wrapped = wrapped or wrapped_model(stages, spec, tfrecords, run)
     trained = stages.run(train, wrapped, tfrecords, spec.train, spec.model.fine_tune, run)
     production = registry.rival(Path(run.artifacts_root), run.pipeline, trained.model_path)
-    evaluation = stages.run(evaluate, trained, tfrecords, spec.evaluate, production, run)
+    evaluation = stages.run(
+        evaluate, trained, tfrecords, spec.evaluate, spec.validate_.embedding_drift, production, run
+    )
     exported = stages.run(export_savedmodel, trained, evaluation, tfrecords, run)
     return ModelStages(wrapped, trained, evaluation, exported)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import uuid
 from pathlib import Path
+from typing import Literal
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
@@ -13,8 +14,10 @@ from prefect.states import Completed
 from convflow.catalog import retraining, runs
 from convflow.config.derive import tuned_spec
 from convflow.config.load import load_pipeline
+from convflow.config.schema import PipelineSpec
 from convflow.core.context import RunContext
-from convflow.core.records import RunSummary
+from convflow.core.records import Decision, RunSummary
+from convflow.flows.asking import ask_a_person
 from convflow.flows.sequences import EXPORT_CHECK_AHEAD, data_checks, model_stages, split_data
 from convflow.runtime.stage_runner import StageRunner
 from convflow.tasks.promote import promote
@@ -37,7 +40,9 @@ def train_pipeline(
 ) -> RunSummary:
     """Download, preprocess, check the data, build, wrap, train, evaluate, export, promote and report
     one pipeline. A run whose data checks block ends in the state Blocked before training, with
-    catalog status blocked; production is left as it was.
+    catalog status blocked; production is left as it was. Under `validate.on_block: ask` a blocked
+    run (its data, or its model at the gate) first waits for a person's decision in the Prefect UI:
+    approved, it goes on; the decision leads the run's gate reason in the catalog and the report.
 
     A `scheduled` run follows the pipeline's `retrain` policy: with the data and config that made
     the production model, it stops after download_and_split and records "unchanged"; `force`
@@ -58,13 +63,31 @@ def train_pipeline(
                 return Completed(name="Unchanged", message=reason)
         tfrecords = stages.run(to_tfrecords, split_set, spec.data, run)
         checks = data_checks(stages, spec, split_set, tfrecords, run)
+        decisions = []
         if checks.verdict == "block":  # before training: a bad data drop costs no GPU time
-            summary = runs.record_blocked(
-                run, started, spec.config_hash(), split_set, checks, stages.timings, flow_run.id
-            )
-            get_run_logger().warning(summary.gate_reason)
-            return Completed(name="Blocked", message=summary.gate_reason, data=summary)
+            blocking = [reason.removeprefix("block: ") for reason in checks.reasons if reason.startswith("block: ")]
+            decisions += _asked(spec, "data checks", blocking, checks.report_html)
+            if not (decisions and decisions[-1].approved):
+                summary = runs.record_blocked(
+                    run,
+                    started,
+                    spec.config_hash(),
+                    split_set,
+                    checks,
+                    stages.timings,
+                    flow_run.id,
+                    next(iter(decisions), None),
+                )
+                get_run_logger().warning(summary.gate_reason)
+                return Completed(name="Blocked", message=summary.gate_reason, data=summary)
         _, trained, evaluation, exported = model_stages(stages, spec, tfrecords, run)
+    if not evaluation.passed_gate:
+        asked = _asked(spec, "model gate", [evaluation.gate_reason], evaluation.metrics_parquet)
+        decisions += asked
+        if asked and asked[0].approved:
+            evaluation = evaluation.model_copy(
+                update={"passed_gate": True, "gate_reason": f"the gate failed: {evaluation.gate_reason}"}
+            )
     exported = promote(exported, trained, evaluation, run, tfrecords)
     report = stages.run(
         write_report,
@@ -77,11 +100,22 @@ def train_pipeline(
         run,
         tfrecords,
         checks,
+        decisions,
     )
     summary = runs.summarize(
-        run, started, spec.config_hash(), split_set, trained, evaluation, exported, report, stages.timings
+        run, started, spec.config_hash(), split_set, trained, evaluation, exported, report, stages.timings, decisions
     )
     runs.record(summary, run, flow_run.id, split_set, trained, evaluation, checks)
     if not evaluation.passed_gate:  # a state of its own, so the Prefect UI shows the verdict
-        return Completed(name="Not promoted", message=f"not promoted: {evaluation.gate_reason}", data=summary)
+        return Completed(name="Not promoted", message=f"not promoted: {summary.gate_reason}", data=summary)
     return summary
+
+
+def _asked(
+    spec: PipelineSpec, about: Literal["data checks", "model gate"], reasons: list[str], figures: str
+) -> list[Decision]:
+    """A person's decision on a blocked run under validate.on_block: ask (the run waits for it);
+    none under fail."""
+    if spec.validate_.on_block != "ask":
+        return []
+    return [ask_a_person(about, reasons, figures, spec.validate_.ask_timeout)]

@@ -17,6 +17,7 @@ from convflow.config.model_zoo import get_base_spec
 from convflow.config.schema import DataConfig
 from convflow.core.context import RunContext
 from convflow.core.records import SplitSet
+from convflow.core.skips import skipped_summary
 from convflow.core.stage import stage_task
 from convflow.core.storage import staged_output
 from convflow.data.sources import SPLIT_NAMES, DataError, LoadedSource, load_source
@@ -223,6 +224,6 @@ def download_and_split(data: DataConfig, source_fingerprint: str, run: RunContex
     split_set = split_dataset(data, run.stage_dir("download_and_split"))
     if split_set.skipped:  # also listed in the report; said here so a run's log shows it
         get_run_logger().warning(
-            f"skipped {len(split_set.skipped)} unusable file(s) of {data.source}:\n  " + "\n  ".join(split_set.skipped)
+            f"{data.source}: {skipped_summary(split_set.skipped)}:\n  " + "\n  ".join(split_set.skipped)
         )
     return split_set

@@ -1,15 +1,28 @@
-"""Stage 6, evaluate: test-split metrics (scikit-learn), predictions, confusion matrix and the gate."""
+"""Stage 6, evaluate: test-split metrics (scikit-learn), predictions, confusion matrix and the gate.
+
+Against a production model, the gate holds the model to production's accuracy on this test split
+(overall and per class), and on production's reference set: the test split production was judged
+on, kept with its version, so that a new, easier or broken test split cannot hide a worse model.
+Production's embeddings of the two splits are compared too (validate.embedding_drift). Every
+figure is a row of model_checks.parquet, in check_data's table shape.
+"""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from convflow.catalog import schemas
-from convflow.catalog.registry import Production
+from convflow.catalog.registry import Production, load_reference_set
+from convflow.checks.checks import CheckResult, results_table
+from convflow.checks.config import EmbeddingDriftConfig
+from convflow.checks.embedding_drift import mmd_test
+from convflow.checks.model_checks import class_recall_rows, embedding_drift_row, not_run, reference_row
 from convflow.config.schema import EvaluateConfig
 from convflow.core.context import RunContext
 from convflow.core.records import Evaluation, TFRecordSet, TrainedModel, WrappedModel
@@ -17,9 +30,14 @@ from convflow.core.stage import stage_task
 from convflow.core.storage import staged_output
 from convflow.modeling.classifier import load_classifier, predict_split, probabilities_from_logits, serve_split
 from convflow.modeling.serving import serving_function
+from convflow.tfrecords.features import read_dataset
 
 # Test images kept for the report (sample predictions, worst mistakes, feature maps).
 REPORT_SAMPLES = 16
+# Images per call of a serving function.
+SERVING_BATCH = 512
+# The MMD permutation test's seed: the same embeddings always get the same p-value.
+DRIFT_SEED = 0
 
 
 def _metrics_table(labels, probabilities, loss: float, label_names: list[str], top_k: int) -> pa.Table:
@@ -94,18 +112,128 @@ def _class_gate(
     return reasons
 
 
-def saved_model_predictions(saved_model: str, images: np.ndarray) -> np.ndarray:
-    """The class a SavedModel's serving signature predicts for each raw uint8 image."""
+def _in_batches(serve, images: np.ndarray) -> dict[str, np.ndarray]:
+    """A serving function's outputs over `images`, SERVING_BATCH at a time, stacked by name."""
+    import tensorflow as tf
+
+    batches = [
+        {name: value.numpy() for name, value in serve(tf.constant(images[start : start + SERVING_BATCH])).items()}
+        for start in range(0, len(images), SERVING_BATCH)
+    ]
+    return {name: np.concatenate([batch[name] for batch in batches]) for name in batches[0]}
+
+
+def saved_model_outputs(saved_model: str, *image_sets: np.ndarray | None) -> list[dict[str, np.ndarray] | None]:
+    """A SavedModel's serving outputs for each set of raw uint8 images (None for None): probabilities,
+    class names, and embeddings when it was exported with them; the SavedModel loaded once for all."""
     import tensorflow as tf
 
     loaded = tf.saved_model.load(saved_model)  # keep referenced while calling its signature
     serve = loaded.signatures["serving_default"]
-    return np.concatenate(
-        [
-            serve(images=tf.constant(images[start : start + 512]))["probabilities"].numpy().argmax(axis=1)
-            for start in range(0, len(images), 512)
-        ]
+    return [None if images is None else _in_batches(lambda batch: serve(images=batch), images) for images in image_sets]
+
+
+@dataclass(frozen=True)
+class _Reference:
+    """Production's reference set, read back: its images (uint8, at production's size) and each one's class name."""
+
+    images: np.ndarray
+    names: np.ndarray
+
+
+def _read_reference(production: Production, channels: int) -> tuple[_Reference | None, str | None]:
+    """Production's reference set, or why there is none to score."""
+    if production.reference_set is None:
+        return None, f"production v{production.version} was promoted before reference sets were kept"
+    reference = load_reference_set(production.reference_set)
+    if reference.channels != channels or not reference.examples:
+        return None, (
+            f"production v{production.version}'s reference set has {reference.examples} images of "
+            f"{reference.channels} channels; this model takes {channels}"
+        )
+    images, labels = [], []
+    for batch_images, batch_labels in read_dataset(
+        reference.shards, reference.image_size, reference.channels, SERVING_BATCH, cache=False
+    ):
+        images.append(batch_images.numpy().astype(np.uint8))  # whole numbers 0..255: exact
+        labels.append(batch_labels.numpy())
+    return _Reference(np.concatenate(images), np.asarray(reference.label_names)[np.concatenate(labels)]), None
+
+
+def _reference_check(
+    serve,
+    label_names: list[str],
+    reference: _Reference,
+    production_outputs: dict,
+    settings: EvaluateConfig,
+    version: int,
+) -> CheckResult:
+    """Both models' accuracy on production's reference set, by class name; examples of a class this
+    model does not know are left out for both (a class that disappeared is check_data's to flag)."""
+    candidate = np.asarray(label_names)[_in_batches(serve, reference.images)["probabilities"].argmax(axis=1)]
+    production = np.asarray([name.decode() for name in production_outputs["classes"]])
+    known = np.isin(reference.names, label_names)
+    subject = f"production v{version}'s test split"
+    if not known.any():
+        return not_run("reference_set", subject, "none of its classes is one this model knows")
+    return reference_row(
+        accuracy=float((candidate == reference.names)[known].mean()),
+        production_accuracy=float((production == reference.names)[known].mean()),
+        max_regression=settings.max_regression,
+        version=version,
+        examples=int(known.sum()),
+        skipped=int((~known).sum()),
     )
+
+
+def _drift_check(
+    drift: EmbeddingDriftConfig, version: int, test_outputs: dict, reference_outputs: dict
+) -> tuple[CheckResult, dict[str, float]]:
+    """Production's embeddings of this test split against its reference set's, and the figures for the record."""
+    subject = f"production v{version}'s embeddings"
+    if "embeddings" not in test_outputs:
+        return not_run("embedding_drift", subject, f"production v{version} was exported without embeddings"), {}
+    if min(len(test_outputs["embeddings"]), len(reference_outputs["embeddings"])) < 2:
+        return not_run("embedding_drift", subject, "fewer than two examples on a side"), {}
+    result = mmd_test(
+        test_outputs["embeddings"], reference_outputs["embeddings"], drift.max_examples, drift.permutations, DRIFT_SEED
+    )
+    figures = {"embedding_drift_p_value": result.p_value, "embedding_drift_mmd2": result.mmd2}
+    return embedding_drift_row(result, drift, version), figures
+
+
+def _production_checks(
+    serve,
+    images: np.ndarray,
+    label_names: list[str],
+    settings: EvaluateConfig,
+    drift: EmbeddingDriftConfig,
+    production: Production,
+) -> tuple[np.ndarray, list[CheckResult], dict]:
+    """Production's predictions on this test split, the reference-set and embedding-drift rows, and
+    their figures for the Evaluation record."""
+    reference, missing = _read_reference(production, images.shape[-1])
+    test_outputs, reference_outputs = saved_model_outputs(
+        production.saved_model, images, reference.images if reference else None
+    )
+    predicted = test_outputs["probabilities"].argmax(axis=1)
+    if reference is None:
+        rows = [not_run("reference_set", f"production v{production.version}'s test split", missing)]
+        if drift.action != "off":
+            rows.append(not_run("embedding_drift", f"production v{production.version}'s embeddings", missing))
+        return predicted, rows, {}
+    row = _reference_check(serve, label_names, reference, reference_outputs, settings, production.version)
+    figures = {
+        "reference_accuracy": row.value,
+        "production_reference_accuracy": row.baseline,
+        "reference_examples": int(np.isin(reference.names, label_names).sum()),
+    }
+    rows = [row]
+    if drift.action != "off":
+        drift_row, drift_figures = _drift_check(drift, production.version, test_outputs, reference_outputs)
+        rows.append(drift_row)
+        figures |= drift_figures
+    return predicted, rows, figures
 
 
 def score_untrained(wrapped: WrappedModel, tfrecords: TFRecordSet) -> tuple[float, float]:
@@ -167,14 +295,18 @@ def evaluate_model(
     settings: EvaluateConfig,
     output_dir: Path,
     production: Production | None = None,
+    drift: EmbeddingDriftConfig | None = None,
 ) -> Evaluation:
     """Score the trained model on the test split; gate on min_accuracy and on the production
     model's accuracy on the same split (max_regression), then on each class's recall
-    (min_class_recall, and max_class_regression against production's on the same split)."""
+    (min_class_recall, and max_class_regression against production's on the same split), then on
+    production's reference set (max_regression again) and, where `drift` blocks, on embedding drift."""
     from sklearn.metrics import confusion_matrix, log_loss
 
+    drift = drift or EmbeddingDriftConfig()
     model = load_classifier(trained.model_path)
-    images, labels, ids, probabilities = serve_split(serving_function(model, tfrecords), tfrecords, "test")
+    serve = serving_function(model, tfrecords)
+    images, labels, ids, probabilities = serve_split(serve, tfrecords, "test")
     classes = list(range(len(tfrecords.label_names)))
     loss = float(log_loss(labels, probabilities, labels=classes))
     metrics = _metrics_table(labels, probabilities, loss, tfrecords.label_names, settings.top_k)
@@ -182,17 +314,28 @@ def evaluate_model(
     confusion = confusion_matrix(labels, probabilities.argmax(axis=1), labels=classes)
     recalls = class_recalls(labels, probabilities.argmax(axis=1), tfrecords.label_names)
     production_accuracy = production_recalls = None
+    production_rows, figures = [], {}
     if production:
-        production_predicted = saved_model_predictions(production.saved_model, images)
+        production_predicted, production_rows, figures = _production_checks(
+            serve, images, tfrecords.label_names, settings, drift, production
+        )
         production_accuracy = float((production_predicted == labels).mean())
         production_recalls = class_recalls(labels, production_predicted, tfrecords.label_names)
     passed, reason = _gate(accuracy, settings, production, production_accuracy)
     class_failures = _class_gate(recalls, settings, production_recalls)
     if passed and class_failures:
         passed, reason = False, "; ".join(class_failures)
+    blocks = [f"{row.check.replace('_', ' ')}: {row.detail}" for row in production_rows if row.verdict == "block"]
+    if passed and blocks:
+        passed, reason = False, "; ".join(blocks)
+    rows = [
+        *class_recall_rows(recalls, production_recalls, settings.min_class_recall, settings.max_class_regression),
+        *production_rows,
+    ]
     with staged_output(output_dir) as staging:
         schemas.write_parquet(metrics, staging / "metrics.parquet")
         schemas.write_parquet(_predictions_table(ids, labels, probabilities), staging / "predictions.parquet")
+        schemas.write_parquet(results_table(rows), staging / "model_checks.parquet")
         (staging / "confusion.json").write_text(
             json.dumps({"labels": tfrecords.label_names, "matrix": confusion.tolist()})
         )
@@ -205,6 +348,7 @@ def evaluate_model(
         predictions_parquet=str(output_dir / "predictions.parquet"),
         confusion_json=str(output_dir / "confusion.json"),
         samples_npz=str(output_dir / "samples.npz"),
+        model_checks_parquet=str(output_dir / "model_checks.parquet"),
         test_accuracy=accuracy,
         test_loss=loss,
         passed_gate=passed,
@@ -213,6 +357,7 @@ def evaluate_model(
         production_accuracy=production_accuracy,
         class_recalls=recalls,
         production_class_recalls=production_recalls,
+        **figures,
     )
 
 
@@ -221,8 +366,23 @@ def evaluate(
     trained: TrainedModel,
     tfrecords: TFRecordSet,
     settings: EvaluateConfig,
+    drift: EmbeddingDriftConfig,
     production: Production | None,
     run: RunContext,
 ) -> Evaluation:
-    """Prefect task over evaluate_model; `production` (or None) is part of the cache key."""
-    return evaluate_model(trained, tfrecords, settings, run.stage_dir("evaluate"), production)
+    """Prefect task over evaluate_model; `production` (or None) and `drift` (validate.embedding_drift,
+    the only validate setting it reads, so other data-check thresholds leave it cached) are part of the
+    cache key."""
+    evaluation = evaluate_model(trained, tfrecords, settings, run.stage_dir("evaluate"), production, drift)
+    _publish_model_checks(evaluation, run.pipeline)
+    return evaluation
+
+
+def _publish_model_checks(evaluation: Evaluation, pipeline: str) -> None:
+    """Every model check's figure as a Prefect table artifact, beside the data checks' in the UI."""
+    from prefect.artifacts import create_table_artifact
+
+    key = "".join(ch if ch.isalnum() else "-" for ch in pipeline.lower())
+    rows = pq.read_table(evaluation.model_checks_parquet).drop(["files"]).to_pylist()
+    verdict = "passed" if evaluation.passed_gate else "failed"
+    create_table_artifact(key=f"{key}-model-checks", table=rows, description=f"Model checks: the gate {verdict}")

@@ -25,7 +25,8 @@ def promote_if_passed(
 ) -> ExportedModel:
     """Copy a gate-passing export into the registry as the new production version (unless this
     very model is production already: a rerun does not duplicate it), with the per-image table of
-    `tfrecords`' data as the next runs' check baseline; the export with its version."""
+    `tfrecords`' data as the next runs' check baseline and its test split as their reference set;
+    the export with its version."""
     if not evaluation.passed_gate:
         return exported
     production = registry.current(Path(run.artifacts_root), run.pipeline)
@@ -39,6 +40,7 @@ def promote_if_passed(
         trained.model_path,
         evaluation.test_accuracy,
         image_properties=tfrecords.image_properties if tfrecords else None,
+        reference_set=registry.ReferenceSet.of_test_split(tfrecords) if tfrecords else None,
     )
     return exported.model_copy(update={"promoted_version": production.version})
 

@@ -19,6 +19,7 @@ from convflow.core.context import RunContext
 from convflow.core.hashing import hash_json, sha256_file
 from convflow.core.records import (
     DataChecks,
+    Decision,
     Evaluation,
     ExportedModel,
     Report,
@@ -27,6 +28,7 @@ from convflow.core.records import (
     TFRecordSet,
     TrainedModel,
 )
+from convflow.core.skips import skipped_by_reason, skipped_summary
 from convflow.core.stage import stage_task
 from convflow.core.storage import staged_output
 from convflow.reporting.checks import checks_context
@@ -234,8 +236,10 @@ def render_report(
     figures: dict[str, Markup],
     tfrecords: TFRecordSet | None = None,
     checks: DataChecks | None = None,
+    decisions: list[Decision] | None = None,
 ) -> str:
-    """The report's HTML: every figure embedded, no external file needed."""
+    """The report's HTML: every figure embedded, no external file needed; `decisions`: a person's
+    answers to this run's blocks (validate.on_block: ask), shown atop its checks."""
     parameters, layers = _layers(trained.model_summary_parquet)
     class_count_splits, class_counts = _class_counts(split_set.splits_parquet)
     tables = {
@@ -252,12 +256,19 @@ def render_report(
         pipeline=pipeline,
         run_id=run_id,
         split_set=split_set,
+        skipped=skipped_by_reason(split_set.skipped),
+        skipped_summary=skipped_summary(split_set.skipped) or "no file skipped",
         tfrecords=tfrecords,
         trained=trained,
         evaluation=evaluation,
         exported=exported,
         figures=figures,
-        checks=checks_context(checks.results_parquet, split_set.splits_parquet, split_set.images_npy)
+        checks={
+            **checks_context(
+                checks.results_parquet, split_set.splits_parquet, split_set.images_npy, evaluation.model_checks_parquet
+            ),
+            "decisions": [decision.line() for decision in decisions or []],
+        }
         if checks
         else None,
         parameters=parameters,
@@ -313,6 +324,7 @@ def write_report(
     run: RunContext,
     tfrecords: TFRecordSet | None = None,
     checks: DataChecks | None = None,
+    decisions: list[Decision] | None = None,
 ) -> Report:
     """Prefect task over write_report_html; also publishes summary, metrics and link artifacts."""
     report = write_report_html(
@@ -328,6 +340,7 @@ def write_report(
         stages=stages,
         tfrecords=tfrecords,
         checks=checks,
+        decisions=decisions,
     )
     _publish_artifacts(report, evaluation, run.pipeline)
     return report

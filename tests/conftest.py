@@ -282,6 +282,26 @@ def make_image_folder(
     return root
 
 
+# How a phone stores an upright photo for each EXIF orientation: the inverse of the transpose by which
+# Pillow's ImageOps.exif_transpose turns it upright.
+_STORED_BY = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: "TRANSPOSE", 6: "ROTATE_90"}
+_STORED_BY |= {7: "TRANSVERSE", 8: "ROTATE_270"}
+
+
+def save_turned(path: Path, pixels: np.ndarray, orientation: int, **options) -> Path:
+    """Save `pixels` (upright) as a phone does: stored turned, with the EXIF orientation tag that
+    turns them upright again. `options` go to Pillow's save (format, lossless, quality ...)."""
+    from PIL import Image
+
+    image = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
+    stored = image.transpose(getattr(Image.Transpose, _STORED_BY[orientation])) if orientation != 1 else image
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stored.save(path, exif=exif, **options)
+    return path
+
+
 @pytest.fixture
 def image_folder_factory():
     """make_image_folder(root, classes=..., per_class=..., start=..., size=..., suffix=...)."""

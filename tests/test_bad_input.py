@@ -357,10 +357,21 @@ def png_header(width: int, height: int) -> bytes:
     )
 
 
-def test_unusable_image_files_are_skipped_and_listed(tmp_path):
+def test_unusable_image_files_are_skipped_and_listed(tmp_path, monkeypatch):
+    monkeypatch.setattr(imaging, "heif_available", lambda: False)  # no heic extra
     root = make_image_folder(tmp_path / "images", per_class=10)
     good = (root / "dog" / "img-000.png").read_bytes()
+    taken = "(it takes JPEG, PNG, WebP, BMP, GIF, TIFF, and HEIC/HEIF with convflow[heic])"
     bad = {
+        root / "cat" / "IMG_0001.HEIC": (
+            b"\x00\x00\x00\x18ftypheic" + bytes(32),
+            "a HEIC/HEIF photo: convflow reads them with the optional pillow-heif plugin: pip install 'convflow[heic]'",
+        ),
+        root / "dog" / "scan.ppm": (
+            b"P6\n2 2\n255\n" + bytes(12),
+            f"PPM image: a format convflow does not take {taken}",
+        ),
+        root / "owl" / "photo.jfif": (good, "PNG image named .jfif: rename it to .png to use it"),
         root / "cat" / "corrupt.jpg": (b"\xff\xd8\xff\xe0 not really a JPEG" * 4, "cannot decode: "),
         root / "dog" / "empty.png": (b"", "empty file"),
         root / "dog" / "truncated.png": (good[: len(good) // 2], "cannot decode: image file is truncated"),
@@ -378,6 +389,10 @@ def test_unusable_image_files_are_skipped_and_listed(tmp_path):
     assert len(split_set.skipped) == len(bad)
     for path, (_, why) in bad.items():
         assert any(line.startswith(f"{path}: {why}") for line in split_set.skipped), (path, split_set.skipped)
+    assert split_set.log_line().endswith(
+        "; 10 skipped: 2 not images, 2 too large, 1 HEIC without convflow[heic], 1 cannot decode, 1 empty, "
+        "1 formats convflow does not take, 1 cut off, 1 images to rename"
+    ), split_set.log_line()
 
 
 # ----------------------------------------------------------------------------- tfds
@@ -622,6 +637,6 @@ def test_skipped_files_are_listed_in_the_run_log(tmp_path):
     kill_while_holding(tmp_path, "to_tfrecords")
 
     log = (tmp_path / "killed-at-to_tfrecords.log").read_text()
-    assert f"skipped 2 unusable file(s) of folder:{root}:" in log, log[-3000:]
+    assert f"folder:{root}: 2 skipped: 1 not images, 1 empty:" in log, log[-3000:]
     assert f"{root / 'cat' / 'notes.txt'}: not an image file" in log
     assert f"{root / 'dog' / 'empty.png'}: empty file" in log

@@ -319,8 +319,12 @@ def test_validate_section_takes_bare_actions_and_refuses_unknown_keys():
         ValidateConfig.model_validate({"min_cout": 3})
     with pytest.raises(ValidationError, match="properties"):
         ValidateConfig.model_validate({"drift": {"properties": ["hue"]}})
-    with pytest.raises(ValidationError, match="on_block: ask .* is not available yet"):
-        ValidateConfig.model_validate({"on_block": "ask"})
+    asking = ValidateConfig.model_validate({"on_block": "ask", "ask_timeout": 600})
+    assert (asking.on_block, asking.ask_timeout) == ("ask", 600)
+    with pytest.raises(ValidationError, match="on_block"):
+        ValidateConfig.model_validate({"on_block": "wait"})
+    with pytest.raises(ValidationError, match="ask_timeout"):
+        ValidateConfig.model_validate({"ask_timeout": 0})
     assert all(field.description for field in ValidateConfig.model_fields.values())
 
 

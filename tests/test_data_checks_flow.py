@@ -77,3 +77,19 @@ def test_a_darker_data_drop_is_blocked_before_training_and_production_is_untouch
     assert brightness["verdict"] == "block" and brightness["value"] > 0.9 and brightness["threshold"] < 0.5
     assert {check["check"] for check in checks} >= {"class_set", "class_balance", "min_count", "leakage", "drift"}
     assert not (Path(row["run_dir"]) / "train").exists()
+
+    # convflow compare checks the same data first, and trains no variant on it.
+    document = folder_document(images)
+    document["pipelines"]["tiny"]["compare"] = {
+        "variants": [{"name": "plain"}, {"name": "fast", "train": {"learning_rate": 0.003}}],
+        "promote": "best",
+    }
+    write_yaml(tmp_path / "pipelines.yaml", document)
+    process = start_convflow(["compare", "tiny", "--artifacts", "artifacts", "--json"], cwd=tmp_path)
+    stdout, stderr = process.communicate(timeout=540)
+    assert process.returncode == EXIT_BLOCKED, stdout[-3000:] + stderr[-3000:]
+    comparison = last_json_line(stdout)
+    assert comparison["verdict"].startswith("blocked by") and "drift brightness" in comparison["verdict"]
+    assert comparison["winner"] is None and comparison["variants"] == []
+    assert not list((tmp_path / "artifacts" / "tiny").glob(f"{comparison['comparison_id']}-plain"))
+    assert tree_digest(models) == before

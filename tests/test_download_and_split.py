@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 
 import numpy as np
@@ -126,6 +127,90 @@ def test_folder_split_is_deterministic(image_folder, tmp_path):
     first, second = split_dataset(config, tmp_path / "a"), split_dataset(config, tmp_path / "b")
     assert _rows(first) == _rows(second)
     assert first.data_fingerprint == second.data_fingerprint
+
+
+# The image file names the folder source took before it took sub-folders and more formats.
+FORMERLY_TAKEN = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+
+
+def test_a_flat_folder_keeps_its_example_ids_order_and_splits(messy_image_folder, tmp_path):
+    """Reading sub-folders and more formats changes nothing for a folder with neither: its examples
+    are the files the old reader listed (each class folder's own files by name, hidden ones and
+    other names left out), in its order, each in the split the old reader's hash gave it."""
+    root = messy_image_folder["root"]
+    unusable = {str(path) for path in messy_image_folder["bad"]}
+    expected_ids = [
+        f"{folder.name}/{name}"
+        for folder in sorted(path for path in root.iterdir() if path.is_dir())
+        for name in sorted(os.listdir(folder))
+        if not name.startswith(".") and name.lower().endswith(FORMERLY_TAKEN) and str(folder / name) not in unusable
+    ]
+    config = _folder_config(root)
+
+    rows = _rows(split_dataset(config, tmp_path / "out"))
+
+    assert rows["example_id"] == expected_ids
+    carved = ["train", "validation", "test"]
+    expected_splits = [
+        split_as_before(hashlib.sha256((root / example).read_bytes()).hexdigest(), None, carved, FOLDER_SPLIT)
+        for example in expected_ids
+    ]
+    assert rows["split"] == expected_splits
+
+
+FLOWERS = REPO.parent / "shared" / "data" / "flowers"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not FLOWERS.is_dir(), reason="../shared/data/flowers is not on this machine")
+def test_the_flowers_pipelines_splits_are_those_it_had(tmp_path):
+    """The flowers pipeline's source, read by the folder source before it took sub-folders and more
+    formats: the same 4,309 examples, in the same splits (the fingerprint hashes them all)."""
+    data = data_config(f"folder:{FLOWERS}", image_size=(96, 96), channels=3)
+
+    split_set = split_dataset(data, tmp_path / "out")
+
+    assert split_set.counts == {"train": 3387, "validation": 444, "test": 478}
+    assert split_set.data_fingerprint == "883e5e35a22170bb504fcef1"
+    assert split_set.skipped == []
+
+
+def test_files_in_sub_folders_count_under_their_class(image_folder_factory, tmp_path):
+    """Photos kept by year inside a class folder belong to it, at any depth; hidden folders and
+    files are left out; an example's id is its path inside the source folder."""
+    root = image_folder_factory(tmp_path / "photos", classes=("cat", "dog"), per_class=10)
+    image_folder_factory(root / "cat" / "2019", classes=("summer",), per_class=3, start=100, suffix=".webp")
+    image_folder_factory(root / "dog", classes=("2019",), per_class=2, start=200, suffix=".tiff")
+    image_folder_factory(root / "dog" / ".thumbnails", classes=("2019",), per_class=2, start=300)
+    image_folder_factory(root / "dog" / "2019", classes=(".cache",), per_class=2, start=400)
+    (root / "dog" / "2019" / ".hidden.png").write_bytes((root / "dog" / "img-000.png").read_bytes())
+
+    split_set = split_dataset(_folder_config(root), tmp_path / "out")
+    rows = _rows(split_set)
+
+    label_of = dict(zip(rows["example_id"], rows["label_name"]))
+    assert len(label_of) == 25 and split_set.skipped == []
+    assert label_of["cat/2019/summer/img-100.webp"] == "cat"
+    assert label_of["dog/2019/img-201.tiff"] == "dog"
+    assert rows["label_name"].count("cat") == 13
+    assert not any("/." in example for example in label_of)
+    assert rows["example_id"][:11] == [f"cat/2019/summer/img-{n}.webp" for n in (100, 101, 102)] + [
+        f"cat/img-{n:03d}.png" for n in range(8)
+    ]
+
+
+def test_skipped_files_are_counted_by_reason():
+    from convflow.core.skips import skip_reason, skipped_by_reason, skipped_summary
+
+    lines = [f"/p/cat/notes-{n}.txt: not an image file" for n in range(70)]
+    lines += ["/p/dog/a.png: empty file", "/p/dog/b.jpg: cannot decode: image file is truncated"]
+
+    assert skipped_summary(lines) == "72 skipped: 70 not images, 1 empty, 1 cut off"
+    assert list(skipped_by_reason(lines)) == ["not images", "empty", "cut off"]
+    assert skipped_summary([]) == ""
+    assert skip_reason("/t.parquet row 37: no image") == "no image"
+    assert skip_reason("/p/owl/big.png: 8000x8000 exceeds 50000000 pixels") == "too large"
+    assert skip_reason("/p/owl/odd.png: something else") == "other"
 
 
 def test_folder_with_predefined_splits(tmp_path, image_folder_factory):

@@ -33,6 +33,7 @@ RUN_TABLE_SCHEMAS = {
     "history_parquet": schemas.HISTORY_SCHEMA,
     "metrics_parquet": schemas.METRICS_SCHEMA,
     "predictions_parquet": schemas.PREDICTIONS_SCHEMA,
+    "model_checks_parquet": CHECK_RESULTS_SCHEMA,
 }
 
 

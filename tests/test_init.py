@@ -16,6 +16,7 @@ import yaml
 from conftest import CONVFLOW, REPO, make_idx_folder, make_image_folder, run_convflow, subprocess_env
 from convflow.cli.app import EXIT_BAD_CONFIG, main
 from convflow.config.load import load_pipeline
+from convflow.data import imaging
 from convflow.tasks.download_and_split import split_dataset
 
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -52,7 +53,7 @@ def test_init_creates_the_file_reports_what_it_found_and_the_next_command(tmp_pa
     assert f"folder:{images}: 3 classes, 36 images (colour, median 16x20)" in out
     for name in ("cat", "dog", "owl"):
         assert re.search(rf"^  {name} +12$", out, re.MULTILINE)
-    assert "unusable files: none" in out
+    assert "skipped: none" in out
     assert "balance: every class has 12 images" in out
     assert f"created {file}: pipeline 'pets' at line 3" in out
     assert out.strip().splitlines()[-1] == f"next: convflow run pets -f {file}"
@@ -76,11 +77,34 @@ def test_init_lists_unusable_files_and_imbalance(tmp_path, capsys, messy_image_f
     code, out, _ = init(capsys, "messy", str(messy_image_folder["root"]), "-f", str(tmp_path / "p.yaml"))
 
     assert code == 0
-    assert "unusable files: 4 (a run skips them)" in out
+    assert "  4 skipped: 2 cannot decode, 1 not images, 1 empty (a run skips them too)" in out
     for bad in messy_image_folder["bad"]:
         assert str(bad) in out
     assert re.search(r"^  cat +21$", out, re.MULTILINE) and re.search(r"^  owl +81$", out, re.MULTILINE)
     assert "imbalance: owl has 3.9x the images of cat (81 vs 21)" in out
+
+
+def test_init_counts_photos_in_sub_folders_and_says_why_files_are_skipped(tmp_path, capsys, monkeypatch):
+    """Photos kept by year inside each class folder, WebP among them, count under their class; an
+    iPhone's HEIC photo without the heic extra is named with the command that installs it."""
+    monkeypatch.setattr(imaging, "heif_available", lambda: False)
+    images = make_image_folder(tmp_path / "photos", classes=("cat", "dog"), per_class=6)
+    for start, name in enumerate(("cat", "dog"), start=1):
+        make_image_folder(images / name, classes=("2019",), per_class=3, start=100 * start, suffix=".webp")
+        (images / name / "2019" / "IMG_0001.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic" + bytes(32))
+    (images / "dog" / "2019" / ".thumbnails").mkdir()
+    (images / "dog" / "2019" / ".thumbnails" / "img-000.png").write_bytes((images / "dog" / "img-000.png").read_bytes())
+    (images / "cat" / "notes.txt").write_text("not an image")
+
+    code, out, _ = init(capsys, "pets", str(images), "-f", str(tmp_path / "p.yaml"))
+
+    assert code == 0
+    assert f"folder:{images}: 2 classes, 18 images" in out
+    assert re.search(r"^  cat +9$", out, re.MULTILINE) and re.search(r"^  dog +9$", out, re.MULTILINE)
+    assert "  3 skipped: 2 HEIC without convflow[heic], 1 not images (a run skips them too)" in out
+    heic = images / "cat" / "2019" / "IMG_0001.HEIC"
+    assert f"    {heic}: a HEIC/HEIF photo: convflow reads them with the optional pillow-heif plugin: " in out
+    assert "pip install 'convflow[heic]'" in out
 
 
 def test_init_appends_keeping_every_byte_and_comment_of_the_file(tmp_path, capsys, image_folder):

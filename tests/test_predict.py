@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import FOLDER_SPLIT, TINY_PIPELINES, make_image_folder, run_convflow, write_yaml
+from conftest import FOLDER_SPLIT, TINY_PIPELINES, make_image_folder, run_convflow, save_turned, write_yaml
 from convflow.catalog import schemas
 
 CLASSES = ("cat", "dog", "owl")
@@ -92,6 +92,66 @@ def test_parquet_table_rows_are_scored_by_row(trained):
     assert rows[5]["error"] == "no image" and run.summary["errors"] == 1
     expected = saved_model_probabilities(trained["summary"]["saved_model"], files)
     assert np.allclose([row["probabilities"] for row in rows[:5]], expected, atol=1e-6)
+
+
+@pytest.mark.e2e
+@pytest.mark.xdist_group("predict")
+@pytest.mark.slow
+def test_a_turned_phone_photo_is_scored_as_the_upright_one(trained):
+    """A phone stores a photo's pixels sideways and the way up in an EXIF tag: predict scores the
+    photo as viewers show it, with the same probabilities as the same photo stored upright."""
+    from PIL import Image
+
+    root = trained["root"]
+    phone = root / "phone"
+    photos = sorted(trained["images"].glob("*/*.png"))[::12]  # one of each class, 16 high, 20 wide
+    pairs = []
+    for index, (path, orientation) in enumerate(zip(photos, (6, 8, 3))):
+        pixels = np.asarray(Image.open(path).convert("RGB"))
+        save_turned(phone / f"upright-{index}.png", pixels, 1)
+        save_turned(phone / f"turned-{index}.png", pixels, orientation)
+        pairs.append((f"turned-{index}.png", f"upright-{index}.png"))
+    # A JPEG, as phones write them: its upright twin holds the pixels it decodes to, turned by hand.
+    save_turned(phone / "turned-3.jpg", np.asarray(Image.open(photos[0]).convert("RGB")), 6, quality=90)
+    stored = np.asarray(Image.open(phone / "turned-3.jpg").convert("RGB"))
+    Image.fromarray(np.rot90(stored, k=-1)).save(phone / "upright-3.png")  # orientation 6: a quarter turn clockwise
+    pairs.append(("turned-3.jpg", "upright-3.png"))
+
+    run = run_convflow(
+        ["predict", "tiny", "phone", "--artifacts", "artifacts", "--output", "phone.parquet", "--json"], cwd=root
+    )
+
+    assert run.summary["scored"] == 8 and run.summary["errors"] == 0
+    scored = {row["input"].rpartition("/")[2]: row for row in pq.read_table(root / "phone.parquet").to_pylist()}
+    for turned, upright in pairs:
+        assert np.allclose(scored[turned]["probabilities"], scored[upright]["probabilities"], atol=1e-6), turned
+        assert scored[turned]["predicted"] == scored[upright]["predicted"]
+
+
+def test_a_heic_photo_without_the_extra_gets_a_row_naming_the_fix(tmp_path, monkeypatch):
+    """predict takes the images training takes; an iPhone photo without the heic extra is named, not passed over."""
+    from PIL import Image
+
+    from convflow.data import imaging
+    from convflow.scoring.predict import gather_inputs
+
+    monkeypatch.setattr(imaging, "heif_available", lambda: False)
+    (tmp_path / "IMG_0001.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic" + bytes(32))
+    (tmp_path / "notes.txt").write_text("not an image")
+    for suffix in (".webp", ".tiff", ".jpg"):
+        Image.new("RGB", (4, 3)).save(tmp_path / f"photo{suffix}")
+
+    inputs = [(item.source.rpartition("/")[2], item.error) for item in gather_inputs([str(tmp_path)])]
+
+    assert inputs == [
+        (
+            "IMG_0001.HEIC",
+            "a HEIC/HEIF photo: convflow reads them with the optional pillow-heif plugin: pip install 'convflow[heic]'",
+        ),
+        ("photo.jpg", None),
+        ("photo.tiff", None),
+        ("photo.webp", None),
+    ]
 
 
 def test_no_production_model_is_a_clear_error(tmp_path, capsys):

@@ -59,6 +59,32 @@ def test_a_promoted_version_keeps_its_datas_image_properties(tmp_path):
     assert v2.image_properties is None and registry.current(tmp_path, "p") == v2
 
 
+def test_a_promoted_version_keeps_its_test_split_as_its_reference_set(tmp_path):
+    """The test shards the model was judged on are copied in with it (later gates score them with
+    both models), described by reference.json; a version promoted without them has none."""
+    shards = [tmp_path / "run1" / f"test-0000{index}-of-00002.n3.tfrecord" for index in range(2)]
+    shards[0].parent.mkdir()
+    for index, shard in enumerate(shards):
+        shard.write_bytes(f"records {index}".encode())
+    reference = registry.ReferenceSet(
+        shards=[str(shard) for shard in shards], label_names=["cat", "dog"], image_size=(8, 8), channels=3, examples=6
+    )
+    v1 = registry.promote(
+        tmp_path, "p", "run1", str(_fake_saved_model(tmp_path / "m1", b"one")), "m1", 0.9, reference_set=reference
+    )
+    for shard in shards:
+        shard.unlink()  # the run's folder may be gone: the version keeps its own copy
+
+    assert Path(v1.reference_set) == Path(v1.saved_model) / "reference"
+    kept = registry.load_reference_set(v1.reference_set)
+    assert [Path(shard).read_bytes() for shard in kept.shards] == [b"records 0", b"records 1"]
+    assert [Path(shard).parent for shard in kept.shards] == [Path(v1.reference_set)] * 2
+    assert kept.model_dump(exclude={"shards"}) == reference.model_dump(exclude={"shards"})
+    assert registry.current(tmp_path, "p").reference_set == v1.reference_set
+    v2 = registry.promote(tmp_path, "p", "run2", str(_fake_saved_model(tmp_path / "m2", b"two")), "m2", 0.9)
+    assert v2.reference_set is None
+
+
 def test_rival_skips_the_model_already_in_production(tmp_path):
     saved = _fake_saved_model(tmp_path / "run1", b"x")
     registry.promote(tmp_path, "p", "run1", str(saved), "run1/model.keras", 0.9)

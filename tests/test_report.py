@@ -67,6 +67,10 @@ def test_report_is_self_contained_with_every_section(report):
     training = page.split('id="training"')[1].split("<h2")[0]
     assert "Trained on images in every epoch." in training  # augmentation on: no cached features
     assert "Precision float32, 1 replica(s)." in training and "tensorboard --logdir " in training
+    # below the data checks, the model checks: with no production yet, each class's recall alone
+    checks = page.split('id="checks"')[1].split("<h2")[0]
+    model_checks = checks.split('id="model-checks"')[1]
+    assert model_checks.count("<td>class_recall</td>") == 10 and "reference_set" not in model_checks
 
 
 def _chromium() -> str:
@@ -145,6 +149,44 @@ def test_text_from_a_run_is_escaped_and_figures_are_not(tmp_path, digits_split, 
     samples = page.split('id="samples"')[1].split("<h2")[0]
     assert samples.count(escaped) == 2 * samples.count("<figcaption>") == 32  # predicted and true class
     assert page.count('<img alt="figure" src="data:image/png;base64,') == 3  # curves, confusion, feature maps
+
+
+def test_skipped_files_are_grouped_by_reason_in_a_folded_list(tmp_path, digits_split, digits_trained, digits_tfrecords):
+    from convflow.config.schema import EvaluateConfig
+    from convflow.core.records import ExportedModel
+    from convflow.core.skips import NEEDS_HEIC
+    from convflow.tasks.evaluate import evaluate_model
+    from convflow.tasks.write_report import render_report, report_figures
+
+    evaluation = evaluate_model(digits_trained, digits_tfrecords, EvaluateConfig(top_k=3), tmp_path / "evaluate")
+    skipped = [f"/photos/cat/notes-{n}.txt: not an image file" for n in range(3)]
+    skipped += ["/photos/dog/empty.png: empty file", f"/photos/dog/IMG_1.HEIC: {NEEDS_HEIC}"]
+    split_set = digits_split.model_copy(update={"skipped": skipped})
+    exported = ExportedModel(output_dir=str(tmp_path / "export"), saved_model="model", max_abs_difference=0.0)
+    page = render_report(
+        pipeline="p",
+        run_id="run",
+        config_hash="hash",
+        split_set=split_set,
+        trained=digits_trained,
+        evaluation=evaluation,
+        exported=exported,
+        stages=[],
+        figures=report_figures(split_set, digits_trained, evaluation),
+    )
+
+    dataset = page.split('id="dataset"')[1].split("<h2")[0]
+    summary = "5 skipped: 3 not images, 1 empty, 1 HEIC without convflow[heic]"
+    assert f"across splits); {summary}.</p>" in dataset
+    folded = dataset.split('<details id="skipped">')[1]
+    assert folded.startswith(f"<summary>Skipped files, by reason: {summary}</summary>")  # closed until opened
+    groups = folded.split("<details><summary>")[1:]
+    assert [group.split("</summary>")[0] for group in groups] == [
+        "3 not images",
+        "1 empty",
+        "1 HEIC without convflow[heic]",
+    ]
+    assert groups[0].count("<li><code>/photos/cat/notes-") == 3 and "<li><code>/photos/dog/empty.png" in groups[1]
 
 
 def test_comparison_text_is_escaped():

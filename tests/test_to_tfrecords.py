@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from conftest import FOLDER_SPLIT, data_config, make_idx_folder
+from conftest import FOLDER_SPLIT, data_config, make_idx_folder, save_turned
 from convflow.checks.schemas import IMAGE_PROPERTIES
 from convflow.data import imaging
 from convflow.data.sources import DataError
@@ -280,6 +280,47 @@ def test_record_format_enters_the_cache_key(digits_data):
         for fmt in ("auto", "raw", "jpeg", "png")
     }
     assert len(keys) == 4
+
+
+@pytest.mark.parametrize("record_format", ["raw", "png"])
+def test_webp_tiff_and_turned_photos_in_sub_folders_are_written_as_seen(tmp_path, record_format):
+    """What a person's photo folder holds, at the model's size so that every pixel can be compared:
+    WebP and TIFF files, in sub-folders of their class, and a phone photo stored sideways with its
+    EXIF orientation. Each record holds the image as a viewer shows it."""
+    rng = np.random.default_rng(5)
+    seen: dict[str, np.ndarray] = {}
+    for label, name in enumerate(("cat", "dog")):
+        for relative in ("a.webp", "2019/b.webp", "c.tiff", "2019/summer/d.tif", "e.png"):
+            pixels = rng.integers(0, 256, (16, 20, 3), dtype=np.uint8)
+            pixels[:, label * 4 : label * 4 + 4] = 255  # learnable
+            path = tmp_path / "photos" / name / relative
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels).save(path, **({"lossless": True} if path.suffix == ".webp" else {}))
+            seen[f"{name}/{relative}"] = pixels
+        pixels = rng.integers(0, 256, (16, 20, 3), dtype=np.uint8)
+        save_turned(tmp_path / "photos" / name / "2019" / "phone.png", pixels, 6 + 2 * label)
+        seen[f"{name}/2019/phone.png"] = pixels
+    data = data_config(
+        f"folder:{tmp_path / 'photos'}",
+        image_size=(16, 20),
+        channels=3,
+        split={"train": 0.5, "validation": 0.25, "test": 0.25},
+        record_format=record_format,
+    )
+    split_set = split_dataset(data, tmp_path / "split")
+    assert sum(split_set.counts.values()) == 12 and split_set.skipped == []
+
+    tfrecords = write_tfrecords(split_set, data, tmp_path / "tfrecords")
+
+    written = {}
+    for split in ("train", "validation", "test"):
+        written |= read_split(tfrecords, split)
+    assert set(written) == set(seen)
+    for example_id, (image, label) in written.items():
+        np.testing.assert_array_equal(image, seen[example_id], err_msg=example_id)
+        assert label == (0 if example_id.startswith("cat/") else 1)
+    properties = pq.read_table(tfrecords.image_properties, columns=["width", "height"]).to_pylist()
+    assert {(row["width"], row["height"]) for row in properties} == {(20, 16)}  # the phone photos too, upright
 
 
 @pytest.mark.parametrize("record_format", ["png", "jpeg"])

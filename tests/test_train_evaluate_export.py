@@ -16,11 +16,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import FOLDER_SPLIT, PYTHON, REPO, data_config, subprocess_env
-from convflow.catalog import schemas
+from convflow.catalog import registry, schemas
 from convflow.catalog.registry import Production
+from convflow.checks.config import EmbeddingDriftConfig
+from convflow.checks.schemas import CHECK_RESULTS_SCHEMA
 from convflow.config.schema import EvaluateConfig, ModelConfig, TrainConfig
-from convflow.modeling.classifier import predict_split, probabilities_from_logits
+from convflow.modeling.classifier import load_classifier, predict_split, probabilities_from_logits, serve_split
 from convflow.modeling.export_check import FRESH_PROCESS, ExportMismatch, FreshProcessCheck, verify_saved_model
+from convflow.modeling.serving import serving_function
 from convflow.runtime import process_caches
 from convflow.tasks.build_base import build_base_model
 from convflow.tasks.download_and_split import split_dataset
@@ -29,6 +32,8 @@ from convflow.tasks.export_savedmodel import MODEL_VERSION, export_model
 from convflow.tasks.freeze_and_wrap import freeze_and_wrap_model
 from convflow.tasks.to_tfrecords import write_tfrecords
 from convflow.tasks.train import checkpoint_key, train_model
+from convflow.tfrecords.spec import shard_name
+from convflow.tfrecords.writer import ShardFile, encode_example
 
 
 def assert_schema(actual: pa.Schema, expected: pa.Schema) -> None:
@@ -311,6 +316,129 @@ def test_gate_against_production(
     assert lost and per_class.passed_gate is False
     assert per_class.gate_reason.count("max_class_regression") == len(lost)
     assert all(f"{name} recall" in per_class.gate_reason for name in lost)
+    # Each class's row holds both recalls and the floor; a version that kept no reference set has its rows, not run.
+    rows = {(row["check"], row["subject"]): row for row in pq.read_table(per_class.model_checks_parquet).to_pylist()}
+    assert {
+        subject for check, subject in rows if check == "class_recall" and rows[check, subject]["verdict"] == "block"
+    }
+    assert all(
+        rows["class_recall", name]["threshold"] == pytest.approx(production_recalls[name] - 0.3) for name in lost
+    )
+    assert rows["reference_set", "production v1's test split"]["value"] is None
+    assert (
+        "not run: production v1 was promoted before reference sets were kept"
+        in rows["embedding_drift", "production v1's embeddings"]["detail"]
+    )
+    assert per_class.reference_accuracy is None and per_class.embedding_drift_p_value is None
+
+
+def _with_test_split(tfrecords, images: np.ndarray, labels: np.ndarray, ids: list[str], folder: Path):
+    """`tfrecords` with its test split replaced by `images` filed under `labels` (raw records)."""
+    folder.mkdir(parents=True)
+    shard = folder / shard_name("test", 0, 1, len(labels), "raw", "none")
+    with ShardFile(shard, "none") as records:
+        for image, label, example_id in zip(images, labels, ids):
+            records.write(encode_example(image.astype(np.uint8).tobytes(), int(label), example_id))
+    return tfrecords.model_copy(
+        update={"shards": {**tfrecords.shards, "test": [str(shard)]}, "counts": {**tfrecords.counts, "test": len(ids)}}
+    )
+
+
+def _promoted(root: Path, trained, export, tfrecords, accuracy: float) -> Production:
+    """`export` promoted as version 1, its test split kept as the reference set (as tasks/promote.py does)."""
+    return registry.promote(
+        root,
+        "digits",
+        "earlier",
+        export.saved_model,
+        trained.model_path,
+        accuracy,
+        reference_set=registry.ReferenceSet.of_test_split(tfrecords),
+    )
+
+
+def _model_checks(evaluation) -> dict[tuple[str, str], dict]:
+    table = pq.read_table(evaluation.model_checks_parquet)
+    assert_schema(table.schema, CHECK_RESULTS_SCHEMA)
+    return {(row["check"], row["subject"]): row for row in table.to_pylist()}
+
+
+def test_model_checks_are_written_with_no_production(digits_evaluation, digits_tfrecords):
+    rows = _model_checks(digits_evaluation)
+    assert [subject for _, subject in rows] == digits_tfrecords.label_names
+    assert all(check == "class_recall" for check, _ in rows)
+    assert all(
+        row["baseline"] is None and row["threshold"] is None and row["verdict"] == "pass" for row in rows.values()
+    )
+    assert digits_evaluation.model_checks_parquet in digits_evaluation.required_files()
+
+
+@pytest.mark.xdist_group("digits-export")
+def test_productions_reference_set_exposes_a_worse_model_that_a_broken_test_split_hides(
+    digits_trained, digits_wrapped, digits_tfrecords, digits_evaluation, digits_export, tmp_path
+):
+    """A new drop whose test split is labelled the way a broken model answers: the untrained net
+    scores 1.0 there, above production, and passes the overall gate; production's own test split,
+    kept with its version, shows it for what it is."""
+    production = _promoted(
+        tmp_path / "artifacts", digits_trained, digits_export, digits_tfrecords, digits_evaluation.test_accuracy
+    )
+    untrained = digits_trained.model_copy(update={"model_path": digits_wrapped.model_path})
+    serve = serving_function(load_classifier(untrained.model_path), digits_tfrecords)
+    images, _, ids, probabilities = serve_split(serve, digits_tfrecords, "test")
+    broken = _with_test_split(digits_tfrecords, images, probabilities.argmax(axis=1), ids, tmp_path / "broken")
+
+    evaluation = evaluate_model(untrained, broken, EvaluateConfig(min_accuracy=0.9), tmp_path / "evaluate", production)
+
+    assert evaluation.test_accuracy == 1.0 and evaluation.production_accuracy < 1.0  # the broken split hides it
+    assert evaluation.passed_gate is False
+    assert evaluation.reference_examples == digits_tfrecords.counts["test"]
+    assert evaluation.production_reference_accuracy == pytest.approx(
+        digits_evaluation.test_accuracy, abs=1 / digits_tfrecords.counts["test"]
+    )
+    assert evaluation.reference_accuracy < 0.5 < evaluation.production_reference_accuracy
+    reason = evaluation.gate_reason
+    assert reason.startswith("reference set: ") and "production v1's reference set" in reason
+    assert (
+        f"{evaluation.reference_accuracy:.4f}" in reason and f"{evaluation.production_reference_accuracy:.4f}" in reason
+    )
+    rows = _model_checks(evaluation)
+    reference = rows["reference_set", "production v1's test split"]
+    assert reference["verdict"] == "block" and reference["value"] == evaluation.reference_accuracy
+    # max_regression 0: the floor is production's own accuracy
+    assert reference["baseline"] == reference["threshold"] == evaluation.production_reference_accuracy
+    # the same images as production's test split: production's embeddings of the two agree
+    drift = rows["embedding_drift", "production v1's embeddings"]
+    assert drift["verdict"] == "pass" and drift["value"] == evaluation.embedding_drift_p_value > 0.5
+    assert "p-value" in drift["detail"] and "MMD²" in drift["detail"]
+    assert {subject for check, subject in rows if check == "class_recall"} == set(digits_tfrecords.label_names)
+
+
+@pytest.mark.xdist_group("digits-export")
+def test_embedding_drift_is_recorded_and_fails_the_gate_only_when_set_to_block(
+    digits_trained, digits_tfrecords, digits_evaluation, digits_export, tmp_path
+):
+    """A test split production sees differently (every digit inverted) drifts from its reference
+    set; the same model on both sides passes every other check."""
+    production = _promoted(
+        tmp_path / "artifacts", digits_trained, digits_export, digits_tfrecords, digits_evaluation.test_accuracy
+    )
+    images, labels, ids, _ = predict_split(digits_trained.model_path, digits_tfrecords, "test")
+    inverted = _with_test_split(digits_tfrecords, 255 - images, labels, ids, tmp_path / "inverted")
+    lenient = EvaluateConfig(min_accuracy=0.0)
+
+    blocked = evaluate_model(
+        digits_trained, inverted, lenient, tmp_path / "blocked", production, EmbeddingDriftConfig(action="block")
+    )
+    warned = evaluate_model(digits_trained, inverted, lenient, tmp_path / "warned", production)
+
+    assert blocked.embedding_drift_p_value == pytest.approx(1 / 2001) and blocked.embedding_drift_mmd2 > 0
+    assert blocked.passed_gate is False
+    assert blocked.gate_reason.startswith("embedding drift: ") and "production v1" in blocked.gate_reason
+    assert _model_checks(blocked)["embedding_drift", "production v1's embeddings"]["verdict"] == "block"
+    assert _model_checks(blocked)["reference_set", "production v1's test split"]["verdict"] == "pass"
+    assert warned.passed_gate is True  # the default action, warn, records it only
+    assert _model_checks(warned)["embedding_drift", "production v1's embeddings"]["verdict"] == "warn"
 
 
 def test_evaluate_two_classes(tmp_path, image_folder_factory):
@@ -390,6 +518,24 @@ def test_export_serves_raw_images_in_a_fresh_process(digits_export, digits_train
     assert served["bigger_classes"].shape == (5,)
     assert set(served["bigger_classes"]) <= set(digits_tfrecords.label_names)
     np.testing.assert_allclose(served["bigger_probabilities"].sum(axis=1), 1, atol=1e-5)
+
+
+@pytest.mark.xdist_group("digits-export")
+def test_export_carries_the_embeddings_its_final_dense_layer_reads(digits_export, digits_trained, digits_tfrecords):
+    """The serving signature answers the input of the "logits" layer too (pooled features): later
+    runs compare production's embeddings of their test split with those of its own."""
+    import tensorflow as tf
+
+    images = predict_split(digits_trained.model_path, digits_tfrecords, "test")[0][:32]
+    loaded = tf.saved_model.load(digits_export.saved_model)
+    outputs = loaded.signatures["serving_default"](images=tf.constant(images.astype(np.uint8)))
+
+    assert set(outputs) == {"probabilities", "classes", "embeddings"}
+    model = load_classifier(digits_trained.model_path)
+    penultimate = keras.Model(model.input, model.get_layer("logits").input)
+    expected = np.asarray(penultimate(images.astype(np.float32), training=False))
+    assert outputs["embeddings"].shape == (32, model.get_layer("logits").kernel.shape[0])
+    np.testing.assert_allclose(outputs["embeddings"].numpy(), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_export_checks_against_the_evaluate_stage_predictions(

@@ -73,6 +73,7 @@ class Comparison(pydantic.BaseModel):
     verdict: str = pydantic.Field(description="The winner and what happened to it.")
     stages: list[StageRun] = pydantic.Field(description="The shared data stages.")
     report: str | None = pydantic.Field(None, description="comparison.html, once written.")
+    blocked: bool = pydantic.Field(False, description="The data checks blocked it: no variant trained.")
 
     @property
     def winner(self) -> VariantResult | None:

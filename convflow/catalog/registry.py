@@ -2,7 +2,8 @@
 
 ```
 artifacts/models/<pipeline>/<version>/   saved_model.pb, variables/, convflow.json,
-                                         image_properties.parquet (its data, the next run's baseline)
+                                         image_properties.parquet (its data, the next run's baseline),
+                                         reference/ (its test split's TFRecord shards and reference.json)
 artifacts/models/<pipeline>/production.json
 ```
 The pointer is replaced atomically (write, then os.replace), so a reader sees the old or the new
@@ -19,10 +20,53 @@ import pydantic
 
 from convflow.catalog import tables
 from convflow.checks.schemas import IMAGE_PROPERTIES
+from convflow.core.records import TFRecordSet
 from convflow.core.storage import atomic_write_text, locked, staged_output
 
 POINTER = "production.json"
 VERSION_RECORD = "convflow.json"
+# The folder in a version that keeps the test split it was judged on, and the file describing it.
+REFERENCE_SET = "reference"
+REFERENCE_RECORD = "reference.json"
+
+
+class ReferenceSet(pydantic.BaseModel):
+    """The test examples that made a production model, kept with its version: every later
+    evaluate scores them with both models, so a new, easier or broken test split cannot hide a
+    worse model. They are the promoting run's test shards, copied as written (raw, JPEG or PNG
+    records; read back with convflow.tfrecords.features.read_dataset); their content hashes are
+    the version's image_properties.parquet rows of split test."""
+
+    model_config = pydantic.ConfigDict(frozen=True)
+
+    shards: list[str] = pydantic.Field(description="The shard files (in the version's folder: their paths there).")
+    label_names: list[str] = pydantic.Field(description="Class names, by the labels the records hold.")
+    image_size: tuple[int, int] = pydantic.Field(description="Height and width of the images in the records.")
+    channels: int
+    examples: int = pydantic.Field(description="How many test examples the shards hold.")
+
+    @classmethod
+    def of_test_split(cls, tfrecords: TFRecordSet) -> ReferenceSet | None:
+        """The test split of `tfrecords`, as a version keeps it (None when it has no test shards)."""
+        if not tfrecords.shards.get("test"):
+            return None
+        return cls(
+            shards=tfrecords.shards["test"],
+            label_names=tfrecords.label_names,
+            image_size=tfrecords.image_size,
+            channels=tfrecords.channels,
+            examples=tfrecords.counts.get("test", 0),
+        )
+
+    def in_folder(self, folder: Path) -> ReferenceSet:
+        """This set with its shards' paths in `folder` (kept by file name only: the folder can move)."""
+        return self.model_copy(update={"shards": [str(folder / Path(shard).name) for shard in self.shards]})
+
+
+def load_reference_set(folder: str | Path) -> ReferenceSet:
+    """The reference set kept in a version's `reference/` folder, its shards' paths in that folder."""
+    folder = Path(folder)
+    return ReferenceSet.model_validate_json((folder / REFERENCE_RECORD).read_text()).in_folder(folder)
 
 
 class Production(pydantic.BaseModel):
@@ -43,6 +87,11 @@ class Production(pydantic.BaseModel):
         None,
         description="The per-image table of the data it was made from (check_data's baseline for the next runs); "
         "None for versions promoted before the data checks, or by hand from a run without one.",
+    )
+    reference_set: str | None = pydantic.Field(
+        None,
+        description="The folder of its test split's shards (load_reference_set), scored by both models in every "
+        "later evaluate; None for versions promoted before the reference set was kept, or by hand.",
     )
 
 
@@ -91,11 +140,13 @@ def promote(
     config_hash: str | None = None,
     data_fingerprint: str | None = None,
     image_properties: str | None = None,
+    reference_set: ReferenceSet | None = None,
 ) -> Production:
     """Copy `saved_model` in as the next version and make it production; `config_hash` and
     `data_fingerprint` say what made it (scheduled runs skip training while both are unchanged).
     `image_properties`, the per-image table of its data, is copied in beside it: the data checks
-    of later runs compare with it."""
+    of later runs compare with it. So are `reference_set`'s shards (its test split): the gate of
+    later runs scores them too."""
     root = models_dir(artifacts_root, pipeline)
     root.mkdir(parents=True, exist_ok=True)
     with locked(root / POINTER):
@@ -111,14 +162,25 @@ def promote(
             config_hash=config_hash,
             data_fingerprint=data_fingerprint,
             image_properties=str(root / str(version) / IMAGE_PROPERTIES) if image_properties else None,
+            reference_set=str(root / str(version) / REFERENCE_SET) if reference_set else None,
         )
         with staged_output(root / str(version)) as staging:
             shutil.copytree(saved_model, staging, dirs_exist_ok=True)
             if image_properties:
                 shutil.copyfile(image_properties, staging / IMAGE_PROPERTIES)
+            if reference_set:
+                _keep_reference_set(reference_set, staging / REFERENCE_SET)
             (staging / VERSION_RECORD).write_text(production.model_dump_json(indent=2))
         _switch_pointer(production, artifacts_root)
     return production
+
+
+def _keep_reference_set(reference_set: ReferenceSet, folder: Path) -> None:
+    """Copy the reference set's shards into `folder` and describe them there (reference.json)."""
+    folder.mkdir()
+    for shard in reference_set.shards:
+        shutil.copyfile(shard, folder / Path(shard).name)
+    (folder / REFERENCE_RECORD).write_text(reference_set.in_folder(Path(".")).model_dump_json(indent=2))
 
 
 def record_lineage(

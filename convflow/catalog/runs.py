@@ -12,6 +12,7 @@ from convflow.catalog import registry, schemas, tables
 from convflow.core.context import RunContext
 from convflow.core.records import (
     DataChecks,
+    Decision,
     Evaluation,
     ExportedModel,
     Report,
@@ -38,8 +39,10 @@ def summarize(
     exported: ExportedModel,
     report: Report,
     stages: list[StageRun],
+    decisions: list[Decision] | None = None,
 ) -> RunSummary:
-    """The summary of a run that went through every stage."""
+    """The summary of a run that went through every stage; a person's `decisions` on its blocks
+    (validate.on_block: ask) lead its gate reason."""
     return RunSummary(
         pipeline=run.pipeline,
         run_id=run.run_id,
@@ -49,7 +52,7 @@ def summarize(
         data_fingerprint=split_set.data_fingerprint,
         test_accuracy=evaluation.test_accuracy,
         passed_gate=evaluation.passed_gate,
-        gate_reason=evaluation.gate_reason,
+        gate_reason=with_decisions(evaluation.gate_reason, decisions),
         model=trained.model_path,
         saved_model=exported.saved_model,
         report=report.report_html,
@@ -117,6 +120,7 @@ def record(
         "history": trained.history_parquet,
         "metrics": evaluation.metrics_parquet,
         "predictions": evaluation.predictions_parquet,
+        "model_checks": evaluation.model_checks_parquet,
     }
     tables.append_run(
         Path(run.artifacts_root) / "runs.parquet", catalog_row(summary, run.run_dir, flow_run_id, run_tables=run_tables)
@@ -156,6 +160,11 @@ def record_unchanged(
     return summary.gate_reason
 
 
+def with_decisions(reason: str, decisions: list[Decision] | None) -> str:
+    """`reason` led by each decision a person made on the run, so the catalog keeps who let it on and why."""
+    return "; ".join([decision.line() for decision in decisions or []] + [reason])
+
+
 def blocked_reason(checks: DataChecks) -> str:
     blocks = [reason.removeprefix("block: ") for reason in checks.reasons if reason.startswith("block: ")]
     return f"blocked by {len(blocks)} data check(s), nothing trained: " + "; ".join(blocks)
@@ -169,9 +178,11 @@ def record_blocked(
     checks: DataChecks,
     stages: list[StageRun],
     flow_run_id: Any,
+    decision: Decision | None = None,
 ) -> RunSummary:
     """Append the row of a run its data checks blocked before training (its model columns describe
-    production, which it left as it was) and its run.json; returns its summary."""
+    production, which it left as it was) and its run.json; returns its summary. `decision`: a
+    person's rejection, or the lack of one in time (validate.on_block: ask)."""
     production = registry.current(Path(run.artifacts_root), run.pipeline)
     summary = RunSummary(
         pipeline=run.pipeline,
@@ -182,7 +193,7 @@ def record_blocked(
         data_fingerprint=split_set.data_fingerprint,
         test_accuracy=production.test_accuracy if production else None,
         passed_gate=None,
-        gate_reason=blocked_reason(checks),
+        gate_reason=blocked_reason(checks) + (f"; {decision.line()}" if decision else ""),
         model=production.model if production else None,
         saved_model=production.saved_model if production else None,
         report=checks.report_html,
@@ -222,5 +233,11 @@ def record_variant_runs(comparison: Comparison, artifacts_root: Path, flow_run_i
             stages=variant.stages,
         )
         run_dir = Path(artifacts_root) / comparison.pipeline / variant.run_id
-        row = catalog_row(summary, run_dir, flow_run_id, comparison.comparison_id, variant.name)
+        run_tables = {
+            "history": variant.trained.history_parquet,
+            "metrics": variant.evaluation.metrics_parquet,
+            "predictions": variant.evaluation.predictions_parquet,
+            "model_checks": variant.evaluation.model_checks_parquet,
+        }
+        row = catalog_row(summary, run_dir, flow_run_id, comparison.comparison_id, variant.name, run_tables)
         tables.append_run(Path(artifacts_root) / "runs.parquet", row)

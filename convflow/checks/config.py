@@ -109,6 +109,48 @@ class DriftConfig(CheckConfig):
     per_class: bool = Field(True, description="Also compare each class's images with production's of that class.")
 
 
+class EmbeddingDriftConfig(CheckConfig):
+    """Production's penultimate-layer embeddings of this run's test split against those of its own
+    test split (its reference set): MMD² with an RBF kernel and a permutation p-value. Checked in
+    evaluate, once there is a model; production versions exported without embeddings skip it."""
+
+    action: Action = Field(
+        "warn",
+        description="block: the gate fails (nothing is promoted); warn: recorded and reported; off: not run.",
+    )
+    alpha: float = Field(
+        0.001,
+        gt=0,
+        lt=1,
+        description="The permutation p-value under which the embeddings count as drifted: the chance that two "
+        "samples of one distribution look this different.",
+    )
+    max_examples: int = Field(
+        500,
+        ge=10,
+        le=5000,
+        description="Most examples per side (a seeded random sample of each): the test costs (2 x max_examples)² "
+        "kernel values.",
+    )
+    permutations: int = Field(
+        2000,
+        ge=20,
+        le=100_000,
+        description="Random relabellings of the pooled examples the p-value is counted over; the smallest p-value "
+        "it can give is 1 / (permutations + 1), which must be under `alpha`.",
+    )
+
+    @model_validator(mode="after")
+    def _alpha_reachable(self) -> EmbeddingDriftConfig:
+        # Otherwise the check could never fire, and would look like it passed.
+        if 1 / (self.permutations + 1) >= self.alpha:
+            raise ValueError(
+                f"permutations ({self.permutations}) cannot give a p-value under alpha ({self.alpha}): "
+                f"use at least {int(1 / self.alpha)} permutations, or a larger alpha"
+            )
+        return self
+
+
 class ValidateConfig(_Strict):
     """The data checks between to_tfrecords and build_base, against the data that made the
     production model. With no production model yet, only min_count, label_conflicts and leakage run."""
@@ -136,11 +178,8 @@ class ValidateConfig(_Strict):
         LeakageConfig(), description="Near-copies of validation or test images in an earlier split."
     )
     drift: DriftConfig = Field(DriftConfig(), description="Image properties drifted from production's.")
-
-    @model_validator(mode="after")
-    def _asking_is_not_built(self) -> ValidateConfig:
-        # Refused rather than accepted and ignored: a run that should wait for a person must not
-        # quietly end blocked instead.
-        if self.on_block == "ask":
-            raise ValueError("on_block: ask (a person decides in the Prefect UI) is not available yet; use fail")
-        return self
+    embedding_drift: EmbeddingDriftConfig = Field(
+        EmbeddingDriftConfig(),
+        description="Production's embeddings of this run's test split drifted from those of its own test split "
+        "(checked in evaluate).",
+    )

@@ -55,30 +55,39 @@ IMAGE_PROPERTIES_SCHEMA = _schema(
 )
 
 CHECK_RESULTS_SCHEMA = _schema(
-    ("check", pa.string(), "class_set, class_balance, min_count, label_conflicts, leakage or drift."),
+    (
+        "check",
+        pa.string(),
+        "Data checks (checks.parquet): class_set, class_balance, min_count, label_conflicts, leakage or drift; model "
+        "checks (model_checks.parquet): class_recall, reference_set or embedding_drift.",
+    ),
     (
         "subject",
         pa.string(),
         "What the figure is about: a class, `class / split`, `split ~ earlier split`, a "
-        "property, or `property / class`.",
+        "property, `property / class`, or the production version whose test split or embeddings it compares with.",
     ),
     (
         "value",
         pa.float64(),
         "This run's figure: an example count (class_set, min_count, label_conflicts), a class "
-        "share (class_balance), the share of a split with near copies (leakage), or a Kolmogorov-Smirnov statistic "
-        "(drift).",
+        "share (class_balance), the share of a split with near copies (leakage), a Kolmogorov-Smirnov statistic "
+        "(drift), the model's recall of a class (class_recall), its accuracy on production's test split "
+        "(reference_set), or the permutation p-value of the embeddings' MMD² (embedding_drift; the MMD² is in "
+        "detail). Null when the check could not run (detail says why).",
     ),
     (
         "baseline",
         pa.float64(),
-        "Production's figure where there is one (class_set: its count; class_balance: its share); null otherwise.",
+        "Production's figure where there is one (class_set: its count; class_balance: its share; class_recall: its "
+        "recall on the same split; reference_set: its accuracy on its own test split); null otherwise.",
     ),
     (
         "threshold",
         pa.float64(),
-        "The limit held to: a minimum for min_count, the largest allowed change of share "
-        "for class_balance, a maximum otherwise; null for class_set.",
+        "The limit held to: a minimum for min_count, class_recall, reference_set and embedding_drift (alpha), the "
+        "largest allowed change of share for class_balance, a maximum otherwise; null for class_set, and where no "
+        "limit is set.",
     ),
     ("verdict", pa.string(), "pass, warn or block (a check set to warn never blocks)."),
     ("detail", pa.string(), "The figure in words, with what it was compared to."),
@@ -89,7 +98,8 @@ CHECK_RESULTS_SCHEMA = _schema(
         "pairs, each held-out image followed by its near copy.",
     ),
     nullable=("value", "baseline", "threshold"),
-    table="One row per data check and subject of a run, passing or not.",
+    table="One row per data check (checks.parquet) or model check (model_checks.parquet) and subject of a run, "
+    "passing or not.",
 )
 
 

@@ -24,6 +24,7 @@ COMMANDS = (
     server.add_serve,
     server.add_deploy,
     server.add_worker,
+    server.add_decide,
     pipelines_file.add_init,
 )
 # The commands that import TensorFlow, whose start-up log --verbose shows.

@@ -138,6 +138,8 @@ def compare_variants(args: argparse.Namespace) -> int:
     if comparison is None:
         return EXIT_FAILED
     flow_results.print_comparison(comparison, time.perf_counter() - started, args.json)
+    if comparison.blocked:
+        return EXIT_BLOCKED
     return 0 if comparison.winner else EXIT_FAILED
 
 
@@ -208,10 +210,28 @@ def _has_section(args: argparse.Namespace, section: str, what: str) -> bool:
 
 def _run_refusal(spec, server, artifacts: Path) -> str | None:
     """Why this run cannot start, or None: the Prefect server refuses its credentials, train.work_pool's
-    workers could not reach a temporary `server`, or the artifacts root cannot be written to."""
+    workers could not reach a temporary `server`, nobody could answer its question on one, or the
+    artifacts root cannot be written to."""
     from convflow.runtime.server_access import auth_refusal
 
-    return (auth_refusal() if server is None else None) or _unreachable_pool(spec, server) or _unwritable(artifacts)
+    return (
+        (auth_refusal() if server is None else None)
+        or _unreachable_pool(spec, server)
+        or _nobody_to_ask(spec, server)
+        or _unwritable(artifacts)
+    )
+
+
+def _nobody_to_ask(spec, server) -> str | None:
+    """Why a run under validate.on_block: ask cannot wait for a person: a temporary server serves no
+    UI and stops with the command, so no one could answer."""
+    if spec.validate_.on_block == "ask" and server is not None:
+        return (
+            f"pipelines.{spec.name}.validate.on_block is ask: a blocked run waits for a person's decision in the "
+            "Prefect UI, and a temporary server has none; start one (prefect server start) and set "
+            "PREFECT_API_URL, or set on_block: fail (see docs/data-checks.md, A person decides)"
+        )
+    return None
 
 
 def _unreachable_pool(spec, server) -> str | None:

@@ -16,6 +16,7 @@ import yaml
 from convflow.config.errors import ConfigError
 from convflow.config.load import load_pipelines
 from convflow.config.schema import PIPELINE_NAME
+from convflow.core.skips import skipped_by_reason, skipped_summary
 from convflow.core.storage import atomic_file
 from convflow.data.survey import SourceSurvey
 
@@ -386,13 +387,15 @@ def report_lines(name: str, survey: SourceSurvey, appended: Appended, file_argum
     return lines
 
 
-def _unusable_lines(unusable: list[str], shown: int = 10) -> list[str]:
+def _unusable_lines(unusable: list[str], shown: int = 3) -> list[str]:
+    """How many files a run will skip, by reason, and the first `shown` of each reason."""
     if not unusable:
-        return ["  unusable files: none"]
-    lines = [f"  unusable files: {len(unusable)} (a run skips them)"]
-    lines += [f"    {problem}" for problem in unusable[:shown]]
-    if len(unusable) > shown:
-        lines.append(f"    ... and {len(unusable) - shown} more")
+        return ["  skipped: none"]
+    lines = [f"  {skipped_summary(unusable)} (a run skips them too)"]
+    for reason, group in skipped_by_reason(unusable).items():
+        lines += [f"    {problem}" for problem in group[:shown]]
+        if len(group) > shown:
+            lines.append(f"    ... and {len(group) - shown} more {reason}")
     return lines
 
 

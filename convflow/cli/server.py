@@ -67,6 +67,19 @@ def add_worker(commands) -> None:
     worker.set_defaults(handle=start_worker)
 
 
+def add_decide(commands) -> None:
+    decide = commands.add_parser(
+        "decide",
+        help="approve or reject a run that waits for a decision (validate.on_block: ask; needs PREFECT_API_URL)",
+    )
+    decide.add_argument("flow_run_id", help="the waiting flow run's id, as its log and the Prefect UI show it")
+    verdict = decide.add_mutually_exclusive_group(required=True)
+    verdict.add_argument("--approve", action="store_true", help="go on despite the blocking checks")
+    verdict.add_argument("--reject", action="store_true", help="end the run blocked")
+    decide.add_argument("--reason", required=True, help="why; kept in the run's catalog row and its report")
+    decide.set_defaults(handle=decide_run)
+
+
 def serve_schedules(args: argparse.Namespace) -> int:
     """`convflow serve`: every scheduled pipeline served from this process until it is stopped."""
     return _with_schedules(args, _serve)
@@ -130,6 +143,39 @@ def start_worker(args: argparse.Namespace) -> int:
         flush=True,
     )
     exec_process_worker(args.pool, args.limit, args.name)
+
+
+def decide_run(args: argparse.Namespace) -> int:
+    """`convflow decide RUN --approve|--reject --reason TEXT`: the answer a waiting run's Resume form
+    in the Prefect UI sends, through the same API (POST /flow_runs/{id}/resume with its run input)."""
+    import uuid
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import StateType
+    from prefect.exceptions import ObjectNotFound
+
+    problem = _server_problem("decide")
+    if problem:
+        return fail(problem)
+    if not args.reason.strip():
+        return fail("convflow decide: --reason is empty; say why, it is kept in the catalog and the report")
+    try:
+        flow_run_id = uuid.UUID(args.flow_run_id)
+    except ValueError:
+        return fail(f"convflow decide: {args.flow_run_id!r} is not a flow run id (a UUID, as the run's log shows)")
+    with get_client(sync_client=True) as client:
+        try:
+            state = client.read_flow_run(flow_run_id).state
+        except ObjectNotFound:
+            return fail(f"convflow decide: no flow run {flow_run_id} on the Prefect server at PREFECT_API_URL")
+        if state is None or state.type != StateType.PAUSED:
+            name = state.name if state else "without a state"
+            return fail(f"convflow decide: flow run {flow_run_id} is {name}, not waiting for a decision")
+        result = client.resume_flow_run(flow_run_id, run_input={"approve": args.approve, "reason": args.reason})
+    if result.status.value != "ACCEPT":
+        return fail(f"convflow decide: the server refused: {result.details.reason or result.status.value}")
+    print(f"flow run {flow_run_id} {'approved' if args.approve else 'rejected'}: {args.reason}")
+    return 0
 
 
 def _server_problem(command: str) -> str | None:

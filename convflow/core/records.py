@@ -8,6 +8,8 @@ from typing import Literal
 import pydantic
 from pydantic import ConfigDict, Field
 
+from convflow.core.skips import skipped_summary
+
 
 class StageRecord(pydantic.BaseModel):
     """A stage's output: the folder it wrote and the files a later stage will open.
@@ -73,7 +75,7 @@ class SplitSet(StageRecord):
     def log_line(self) -> str:
         splits = ", ".join(f"{split} {count:,}" for split, count in self.counts.items())
         line = f"{sum(self.counts.values()):,} examples in {len(self.label_names)} classes ({splits})"
-        return line + (f"; {len(self.skipped)} unusable files skipped" if self.skipped else "")
+        return line + (f"; {skipped_summary(self.skipped)}" if self.skipped else "")
 
 
 class TFRecordSet(StageRecord):
@@ -131,6 +133,23 @@ class DataChecks(StageRecord):
         against = f"production version {self.baseline_version}" if self.baseline_version else "no production yet"
         line = f"data checks against {against}: {self.verdict} ({self.checks} figures)"
         return line + "".join(f"\n  {reason}" for reason in self.reasons[:10])
+
+
+class Decision(pydantic.BaseModel):
+    """A person's answer to a blocked run under `validate.on_block: ask` (or its absence: timed out)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    about: Literal["data checks", "model gate"] = Field(description="What blocked the run: its data or its model.")
+    approved: bool
+    reason: str = Field(description="The person's reason, or why there is none (no decision in time).")
+    timed_out: bool = False
+
+    def line(self) -> str:
+        if self.timed_out:
+            return f"{self.about}: {self.reason}"
+        verdict = "approved" if self.approved else "rejected"
+        return f"{self.about} {verdict} by a person: {self.reason}"
 
 
 class BaseNetwork(StageRecord):
@@ -232,9 +251,33 @@ class Evaluation(StageRecord):
     production_class_recalls: dict[str, float] | None = Field(
         None, description="The production model's recall of each class on the same test split."
     )
+    model_checks_parquet: str = Field(
+        description="model_checks.parquet: the gate's figures, a row per check and subject (CHECK_RESULTS_SCHEMA)."
+    )
+    reference_accuracy: float | None = Field(
+        None, description="The model's accuracy on production's reference set (its own test split)."
+    )
+    production_reference_accuracy: float | None = Field(
+        None, description="The production model's accuracy on its reference set, scored now."
+    )
+    reference_examples: int | None = Field(
+        None, description="Reference examples scored: those of a class the model knows."
+    )
+    embedding_drift_p_value: float | None = Field(
+        None,
+        description="Permutation p-value of the MMD² between production's embeddings of this test split and of "
+        "its reference set; None when not checked.",
+    )
+    embedding_drift_mmd2: float | None = Field(None, description="That MMD² (RBF kernel, median-distance bandwidth).")
 
     def required_files(self) -> list[str]:
-        return [self.metrics_parquet, self.predictions_parquet, self.confusion_json, self.samples_npz]
+        return [
+            self.metrics_parquet,
+            self.predictions_parquet,
+            self.confusion_json,
+            self.samples_npz,
+            self.model_checks_parquet,
+        ]
 
     def log_line(self) -> str:
         verdict = "passed" if self.passed_gate else "failed"

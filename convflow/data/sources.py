@@ -254,10 +254,21 @@ def _scan_class_folders(folders: list[tuple[str | None, int, Path]], root: Path,
 
 
 def _image_files(folder: Path) -> list[str]:
-    """The files of a class folder (hidden ones left out), sorted by name."""
-    with os.scandir(folder) as entries:
-        names = sorted(entry.name for entry in entries if entry.is_file() and not entry.name.startswith("."))
-    return [os.path.join(folder, name) for name in names]
+    """The files of a class folder and of its sub-folders at any depth (hidden files and folders, and
+    links to folders, left out), sorted by their path inside the class folder: a flat folder's by name."""
+    relative: list[str] = []
+    pending = [""]
+    while pending:
+        inside = pending.pop()
+        with os.scandir(os.path.join(folder, inside)) as entries:
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(os.path.join(inside, entry.name))
+                elif entry.is_file():
+                    relative.append(os.path.join(inside, entry.name))
+    return [os.path.join(folder, path) for path in sorted(relative)]
 
 
 def _network_available(timeout: float = 3.0) -> bool:

@@ -105,11 +105,11 @@ def _image_shape(loaded: LoadedSource) -> tuple[tuple[int, int], bool, int]:
 
 
 def _channels(files: list[str]) -> int:
-    from PIL import Image
+    from convflow.data.imaging import open_image
 
     step = max(1, len(files) // CHANNEL_SAMPLE)
     for path in files[::step]:
-        with Image.open(path) as image:
+        with open_image(path) as image:
             if image.mode not in GRAYSCALE_MODES:
                 return 3
     return 1

@@ -1,6 +1,7 @@
 """The "Data and model checks" section: every figure check_data recorded, the offending files named,
-with thumbnails. A page of its own for a run the checks blocked (it writes no other report), and a
-section of report.html for a run that trained."""
+with thumbnails, and below them every figure of evaluate's gate (model_checks.parquet). A page of
+its own for a run the checks blocked (it writes no other report), and a section of report.html for
+a run that trained."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from markupsafe import Markup
 
+from convflow.data.imaging import upright
 from convflow.reporting.figures import image_grid, render_page
 
 # Thumbnails shown per check row, and in all: a blocked drop can name thousands of files.
@@ -16,11 +18,13 @@ THUMBNAILS_IN_ALL = 64
 THUMBNAIL_SIZE = (96, 96)
 
 
-def checks_context(results_parquet: str, splits_parquet: str, images_npy: str | None = None) -> dict:
+def checks_context(
+    results_parquet: str, splits_parquet: str, images_npy: str | None = None, model_checks_parquet: str | None = None
+) -> dict:
     """What the checks section shows: the rows that did not pass first, each figure as text, and
-    thumbnails of the files the failing rows name."""
-    rows = pq.read_table(results_parquet).to_pylist()
-    rows.sort(key=lambda row: {"block": 0, "warn": 1, "pass": 2}[row["verdict"]])
+    thumbnails of the files the failing rows name; then the model checks' rows, when the run
+    trained a model (`model_checks_parquet`)."""
+    rows = _worst_first(pq.read_table(results_parquet).to_pylist())
     sources = _sources(splits_parquet)
     shown, thumbnails = 0, []
     for row in rows:
@@ -48,7 +52,27 @@ def checks_context(results_parquet: str, splits_parquet: str, images_npy: str | 
         ],
         "thumbnails": thumbnails,
         "counts": {verdict: sum(row["verdict"] == verdict for row in rows) for verdict in ("block", "warn", "pass")},
+        "model_rows": model_check_rows(model_checks_parquet) if model_checks_parquet else [],
     }
+
+
+def model_check_rows(model_checks_parquet: str) -> list[list[str]]:
+    """The model checks' table as the report shows it, the rows that did not pass first: per class
+    recall, the reference set, embedding drift, each beside production's figure and the threshold."""
+    return [
+        [
+            row["check"],
+            row["subject"],
+            row["verdict"],
+            *(_figure(row[key]) for key in ("value", "baseline", "threshold")),
+            row["detail"],
+        ]
+        for row in _worst_first(pq.read_table(model_checks_parquet).to_pylist())
+    ]
+
+
+def _worst_first(rows: list[dict]) -> list[dict]:
+    return sorted(rows, key=lambda row: {"block": 0, "warn": 1, "pass": 2}[row["verdict"]])
 
 
 def render_checks_page(pipeline: str, run_id: str, verdict: str, reason: str, context: dict) -> str:
@@ -79,7 +103,7 @@ def _thumbnail(source: object, images_npy: str | None) -> np.ndarray:
         if isinstance(source, str):
             with Image.open(source) as image:
                 image.draft("RGB", THUMBNAIL_SIZE)
-                picture = image.convert("RGB")
+                picture = upright(image).convert("RGB")  # as the model saw it: phone photos turned
         elif source is not None and images_npy:
             pixels = np.load(images_npy, mmap_mode="r")[source]
             picture = Image.fromarray(np.asarray(pixels).squeeze()).convert("RGB")

@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from convflow.catalog import registry, schemas, tables
+from convflow.data import imaging
 
 BATCH_SIZE = 64
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 
 
 class PredictError(ValueError):
@@ -90,8 +90,10 @@ def _inputs_of(path: Path) -> Iterator[Input]:
             yield from _inputs_of(file)
     elif path.suffix == ".parquet":
         yield from _table_inputs(path)
-    elif path.suffix.lower() in IMAGE_SUFFIXES:
+    elif imaging.is_image_name(path):
         yield Input(str(path), path.read_bytes())
+    elif path.suffix.lower() in imaging.HEIF_SUFFIXES:  # a photo, not litter: say how to score it
+        yield Input(str(path), None, imaging.why_not_taken(str(path)))
 
 
 def _table_inputs(path: Path, column: str = "image") -> Iterator[Input]:
@@ -117,10 +119,8 @@ def _table_input(table: Path, row: int, value) -> Input:
 
 
 def _decode(content: bytes, channels: int) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(io.BytesIO(content)) as image:
-        pixels = np.asarray(image.convert("L" if channels == 1 else "RGB"), np.uint8)
+    with imaging.open_image(io.BytesIO(content)) as image:
+        pixels = np.asarray(imaging.upright(image).convert("L" if channels == 1 else "RGB"), np.uint8)
     return pixels[..., None] if channels == 1 else pixels
 
 
