@@ -135,14 +135,21 @@ def saved_model_outputs(saved_model: str, *image_sets: np.ndarray | None) -> lis
 
 @dataclass(frozen=True)
 class _Reference:
-    """Production's reference set, read back: its images (uint8, at production's size) and each one's class name."""
+    """Production's reference set, read back: its images (uint8, at production's size), each one's
+    class name, and whether this run trained or validated on the same content."""
 
     images: np.ndarray
     names: np.ndarray
+    learned: np.ndarray
 
 
-def _read_reference(production: Production, channels: int) -> tuple[_Reference | None, str | None]:
-    """Production's reference set, or why there is none to score."""
+def _read_reference(
+    production: Production, channels: int, image_properties: str | None
+) -> tuple[_Reference | None, str | None]:
+    """Production's reference set, or why there is none to score. Its examples are known by content
+    hash (production's per-image table): those this run's train or validation split holds too
+    (`image_properties`, this run's table) are marked learned, as a model scores its own training
+    data too well."""
     if production.reference_set is None:
         return None, f"production v{production.version} was promoted before reference sets were kept"
     reference = load_reference_set(production.reference_set)
@@ -151,13 +158,31 @@ def _read_reference(production: Production, channels: int) -> tuple[_Reference |
             f"production v{production.version}'s reference set has {reference.examples} images of "
             f"{reference.channels} channels; this model takes {channels}"
         )
-    images, labels = [], []
-    for batch_images, batch_labels in read_dataset(
-        reference.shards, reference.image_size, reference.channels, SERVING_BATCH, cache=False
+    images, labels, ids = [], [], []
+    for batch_images, batch_labels, batch_ids in read_dataset(
+        reference.shards, reference.image_size, reference.channels, SERVING_BATCH, cache=False, with_ids=True
     ):
         images.append(batch_images.numpy().astype(np.uint8))  # whole numbers 0..255: exact
         labels.append(batch_labels.numpy())
-    return _Reference(np.concatenate(images), np.asarray(reference.label_names)[np.concatenate(labels)]), None
+        ids += [example_id.decode() for example_id in batch_ids.numpy()]
+    learned = _learned(ids, production.image_properties, image_properties)
+    names = np.asarray(reference.label_names)[np.concatenate(labels)]
+    return _Reference(np.concatenate(images), names, learned), None
+
+
+def _learned(reference_ids: list[str], production_properties: str | None, run_properties: str | None) -> np.ndarray:
+    """For each reference example, whether this run's train or validation split has its content."""
+    if not production_properties or not run_properties:
+        return np.zeros(len(reference_ids), bool)
+    production = pq.read_table(production_properties, columns=["example_id", "split", "sha256"]).to_pydict()
+    digests = {
+        example_id: digest
+        for example_id, split, digest in zip(production["example_id"], production["split"], production["sha256"])
+        if split == "test"
+    }
+    run = pq.read_table(run_properties, columns=["split", "sha256"]).to_pydict()
+    seen = {digest for split, digest in zip(run["split"], run["sha256"]) if split != "test"}
+    return np.asarray([digests.get(example_id) in seen for example_id in reference_ids], bool)
 
 
 def _reference_check(
@@ -173,16 +198,18 @@ def _reference_check(
     candidate = np.asarray(label_names)[_in_batches(serve, reference.images)["probabilities"].argmax(axis=1)]
     production = np.asarray([name.decode() for name in production_outputs["classes"]])
     known = np.isin(reference.names, label_names)
+    kept = known & ~reference.learned
     subject = f"production v{version}'s test split"
-    if not known.any():
-        return not_run("reference_set", subject, "none of its classes is one this model knows")
+    if not kept.any():
+        return not_run("reference_set", subject, "none of its examples is of a class this model knows and unseen by it")
     return reference_row(
-        accuracy=float((candidate == reference.names)[known].mean()),
-        production_accuracy=float((production == reference.names)[known].mean()),
+        accuracy=float((candidate == reference.names)[kept].mean()),
+        production_accuracy=float((production == reference.names)[kept].mean()),
         max_regression=settings.max_regression,
         version=version,
-        examples=int(known.sum()),
+        examples=int(kept.sum()),
         skipped=int((~known).sum()),
+        learned=int((known & reference.learned).sum()),
     )
 
 
@@ -209,10 +236,11 @@ def _production_checks(
     settings: EvaluateConfig,
     drift: EmbeddingDriftConfig,
     production: Production,
+    image_properties: str | None = None,
 ) -> tuple[np.ndarray, list[CheckResult], dict]:
     """Production's predictions on this test split, the reference-set and embedding-drift rows, and
     their figures for the Evaluation record."""
-    reference, missing = _read_reference(production, images.shape[-1])
+    reference, missing = _read_reference(production, images.shape[-1], image_properties)
     test_outputs, reference_outputs = saved_model_outputs(
         production.saved_model, images, reference.images if reference else None
     )
@@ -226,7 +254,7 @@ def _production_checks(
     figures = {
         "reference_accuracy": row.value,
         "production_reference_accuracy": row.baseline,
-        "reference_examples": int(np.isin(reference.names, label_names).sum()),
+        "reference_examples": int((np.isin(reference.names, label_names) & ~reference.learned).sum()),
     }
     rows = [row]
     if drift.action != "off":
@@ -317,7 +345,7 @@ def evaluate_model(
     production_rows, figures = [], {}
     if production:
         production_predicted, production_rows, figures = _production_checks(
-            serve, images, tfrecords.label_names, settings, drift, production
+            serve, images, tfrecords.label_names, settings, drift, production, tfrecords.image_properties
         )
         production_accuracy = float((production_predicted == labels).mean())
         production_recalls = class_recalls(labels, production_predicted, tfrecords.label_names)

@@ -415,6 +415,38 @@ def test_productions_reference_set_exposes_a_worse_model_that_a_broken_test_spli
 
 
 @pytest.mark.xdist_group("digits-export")
+def test_reference_examples_this_run_trained_on_are_left_out(
+    digits_trained, digits_tfrecords, digits_evaluation, digits_export, tmp_path
+):
+    """Known by content hash: a reference example whose content is in this run's train split (the
+    fractions changed, or a source's own splits) would flatter the model, and is not scored."""
+    import pyarrow as pa
+
+    production = registry.promote(
+        tmp_path / "artifacts",
+        "digits",
+        "earlier",
+        digits_export.saved_model,
+        digits_trained.model_path,
+        digits_evaluation.test_accuracy,
+        image_properties=digits_tfrecords.image_properties,
+        reference_set=registry.ReferenceSet.of_test_split(digits_tfrecords),
+    )
+    table = pq.read_table(digits_tfrecords.image_properties)
+    tests = [index for index, split in enumerate(table["split"].to_pylist()) if split == "test"]
+    moved = set(tests[: len(tests) // 3])  # a third of production's test content now trains this run's model
+    splits = pa.array(["train" if index in moved else split for index, split in enumerate(table["split"].to_pylist())])
+    pq.write_table(table.set_column(table.column_names.index("split"), "split", splits), tmp_path / "props.parquet")
+    this_run = digits_tfrecords.model_copy(update={"image_properties": str(tmp_path / "props.parquet")})
+
+    evaluation = evaluate_model(digits_trained, this_run, EvaluateConfig(), tmp_path / "evaluate", production)
+
+    assert evaluation.reference_examples == len(tests) - len(moved)
+    detail = _model_checks(evaluation)["reference_set", "production v1's test split"]["detail"]
+    assert f"({len(tests) - len(moved)} examples; {len(moved)} this model trained or validated on left out)" in detail
+
+
+@pytest.mark.xdist_group("digits-export")
 def test_embedding_drift_is_recorded_and_fails_the_gate_only_when_set_to_block(
     digits_trained, digits_tfrecords, digits_evaluation, digits_export, tmp_path
 ):

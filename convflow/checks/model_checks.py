@@ -49,11 +49,18 @@ def class_recall_rows(
 
 
 def reference_row(
-    accuracy: float, production_accuracy: float, max_regression: float, version: int, examples: int, skipped: int
+    accuracy: float,
+    production_accuracy: float,
+    max_regression: float,
+    version: int,
+    examples: int,
+    skipped: int,
+    learned: int = 0,
 ) -> CheckResult:
     """The model's accuracy on production v`version`'s reference set against production's own."""
     floor = production_accuracy - max_regression
     unknown = f"; {skipped} of a class this model does not know left out" if skipped else ""
+    unknown += f"; {learned} this model trained or validated on left out" if learned else ""
     return CheckResult(
         check="reference_set",
         subject=f"production v{version}'s test split",

@@ -261,7 +261,8 @@ class Evaluation(StageRecord):
         None, description="The production model's accuracy on its reference set, scored now."
     )
     reference_examples: int | None = Field(
-        None, description="Reference examples scored: those of a class the model knows."
+        None,
+        description="Reference examples scored: of a class the model knows, not in its train or validation split.",
     )
     embedding_drift_p_value: float | None = Field(
         None,
