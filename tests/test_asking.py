@@ -15,11 +15,20 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from chromium_page import screenshot_after_click
-from prefect_server import prefect_client, started_server
+from prefect_server import Background, prefect_client, started_server
 from test_data_checks_flow import darken, folder_document, tree_digest
 from test_report import _chromium
 
-from conftest import CONVFLOW, last_json_line, make_image_folder, run_convflow, save_image, start_convflow, write_yaml
+from conftest import (
+    CONVFLOW,
+    last_json_line,
+    make_image_folder,
+    run_convflow,
+    save_image,
+    start_convflow,
+    wait_for,
+    write_yaml,
+)
 from convflow.cli.output import EXIT_BLOCKED
 
 pytestmark = [pytest.mark.e2e, pytest.mark.server, pytest.mark.xdist_group("asking")]
@@ -42,22 +51,24 @@ def asking_document(images: Path, ask_timeout: float = 600) -> dict:
     return document
 
 
-def paused_run(server, process, timeout: float = 400):
-    """The flow run once it waits for a decision (state Paused), with its Resume form's schema saved."""
+def paused_run(server, process, timeout: float = 400, output=None):
+    """The flow run once it waits for a decision (state Paused), with its Resume form's schema saved;
+    `process` (a Popen) must live meanwhile; `output()` says what it printed (default: its stderr)."""
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
     from prefect.client.schemas.objects import StateType
 
+    output = output or (lambda: process.communicate()[1][-3000:])
     paused = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED])))
     deadline = time.monotonic() + timeout
     with prefect_client(server) as client:
         while time.monotonic() < deadline:
-            assert process.poll() is None, process.communicate()[1][-3000:]
+            assert process.poll() is None, output()
             runs = client.read_flow_runs(flow_run_filter=paused)
             if runs and {"schema", "description"} <= set(_form_inputs(server, runs[0].id)):  # saved after pausing
                 return runs[0]
             time.sleep(2)
     process.kill()
-    raise AssertionError(f"no run paused within {timeout} s: {process.communicate()[1][-3000:]}")
+    raise AssertionError(f"no run paused within {timeout} s: {output()}")
 
 
 def resume(server, flow_run_id, run_input: dict) -> dict:
@@ -224,3 +235,43 @@ def _form_inputs(server, flow_run_id) -> dict:
     )
     response.raise_for_status()
     return {item["key"].rsplit("-", 1)[1]: json.loads(item["value"]) for item in response.json()}
+
+
+@pytest.mark.slow
+def test_a_scheduled_run_of_convflow_serve_waits_and_goes_on_once_approved(server, tmp_path):
+    """The same question from a run that `convflow serve` started on its schedule: the run's own
+    process waits, the serving process goes on, and the approved run trains and promotes."""
+    images = make_image_folder(tmp_path / "images", per_class=40)
+    write_yaml(tmp_path / "pipelines.yaml", asking_document(images))
+    assert run_convflow(COMMAND, cwd=tmp_path, env=server.env).summary["promoted_version"] == 1
+    darken(images, 0.4)
+    document = asking_document(images)
+    document["pipelines"]["tiny"]["schedule"] = {"cron": "* * * * *"}
+    write_yaml(tmp_path / "pipelines.yaml", document)
+    serve = Background(
+        [CONVFLOW, "serve", "-f", "pipelines.yaml", "--artifacts", "artifacts"],
+        server.env,
+        tmp_path / "serve.log",
+        cwd=tmp_path,
+    )
+    try:
+        waiting = paused_run(server, serve.process, output=lambda: serve.output()[-3000:])
+        assert waiting.auto_scheduled and waiting.parameters["scheduled"] is True
+        assert resume(server, waiting.id, {"approve": True, "reason": "new lamps"})["status"] == "ACCEPT"
+        with prefect_client(server) as client:
+            finished = wait_for(
+                lambda: (run := client.read_flow_run(waiting.id)).state.is_final() and run,
+                300,
+                lambda: serve.output()[-3000:],
+                interval=2,
+            )
+    finally:
+        serve.stop()
+    assert finished.state.name == "Completed", finished.state
+    row = next(
+        row
+        for row in pq.read_table(tmp_path / "artifacts" / "runs.parquet").to_pylist()
+        if row["flow_run_id"] == str(waiting.id)
+    )
+    assert row["status"] == "completed" and row["promoted_version"] == 2
+    assert row["gate_reason"].startswith("data checks approved by a person: new lamps; test accuracy")
