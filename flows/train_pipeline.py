@@ -105,7 +105,7 @@ def train_pipeline(
     summary = runs.summarize(
         run, started, spec.config_hash(), split_set, trained, evaluation, exported, report, stages.timings, decisions
     )
-    runs.record(summary, run, flow_run.id, split_set, trained, evaluation, checks)
+    runs.record(summary, run, flow_run.id, split_set, trained, evaluation, checks, tfrecords)
     if not evaluation.passed_gate:  # a state of its own, so the Prefect UI shows the verdict
         return Completed(name="Not promoted", message=f"not promoted: {summary.gate_reason}", data=summary)
     return summary

@@ -24,11 +24,12 @@ from conftest import (
     write_yaml,
 )
 from convflow.catalog import schemas
-from convflow.checks.schemas import CHECK_RESULTS_SCHEMA
+from convflow.checks.schemas import CHECK_RESULTS_SCHEMA, IMAGE_PROPERTIES_SCHEMA
 
 # Each run's Parquet tables, by the catalog column that holds their path.
 RUN_TABLE_SCHEMAS = {
     "splits_parquet": schemas.SPLITS_SCHEMA,
+    "image_properties_parquet": IMAGE_PROPERTIES_SCHEMA,
     "checks_parquet": CHECK_RESULTS_SCHEMA,
     "history_parquet": schemas.HISTORY_SCHEMA,
     "metrics_parquet": schemas.METRICS_SCHEMA,

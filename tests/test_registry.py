@@ -204,3 +204,33 @@ def test_a_blocked_run_cannot_be_promoted_by_hand(tmp_path):
     with pytest.raises(registry.RegistryError, match="'r-blocked' is blocked: it trained no model .*drift brightness"):
         registry.promote_run(tmp_path, "r-blocked")
     assert not (tmp_path / "models").exists()
+
+
+def test_a_run_promoted_by_hand_keeps_its_datas_image_properties(tmp_path):
+    """`convflow promote RUN_ID` finds the run's per-image table through its catalog row and keeps it
+    with the version, as the gate's promotion does: the next run's data checks have their baseline."""
+    import datetime
+
+    from convflow.catalog import tables
+
+    properties = tmp_path / "run" / "image_properties.parquet"
+    properties.parent.mkdir()
+    properties.write_bytes(b"the run's per-image table")
+    now = datetime.datetime.now(datetime.UTC)
+    row = {
+        "pipeline": "p",
+        "run_id": "r-1",
+        "started": now,
+        "finished": now,
+        "status": "not-promoted",
+        "config_hash": "h",
+        "data_fingerprint": "d",
+        "test_accuracy": 0.5,
+        "gate_reason": "test accuracy 0.5 < min_accuracy 0.9",
+        "model": "r-1/model.keras",
+        "saved_model": str(_fake_saved_model(tmp_path / "m1", b"one")),
+        "image_properties_parquet": str(properties),
+    }
+    tables.append_run(tmp_path / "runs.parquet", row)
+    production = registry.promote_run(tmp_path, "r-1")
+    assert production.version == 1 and Path(production.image_properties).read_bytes() == properties.read_bytes()

@@ -244,4 +244,6 @@ def promote_run(artifacts_root: Path, run_id: str) -> Production:
         row["test_accuracy"],
         config_hash=row["config_hash"],
         data_fingerprint=row["data_fingerprint"],
+        # The run's per-image table, as the data checks' baseline (None in rows written before it was kept).
+        image_properties=row.get("image_properties_parquet"),
     )

@@ -19,6 +19,7 @@ from convflow.core.records import (
     RunSummary,
     SplitSet,
     StageRun,
+    TFRecordSet,
     TrainedModel,
 )
 
@@ -107,6 +108,7 @@ def record(
     trained: TrainedModel,
     evaluation: Evaluation,
     checks: DataChecks | None = None,
+    tfrecords: TFRecordSet | None = None,
 ) -> None:
     """Append the run's catalog row; when its model passed the gate, note on the production record
     which config and data made it (the next scheduled run's retraining policy reads that)."""
@@ -116,6 +118,8 @@ def record(
         )
     run_tables = {
         "splits": split_set.splits_parquet,
+        # The per-image table: `convflow promote RUN_ID` keeps it as the next runs' data checks baseline.
+        "image_properties": tfrecords.image_properties if tfrecords else None,
         "checks": checks.results_parquet if checks else None,
         "history": trained.history_parquet,
         "metrics": evaluation.metrics_parquet,

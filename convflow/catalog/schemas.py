@@ -93,7 +93,7 @@ MODEL_SUMMARY_SCHEMA = _schema(
 )
 
 # Each run's Parquet tables, named in the catalog's <name>_parquet columns.
-RUN_TABLES = ("splits", "checks", "history", "metrics", "predictions", "model_checks")
+RUN_TABLES = ("splits", "image_properties", "checks", "history", "metrics", "predictions", "model_checks")
 
 RUNS_SCHEMA = _schema(
     ("pipeline", pa.string(), "Pipeline name in pipelines.yaml."),
