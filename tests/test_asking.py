@@ -275,3 +275,43 @@ def test_a_scheduled_run_of_convflow_serve_waits_and_goes_on_once_approved(serve
     )
     assert row["status"] == "completed" and row["promoted_version"] == 2
     assert row["gate_reason"].startswith("data checks approved by a person: new lamps; test accuracy")
+
+
+@pytest.mark.slow
+def test_a_run_of_convflow_deploy_waits_on_its_worker_and_a_rejection_ends_it_blocked(server, tmp_path):
+    """Deployed on a work pool: the run waits in the worker's flow-run process for the decision."""
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    images = make_image_folder(tmp_path / "images", per_class=40)
+    write_yaml(tmp_path / "pipelines.yaml", asking_document(images))
+    assert run_convflow(COMMAND, cwd=tmp_path, env=server.env).summary["promoted_version"] == 1
+    models = tmp_path / "artifacts" / "models" / "tiny"
+    before = tree_digest(models)
+    darken(images, 0.4)
+    document = asking_document(images)
+    document["pipelines"]["tiny"]["schedule"] = {"cron": "0 3 * * 1"}
+    write_yaml(tmp_path / "pipelines.yaml", document)
+    deploy = [CONVFLOW, "deploy", "--pool", "asking", "-f", "pipelines.yaml", "--artifacts", "artifacts"]
+    deployed = subprocess.run(deploy, capture_output=True, text=True, env=server.env, cwd=tmp_path, timeout=180)
+    assert deployed.returncode == 0, deployed.stderr[-3000:]
+    with temporary_settings({PREFECT_API_URL: server.api_url}):
+        started = run_deployment("convflow-train/tiny", timeout=0)
+    worker = Background([CONVFLOW, "worker", "--pool", "asking"], server.env, tmp_path / "worker.log")
+    try:
+        waiting = paused_run(server, worker.process, output=lambda: worker.output()[-3000:])
+        assert waiting.id == started.id
+        assert resume(server, waiting.id, {"approve": False, "reason": "wrong lamps"})["status"] == "ACCEPT"
+        with prefect_client(server) as client:
+            finished = wait_for(
+                lambda: (run := client.read_flow_run(waiting.id)).state.is_final() and run,
+                300,
+                lambda: worker.output()[-3000:],
+                interval=2,
+            )
+    finally:
+        worker.stop()
+    assert finished.state.name == "Blocked" and "rejected by a person: wrong lamps" in finished.state.message
+    row = pq.read_table(tmp_path / "artifacts" / "runs.parquet").to_pylist()[-1]
+    assert (row["flow_run_id"], row["status"]) == (str(waiting.id), "blocked")
+    assert tree_digest(models) == before
