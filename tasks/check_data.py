@@ -14,6 +14,7 @@ from convflow.checks.checks import results_table, run_data_checks, verdict
 from convflow.checks.config import ValidateConfig
 from convflow.core.context import RunContext
 from convflow.core.records import DataChecks, SplitSet, TFRecordSet
+from convflow.core.run_log import artifact_key
 from convflow.core.stage import stage_task
 from convflow.core.storage import staged_output
 from convflow.reporting.checks import checks_context, render_checks_page
@@ -77,6 +78,6 @@ def _publish_table(checks: DataChecks, pipeline: str) -> None:
     """Every figure as a Prefect table artifact: the UI shows the checks beside the run."""
     from prefect.artifacts import create_table_artifact
 
-    key = "".join(ch if ch.isalnum() else "-" for ch in pipeline.lower())
+    key = artifact_key(pipeline)
     rows = pq.read_table(checks.results_parquet).drop(["files"]).to_pylist()
     create_table_artifact(key=f"{key}-data-checks", table=rows, description=f"Data checks: {checks.verdict}")

@@ -14,6 +14,7 @@ from convflow.catalog import schemas
 from convflow.catalog.comparisons import Comparison, VariantResult
 from convflow.core.context import RunContext
 from convflow.core.records import StageRecord
+from convflow.core.run_log import artifact_key
 from convflow.core.stage import stage_task
 from convflow.core.storage import staged_output
 from convflow.reporting.figures import figure_tag, pyplot, render_page
@@ -238,7 +239,7 @@ def write_comparison_report(comparison: Comparison, output_dir: Path) -> Compari
 def _publish_artifacts(report: ComparisonReport, comparison: Comparison) -> None:
     from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-    key = "".join(ch if ch.isalnum() else "-" for ch in comparison.pipeline.lower())
+    key = artifact_key(comparison.pipeline)
     rows = comparison_table(comparison).drop_columns(["per_class_f1"]).to_pylist()
     create_table_artifact(key=f"{key}-comparison", table=rows, description=f"Comparison {comparison.comparison_id}")
     create_markdown_artifact(

@@ -26,6 +26,7 @@ from convflow.checks.model_checks import class_recall_rows, embedding_drift_row,
 from convflow.config.schema import EvaluateConfig
 from convflow.core.context import RunContext
 from convflow.core.records import Evaluation, TFRecordSet, TrainedModel, WrappedModel
+from convflow.core.run_log import artifact_key
 from convflow.core.stage import stage_task
 from convflow.core.storage import staged_output
 from convflow.modeling.classifier import load_classifier, predict_split, probabilities_from_logits, serve_split
@@ -410,7 +411,7 @@ def _publish_model_checks(evaluation: Evaluation, pipeline: str) -> None:
     """Every model check's figure as a Prefect table artifact, beside the data checks' in the UI."""
     from prefect.artifacts import create_table_artifact
 
-    key = "".join(ch if ch.isalnum() else "-" for ch in pipeline.lower())
+    key = artifact_key(pipeline)
     rows = pq.read_table(evaluation.model_checks_parquet).drop(["files"]).to_pylist()
     verdict = "passed" if evaluation.passed_gate else "failed"
     create_table_artifact(key=f"{key}-model-checks", table=rows, description=f"Model checks: the gate {verdict}")

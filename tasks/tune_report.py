@@ -12,6 +12,7 @@ import pydantic
 from convflow.catalog import schemas
 from convflow.core.context import RunContext
 from convflow.core.records import RunSummary, StageRecord
+from convflow.core.run_log import artifact_key
 from convflow.core.stage import stage_task
 from convflow.core.storage import staged_output
 from convflow.reporting.figures import render_page
@@ -97,7 +98,7 @@ def tune_report(tuning: Tuning, run: RunContext) -> TuneReport:
     from prefect.artifacts import create_table_artifact
 
     report = write_tune_report(tuning, run.stage_dir("tune_report"))
-    key = "".join(ch if ch.isalnum() else "-" for ch in tuning.pipeline.lower())
+    key = artifact_key(tuning.pipeline)
     create_table_artifact(
         key=f"{key}-tune-trials", table=trials_table(tuning).to_pylist(), description=f"Tune {tuning.tune_id}: trials"
     )

@@ -28,6 +28,7 @@ from convflow.core.records import (
     TFRecordSet,
     TrainedModel,
 )
+from convflow.core.run_log import artifact_key
 from convflow.core.skips import skipped_by_reason, skipped_summary
 from convflow.core.stage import stage_task
 from convflow.core.storage import staged_output
@@ -300,7 +301,7 @@ def write_report_html(output_dir: Path, figure_cache: Path | None = None, **part
 def _publish_artifacts(report: Report, evaluation: Evaluation, pipeline: str) -> None:
     from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-    key = "".join(ch if ch.isalnum() else "-" for ch in pipeline.lower())
+    key = artifact_key(pipeline)
     verdict = "passed" if evaluation.passed_gate else "NOT PROMOTED"
     create_markdown_artifact(
         key=f"{key}-summary",

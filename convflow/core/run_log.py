@@ -1,5 +1,6 @@
-"""The logger a line goes to: Prefect's run logger inside a flow or task run, so the line shows in
-that run's Logs tab in the UI (and in the terminal); outside one, a plain logging logger."""
+"""What a run shows in the Prefect UI: the logger a line goes to (Prefect's run logger inside a flow
+or task run, so the line shows in that run's Logs tab and in the terminal; outside one, a plain
+logging logger), and the key its artifacts are published under."""
 
 from __future__ import annotations
 
@@ -16,3 +17,8 @@ def run_logger(fallback: str = "convflow") -> logging.Logger | logging.LoggerAda
     from prefect.logging import get_run_logger
 
     return get_run_logger()
+
+
+def artifact_key(pipeline: str) -> str:
+    """The stem of a pipeline's Prefect artifact keys: Prefect takes lower-case letters, digits and dashes."""
+    return "".join(ch if ch.isalnum() else "-" for ch in pipeline.lower())
