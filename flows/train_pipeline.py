@@ -65,8 +65,7 @@ def train_pipeline(
         checks = data_checks(stages, spec, split_set, tfrecords, run)
         decisions = []
         if checks.verdict == "block":  # before training: a bad data drop costs no GPU time
-            blocking = [reason.removeprefix("block: ") for reason in checks.reasons if reason.startswith("block: ")]
-            decisions += _asked(spec, "data checks", blocking, checks.report_html)
+            decisions += _asked(spec, "data checks", checks.blocking(), checks.report_html)
             if not (decisions and decisions[-1].approved):
                 summary = runs.record_blocked(
                     run,

@@ -170,7 +170,7 @@ def with_decisions(reason: str, decisions: list[Decision] | None) -> str:
 
 
 def blocked_reason(checks: DataChecks) -> str:
-    blocks = [reason.removeprefix("block: ") for reason in checks.reasons if reason.startswith("block: ")]
+    blocks = checks.blocking()
     return f"blocked by {len(blocks)} data check(s), nothing trained: " + "; ".join(blocks)
 
 

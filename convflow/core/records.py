@@ -129,6 +129,10 @@ class DataChecks(StageRecord):
     def required_files(self) -> list[str]:
         return [self.results_parquet, self.report_html]
 
+    def blocking(self) -> list[str]:
+        """The reasons of the results that block, without their "block: " prefix."""
+        return [reason.removeprefix("block: ") for reason in self.reasons if reason.startswith("block: ")]
+
     def log_line(self) -> str:
         against = f"production version {self.baseline_version}" if self.baseline_version else "no production yet"
         line = f"data checks against {against}: {self.verdict} ({self.checks} figures)"
