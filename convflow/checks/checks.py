@@ -172,7 +172,8 @@ def check_drift(current: pa.Table, baseline: pa.Table, settings: DriftConfig, al
     return list(_drift(_Images.of(current), _Images.of(baseline), settings, alpha))
 
 
-def _judge(fired: bool, action: str) -> Verdict:
+def judge(fired: bool, action: str) -> Verdict:
+    """A result's verdict: the check's action (block or warn) when its figure is past the threshold."""
     return action if fired else "pass"  # type: ignore[return-value]
 
 
@@ -202,7 +203,7 @@ def _class_set(now: _Images, before: _Images, settings: ClassSetConfig) -> Itera
             value=count,
             baseline=was,
             threshold=None,
-            verdict=_judge(not (count and was), settings.action),
+            verdict=judge(not (count and was), settings.action),
             detail=detail,
             files=files,
         )
@@ -231,7 +232,7 @@ def _class_balance(now: _Images, before: _Images, settings: ClassBalanceConfig, 
             value=share,
             baseline=share_before,
             threshold=allowed,
-            verdict=_judge(moved > allowed, settings.action),
+            verdict=judge(moved > allowed, settings.action),
             detail=detail,
         )
 
@@ -252,7 +253,7 @@ def _min_count(now: _Images, settings: MinCountConfig) -> Iterator[CheckResult]:
                 value=count,
                 baseline=None,
                 threshold=minimum,
-                verdict=_judge(count < minimum, settings.action),
+                verdict=judge(count < minimum, settings.action),
                 detail=f"{count} {split} examples of {name}, at least {minimum} wanted",
             )
 
@@ -293,7 +294,7 @@ def _conflict_row(
         value=len(conflicted),
         baseline=None,
         threshold=settings.max_conflicts,
-        verdict=_judge(len(conflicted) > settings.max_conflicts, settings.action),
+        verdict=judge(len(conflicted) > settings.max_conflicts, settings.action),
         detail=detail,
         files=files,
     )
@@ -333,7 +334,7 @@ def _leakage(now: _Images, settings: LeakageConfig) -> Iterator[CheckResult]:
             value=share,
             baseline=None,
             threshold=settings.max_share,
-            verdict=_judge(share > settings.max_share, settings.action),
+            verdict=judge(share > settings.max_share, settings.action),
             detail=detail,
             files=pairs,
         )
@@ -467,7 +468,7 @@ def _drift_row(
         value=statistic,
         baseline=None,
         threshold=allowed,
-        verdict=_judge(fired, settings.action),
+        verdict=judge(fired, settings.action),
         detail=detail,
         files=files,
     )

@@ -13,7 +13,7 @@ A check that could not run has a row too, with no value and the reason as its de
 
 from __future__ import annotations
 
-from convflow.checks.checks import CheckResult
+from convflow.checks.checks import CheckResult, judge
 from convflow.checks.config import EmbeddingDriftConfig
 from convflow.checks.embedding_drift import MMDResult
 
@@ -83,7 +83,7 @@ def embedding_drift_row(result: MMDResult, settings: EmbeddingDriftConfig, versi
         value=result.p_value,
         baseline=None,
         threshold=settings.alpha,
-        verdict=settings.action if fired else "pass",  # type: ignore[arg-type]
+        verdict=judge(fired, settings.action),
         detail=f"value is the permutation p-value ({result.permutations} permutations) of MMD² {result.mmd2:.3g} "
         f"(RBF kernel, bandwidth {result.bandwidth:.3g}) between production v{version}'s embeddings of this test "
         f"split ({result.sample_size} examples) and of its reference set ({result.reference_size}); "
