@@ -18,7 +18,7 @@ RENAME = "rename it to"
 _REASONS = (
     (NOT_AN_IMAGE, "not images"),
     (EMPTY, "empty"),
-    ("cannot decode: image file is truncated", "cut off"),
+    (CUT_OFF, "cut off"),
     (NEEDS_HEIC, "HEIC without convflow[heic]"),
     ("no image", "no image"),
     ("cannot decode", "cannot decode"),

@@ -145,8 +145,7 @@ def load_file(path: str, size: tuple[int, int], channels: int, resize: str) -> n
 
 def _draft(image: Image.Image, size: tuple[int, int], channels: int) -> None:
     """JPEG: decode at a reduced scale when the image is large (still at least `size` once upright)."""
-    sideways = orientation(image) >= 5  # EXIF orientations 5 to 8 swap width and height
-    image.draft(MODES[channels], (size[0], size[1]) if sideways else (size[1], size[0]))
+    image.draft(MODES[channels], (size[0], size[1]) if _sideways(image) else (size[1], size[0]))
 
 
 def load_array(pixels: np.ndarray, size: tuple[int, int], channels: int, resize: str) -> np.ndarray:
@@ -248,9 +247,14 @@ class RecordImages:
         return load_array(np.asarray(source), self.size, self.channels, self.resize)
 
 
+def _sideways(image: Image.Image) -> bool:
+    """Whether the image turns a quarter once upright: EXIF orientations 5 to 8 swap width and height."""
+    return orientation(image) >= 5
+
+
 def _upright_size(image: Image.Image) -> tuple[int, int]:
     """(width, height) of the image once upright (a TIFF's as it loaded: Pillow turns it itself)."""
-    return image.size[::-1] if orientation(image) >= 5 else image.size
+    return image.size[::-1] if _sideways(image) else image.size
 
 
 def _measured(pixels: np.ndarray, mode: str, size: tuple[int, int]) -> dict:
