@@ -71,6 +71,26 @@ def paused_run(server, process, timeout: float = 400, output=None):
     raise AssertionError(f"no run paused within {timeout} s: {output()}")
 
 
+def finished_run(server, flow_run_id, output):
+    """The flow run once it is in a final state (at most 300 s); `output()` says why not."""
+    with prefect_client(server) as client:
+        return wait_for(
+            lambda: (run := client.read_flow_run(flow_run_id)).state.is_final() and run, 300, output, interval=2
+        )
+
+
+def scheduled_after_production(server, root: Path, schedule: dict) -> None:
+    """Under `root`: production version 1 of tiny from a `convflow run`, then the same images darker
+    (its data checks block) and tiny on `schedule`, for `convflow serve` or `deploy`."""
+    images = make_image_folder(root / "images", per_class=40)
+    write_yaml(root / "pipelines.yaml", asking_document(images))
+    assert run_convflow(COMMAND, cwd=root, env=server.env).summary["promoted_version"] == 1
+    darken(images, 0.4)
+    document = asking_document(images)
+    document["pipelines"]["tiny"]["schedule"] = schedule
+    write_yaml(root / "pipelines.yaml", document)
+
+
 def resume(server, flow_run_id, run_input: dict) -> dict:
     """What the UI's Resume form does on submit."""
     response = httpx.post(f"{server.api_url}/flow_runs/{flow_run_id}/resume", json={"run_input": run_input})
@@ -241,13 +261,7 @@ def _form_inputs(server, flow_run_id) -> dict:
 def test_a_scheduled_run_of_convflow_serve_waits_and_goes_on_once_approved(server, tmp_path):
     """The same question from a run that `convflow serve` started on its schedule: the run's own
     process waits, the serving process goes on, and the approved run trains and promotes."""
-    images = make_image_folder(tmp_path / "images", per_class=40)
-    write_yaml(tmp_path / "pipelines.yaml", asking_document(images))
-    assert run_convflow(COMMAND, cwd=tmp_path, env=server.env).summary["promoted_version"] == 1
-    darken(images, 0.4)
-    document = asking_document(images)
-    document["pipelines"]["tiny"]["schedule"] = {"cron": "* * * * *"}
-    write_yaml(tmp_path / "pipelines.yaml", document)
+    scheduled_after_production(server, tmp_path, {"cron": "* * * * *"})
     serve = Background(
         [CONVFLOW, "serve", "-f", "pipelines.yaml", "--artifacts", "artifacts"],
         server.env,
@@ -258,13 +272,7 @@ def test_a_scheduled_run_of_convflow_serve_waits_and_goes_on_once_approved(serve
         waiting = paused_run(server, serve.process, output=lambda: serve.output()[-3000:])
         assert waiting.auto_scheduled and waiting.parameters["scheduled"] is True
         assert resume(server, waiting.id, {"approve": True, "reason": "new lamps"})["status"] == "ACCEPT"
-        with prefect_client(server) as client:
-            finished = wait_for(
-                lambda: (run := client.read_flow_run(waiting.id)).state.is_final() and run,
-                300,
-                lambda: serve.output()[-3000:],
-                interval=2,
-            )
+        finished = finished_run(server, waiting.id, output=lambda: serve.output()[-3000:])
     finally:
         serve.stop()
     assert finished.state.name == "Completed", finished.state
@@ -283,15 +291,9 @@ def test_a_run_of_convflow_deploy_waits_on_its_worker_and_a_rejection_ends_it_bl
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    images = make_image_folder(tmp_path / "images", per_class=40)
-    write_yaml(tmp_path / "pipelines.yaml", asking_document(images))
-    assert run_convflow(COMMAND, cwd=tmp_path, env=server.env).summary["promoted_version"] == 1
+    scheduled_after_production(server, tmp_path, {"cron": "0 3 * * 1"})
     models = tmp_path / "artifacts" / "models" / "tiny"
     before = tree_digest(models)
-    darken(images, 0.4)
-    document = asking_document(images)
-    document["pipelines"]["tiny"]["schedule"] = {"cron": "0 3 * * 1"}
-    write_yaml(tmp_path / "pipelines.yaml", document)
     deploy = [CONVFLOW, "deploy", "--pool", "asking", "-f", "pipelines.yaml", "--artifacts", "artifacts"]
     deployed = subprocess.run(deploy, capture_output=True, text=True, env=server.env, cwd=tmp_path, timeout=180)
     assert deployed.returncode == 0, deployed.stderr[-3000:]
@@ -302,13 +304,7 @@ def test_a_run_of_convflow_deploy_waits_on_its_worker_and_a_rejection_ends_it_bl
         waiting = paused_run(server, worker.process, output=lambda: worker.output()[-3000:])
         assert waiting.id == started.id
         assert resume(server, waiting.id, {"approve": False, "reason": "wrong lamps"})["status"] == "ACCEPT"
-        with prefect_client(server) as client:
-            finished = wait_for(
-                lambda: (run := client.read_flow_run(waiting.id)).state.is_final() and run,
-                300,
-                lambda: worker.output()[-3000:],
-                interval=2,
-            )
+        finished = finished_run(server, waiting.id, output=lambda: worker.output()[-3000:])
     finally:
         worker.stop()
     assert finished.state.name == "Blocked" and "rejected by a person: wrong lamps" in finished.state.message

@@ -182,9 +182,8 @@ def test_per_class_gate_settings_leave_existing_config_hashes_alone():
     assert stricter.config_hash() != spec.config_hash()
 
 
-def test_a_blocked_run_cannot_be_promoted_by_hand(tmp_path):
-    """A blocked run's catalog row names production's model (it trained none): promoting it by hand
-    is refused, naming why, and the registry is left as it was."""
+def _append_run(artifacts_root: Path, run_id: str, **columns) -> None:
+    """A row of pipeline p's run `run_id` in the catalog under `artifacts_root`, with `columns`."""
     import datetime
 
     from convflow.catalog import tables
@@ -192,15 +191,24 @@ def test_a_blocked_run_cannot_be_promoted_by_hand(tmp_path):
     now = datetime.datetime.now(datetime.UTC)
     row = {
         "pipeline": "p",
-        "run_id": "r-blocked",
+        "run_id": run_id,
         "started": now,
         "finished": now,
-        "status": "blocked",
         "config_hash": "h",
         "data_fingerprint": "d",
-        "gate_reason": "blocked by 1 data check(s), nothing trained: drift brightness: KS 0.8",
     }
-    tables.append_run(tmp_path / "runs.parquet", row)
+    tables.append_run(artifacts_root / "runs.parquet", {**row, **columns})
+
+
+def test_a_blocked_run_cannot_be_promoted_by_hand(tmp_path):
+    """A blocked run's catalog row names production's model (it trained none): promoting it by hand
+    is refused, naming why, and the registry is left as it was."""
+    _append_run(
+        tmp_path,
+        "r-blocked",
+        status="blocked",
+        gate_reason="blocked by 1 data check(s), nothing trained: drift brightness: KS 0.8",
+    )
     with pytest.raises(registry.RegistryError, match="'r-blocked' is blocked: it trained no model .*drift brightness"):
         registry.promote_run(tmp_path, "r-blocked")
     assert not (tmp_path / "models").exists()
@@ -209,28 +217,18 @@ def test_a_blocked_run_cannot_be_promoted_by_hand(tmp_path):
 def test_a_run_promoted_by_hand_keeps_its_datas_image_properties(tmp_path):
     """`convflow promote RUN_ID` finds the run's per-image table through its catalog row and keeps it
     with the version, as the gate's promotion does: the next run's data checks have their baseline."""
-    import datetime
-
-    from convflow.catalog import tables
-
     properties = tmp_path / "run" / "image_properties.parquet"
     properties.parent.mkdir()
     properties.write_bytes(b"the run's per-image table")
-    now = datetime.datetime.now(datetime.UTC)
-    row = {
-        "pipeline": "p",
-        "run_id": "r-1",
-        "started": now,
-        "finished": now,
-        "status": "not-promoted",
-        "config_hash": "h",
-        "data_fingerprint": "d",
-        "test_accuracy": 0.5,
-        "gate_reason": "test accuracy 0.5 < min_accuracy 0.9",
-        "model": "r-1/model.keras",
-        "saved_model": str(_fake_saved_model(tmp_path / "m1", b"one")),
-        "image_properties_parquet": str(properties),
-    }
-    tables.append_run(tmp_path / "runs.parquet", row)
+    _append_run(
+        tmp_path,
+        "r-1",
+        status="not-promoted",
+        test_accuracy=0.5,
+        gate_reason="test accuracy 0.5 < min_accuracy 0.9",
+        model="r-1/model.keras",
+        saved_model=str(_fake_saved_model(tmp_path / "m1", b"one")),
+        image_properties_parquet=str(properties),
+    )
     production = registry.promote_run(tmp_path, "r-1")
     assert production.version == 1 and Path(production.image_properties).read_bytes() == properties.read_bytes()

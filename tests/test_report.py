@@ -151,29 +151,36 @@ def test_text_from_a_run_is_escaped_and_figures_are_not(tmp_path, digits_split, 
     assert page.count('<img alt="figure" src="data:image/png;base64,') == 3  # curves, confusion, feature maps
 
 
-def test_skipped_files_are_grouped_by_reason_in_a_folded_list(tmp_path, digits_split, digits_trained, digits_tfrecords):
+def _digits_page(tmp_path, digits_tfrecords, split_set, trained, evaluated, **extra) -> str:
+    """report.html of `trained` on `split_set`, with the evaluation of the model `evaluated` on the digits
+    test split; `extra`: render_report's optional parts."""
     from convflow.config.schema import EvaluateConfig
     from convflow.core.records import ExportedModel
-    from convflow.core.skips import NEEDS_HEIC
     from convflow.tasks.evaluate import evaluate_model
     from convflow.tasks.write_report import render_report, report_figures
 
-    evaluation = evaluate_model(digits_trained, digits_tfrecords, EvaluateConfig(top_k=3), tmp_path / "evaluate")
-    skipped = [f"/photos/cat/notes-{n}.txt: not an image file" for n in range(3)]
-    skipped += ["/photos/dog/empty.png: empty file", f"/photos/dog/IMG_1.HEIC: {NEEDS_HEIC}"]
-    split_set = digits_split.model_copy(update={"skipped": skipped})
-    exported = ExportedModel(output_dir=str(tmp_path / "export"), saved_model="model", max_abs_difference=0.0)
-    page = render_report(
-        pipeline="p",
+    evaluation = evaluate_model(evaluated, digits_tfrecords, EvaluateConfig(top_k=3), tmp_path / "evaluate")
+    return render_report(
+        pipeline="tiny",
         run_id="run",
         config_hash="hash",
         split_set=split_set,
-        trained=digits_trained,
+        trained=trained,
         evaluation=evaluation,
-        exported=exported,
+        exported=ExportedModel(output_dir=str(tmp_path), saved_model="m", max_abs_difference=0.0),
         stages=[],
-        figures=report_figures(split_set, digits_trained, evaluation),
+        figures=report_figures(split_set, trained, evaluation),
+        **extra,
     )
+
+
+def test_skipped_files_are_grouped_by_reason_in_a_folded_list(tmp_path, digits_split, digits_trained, digits_tfrecords):
+    from convflow.core.skips import NEEDS_HEIC
+
+    skipped = [f"/photos/cat/notes-{n}.txt: not an image file" for n in range(3)]
+    skipped += ["/photos/dog/empty.png: empty file", f"/photos/dog/IMG_1.HEIC: {NEEDS_HEIC}"]
+    split_set = digits_split.model_copy(update={"skipped": skipped})
+    page = _digits_page(tmp_path, digits_tfrecords, split_set, digits_trained, digits_trained)
 
     dataset = page.split('id="dataset"')[1].split("<h2")[0]
     summary = "5 skipped: 3 not images, 1 empty, 1 HEIC without convflow[heic]"
@@ -221,26 +228,10 @@ def test_comparison_text_is_escaped():
 def test_the_report_shows_the_schedule_and_early_stoppings_epoch(
     tmp_path, digits_split, digits_trained, digits_tfrecords
 ):
-    from convflow.config.schema import EvaluateConfig
-    from convflow.core.records import ExportedModel
-    from convflow.tasks.evaluate import evaluate_model
-    from convflow.tasks.write_report import render_report, report_figures
-
-    evaluation = evaluate_model(digits_trained, digits_tfrecords, EvaluateConfig(top_k=3), tmp_path / "evaluate")
     trained = digits_trained.model_copy(
         update={"schedule": "cosine, 2 warm-up epochs", "best_epoch": 3, "stopped_epoch": 5}
     )
-    page = render_report(
-        pipeline="tiny",
-        run_id="run",
-        config_hash="hash",
-        split_set=digits_split,
-        trained=trained,
-        evaluation=evaluation,
-        exported=ExportedModel(output_dir=str(tmp_path), saved_model="m", max_abs_difference=0.0),
-        stages=[],
-        figures=report_figures(digits_split, trained, evaluation),
-    )
+    page = _digits_page(tmp_path, digits_tfrecords, digits_split, trained, digits_trained)
 
     training = page.split('id="training"')[1].split("<h2")[0]
     assert "Learning-rate schedule: cosine, 2 warm-up epochs." in training
@@ -248,23 +239,8 @@ def test_the_report_shows_the_schedule_and_early_stoppings_epoch(
 
 
 def test_the_report_shows_the_record_format(tmp_path, digits_split, digits_trained, digits_tfrecords):
-    from convflow.config.schema import EvaluateConfig
-    from convflow.core.records import ExportedModel
-    from convflow.tasks.evaluate import evaluate_model
-    from convflow.tasks.write_report import render_report, report_figures
-
-    evaluation = evaluate_model(digits_trained, digits_tfrecords, EvaluateConfig(top_k=3), tmp_path / "evaluate")
-    page = render_report(
-        pipeline="tiny",
-        run_id="run",
-        config_hash="hash",
-        split_set=digits_split,
-        trained=digits_trained,
-        evaluation=evaluation,
-        exported=ExportedModel(output_dir=str(tmp_path), saved_model="m", max_abs_difference=0.0),
-        stages=[],
-        figures=report_figures(digits_split, digits_trained, evaluation),
-        tfrecords=digits_tfrecords,
+    page = _digits_page(
+        tmp_path, digits_tfrecords, digits_split, digits_trained, digits_trained, tfrecords=digits_tfrecords
     )
 
     dataset = page.split('id="dataset"')[1].split("<h2")[0]
