@@ -20,6 +20,7 @@ from convflow.config.errors import ConfigError
 from convflow.config.load import check_pipeline, load_pipeline
 from convflow.config.schema import CompareConfig, PipelineSpec
 from convflow.core.context import RunContext
+from convflow.core.object_store import normalized_root
 from convflow.core.records import TFRecordSet
 from convflow.flows.sequences import compare_variant, data_checks, data_stages
 from convflow.runtime.stage_runner import StageRunner
@@ -91,7 +92,7 @@ def compare_pipeline(
     spec = load_pipeline(pipelines_file, pipeline)
     if spec.compare is None:
         raise ConfigError(Path(pipelines_file), [f"pipelines.{pipeline}.compare: required by convflow compare"])
-    root = str(Path(artifacts).resolve())
+    root = normalized_root(artifacts)
     run = RunContext(pipeline=pipeline, run_id=new_comparison_id(started), artifacts_root=root)
     stages = StageRunner(run)
     split_set, tfrecords = data_stages(stages, spec, run)
@@ -120,7 +121,7 @@ def compare_pipeline(
     )
     report = stages.run(compare_report, comparison, run)
     comparison = comparison.model_copy(update={"report": report.report_html, "stages": stages.timings})
-    runs.record_variant_runs(comparison, Path(run.artifacts_root), flow_run.id)
+    runs.record_variant_runs(comparison, run.artifacts_root, flow_run.id)
     return comparison
 
 

@@ -10,6 +10,7 @@ from prefect.artifacts import create_table_artifact
 
 from convflow.config.errors import ConfigError
 from convflow.config.load import load_pipeline
+from convflow.core.object_store import normalized_root
 from convflow.tasks.score import score_new_inputs
 
 
@@ -24,7 +25,7 @@ def score_pipeline(pipeline: str, pipelines_file: str = "pipelines.yaml", artifa
     spec = load_pipeline(pipelines_file, pipeline)
     if spec.score is None:
         raise ConfigError(Path(pipelines_file), [f"pipelines.{pipeline}.score: required by the scoring flow"])
-    result = score_new_inputs(pipeline, str(Path(artifacts).resolve()), spec.score.input, spec.score.output)
+    result = score_new_inputs(pipeline, normalized_root(artifacts), spec.score.input, spec.score.output)
     rows = [
         {"what": "scored", "value": result["scored"]},
         {"what": "errors", "value": result["errors"]},

@@ -4,7 +4,6 @@ ahead of them. A flow's body is these calls and what it does with their records.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import NamedTuple
 
 from prefect import task
@@ -15,6 +14,7 @@ from convflow.catalog.comparisons import VariantResult
 from convflow.config.schema import PipelineSpec
 from convflow.core.context import RunContext
 from convflow.core.hashing import sha256_file
+from convflow.core.object_store import local_copy, local_record
 from convflow.core.records import (
     DataChecks,
     Evaluation,
@@ -69,7 +69,7 @@ def data_checks(
     """check_data, against the data of the pipeline's production version (when it kept any). Data
     that made production itself is compared with nothing, as evaluate's rival skips production's
     own model: it would pass every comparison, and a rerun's check_data stays a cache hit."""
-    production = registry.current(Path(run.artifacts_root), run.pipeline)
+    production = registry.current(run.artifacts_root, run.pipeline)
     if production is None or not production.image_properties or _made_from(production, split_set, tfrecords):
         return stages.run(check_data, split_set, tfrecords, spec.validate_, None, None, run)
     return stages.run(
@@ -82,13 +82,13 @@ def _made_from(production: registry.Production, split_set: SplitSet, tfrecords: 
     between promotion and recording its lineage) its per-image table is this run's, byte for byte."""
     if production.data_fingerprint is not None:
         return production.data_fingerprint == split_set.data_fingerprint
-    return sha256_file(Path(production.image_properties)) == sha256_file(Path(tfrecords.image_properties))
+    return sha256_file(local_copy(production.image_properties)) == sha256_file(local_copy(tfrecords.image_properties))
 
 
 def wrapped_model(stages: StageRunner, spec: PipelineSpec, tfrecords: TFRecordSet, run: RunContext) -> WrappedModel:
     """build_base, then freeze_and_wrap."""
-    root = Path(run.artifacts_root)
-    base = stages.run(build_base, spec.model, weights_fingerprint(spec.model, root), tfrecords, spec.train.seed, run)
+    weights = weights_fingerprint(spec.model, run.artifacts_root)
+    base = stages.run(build_base, spec.model, weights, tfrecords, spec.train.seed, run)
     return stages.run(freeze_and_wrap, base, spec.model, len(tfrecords.label_names), spec.train.seed, run)
 
 
@@ -102,7 +102,7 @@ def model_stages(
     """wrapped_model (unless given), train, evaluate against production's model, export_savedmodel."""
     wrapped = wrapped or wrapped_model(stages, spec, tfrecords, run)
     trained = stages.run(train, wrapped, tfrecords, spec.train, spec.model.fine_tune, run)
-    production = registry.rival(Path(run.artifacts_root), run.pipeline, trained.model_path)
+    production = registry.rival(run.artifacts_root, run.pipeline, trained.model_path)
     evaluation = stages.run(
         evaluate, trained, tfrecords, spec.evaluate, spec.validate_.embedding_drift, production, run
     )
@@ -117,6 +117,6 @@ def compare_variant(name: str, spec: PipelineSpec, tfrecords: TFRecordSet, run: 
     own, cached as in a plain run, and retries transient errors; the variant itself does not retry."""
     stages = StageRunner(run)
     wrapped = wrapped_model(stages, spec, tfrecords, run)
-    initial = score_untrained(wrapped, tfrecords)
+    initial = score_untrained(local_record(wrapped), local_record(tfrecords))
     model = model_stages(stages, spec, tfrecords, run, wrapped)
     return summarize_variant(name, spec, initial, model.trained, model.evaluation, model.exported, stages.timings, run)

@@ -4,21 +4,22 @@ from __future__ import annotations
 
 import datetime
 import uuid
-from pathlib import Path
 from typing import Literal
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from prefect.states import Completed
 
-from convflow.catalog import retraining, runs
+from convflow.catalog import registry, retraining, runs
 from convflow.config.derive import tuned_spec
 from convflow.config.load import load_pipeline
 from convflow.config.schema import PipelineSpec
 from convflow.core.context import RunContext
+from convflow.core.object_store import normalized_root
 from convflow.core.records import Decision, RunSummary
 from convflow.flows.asking import ask_a_person
 from convflow.flows.sequences import EXPORT_CHECK_AHEAD, data_checks, model_stages, split_data
+from convflow.runtime import events
 from convflow.runtime.stage_runner import StageRunner
 from convflow.tasks.promote import promote
 from convflow.tasks.to_tfrecords import to_tfrecords
@@ -52,11 +53,11 @@ def train_pipeline(
     spec = load_pipeline(pipelines_file, pipeline)
     if tuned:
         spec = tuned_spec(spec, tuned)
-    run = RunContext(pipeline=pipeline, run_id=new_run_id(started), artifacts_root=str(Path(artifacts).resolve()))
+    run = RunContext(pipeline=pipeline, run_id=new_run_id(started), artifacts_root=normalized_root(artifacts))
     with StageRunner(run, ahead=(EXPORT_CHECK_AHEAD,)) as stages:
         split_set = split_data(stages, spec, run)
         if scheduled and not force:
-            unchanged = retraining.unchanged_production(Path(run.artifacts_root), spec, split_set.data_fingerprint)
+            unchanged = retraining.unchanged_production(run.artifacts_root, spec, split_set.data_fingerprint)
             if unchanged is not None:
                 reason = runs.record_unchanged(run, unchanged, started, flow_run.id)
                 get_run_logger().info(reason)
@@ -105,9 +106,21 @@ def train_pipeline(
         run, started, spec.config_hash(), split_set, trained, evaluation, exported, report, stages.timings, decisions
     )
     runs.record(summary, run, flow_run.id, split_set, trained, evaluation, checks, tfrecords)
+    _announce_promotion(run, summary)
     if not evaluation.passed_gate:  # a state of its own, so the Prefect UI shows the verdict
         return Completed(name="Not promoted", message=f"not promoted: {summary.gate_reason}", data=summary)
     return summary
+
+
+def _announce_promotion(run: RunContext, summary: RunSummary) -> None:
+    """convflow.model.promoted, when this run made a new production version (scoring on_promotion
+    starts on it); a rerun whose model is production already made none."""
+    production = registry.current(run.artifacts_root, run.pipeline)
+    if summary.promoted_version is None or production is None or production.run_id != run.run_id:
+        return
+    details = {"test_accuracy": production.test_accuracy, "flow_run_id": str(flow_run.id)}
+    events.emit_model_promoted(run.pipeline, production.version, run.run_id, details)
+    get_run_logger().info(f"{events.MODEL_PROMOTED}: {run.pipeline} version {production.version}")
 
 
 def _asked(

@@ -12,6 +12,7 @@ from convflow.config.errors import ConfigError
 from convflow.config.load import load_pipeline
 from convflow.config.schema import PipelineSpec
 from convflow.core.context import RunContext
+from convflow.core.object_store import normalized_root
 from convflow.core.records import TFRecordSet
 from convflow.flows.sequences import data_stages
 from convflow.flows.train_pipeline import new_run_id, train_pipeline
@@ -47,11 +48,11 @@ def tune_pipeline(pipeline: str, pipelines_file: str = "pipelines.yaml", artifac
     run = RunContext(
         pipeline=pipeline,
         run_id=f"tune-{new_run_id(datetime.datetime.now(datetime.UTC))}",
-        artifacts_root=str(Path(artifacts).resolve()),
+        artifacts_root=normalized_root(artifacts),
     )
     stages = StageRunner(run)
     _, tfrecords = data_stages(stages, spec, run)
-    oracle_dir = Path(run.artifacts_root) / pipeline / run.run_id / "oracle"
+    oracle_dir = run.run_dir / "oracle"
     trials = search(spec.tune, spec.tune.epochs or spec.train.epochs, oracle_dir, _trial_runner(spec, tfrecords, run))
     best = best_trial(trials, spec.tune.objective)
     final = train_pipeline(pipeline, pipelines_file, artifacts, tuned=best.settings) if best else None

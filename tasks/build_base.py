@@ -10,6 +10,7 @@ from convflow.config.model_zoo import BaseSpec, get_base_spec
 from convflow.config.schema import ModelConfig
 from convflow.core.context import RunContext
 from convflow.core.hashing import hash_json, sha256_file
+from convflow.core.object_store import local_copy
 from convflow.core.records import BaseNetwork, TFRecordSet
 from convflow.core.stage import stage_task
 from convflow.core.storage import staged_output
@@ -74,7 +75,7 @@ def _preprocess(spec: BaseSpec, inputs):
     return inputs
 
 
-def resolve_run_weights(weights: str, artifacts_root: Path) -> Path:
+def resolve_run_weights(weights: str, artifacts_root: str | Path) -> Path:
     """The trained Keras model that `run:<pipeline>[@<run-id>]` names: the pipeline's production
     model, or the given run's.
 
@@ -85,25 +86,32 @@ def resolve_run_weights(weights: str, artifacts_root: Path) -> Path:
 
     pipeline, _, run_id = weights.removeprefix("run:").partition("@")
     if run_id:
-        catalog = artifacts_root / "runs.parquet"
-        rows = [r for r in tables.read_runs(catalog).to_pylist() if r["pipeline"] == pipeline and r["run_id"] == run_id]
+        runs = tables.read_catalog(artifacts_root).to_pylist()
+        rows = [r for r in runs if r["pipeline"] == pipeline and r["run_id"] == run_id]
         if not rows:
-            raise WeightsError(f"model.weights: {weights!r}: no run {run_id!r} of pipeline {pipeline!r} in {catalog}")
-        path = Path(rows[-1]["model"])
+            raise WeightsError(
+                f"model.weights: {weights!r}: no run {run_id!r} of pipeline {pipeline!r} in "
+                f"{tables.catalog_location(artifacts_root)}"
+            )
+        path = rows[-1]["model"]
     else:
         production = registry.current(artifacts_root, pipeline)
         if production is None:
             raise WeightsError(
                 f"model.weights: {weights!r}: pipeline {pipeline!r} has no production model under "
-                f"{registry.models_dir(artifacts_root, pipeline)}; run it first"
+                f"{registry.models_location(artifacts_root, pipeline)}; run it first"
             )
-        path = Path(production.model)
-    if not path.is_file():
+        path = production.model
+    try:
+        local = local_copy(path)
+    except FileNotFoundError:
+        local = Path("/nonexistent")
+    if not local.is_file():
         raise WeightsError(f"model.weights: {weights!r}: its model file {path} is gone")
-    return path
+    return local
 
 
-def weights_fingerprint(model: ModelConfig, artifacts_root: Path) -> str:
+def weights_fingerprint(model: ModelConfig, artifacts_root: str | Path) -> str:
     """What model.weights points at now, for build_base's cache key: a weights file's or a
     run's model's content hash, or the keyword itself."""
     if model.weights.startswith("run:"):
@@ -113,7 +121,7 @@ def weights_fingerprint(model: ModelConfig, artifacts_root: Path) -> str:
     return model.weights
 
 
-def _base_from_run(model: ModelConfig, input_shape: tuple[int, int, int], artifacts_root: Path):
+def _base_from_run(model: ModelConfig, input_shape: tuple[int, int, int], artifacts_root: str | Path):
     import keras
 
     import convflow.modeling.layers  # noqa: F401  (registers custom layers for loading)
@@ -163,7 +171,9 @@ def _application(spec: BaseSpec, model: ModelConfig, inputs):
         raise WeightsError(f"model.weights: cannot load {model.weights} into {spec.name}: {error}") from error
 
 
-def make_base(model: ModelConfig, input_shape: tuple[int, int, int], seed: int, artifacts_root: Path | None = None):
+def make_base(
+    model: ModelConfig, input_shape: tuple[int, int, int], seed: int, artifacts_root: str | Path | None = None
+):
     """Build the base network as a Keras model named "base" taking float 0..255 images.
 
     Raises:
@@ -175,7 +185,7 @@ def make_base(model: ModelConfig, input_shape: tuple[int, int, int], seed: int, 
     _check_weights_reachable(model)
     keras.utils.set_random_seed(seed)
     if model.weights.startswith("run:"):
-        return _base_from_run(model, input_shape, Path(artifacts_root or "artifacts"))
+        return _base_from_run(model, input_shape, artifacts_root or "artifacts")
     inputs = keras.Input(shape=input_shape, name="image")
     if spec.kind == "seed":
         outputs = _seed_cnn(spec.name, inputs)
@@ -191,14 +201,14 @@ def make_base(model: ModelConfig, input_shape: tuple[int, int, int], seed: int, 
 
 
 def build_base_model(
-    model: ModelConfig, tfrecords: TFRecordSet, seed: int, output_dir: Path, artifacts_root: Path | None = None
+    model: ModelConfig, tfrecords: TFRecordSet, seed: int, output_dir: Path, artifacts_root: str | Path | None = None
 ) -> BaseNetwork:
     """Build and save the base network for images of `tfrecords`' size and channels."""
     input_shape = (*tfrecords.image_size, tfrecords.channels)
     base = make_base(model, input_shape, seed, artifacts_root)
     with staged_output(output_dir) as staging:
         base.save(staging / "base.keras")
-    weights_hash = weights_fingerprint(model, Path(artifacts_root or "artifacts"))
+    weights_hash = weights_fingerprint(model, artifacts_root or "artifacts")
     return BaseNetwork(
         output_dir=str(output_dir),
         model_path=str(output_dir / "base.keras"),
@@ -214,4 +224,4 @@ def build_base(
     model: ModelConfig, weights_fingerprint: str, tfrecords: TFRecordSet, seed: int, run: RunContext
 ) -> BaseNetwork:
     """Prefect task over build_base_model; `weights_fingerprint` keys the cache on the weights' content."""
-    return build_base_model(model, tfrecords, seed, run.stage_dir("build_base"), Path(run.artifacts_root))
+    return build_base_model(model, tfrecords, seed, run.stage_dir("build_base"), run.artifacts_root)

@@ -16,6 +16,7 @@ from prefect.cache_policies import NO_CACHE
 from convflow.catalog.comparisons import VariantResult
 from convflow.config.schema import PipelineSpec
 from convflow.core.context import RunContext
+from convflow.core.object_store import local_copy, local_record
 from convflow.core.records import Evaluation, ExportedModel, StageRun, TFRecordSet, TrainedModel
 from convflow.tasks.promote import promote_if_passed
 from convflow.tfrecords import features
@@ -48,8 +49,8 @@ def summarize_variant(
     run: RunContext,
 ) -> VariantResult:
     """A completed variant's result, from its stage records, in the process that ran it."""
-    macro_f1, per_class = _class_scores(evaluation.metrics_parquet)
-    total, trainable = _parameters(trained.model_summary_parquet)
+    macro_f1, per_class = _class_scores(local_copy(evaluation.metrics_parquet))
+    total, trainable = _parameters(local_copy(trained.model_summary_parquet))
     return VariantResult(
         name=name,
         status="completed",
@@ -115,11 +116,11 @@ def measure_saved_models(results: list[VariantResult], tfrecords: TFRecordSet) -
     Measured one variant after another in one process once every variant has trained, so that
     no variant's timing pays for another's training.
     """
-    images = _latency_images(tfrecords) if any(result.completed for result in results) else None
+    images = _latency_images(local_record(tfrecords)) if any(result.completed for result in results) else None
     measured = []
     for result in results:
         if result.completed:
-            saved_model = result.exported.saved_model
+            saved_model = str(local_copy(result.exported.saved_model))
             result = result.model_copy(
                 update={
                     "saved_model_mb": _folder_megabytes(saved_model),

@@ -4,8 +4,6 @@ registry holds now, not only on the stage records."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
@@ -29,11 +27,11 @@ def promote_if_passed(
     the export with its version."""
     if not evaluation.passed_gate:
         return exported
-    production = registry.current(Path(run.artifacts_root), run.pipeline)
+    production = registry.current(run.artifacts_root, run.pipeline)
     if production is not None and production.model == trained.model_path:
         return exported.model_copy(update={"promoted_version": production.version})
     production = registry.promote(
-        Path(run.artifacts_root),
+        run.artifacts_root,
         run.pipeline,
         run.run_id,
         exported.saved_model,

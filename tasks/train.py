@@ -20,6 +20,7 @@ from convflow.catalog import schemas
 from convflow.config.schema import FineTuneConfig, TrainConfig
 from convflow.core.context import RunContext
 from convflow.core.hashing import hash_json
+from convflow.core.object_store import CheckpointSync, is_remote, store_for
 from convflow.core.records import TFRecordSet, TrainedModel, WrappedModel
 from convflow.core.run_log import run_logger
 from convflow.core.stage import stage_task
@@ -459,6 +460,7 @@ def train_model(
     fine_tune: FineTuneConfig | None = None,
     progress_label: str | None = None,
     feature_cache: Path | None = None,
+    after_epoch: Callable[[], None] | None = None,
 ) -> TrainedModel:
     """Fit the head (and then fine-tune the base's top layers, when asked).
 
@@ -467,7 +469,8 @@ def train_model(
     resumes without redoing it. With a frozen base and no augmentation (and train.cache_features),
     the head phase trains on the frozen base's features, kept in `feature_cache` (default: inside
     the checkpoint folder, gone after training). With `progress_label`, inside a Prefect run, each
-    epoch updates a progress artifact the Prefect UI shows.
+    epoch updates a progress artifact the Prefect UI shows. `after_epoch` is called once each
+    epoch's checkpoint is saved (an object store's root uploads it then).
     """
     _seed(settings)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -484,6 +487,7 @@ def train_model(
         recorder,
         train_callbacks.tensorboard(checkpoint_dir / "tensorboard"),
         *([progress] if progress else []),
+        *([train_callbacks.after_each_epoch(after_epoch)] if after_epoch else []),
     ]
     training = Training(
         tfrecords,
@@ -563,7 +567,7 @@ def _plan_line(
 def checkpoint_dir_for(run: RunContext, key: str) -> Path:
     """The checkpoint folder of one training: keyed on model, data and settings, never on a run, so a
     rerun, a task retry or another worker's attempt resumes it."""
-    return Path(run.artifacts_root) / run.pipeline / "checkpoints" / key
+    return run.local_root / run.pipeline / "checkpoints" / key
 
 
 def train_here(
@@ -588,7 +592,12 @@ def train_here(
         earlier = finished(key)
         if earlier is not None:
             return earlier
-        return train_model(
+        # On object storage the checkpoints are uploaded each epoch: a lost worker's successor,
+        # on another machine, resumes from them.
+        sync = CheckpointSync(store_for(run.artifacts_root), checkpoint_dir) if is_remote(run.artifacts_root) else None
+        if sync is not None and sync.restore():
+            run_logger().info(f"resuming from the checkpoints at {sync.url}")
+        trained = train_model(
             wrapped,
             tfrecords,
             settings,
@@ -596,10 +605,12 @@ def train_here(
             run.stage_dir("train"),
             fine_tune,
             progress_label=f"{run.pipeline} run {run.run_id}, training",
-            feature_cache=base_features.cache_dir(
-                Path(run.artifacts_root), run.pipeline, wrapped, tfrecords, settings.precision
-            ),
+            feature_cache=base_features.cache_dir(run.local_root, run.pipeline, wrapped, tfrecords, settings.precision),
+            after_epoch=sync.send_changes if sync else None,
         )
+        if sync is not None:
+            sync.remove()
+        return trained
 
 
 @stage_task(retries=2, retry_delay_seconds=[10, 60])

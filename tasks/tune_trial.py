@@ -20,6 +20,7 @@ from prefect.cache_policies import NO_CACHE
 from convflow.config.derive import tuned_spec
 from convflow.config.schema import PipelineSpec, TuneConfig
 from convflow.core.context import RunContext
+from convflow.core.object_store import local_record
 from convflow.core.records import TFRecordSet
 from convflow.modeling import base_features
 from convflow.tasks.build_base import build_base_model
@@ -115,14 +116,12 @@ def run_trial(
     started = time.perf_counter()
     tuned = tuned_spec(spec, settings)
     train_settings = tuned.train.model_copy(update={"epochs": epochs})
-    folder = Path(run.artifacts_root) / run.pipeline / run.run_id / "trials" / trial_id
-    base = build_base_model(tuned.model, tfrecords, train_settings.seed, folder / "base", Path(run.artifacts_root))
+    folder = run.run_dir / "trials" / trial_id
+    base = build_base_model(tuned.model, tfrecords, train_settings.seed, folder / "base", run.artifacts_root)
     wrapped = freeze_and_wrap_model(
         base, tuned.model, len(tfrecords.label_names), train_settings.seed, folder / "wrapped"
     )
-    cache = base_features.cache_dir(
-        Path(run.artifacts_root), run.pipeline, wrapped, tfrecords, train_settings.precision
-    )
+    cache = base_features.cache_dir(run.local_root, run.pipeline, wrapped, tfrecords, train_settings.precision)
     trained = train_model(
         wrapped,
         tfrecords,
@@ -154,8 +153,9 @@ def tune_trial(
     spec: PipelineSpec, trial_id: str, settings: dict[str, float], epochs: int, tfrecords: TFRecordSet, run: RunContext
 ) -> TrialResult:
     """Prefect task over run_trial. No retries: a trial that fails (out of memory, say) is recorded
-    failed and the search goes on."""
-    return run_trial(spec, trial_id, settings, epochs, tfrecords, run)
+    failed and the search goes on. On an object store's root the trial reads local copies of the
+    shards; its scratch files (models, checkpoints) stay on this machine."""
+    return run_trial(spec, trial_id, settings, epochs, local_record(tfrecords), run)
 
 
 def search(

@@ -330,7 +330,7 @@ def write_report(
     """Prefect task over write_report_html; also publishes summary, metrics and link artifacts."""
     report = write_report_html(
         run.stage_dir("write_report"),
-        Path(run.artifacts_root) / run.pipeline / FIGURE_CACHE,
+        run.local_root / run.pipeline / FIGURE_CACHE,
         pipeline=run.pipeline,
         run_id=run.run_id,
         config_hash=config_hash,

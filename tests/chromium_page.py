@@ -23,14 +23,16 @@ def screenshot_after_click(
     chromium: str,
     url: str,
     wait_for: str,
-    click: str,
+    click: str | None,
     then_wait_for: str,
     screenshot: Path,
     profile: Path,
     timeout: float = 90,
+    local_storage: dict[str, str] | None = None,
 ) -> str:
-    """The visible text of `url` once `wait_for` shows, the button labelled `click` is clicked and
-    `then_wait_for` shows; the page as it then looks is saved to `screenshot` (PNG)."""
+    """The visible text of `url` once `wait_for` shows, the button labelled `click` is clicked (if
+    any) and `then_wait_for` shows; the page as it then looks is saved to `screenshot` (PNG).
+    `local_storage`: items set in the page's origin before it loads (the Prefect UI's password)."""
     port = free_port()
     command = [
         chromium,
@@ -43,7 +45,7 @@ def screenshot_after_click(
     browser = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         page = _page_socket(port, timeout)
-        return asyncio.run(_drive(page, url, wait_for, click, then_wait_for, screenshot, timeout))
+        return asyncio.run(_drive(page, url, wait_for, click, then_wait_for, screenshot, timeout, local_storage))
     finally:
         browser.kill()
         browser.wait()
@@ -60,7 +62,7 @@ def _page_socket(port: int, timeout: float) -> str:
     raise TimeoutError("Chromium's DevTools endpoint did not come up")
 
 
-async def _drive(page: str, url, wait_for, click, then_wait_for, screenshot: Path, timeout: float) -> str:
+async def _drive(page: str, url, wait_for, click, then_wait_for, screenshot: Path, timeout: float, storage) -> str:
     import websockets
 
     async with websockets.connect(page, max_size=None) as socket:
@@ -87,13 +89,16 @@ async def _drive(page: str, url, wait_for, click, then_wait_for, screenshot: Pat
             raise TimeoutError(f"{wanted!r} never showed; the page reads:\n{(await text())[:2000]}")
 
         await call("Page.enable")
+        if storage:
+            await call("Page.navigate", url=url)
+            for key, value in storage.items():
+                item = f"{json.dumps(key)}, {json.dumps(value)}"
+                await call("Runtime.evaluate", expression=f"localStorage.setItem({item})")
         await call("Page.navigate", url=url)
         await until_shown(wait_for)
-        label = json.dumps(click)
-        await call(
-            "Runtime.evaluate",
-            expression=f"[...document.querySelectorAll('button')].find(b => b.innerText.trim() === {label}).click()",
-        )
+        if click is not None:
+            button = f"[...document.querySelectorAll('button')].find(b => b.innerText.trim() === {json.dumps(click)})"
+            await call("Runtime.evaluate", expression=f"{button}.click()")
         shown = await until_shown(then_wait_for)
         await asyncio.sleep(1)  # let the modal finish its transition before the picture
         picture = await call("Page.captureScreenshot", format="png")

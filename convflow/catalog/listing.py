@@ -24,17 +24,19 @@ FINISHED = ("completed", "not-promoted")
 _FORMATS = {"started": "{:%Y-%m-%d %H:%M:%S}", "test_accuracy": "{:.4f}", "seconds": "{:.1f}"}
 
 
-def catalog_file(artifacts_root: Path) -> Path:
-    """The runs catalog of an artifacts root."""
-    return Path(artifacts_root) / "runs.parquet"
+def catalog_file(artifacts_root: str | Path) -> str:
+    """The runs catalog of an artifacts root: its runs.parquet, or an object store's runs/ prefix."""
+    from convflow.catalog import tables
+
+    return tables.catalog_location(artifacts_root)
 
 
-def runs_listing(artifacts_root: Path, pipeline: str | None = None) -> list[dict[str, str]]:
+def runs_listing(artifacts_root: str | Path, pipeline: str | None = None) -> list[dict[str, str]]:
     """The catalog's runs, or only `pipeline`'s, oldest first: one row per run of RUNS_COLUMNS as
     display strings, MISSING where a value is. A damaged catalog is rebuilt (tables.read_runs)."""
     from convflow.catalog import tables
 
-    runs = tables.read_runs(catalog_file(artifacts_root)).to_pylist()
+    runs = tables.read_catalog(artifacts_root).to_pylist()
     chosen = [run for run in runs if not pipeline or run["pipeline"] == pipeline]
     return [_display_row(run) for run in sorted(chosen, key=lambda run: run["started"])]
 
@@ -49,12 +51,14 @@ def _display(value: Any, template: str) -> str:
     return MISSING if value is None else template.format(value)
 
 
-def has_finished_run(artifacts_root: Path, pipeline: str, config_hash: str) -> bool:
+def has_finished_run(artifacts_root: str | Path, pipeline: str, config_hash: str) -> bool:
     """Whether the catalog holds a finished run of this very config: its stages are then most likely
     cache hits, which need no TensorFlow. Only a hint, read without the catalog's lock; a missing or
     damaged catalog says no and is left for the run to find."""
     import pyarrow.parquet as pq
 
+    if "://" in str(artifacts_root):  # an object store: listing it costs more than the hint saves
+        return False
     try:
         runs = pq.read_table(catalog_file(artifacts_root), columns=["pipeline", "config_hash", "status"]).to_pylist()
     except Exception:  # missing or unreadable: the run itself will say so if it matters

@@ -12,16 +12,19 @@ from pathlib import Path
 
 from convflow.catalog import registry
 from convflow.config.schema import PipelineSpec
+from convflow.core import object_store
 
 
-def unchanged_production(artifacts_root: Path, spec: PipelineSpec, data_fingerprint: str) -> registry.Production | None:
+def unchanged_production(
+    artifacts_root: str | Path, spec: PipelineSpec, data_fingerprint: str
+) -> registry.Production | None:
     """The production model that `spec`'s config made from this very data, when the pipeline
     retrains only on change; None when there is none (or its files are gone), anything differs,
     or `retrain: always`."""
     if spec.retrain == "always":
         return None
     production = registry.current(artifacts_root, spec.name)
-    if production is None or not Path(production.saved_model).is_dir():  # gone: make a new one
+    if production is None or not object_store.exists(production.saved_model):  # gone: make a new one
         return None
     if (production.config_hash, production.data_fingerprint) != (spec.config_hash(), data_fingerprint):
         return None

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from convflow.catalog import registry, schemas, tables
 from convflow.core.context import RunContext
+from convflow.core.object_store import local_root
 from convflow.core.records import (
     DataChecks,
     Decision,
@@ -114,7 +115,7 @@ def record(
     which config and data made it (the next scheduled run's retraining policy reads that)."""
     if evaluation.passed_gate:
         registry.record_lineage(
-            Path(run.artifacts_root), run.pipeline, trained.model_path, summary.config_hash, summary.data_fingerprint
+            run.artifacts_root, run.pipeline, trained.model_path, summary.config_hash, summary.data_fingerprint
         )
     run_tables = {
         "splits": split_set.splits_parquet,
@@ -126,9 +127,7 @@ def record(
         "predictions": evaluation.predictions_parquet,
         "model_checks": evaluation.model_checks_parquet,
     }
-    tables.append_run(
-        Path(run.artifacts_root) / "runs.parquet", catalog_row(summary, run.run_dir, flow_run_id, run_tables=run_tables)
-    )
+    tables.append_to_catalog(run.artifacts_root, catalog_row(summary, run.run_dir, flow_run_id, run_tables=run_tables))
 
 
 def unchanged_reason(production: registry.Production) -> str:
@@ -160,7 +159,7 @@ def record_unchanged(
         resumed_from_epoch=0,
         stages=[],
     )
-    tables.append_run(Path(run.artifacts_root) / "runs.parquet", catalog_row(summary, run.run_dir, flow_run_id))
+    tables.append_to_catalog(run.artifacts_root, catalog_row(summary, run.run_dir, flow_run_id))
     return summary.gate_reason
 
 
@@ -187,7 +186,7 @@ def record_blocked(
     """Append the row of a run its data checks blocked before training (its model columns describe
     production, which it left as it was) and its run.json; returns its summary. `decision`: a
     person's rejection, or the lack of one in time (validate.on_block: ask)."""
-    production = registry.current(Path(run.artifacts_root), run.pipeline)
+    production = registry.current(run.artifacts_root, run.pipeline)
     summary = RunSummary(
         pipeline=run.pipeline,
         run_id=run.run_id,
@@ -206,11 +205,11 @@ def record_blocked(
     )
     run_tables = {"splits": split_set.splits_parquet, "checks": checks.results_parquet}
     row = catalog_row(summary, run.run_dir, flow_run_id, run_tables=run_tables)
-    tables.append_run(Path(run.artifacts_root) / "runs.parquet", row)
+    tables.append_to_catalog(run.artifacts_root, row)
     return summary
 
 
-def record_variant_runs(comparison: Comparison, artifacts_root: Path, flow_run_id: Any = None) -> None:
+def record_variant_runs(comparison: Comparison, artifacts_root: str | Path, flow_run_id: Any = None) -> None:
     """Append one runs.parquet row per completed variant, with the comparison's id (failed variants
     are in comparison.parquet only: like a failed `convflow run`, they finished no run). Only the
     promoted winner's status is completed; the others are not-promoted, with why."""
@@ -236,7 +235,7 @@ def record_variant_runs(comparison: Comparison, artifacts_root: Path, flow_run_i
             promoted_version=variant.promoted_version,
             stages=variant.stages,
         )
-        run_dir = Path(artifacts_root) / comparison.pipeline / variant.run_id
+        run_dir = local_root(artifacts_root) / comparison.pipeline / variant.run_id
         run_tables = {
             "history": variant.trained.history_parquet,
             "metrics": variant.evaluation.metrics_parquet,
@@ -244,4 +243,4 @@ def record_variant_runs(comparison: Comparison, artifacts_root: Path, flow_run_i
             "model_checks": variant.evaluation.model_checks_parquet,
         }
         row = catalog_row(summary, run_dir, flow_run_id, comparison.comparison_id, variant.name, run_tables)
-        tables.append_run(Path(artifacts_root) / "runs.parquet", row)
+        tables.append_to_catalog(artifacts_root, row)

@@ -13,9 +13,48 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from convflow.catalog.schemas import RUNS_SCHEMA, write_parquet
+from convflow.core.object_store import is_remote, store_for
 from convflow.core.storage import atomic_write_text, locked
 
 RUN_RECORD = "run.json"
+CATALOG_FILE = "runs.parquet"
+# On object storage the catalog is one Parquet file per run under a hive-partitioned prefix,
+# runs/pipeline=<pipeline>/<run id>.parquet: appending writes a new object, never rewrites one.
+CATALOG_PREFIX = "runs"
+
+
+def catalog_location(artifacts_root: str | Path) -> str:
+    """Where the runs catalog of `artifacts_root` is: runs.parquet, or the runs/ prefix of a store."""
+    if is_remote(artifacts_root):
+        return f"{str(artifacts_root).rstrip('/')}/{CATALOG_PREFIX}/"
+    return str(Path(artifacts_root) / CATALOG_FILE)
+
+
+def append_to_catalog(artifacts_root: str | Path, row: dict[str, Any]) -> None:
+    """Append one run's row to the catalog of `artifacts_root` (and its run.json)."""
+    if not is_remote(artifacts_root):
+        append_run(Path(artifacts_root) / CATALOG_FILE, row)
+        return
+    store = store_for(artifacts_root)
+    row = {**row, "run_dir": store.to_url(row["run_dir"]) if row.get("run_dir") else None}
+    if row["run_dir"]:
+        store.write_bytes(f"{row['run_dir']}/{RUN_RECORD}", json.dumps(row, default=str, indent=2).encode())
+    table = pa.Table.from_pylist([row], schema=RUNS_SCHEMA)
+    local = store.mirror / CATALOG_PREFIX / f"pipeline={row['pipeline']}" / f"{row['run_id']}.parquet"
+    local.parent.mkdir(parents=True, exist_ok=True)
+    write_parquet(table, local)
+    store.push(local)
+
+
+def read_catalog(artifacts_root: str | Path) -> pa.Table:
+    """The runs catalog of `artifacts_root`, oldest run first."""
+    if not is_remote(artifacts_root):
+        return read_runs(Path(artifacts_root) / CATALOG_FILE)
+    store = store_for(artifacts_root)
+    files = sorted(url for url in store.sizes(catalog_location(artifacts_root)) if url.endswith(".parquet"))
+    parts = [pq.read_table(store.pull(url), schema=RUNS_SCHEMA) for url in files]
+    table = pa.concat_tables(parts) if parts else RUNS_SCHEMA.empty_table()
+    return table.sort_by("started") if table.num_rows else table
 
 
 def append_run(catalog: Path, row: dict[str, Any]) -> None:
@@ -80,7 +119,7 @@ def read_runs(catalog: Path) -> pa.Table:
     return table
 
 
-def flow_run_id(artifacts: Path, run_id: str) -> str | None:
+def flow_run_id(artifacts: str | Path, run_id: str) -> str | None:
     """The Prefect flow run of convflow run `run_id`, from the runs catalog; None if not recorded."""
-    rows = read_runs(artifacts / "runs.parquet").select(["run_id", "flow_run_id"]).to_pylist()
+    rows = read_catalog(artifacts).select(["run_id", "flow_run_id"]).to_pylist()
     return next((row["flow_run_id"] for row in rows if row["run_id"] == run_id and row["flow_run_id"]), None)

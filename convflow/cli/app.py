@@ -25,6 +25,7 @@ COMMANDS = (
     server.add_deploy,
     server.add_worker,
     server.add_decide,
+    server.add_notify,
     pipelines_file.add_init,
 )
 # The commands that import TensorFlow, whose start-up log --verbose shows.

@@ -62,10 +62,12 @@ def add_runs(commands) -> None:
 def list_runs(args: argparse.Namespace) -> int:
     """`convflow runs [PIPELINE]`: one line per run, oldest first."""
     from convflow.catalog.listing import RUNS_COLUMNS, catalog_file, runs_listing
+    from convflow.core.object_store import normalized_root
 
-    rows = runs_listing(Path(args.artifacts), args.pipeline)
+    root = normalized_root(args.artifacts)
+    rows = runs_listing(root, args.pipeline)
     if not rows:
-        print(f"no runs{f' of {args.pipeline}' if args.pipeline else ''} in {catalog_file(Path(args.artifacts))}")
+        print(f"no runs{f' of {args.pipeline}' if args.pipeline else ''} in {catalog_file(root)}")
     else:
         print("\n".join(table_lines(rows, dict(zip(RUNS_COLUMNS, RUNS_COLUMNS)))))
     return 0
@@ -73,17 +75,19 @@ def list_runs(args: argparse.Namespace) -> int:
 
 def promote_run(args: argparse.Namespace) -> int:
     from convflow.catalog import registry
+    from convflow.core.object_store import normalized_root
 
-    return _switch_production("promote", registry.promote_run, Path(args.artifacts), args.run_id)
+    return _switch_production("promote", registry.promote_run, normalized_root(args.artifacts), args.run_id)
 
 
 def roll_back(args: argparse.Namespace) -> int:
     from convflow.catalog import registry
+    from convflow.core.object_store import normalized_root
 
-    return _switch_production("rollback", registry.rollback, Path(args.artifacts), args.pipeline)
+    return _switch_production("rollback", registry.rollback, normalized_root(args.artifacts), args.pipeline)
 
 
-def _switch_production(command: str, switch: Callable, artifacts: Path, target: str) -> int:
+def _switch_production(command: str, switch: Callable, artifacts: str, target: str) -> int:
     """`switch(artifacts, target)`, a registry change of production; the new production printed."""
     from convflow.catalog.registry import RegistryError
 
@@ -101,13 +105,19 @@ def _switch_production(command: str, switch: Callable, artifacts: Path, target: 
 def score_inputs(args: argparse.Namespace) -> int:
     """`convflow predict PIPELINE INPUT...`: the inputs scored into one Parquet file."""
     from convflow.cli.flows import prepare_environment
+    from convflow.core.object_store import is_remote, local_root, upload_file
     from convflow.scoring.predict import PredictError, choose_model, predict
 
     artifacts = prepare_environment(args.artifacts)
     try:
         model = choose_model(artifacts, args.pipeline, args.version, args.run_id)
-        output = Path(args.output) if args.output else _default_output(artifacts, args.pipeline)
-        written, scored, failed = predict(model, args.inputs, output.resolve())
+        output = args.output or _default_output(artifacts, args.pipeline)
+        local = (
+            Path(output).resolve() if not is_remote(output) else local_root(artifacts) / ".uploads" / Path(output).name
+        )
+        written, scored, failed = predict(model, args.inputs, local)
+        if is_remote(output):  # written here, then uploaded: TensorFlow and pyarrow write local files
+            written = upload_file(written, output)
     except PredictError as error:
         return fail(f"convflow predict: {error}")
     version = f"version {model.version}" if model.version is not None else f"run {model.run_id}"
@@ -128,6 +138,6 @@ def score_inputs(args: argparse.Namespace) -> int:
     return 0
 
 
-def _default_output(artifacts: Path, pipeline: str) -> Path:
+def _default_output(artifacts: Path | str, pipeline: str) -> str:
     now = datetime.datetime.now(datetime.UTC)
-    return artifacts / pipeline / "predictions" / f"{now:%Y%m%dT%H%M%SZ}.parquet"
+    return f"{artifacts}/{pipeline}/predictions/{now:%Y%m%dT%H%M%SZ}.parquet"

@@ -13,6 +13,7 @@ from typing import Any
 from convflow.cli import flow_results
 from convflow.cli.options import common_options
 from convflow.cli.output import EXIT_BAD_CONFIG, EXIT_BLOCKED, EXIT_FAILED, fail, print_error
+from convflow.core.object_store import StoreError, is_remote, normalized_root, store_for
 from convflow.runtime.settings import flow_call_settings, process_environment
 
 # The Prefect client retries a lost connection (PREFECT_CLIENT_MAX_RETRIES, with back-off: about a
@@ -122,6 +123,9 @@ def compare_variants(args: argparse.Namespace) -> int:
     if refused:
         return fail(f"convflow compare {args.name}: {refused}")
     artifacts = prepare_environment(args.artifacts)
+    problem = _unwritable(artifacts) if is_remote(artifacts) else None
+    if problem:
+        return fail(f"convflow compare {args.name}: {problem}")
     started = time.perf_counter()
     with FlowCommand(args.exits_after) as command:
         comparison = _call_flow(
@@ -168,10 +172,11 @@ def tune_and_train(args: argparse.Namespace) -> int:
     return 0 if tuning.final else EXIT_FAILED
 
 
-def prepare_environment(artifacts: str) -> Path:
+def prepare_environment(artifacts: str) -> Path | str:
     """The environment of a flow run from the command line (runtime/settings.py); the resolved artifacts
-    root. Set before Prefect and TensorFlow are imported, which read it then."""
-    root = Path(artifacts).resolve()
+    root (an object store's URL as given). Set before Prefect and TensorFlow are imported, which read it then."""
+    root = normalized_root(artifacts)
+    root = root if is_remote(root) else Path(root)
     for name, value in process_environment(root).items():
         os.environ.setdefault(name, value)
     return root
@@ -208,7 +213,7 @@ def _has_section(args: argparse.Namespace, section: str, what: str) -> bool:
     return True
 
 
-def _run_refusal(spec, server, artifacts: Path) -> str | None:
+def _run_refusal(spec, server, artifacts: Path | str) -> str | None:
     """Why this run cannot start, or None: the Prefect server refuses its credentials, train.work_pool's
     workers could not reach a temporary `server`, nobody could answer its question on one, or the
     artifacts root cannot be written to."""
@@ -218,8 +223,21 @@ def _run_refusal(spec, server, artifacts: Path) -> str | None:
         (auth_refusal() if server is None else None)
         or _unreachable_pool(spec, server)
         or _nobody_to_ask(spec, server)
+        or _dask_without_mount(spec.data.dask_scheduler, artifacts, f"pipelines.{spec.name}.data.dask_scheduler")
         or _unwritable(artifacts)
     )
+
+
+def _dask_without_mount(dask: object, artifacts: Path | str, what: str) -> str | None:
+    """Why Dask workers cannot write this run's shards: on an object store's root they would need
+    the store's local mirror, which lives on this machine only."""
+    if dask and is_remote(artifacts):
+        return (
+            f"{what}: Dask workers write into a folder they all mount, and the artifacts root {artifacts} is an "
+            "object store; use a shared folder as the artifacts root, or leave Dask out (docs/operations.md, "
+            "Artifacts on object storage)"
+        )
+    return None
 
 
 def _nobody_to_ask(spec, server) -> str | None:
@@ -245,8 +263,15 @@ def _unreachable_pool(spec, server) -> str | None:
     return None
 
 
-def _unwritable(artifacts: Path) -> str | None:
-    """Why the artifacts root cannot be written to, or None; checked before a run starts anything."""
+def _unwritable(artifacts: Path | str) -> str | None:
+    """Why the artifacts root cannot be written to, or None; checked before a run starts anything.
+    An object store's root: whether it can be reached and listed with the credentials at hand."""
+    if is_remote(artifacts):
+        try:
+            store_for(artifacts).check_reachable()
+        except StoreError as error:
+            return f"artifacts root {error}"
+        return None
     try:
         artifacts.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=artifacts):

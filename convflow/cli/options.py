@@ -12,7 +12,11 @@ def common_options(pipelines_file: bool = True) -> argparse.ArgumentParser:
         options.add_argument(
             "-f", "--file", default="pipelines.yaml", help="pipelines file (default: ./pipelines.yaml)"
         )
-    options.add_argument("--artifacts", default="artifacts", help="artifacts root (default: ./artifacts)")
+    options.add_argument(
+        "--artifacts",
+        default="artifacts",
+        help="artifacts root: a folder, or an object store's URL such as s3://bucket/prefix (default: ./artifacts)",
+    )
     return options
 
 

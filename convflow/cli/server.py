@@ -1,5 +1,6 @@
 """`convflow serve`, `deploy` and `worker`: scheduled pipelines and training on a Prefect server's work
-pools. Each checks the pipelines file, then the server, before it starts anything."""
+pools; `decide` answers a waiting run, `notify` says that data landed. Each checks the pipelines file,
+then the server, before it starts anything."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from convflow.cli.options import common_options, positive_int
-from convflow.cli.output import EXIT_BAD_CONFIG, fail
+from convflow.cli.output import EXIT_BAD_CONFIG, fail, print_error
 
 
 def _force_option() -> argparse.ArgumentParser:
@@ -80,6 +81,17 @@ def add_decide(commands) -> None:
     decide.set_defaults(handle=decide_run)
 
 
+def add_notify(commands) -> None:
+    notify = commands.add_parser(
+        "notify",
+        help="say that new data landed in a pipeline's source: its on_data trigger retrains it (needs PREFECT_API_URL)",
+    )
+    notify.add_argument("pipeline", help="the pipeline whose data landed")
+    notify.add_argument("-f", "--file", default="pipelines.yaml", help="pipelines file (default: ./pipelines.yaml)")
+    notify.add_argument("--note", help="what landed (a partition, a batch id), carried in the event")
+    notify.set_defaults(handle=notify_data_landed)
+
+
 def serve_schedules(args: argparse.Namespace) -> int:
     """`convflow serve`: every scheduled pipeline served from this process until it is stopped."""
     return _with_schedules(args, _serve)
@@ -108,14 +120,14 @@ def _with_schedules(args: argparse.Namespace, act: Callable[[argparse.Namespace]
 def _serve(args: argparse.Namespace) -> int:
     from convflow.flows.deployments import serve_pipelines
 
-    serve_pipelines(Path(args.file), Path(args.artifacts), args.force)
+    serve_pipelines(Path(args.file), args.artifacts, args.force)
     return 0
 
 
 def _deploy(args: argparse.Namespace) -> int:
     from convflow.flows.deployments import deploy_pipelines
 
-    created = deploy_pipelines(Path(args.file), Path(args.artifacts), args.pool, args.force)
+    created = deploy_pipelines(Path(args.file), args.artifacts, args.pool, args.force)
     for name, deployment_id in created.items():
         print(f"deployed {name} on work pool {args.pool} ({deployment_id})")
     print(f"start a worker to run them: prefect worker start --pool {args.pool}")
@@ -175,6 +187,32 @@ def decide_run(args: argparse.Namespace) -> int:
     if result.status.value != "ACCEPT":
         return fail(f"convflow decide: the server refused: {result.details.reason or result.status.value}")
     print(f"flow run {flow_run_id} {'approved' if args.approve else 'rejected'}: {args.reason}")
+    return 0
+
+
+def notify_data_landed(args: argparse.Namespace) -> int:
+    """`convflow notify PIPELINE`: the convflow.data.landed event about the pipeline, with its source's
+    listing (names, sizes, modification times: no image opened), sent to the server's events endpoint."""
+    from convflow.config.errors import ConfigError
+    from convflow.config.load import load_pipeline
+    from convflow.config.schema import WatchConfig
+    from convflow.data.listing import list_source
+    from convflow.runtime import events
+
+    try:
+        spec = load_pipeline(args.file, args.pipeline)
+    except ConfigError as error:
+        return fail("\n".join(error.problems), EXIT_BAD_CONFIG)
+    problem = _server_problem("notify")
+    if problem:
+        return fail(problem)
+    details = list_source(spec.data).as_dict() if spec.data.scheme in WatchConfig.LISTED_SCHEMES else {}
+    note = {"note": args.note} if args.note else {}
+    event = events.data_landed_event(spec.name, "notify", {"source": spec.data.source, **details, **note})
+    events.post_events([event])
+    print(f"{events.DATA_LANDED} sent for pipeline {spec.name} (event {event.id})")
+    if spec.on_data is None:
+        print_error(f"note: pipeline {spec.name} has no on_data section in {args.file}: no deployment retrains on it")
     return 0
 
 

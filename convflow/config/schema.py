@@ -433,7 +433,18 @@ class ScoreConfig(StrictModel):
 
     input: list[str] = Field(min_length=1, description="Image files, folders, globs or Parquet tables to score.")
     output: str = Field(description="Folder of the predictions table, partitioned by scored_date=YYYY-MM-DD.")
-    schedule: ScheduleConfig = Field(description="When scoring runs.")
+    schedule: ScheduleConfig | None = Field(None, description="When scoring runs.")
+    on_promotion: bool = Field(
+        False,
+        description="Score as soon as a new model of the pipeline is promoted (its convflow.model.promoted event), "
+        "not at the next scheduled time.",
+    )
+
+    @model_validator(mode="after")
+    def _runs_sometime(self) -> ScoreConfig:
+        if self.schedule is None and not self.on_promotion:
+            raise ValueError("give a schedule, on_promotion: true, or both")
+        return self
 
     @field_validator("input")
     @classmethod
@@ -444,6 +455,37 @@ class ScoreConfig(StrictModel):
     @classmethod
     def _resolve_output(cls, output: str, info: ValidationInfo) -> str:
         return _resolve(output, info)
+
+
+class WatchConfig(StrictModel):
+    """A scheduled flow (`convflow-watch/<pipeline>`) that lists the source, opening no image, and
+    emits convflow.data.landed when the listing changed since the last it reported."""
+
+    # The sources with files to list; the others (sklearn:, tfds:) change only with their library.
+    LISTED_SCHEMES: ClassVar[tuple[str, ...]] = ("folder", "idx", "parquet")
+
+    interval: int = Field(ge=5, description="Seconds between the watch's runs.")
+    settle: float = Field(
+        10,
+        ge=0,
+        description="Seconds a changed listing must stay the same before the event, so that a copy in "
+        "progress is reported once, whole.",
+    )
+
+
+class OnDataConfig(StrictModel):
+    """Retrain when data lands: convflow.data.landed events about the pipeline (from its watch,
+    `convflow notify`, or a POST to the server's events endpoint) start its training deployment."""
+
+    within: int = Field(
+        300,
+        ge=1,
+        description="Seconds after an event in which further events start no other run: one run per burst.",
+    )
+    delay: int = Field(
+        0, ge=0, description="Seconds between the first event and the run it starts (a burst's files all land)."
+    )
+    watch: WatchConfig | None = Field(None, description="List the source on a schedule and emit when it changed.")
 
 
 class VariantConfig(StrictModel):
@@ -574,8 +616,13 @@ class PipelineSpec(StrictModel):
         description="Scheduled runs: on_change trains only when the data fingerprint or config differs from "
         "the production model's; always trains every time. `convflow run` always runs the stages.",
     )
+    on_data: OnDataConfig | None = Field(
+        None, description="Retrain when data lands (Prefect events), besides or instead of the schedule."
+    )
     compare: CompareConfig | None = Field(None, description="Variants that `convflow compare` runs side by side.")
-    score: ScoreConfig | None = Field(None, description="Scheduled scoring with the production model.")
+    score: ScoreConfig | None = Field(
+        None, description="Scoring with the production model, on a schedule or when a model is promoted."
+    )
     tune: TuneConfig | None = Field(None, description="A search over settings that `convflow tune` runs.")
 
     @model_validator(mode="after")
@@ -630,6 +677,15 @@ class PipelineSpec(StrictModel):
         return self
 
     @model_validator(mode="after")
+    def _watch_has_files(self) -> PipelineSpec:
+        if self.on_data and self.on_data.watch and self.data.scheme not in WatchConfig.LISTED_SCHEMES:
+            raise ValueError(
+                f"on_data.watch lists the source's files; {self.data.source} has none: "
+                "drop the watch and send `convflow notify` instead"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _mixing_needs_softmax(self) -> PipelineSpec:
         if self.train.mixes_labels and self.model.binary_head:
             raise ValueError("train.augment mixup and cutmix blend one-hot labels: set model.binary_head: false")
@@ -644,6 +700,7 @@ class PipelineSpec(StrictModel):
                 "schedule": True,
                 "name": True,
                 "retrain": True,
+                "on_data": True,
                 "compare": True,
                 "score": True,
                 "tune": True,
@@ -661,6 +718,8 @@ class PipelineSpec(StrictModel):
 
 
 def _resolve(path: str, info: ValidationInfo) -> str:
+    if "://" in path:  # a URL (score.output on object storage): not a path to resolve
+        return path
     base_dir = (info.context or {}).get("base_dir")
     resolved = Path(path).expanduser()
     if base_dir is not None and not resolved.is_absolute():

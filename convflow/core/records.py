@@ -8,6 +8,7 @@ from typing import Literal
 import pydantic
 from pydantic import ConfigDict, Field
 
+from convflow.core.object_store import is_remote, outermost, store_containing
 from convflow.core.skips import skipped_summary
 
 
@@ -35,6 +36,8 @@ class StageRecord(pydantic.BaseModel):
 
     def damaged_files(self) -> list[str]:
         """Output files that are gone or changed size since the stage wrote them, with why."""
+        if is_remote(self.output_dir):
+            return self._damaged_in_store()
         problems = [f"{path}: missing" for path in self.required_files() if not Path(path).exists()]
         for path, size in self.file_sizes.items():
             file = Path(path)
@@ -44,9 +47,30 @@ class StageRecord(pydantic.BaseModel):
                 problems.append(f"{path}: {file.stat().st_size} bytes, written as {size}")
         return sorted(set(problems))
 
+    def _damaged_in_store(self) -> list[str]:
+        """damaged_files for a record whose files are on object storage: one listing of its folder
+        (and of the folder of each required file outside it), not one request per file."""
+        store = store_containing(self.output_dir)
+        required = self.required_files()
+        folders = outermost([self.output_dir, *(path.rsplit("/", 1)[0] for path in required)])
+        stored = {url: size for folder in folders for url, size in store.sizes(folder).items()}
+        held = {parent for url in stored for parent in _parents(url)}
+        problems = [f"{path}: missing" for path in required if path not in stored and path not in held]
+        for path, size in self.file_sizes.items():
+            if path not in stored:
+                problems.append(f"{path}: missing")
+            elif stored[path] != size:
+                problems.append(f"{path}: {stored[path]} bytes, written as {size}")
+        return sorted(set(problems))
+
     def log_line(self) -> str:
         """What the stage made, in one line for the run's log (the Prefect UI's Logs tab)."""
         return f"wrote {self.output_dir}"
+
+
+def _parents(url: str) -> list[str]:
+    parts = url.split("/")
+    return ["/".join(parts[:end]) for end in range(1, len(parts))]
 
 
 def _sizes(paths: list[str]) -> dict[str, int]:
@@ -109,7 +133,7 @@ class TFRecordSet(StageRecord):
         height, width = self.image_size
         return (
             f"{shards} shards, {sum(self.file_sizes.values()) / 1e6:.1f} MB of {height}x{width}x{self.channels} "
-            f"images ({self.record_format} records, {self.compression} compression) in {Path(self.output_dir)}"
+            f"images ({self.record_format} records, {self.compression} compression) in {self.output_dir}"
         )
 
 

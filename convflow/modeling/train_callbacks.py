@@ -81,6 +81,14 @@ def progress_artifact(label: str | None, total_epochs: int):
     return EpochProgress()
 
 
+def after_each_epoch(callback):
+    """A Keras callback that calls `callback()` at each epoch's end, after the callbacks before it
+    in the list (the checkpoint's) have run."""
+    import keras
+
+    return keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs=None: callback())
+
+
 def write_hyperparameters(log_dir: Path, settings: dict) -> None:
     """The run's settings in TensorBoard's HParams tab (flat name -> number, string or bool)."""
     import tensorflow as tf

@@ -6,14 +6,34 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from convflow.core.object_store import is_remote, local_root
+
 RESULTS_FOLDER = ".prefect-results"
 
 
 def results_folder(artifacts_root: str | Path) -> Path:
     """Where Prefect keeps the stages' cached results: beside the artifacts they describe, so a
     cache hit and its files live and go together. The flows hand it to every stage task, so
-    calling a flow from Python caches where the CLI does."""
-    return Path(artifacts_root).resolve() / RESULTS_FOLDER
+    calling a flow from Python caches where the CLI does. For an object store's root: the folder in
+    its local mirror (the stage runner hands the tasks the store's own folder, result_storage)."""
+    return local_root(artifacts_root) / RESULTS_FOLDER
+
+
+def result_storage(artifacts_root: str | Path) -> Any:
+    """Prefect's result storage of a remote artifacts root: its .prefect-results/ prefix, through
+    fsspec like every other file there; None for a local root (results_folder). Prefect takes
+    only a block saved on its server (one per root, named by the URL's hash; no credentials in it:
+    fsspec reads them from the environment where the task runs)."""
+    if not is_remote(artifacts_root):
+        return None
+    import hashlib
+
+    from prefect.filesystems import RemoteFileSystem
+
+    url = str(artifacts_root).rstrip("/")
+    block = RemoteFileSystem(basepath=f"{url}/{RESULTS_FOLDER}")
+    block.save(f"convflow-results-{hashlib.sha256(url.encode()).hexdigest()[:12]}", overwrite=True)
+    return block
 
 
 def process_environment(artifacts_root: str | Path) -> dict[str, str]:

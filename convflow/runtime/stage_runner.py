@@ -15,7 +15,7 @@ from convflow.core.context import RunContext
 from convflow.core.records import StageRun
 from convflow.core.run_log import run_logger
 from convflow.runtime import process_caches
-from convflow.runtime.settings import results_folder
+from convflow.runtime.settings import result_storage, results_folder
 
 
 @dataclass(frozen=True)
@@ -43,8 +43,13 @@ class StageRunner:
         self.ahead = ahead
         self._started: list[str] = []
         # Naming the storage costs each task a Prefect client (~20 ms); the CLI and deployments set
-        # it as the default already (runtime/settings.py), so only other callers pay that.
-        self._storage = {} if _default_storage_is(self.results) else {"result_storage": self.results}
+        # it as the default already (runtime/settings.py), so only other callers pay that. An object
+        # store's root keeps the results in the store, beside the artifacts they describe.
+        remote = result_storage(run.artifacts_root)
+        if remote is not None:
+            self._storage = {"result_storage": remote}
+        else:
+            self._storage = {} if _default_storage_is(self.results) else {"result_storage": self.results}
 
     def run(self, stage: Task, *args: Any) -> Any:
         """Run `stage` to completion and return its record; a failed stage raises its error."""

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from prefect import get_run_logger
 
 from convflow.core.context import RunContext
+from convflow.core.object_store import is_remote, store_for
 from convflow.core.records import TFRecordSet, TrainedModel, WrappedModel
 
 if TYPE_CHECKING:
@@ -45,6 +46,19 @@ class TrainOnPoolError(RuntimeError):
 def attempts_dir(run: RunContext) -> Path:
     """Where each attempt writes its TrainedModel record, `<n>.json`, for the parent to read."""
     return run.run_dir / "train-attempts"
+
+
+def attempt_record_location(run: RunContext, attempt: int) -> str:
+    """Attempt `attempt`'s TrainedModel record: a file of the run's folder, or its URL in an object store."""
+    path = attempts_dir(run) / f"{attempt}.json"
+    return store_for(run.artifacts_root).to_url(path) if is_remote(run.artifacts_root) else str(path)
+
+
+def read_attempt_record(run: RunContext, attempt: int) -> TrainedModel:
+    location = attempt_record_location(run, attempt)
+    if is_remote(location):
+        return TrainedModel.model_validate_json(store_for(run.artifacts_root).read_text(location))
+    return TrainedModel.model_validate_json(Path(location).read_text())
 
 
 def deployment_name(pool: str) -> str:
@@ -102,6 +116,9 @@ def train_on_pool(
     pool = settings.work_pool
     _check_pool_ready(pool)
     logger = get_run_logger()
+    if is_remote(run.artifacts_root):  # the worker pulls them from the store: their URLs, not this machine's paths
+        store = store_for(run.artifacts_root)
+        wrapped, tfrecords = store.as_urls(wrapped), store.as_urls(tfrecords)
     parameters = {
         "wrapped": wrapped.model_dump(mode="json"),
         "tfrecords": tfrecords.model_dump(mode="json"),
@@ -119,7 +136,7 @@ def train_on_pool(
         )
         state = child.state
         if state.is_completed():
-            return TrainedModel.model_validate_json((attempts_dir(run) / f"{attempt}.json").read_text())
+            return read_attempt_record(run, attempt)
         if not _lost(state):
             raise TrainOnPoolError(
                 f"train attempt {attempt} ({child.name}, flow run {child.id}) ended {state.name}: {state.message}"

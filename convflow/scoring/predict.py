@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from convflow.catalog import registry, schemas, tables
+from convflow.core.object_store import local_copy
 from convflow.data import imaging
 
 BATCH_SIZE = 64
@@ -48,17 +49,21 @@ class Input:
     error: str | None = None
 
 
-def choose_model(artifacts: Path, pipeline: str, version: int | None = None, run_id: str | None = None) -> ScoringModel:
+def choose_model(
+    artifacts: str | Path, pipeline: str, version: int | None = None, run_id: str | None = None
+) -> ScoringModel:
     """The production model of `pipeline`, a promoted `version`, or the SavedModel a run exported.
 
     Raises:
         PredictError: no production model, no such version, or no such run.
     """
     if run_id is not None:
-        rows = [row for row in tables.read_runs(artifacts / "runs.parquet").to_pylist() if row["run_id"] == run_id]
+        rows = [row for row in tables.read_catalog(artifacts).to_pylist() if row["run_id"] == run_id]
         if not rows or not rows[0]["saved_model"]:
-            raise PredictError(f"run {run_id!r} is not in {artifacts / 'runs.parquet'} with a SavedModel")
-        return ScoringModel(Path(rows[0]["saved_model"]), rows[0]["pipeline"], rows[0]["promoted_version"], run_id)
+            raise PredictError(f"run {run_id!r} is not in {tables.catalog_location(artifacts)} with a SavedModel")
+        return ScoringModel(
+            local_copy(rows[0]["saved_model"]), rows[0]["pipeline"], rows[0]["promoted_version"], run_id
+        )
     promoted = (
         registry.versions(artifacts, pipeline) if version is not None else [registry.current(artifacts, pipeline)]
     )
@@ -66,10 +71,10 @@ def choose_model(artifacts: Path, pipeline: str, version: int | None = None, run
     if chosen is None:
         what = f"version {version}" if version is not None else "production model"
         raise PredictError(
-            f"pipeline {pipeline!r} has no {what} under {registry.models_dir(artifacts, pipeline)}; "
+            f"pipeline {pipeline!r} has no {what} under {registry.models_location(artifacts, pipeline)}; "
             "train one with `convflow run`, or name a run with --run"
         )
-    return ScoringModel(Path(chosen.saved_model), pipeline, chosen.version, chosen.run_id)
+    return ScoringModel(local_copy(chosen.saved_model), pipeline, chosen.version, chosen.run_id)
 
 
 def gather_inputs(inputs: list[str]) -> Iterator[Input]:
