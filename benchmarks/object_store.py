@@ -41,8 +41,11 @@ MOVED = re.compile(
 
 def start_store() -> dict[str, str]:
     """moto's S3 server on a free port, with the bucket `convflow`; the environment that reaches it."""
+    import logging
+
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # a log line per request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()

@@ -21,6 +21,8 @@ RUNS_COLUMNS = (
 )
 MISSING = "-"
 FINISHED = ("completed", "not-promoted")
+# On object storage the hint reads the pipeline's newest catalog files only (one small GET each).
+HINT_RUNS = 10
 _FORMATS = {"started": "{:%Y-%m-%d %H:%M:%S}", "test_accuracy": "{:.4f}", "seconds": "{:.1f}"}
 
 
@@ -57,10 +59,14 @@ def has_finished_run(artifacts_root: str | Path, pipeline: str, config_hash: str
     damaged catalog says no and is left for the run to find."""
     import pyarrow.parquet as pq
 
-    if "://" in str(artifacts_root):  # an object store: listing it costs more than the hint saves
-        return False
     try:
-        runs = pq.read_table(catalog_file(artifacts_root), columns=["pipeline", "config_hash", "status"]).to_pylist()
+        if "://" in str(artifacts_root):  # an object store: the pipeline's newest catalog files
+            from convflow.catalog import tables
+
+            runs = tables.newest_runs(artifacts_root, pipeline, HINT_RUNS)
+        else:
+            columns = ["pipeline", "config_hash", "status"]
+            runs = pq.read_table(catalog_file(artifacts_root), columns=columns).to_pylist()
     except Exception:  # missing or unreadable: the run itself will say so if it matters
         return False
     return any(

@@ -348,14 +348,15 @@ class _StoredRegistry:
             image_properties=f"{folder}/{IMAGE_PROPERTIES}" if image_properties else None,
             reference_set=f"{folder}/{REFERENCE_SET}" if reference_set else None,
         )
-        staging = Path(self.store.to_local(folder))
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(local_copy(saved_model), staging)
+        # Server-side copies: the run's files are in the store already, and none passes through here.
+        self.store.copy(saved_model, folder)
         if image_properties:
-            shutil.copyfile(local_copy(image_properties), staging / IMAGE_PROPERTIES)
+            self.store.copy(image_properties, f"{folder}/{IMAGE_PROPERTIES}")
         if reference_set:
-            _keep_reference_set(reference_set, staging / REFERENCE_SET)
-        self.store.push(staging)
+            for shard in reference_set.shards:
+                self.store.copy(shard, f"{folder}/{REFERENCE_SET}/{shard.rsplit('/', 1)[-1]}")
+            described = reference_set.in_folder(Path(".")).model_dump_json(indent=2)
+            self.store.write_bytes(f"{folder}/{REFERENCE_SET}/{REFERENCE_RECORD}", described.encode())
         # The version record last: a version folder without it is an interrupted upload, never listed.
         self.store.write_bytes(f"{folder}/{VERSION_RECORD}", production.model_dump_json(indent=2).encode())
         self.switch(production)

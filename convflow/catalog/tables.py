@@ -46,6 +46,14 @@ def append_to_catalog(artifacts_root: str | Path, row: dict[str, Any]) -> None:
     store.push(local)
 
 
+def newest_runs(artifacts_root: str | Path, pipeline: str, count: int) -> list[dict[str, Any]]:
+    """The catalog rows of `pipeline`'s `count` newest runs on an object store (run ids sort by time)."""
+    store = store_for(artifacts_root)
+    folder = f"{catalog_location(artifacts_root)}pipeline={pipeline}"
+    names = [name for name in store.list_names(folder) if name.endswith(".parquet")][-count:]
+    return [row for name in names for row in pq.read_table(store.pull(f"{folder}/{name}")).to_pylist()]
+
+
 def read_catalog(artifacts_root: str | Path) -> pa.Table:
     """The runs catalog of `artifacts_root`, oldest run first."""
     if not is_remote(artifacts_root):

@@ -228,6 +228,23 @@ class ObjectStore:
             os.replace(file, blob)
         _link(blob, file)
 
+    def copy(self, source: str | Path, target: str) -> None:
+        """Copy the file or folder `source` to `target`: server-side (S3's CopyObject) when `source`
+        is in this store, so that no byte passes through this machine; uploaded when it is local."""
+        if not str(source).startswith(self.url + "/"):
+            local = Path(source)
+            files = [local] if local.is_file() else sorted(p for p in local.rglob("*") if p.is_file())
+            for file in files:
+                relative = "" if file == local else "/" + file.relative_to(local).as_posix()
+                self.fs.put_file(str(file), self._key(target + relative))
+            return
+        listing = self._listing(source)
+        if not listing:
+            raise FileNotFoundError(f"{source}: not in the object store")
+        prefix = self._key(str(source))
+        for name in listing:
+            self.fs.copy(name, self._key(target) + name[len(prefix) :])
+
     def remove(self, url: str) -> None:
         """Delete everything at or under `url` (nothing there is not an error)."""
         if self._listing(url):
