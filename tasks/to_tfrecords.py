@@ -3,8 +3,10 @@ and each image's properties for check_data (image_properties.parquet), measured 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +22,7 @@ from convflow.checks.schemas import IMAGE_PROPERTIES, image_properties_table
 from convflow.config.schema import DataConfig
 from convflow.core.context import RunContext
 from convflow.core.hashing import hash_json
+from convflow.core.object_store import ObjectStore, is_remote, local_copy, store_for, upload_file
 from convflow.core.records import SplitSet, TFRecordSet
 from convflow.core.stage import stage_task
 from convflow.core.storage import staged_output
@@ -223,6 +226,16 @@ def _decode_and_write_shard(
     job: ShardJob, images_npy: str | None, data: DataConfig, record_format: str
 ) -> tuple[str, str, list[dict]]:
     """One shard, start to end, on a Dask worker: its file name, digest and images' properties."""
+    if is_remote(job.path):  # an object store's root: written here, then uploaded to its place
+        with tempfile.TemporaryDirectory(prefix="convflow-shard-") as folder:
+            local = Path(folder) / job.path.rsplit("/", 1)[-1]
+            name, digest, measured = _decode_and_write_shard(
+                dataclasses.replace(job, path=str(local)), images_npy, data, record_format
+            )
+            upload_file(local, job.path)
+        return job.path, digest, measured
+    if images_npy is not None and is_remote(images_npy):
+        images_npy = str(local_copy(images_npy))
     images = _record_images(images_npy, data, record_format)
     sources = job.files if job.files is not None else job.indices
     writers = _ShardWriters({"shard": [(Path(job.path), len(sources))]}, data.compression)
@@ -280,7 +293,9 @@ def _job(table, rows: np.ndarray, path: Path) -> ShardJob:
     )
 
 
-def write_tfrecords(split_set: SplitSet, data: DataConfig, output_dir: Path) -> TFRecordSet:
+def write_tfrecords(
+    split_set: SplitSet, data: DataConfig, output_dir: Path, store: ObjectStore | None = None
+) -> TFRecordSet:
     """Resize each example of `split_set` to `data.image_size` and write TFRecord shards in
     `data.record_format` (auto: spec.choose_record_format), compressed as `data.compression` says.
 
@@ -288,8 +303,10 @@ def write_tfrecords(split_set: SplitSet, data: DataConfig, output_dir: Path) -> 
     shards in turn, so memory holds a few chunks of images, never the dataset. Image files are
     decoded by worker processes from PROCESSES_FROM of them on (each writes parts of shards, joined
     here), else in threads; or each shard is written by a worker of the Dask cluster at
-    `data.dask_scheduler`. Each image's properties (checks.image_properties, for check_data) are
-    measured where it is decoded and written as image_properties.parquet, in splits.parquet order.
+    `data.dask_scheduler` (with an object `store` as the root, each worker uploads its shard to
+    its place in the store: the workers need its URL and credentials, no shared folder). Each
+    image's properties (checks.image_properties, for check_data) are measured where it is decoded
+    and written as image_properties.parquet, in splits.parquet order.
 
     Raises:
         DataError: an image file does not decode, naming it; nothing is written.
@@ -299,9 +316,14 @@ def write_tfrecords(split_set: SplitSet, data: DataConfig, output_dir: Path) -> 
     with staged_output(output_dir) as staging:
         plan = _shard_plan(split_set.counts, data, record_format, staging)
         if data.dask_scheduler and data.scheme != "tfds":
-            digests, by_example = _write_on_dask(
-                data.dask_scheduler, _shard_jobs(split_set, plan), split_set.images_npy, data, record_format
-            )
+            jobs, images_npy = _shard_jobs(split_set, plan), split_set.images_npy
+            if store is not None:  # Dask workers reach the store, not this machine's folders
+                jobs = [dataclasses.replace(job, path=store.to_url(output_dir / Path(job.path).name)) for job in jobs]
+                images_npy = store.to_url(images_npy) if images_npy else None
+            digests, by_example = _write_on_dask(data.dask_scheduler, jobs, images_npy, data, record_format)
+            if store is not None:  # the shards the workers uploaded, linked in from the cache
+                for job in jobs:
+                    store.link(job.path, staging / job.path.rsplit("/", 1)[-1])
             measured = [by_example[example.example_id] for example in _examples(split_set)]
         else:
             digests, measured = _write_locally(split_set, data, plan, record_format)
@@ -381,4 +403,5 @@ def _write_image_properties(split_set: SplitSet, measured: list[dict] | pa.Table
 @stage_task()
 def to_tfrecords(split_set: SplitSet, data: DataConfig, run: RunContext) -> TFRecordSet:
     """Prefect task over write_tfrecords."""
-    return write_tfrecords(split_set, data, run.stage_dir("to_tfrecords"))
+    store = store_for(run.artifacts_root) if is_remote(run.artifacts_root) else None
+    return write_tfrecords(split_set, data, run.stage_dir("to_tfrecords"), store)

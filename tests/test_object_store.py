@@ -80,6 +80,47 @@ def _blobs(store: ObjectStore) -> dict[bytes, Path]:
 # ----------------------------------------------------------------------------- the store and its cache
 
 
+@pytest.mark.slow
+def test_dask_workers_upload_their_shards_to_the_store_and_share_no_folder(on_s3, monkeypatch, tmp_path):
+    """data.dask_scheduler with an s3:// root: each worker (its own cache folder) writes its shard
+    locally and uploads it to its place; this machine links them in from the store. Same shards as
+    written here alone."""
+    import distributed
+    import numpy as np
+
+    from convflow.config.schema import DataConfig
+    from convflow.core.object_store import store_for
+    from convflow.tasks.download_and_split import split_dataset
+    from convflow.tasks.to_tfrecords import write_tfrecords
+
+    data = DataConfig(source="sklearn:digits", image_size=(16, 16), channels=1, shard_size=600)
+    expected = write_tfrecords(split_dataset(data, tmp_path / "split"), data, tmp_path / "local")
+    monkeypatch.setenv("CONVFLOW_CACHE_DIR", str(tmp_path / "workers-cache"))  # what the workers start with
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        monkeypatch.setenv("CONVFLOW_CACHE_DIR", str(tmp_path / "parent-cache"))
+        forget_clients()
+        root = on_s3.url("dask")
+        store = store_for(root)
+        run_dir = store.mirror / "digits" / "run-1"
+        split_set = store.published(split_dataset(data, run_dir / "download_and_split"))
+        local_split = store.localized(split_set)
+        on_dask = data.model_copy(update={"dask_scheduler": cluster.scheduler_address})
+        written = write_tfrecords(local_split, on_dask, run_dir / "to_tfrecords", store)
+    shard_keys = [key for key in on_s3.keys("dask/digits/run-1/to_tfrecords/") if key.endswith(".tfrecord")]
+    assert sorted(name.rsplit("/", 1)[-1] for name in shard_keys) == sorted(
+        Path(shard).name for shards in expected.shards.values() for shard in shards
+    )
+    assert store.transfers.downloaded_files == len(shard_keys)  # linked in from the store, not written here
+    assert (tmp_path / "workers-cache" / "blobs").is_dir()  # the workers pulled images.npy into their cache
+    for split, shards in written.shards.items():
+        for ours, theirs in zip(shards, expected.shards[split]):
+            assert Path(ours).read_bytes() == Path(theirs).read_bytes()
+    assert np.array_equal(
+        pq.read_table(written.image_properties)["sha256"].to_numpy(zero_copy_only=False),
+        pq.read_table(expected.image_properties)["sha256"].to_numpy(zero_copy_only=False),
+    )
+
+
 def test_push_then_pull_round_trips_and_a_cached_file_is_never_downloaded_again(on_s3, monkeypatch, tmp_path):
     writer = ObjectStore(on_s3.url("round-trip"))
     folder = writer.mirror / "stage"

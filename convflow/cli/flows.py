@@ -223,21 +223,9 @@ def _run_refusal(spec, server, artifacts: Path | str) -> str | None:
         (auth_refusal() if server is None else None)
         or _unreachable_pool(spec, server)
         or _nobody_to_ask(spec, server)
-        or _dask_without_mount(spec.data.dask_scheduler, artifacts, f"pipelines.{spec.name}.data.dask_scheduler")
         or _unwritable(artifacts)
     )
 
-
-def _dask_without_mount(dask: object, artifacts: Path | str, what: str) -> str | None:
-    """Why Dask workers cannot write this run's shards: on an object store's root they would need
-    the store's local mirror, which lives on this machine only."""
-    if dask and is_remote(artifacts):
-        return (
-            f"{what}: Dask workers write into a folder they all mount, and the artifacts root {artifacts} is an "
-            "object store; use a shared folder as the artifacts root, or leave Dask out (docs/operations.md, "
-            "Artifacts on object storage)"
-        )
-    return None
 
 
 def _nobody_to_ask(spec, server) -> str | None:

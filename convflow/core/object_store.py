@@ -177,8 +177,15 @@ class ObjectStore:
         self._evict()
         return Path(self.to_local(url))
 
-    def _materialize(self, url: str, info: dict[str, Any]) -> None:
-        local = Path(self.to_local(url))
+    def link(self, url: str, local: Path) -> None:
+        """Put the stored file `url` at `local` (a link into the cache, downloaded unless held)."""
+        listing = self._listing(url)
+        if not listing:
+            raise FileNotFoundError(f"{url}: not in the object store")
+        self._materialize(url, next(iter(listing.values())), local)
+
+    def _materialize(self, url: str, info: dict[str, Any], local: Path | None = None) -> None:
+        local = local or Path(self.to_local(url))
         blob = self.blobs / _digest_key(info)
         if blob.exists():
             self.transfers.cached_files += 1
