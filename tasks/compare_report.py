@@ -13,6 +13,7 @@ from markupsafe import Markup
 from convflow.catalog import schemas
 from convflow.catalog.comparisons import Comparison, VariantResult
 from convflow.core.context import RunContext
+from convflow.core.object_store import is_remote, store_for
 from convflow.core.records import StageRecord
 from convflow.core.run_log import artifact_key
 from convflow.core.stage import stage_task
@@ -236,7 +237,7 @@ def write_comparison_report(comparison: Comparison, output_dir: Path) -> Compari
     )
 
 
-def _publish_artifacts(report: ComparisonReport, comparison: Comparison) -> None:
+def _publish_artifacts(comparison: Comparison, report_address: str, report_link: str) -> None:
     from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
     key = artifact_key(comparison.pipeline)
@@ -244,17 +245,19 @@ def _publish_artifacts(report: ComparisonReport, comparison: Comparison) -> None
     create_table_artifact(key=f"{key}-comparison", table=rows, description=f"Comparison {comparison.comparison_id}")
     create_markdown_artifact(
         key=f"{key}-comparison-verdict",
-        markdown=f"# {comparison.pipeline}: comparison\n\n{comparison.verdict}\n\nReport: `{report.report_html}`",
+        markdown=f"# {comparison.pipeline}: comparison\n\n{comparison.verdict}\n\nReport: `{report_address}`",
         description="convflow comparison verdict",
     )
-    create_link_artifact(
-        key=f"{key}-comparison-report", link=Path(report.report_html).resolve().as_uri(), link_text="comparison.html"
-    )
+    create_link_artifact(key=f"{key}-comparison-report", link=report_link, link_text="comparison.html")
 
 
 @stage_task()
 def compare_report(comparison: Comparison, run: RunContext) -> ComparisonReport:
     """Prefect task over write_comparison_report; also publishes the table, verdict and link artifacts."""
     report = write_comparison_report(comparison, run.stage_dir("comparison"))
-    _publish_artifacts(report, comparison)
+    # Where people find it: the file, or its URL when the root is an object store (this is its local copy).
+    address, link = report.report_html, Path(report.report_html).resolve().as_uri()
+    if is_remote(run.artifacts_root):
+        address = link = store_for(run.artifacts_root).to_url(report.report_html)
+    _publish_artifacts(comparison, address, link)
     return report

@@ -17,6 +17,7 @@ from markupsafe import Markup
 
 from convflow.core.context import RunContext
 from convflow.core.hashing import hash_json, sha256_file
+from convflow.core.object_store import is_remote, store_for
 from convflow.core.records import (
     DataChecks,
     Decision,
@@ -298,7 +299,7 @@ def write_report_html(output_dir: Path, figure_cache: Path | None = None, **part
     return Report(output_dir=str(output_dir), report_html=str(output_dir / "report.html"))
 
 
-def _publish_artifacts(report: Report, evaluation: Evaluation, pipeline: str) -> None:
+def _publish_artifacts(evaluation: Evaluation, pipeline: str, report_address: str, report_link: str) -> None:
     from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
     key = artifact_key(pipeline)
@@ -306,12 +307,12 @@ def _publish_artifacts(report: Report, evaluation: Evaluation, pipeline: str) ->
     create_markdown_artifact(
         key=f"{key}-summary",
         markdown=f"# {pipeline}\n\nTest accuracy **{evaluation.test_accuracy:.4f}** — gate {verdict}: "
-        f"{evaluation.gate_reason}\n\nReport: `{report.report_html}`",
+        f"{evaluation.gate_reason}\n\nReport: `{report_address}`",
         description="convflow run summary",
     )
     metrics = pq.read_table(evaluation.metrics_parquet).to_pylist()
     create_table_artifact(key=f"{key}-metrics", table=metrics, description="Test-split metrics")
-    create_link_artifact(key=f"{key}-report", link=Path(report.report_html).resolve().as_uri(), link_text="report.html")
+    create_link_artifact(key=f"{key}-report", link=report_link, link_text="report.html")
 
 
 @stage_task()
@@ -343,5 +344,9 @@ def write_report(
         checks=checks,
         decisions=decisions,
     )
-    _publish_artifacts(report, evaluation, run.pipeline)
+    # Where people find it: the file, or its URL when the root is an object store (this is its local copy).
+    address, link = report.report_html, Path(report.report_html).resolve().as_uri()
+    if is_remote(run.artifacts_root):
+        address = link = store_for(run.artifacts_root).to_url(report.report_html)
+    _publish_artifacts(evaluation, run.pipeline, address, link)
     return report
