@@ -227,7 +227,6 @@ def _run_refusal(spec, server, artifacts: Path | str) -> str | None:
     )
 
 
-
 def _nobody_to_ask(spec, server) -> str | None:
     """Why a run under validate.on_block: ask cannot wait for a person: a temporary server serves no
     UI and stops with the command, so no one could answer."""

@@ -284,17 +284,20 @@ class ObjectStore:
 
     # -- records ----------------------------------------------------------------------------------
     def localized(self, record: Record) -> Record:
-        """`record` with its URLs under this root replaced by local copies' paths, pulled here."""
-        for url in outermost(self._strings_under(record, self.url + "/")):
+        """`record` with its URLs under this root replaced by local copies' paths, pulled here
+        (the record itself when it names none: a config is not validated again)."""
+        urls = outermost(self._strings_under(record, self.url + "/"))
+        for url in urls:
             self.pull(url)
-        return _mapped(record, self.to_local)
+        return _mapped(record, self.to_local) if urls else record
 
     def published(self, record: Record) -> Record:
         """`record` with its mirror paths replaced by URLs, once the files it names are uploaded."""
-        for path in outermost(self._strings_under(record, str(self.mirror) + "/")):
+        paths = outermost(self._strings_under(record, str(self.mirror) + "/"))
+        for path in paths:
             if Path(path).exists():
                 self.push(path)
-        return _mapped(record, self.to_url)
+        return _mapped(record, self.to_url) if paths else record
 
     def _strings_under(self, record: pydantic.BaseModel, prefix: str) -> list[str]:
         return [text for text in _strings(record) if text.startswith(prefix)]
