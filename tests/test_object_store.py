@@ -173,6 +173,21 @@ def test_cache_beyond_its_size_evicts_the_least_recently_used_file(on_s3, monkey
     assert contents["b"] in _blobs(store) and len(_blobs(store)) == 2
 
 
+def test_a_folder_larger_than_the_cache_is_pulled_whole(on_s3, monkeypatch):
+    """Eviction never breaks the links a pull has just made: the cache goes over its size instead."""
+    client = on_s3.client()
+    contents = {name: name.encode() * 1000 for name in ("a", "b", "c")}
+    for name, data in contents.items():
+        client.put_object(Bucket=BUCKET, Key=f"big/{name}", Body=data)
+    monkeypatch.setenv("CONVFLOW_CACHE_MAX_GB", str(1500 / 1e9))  # room for one of the three files
+    store = ObjectStore(on_s3.url("big"))
+
+    folder = store.pull(on_s3.url("big"))
+
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == contents
+    assert len(_blobs(store)) == 3
+
+
 def test_exclusive_write_refuses_a_second_create(on_s3):
     store = ObjectStore(on_s3.url("claims"))
     url = on_s3.url("claims/1")

@@ -167,14 +167,15 @@ class ObjectStore:
         listing = self._listing(url)
         if not listing:
             raise FileNotFoundError(f"{url}: not in the object store")
+        linked = set()
         for name, info in listing.items():
-            self._materialize(f"{self.protocol}://{name}", info)
+            linked.add(self._materialize(f"{self.protocol}://{name}", info))
             if copy:
                 local = Path(self.to_local(f"{self.protocol}://{name}"))
                 target = local.resolve()
                 local.unlink()
                 shutil.copyfile(target, local)
-        self._evict()
+        self._evict(keep=linked)
         return Path(self.to_local(url))
 
     def link(self, url: str, local: Path) -> None:
@@ -184,7 +185,9 @@ class ObjectStore:
             raise FileNotFoundError(f"{url}: not in the object store")
         self._materialize(url, next(iter(listing.values())), local)
 
-    def _materialize(self, url: str, info: dict[str, Any], local: Path | None = None) -> None:
+    def _materialize(self, url: str, info: dict[str, Any], local: Path | None = None) -> Path:
+        """Link `local` (default: the URL's mirror path) to the file's blob, downloaded unless held;
+        returns the blob."""
         local = local or Path(self.to_local(url))
         blob = self.blobs / _digest_key(info)
         if blob.exists():
@@ -198,6 +201,7 @@ class ObjectStore:
             self.transfers.downloaded_bytes += blob.stat().st_size
         os.utime(blob)  # least recently used goes first
         _link(blob, local)
+        return blob
 
     # -- writing ----------------------------------------------------------------------------------
     def push(self, local: str | Path, adopt: bool = True) -> str:
@@ -303,15 +307,19 @@ class ObjectStore:
         return [text for text in _strings(record) if text.startswith(prefix)]
 
     # -- the local cache ----------------------------------------------------------------------------
-    def _evict(self) -> None:
-        """Delete least recently used files of the cache while it is over its size."""
+    def _evict(self, keep: set[Path] = frozenset()) -> None:
+        """Delete least recently used files of the cache while it is over its size, never one of
+        `keep` (what the pull that asks has just linked: a folder larger than the cache is kept
+        whole, over the size, rather than left with broken links)."""
         limit = float(os.environ.get(CACHE_SIZE_VARIABLE) or DEFAULT_CACHE_GB) * 1e9
         with self._lock:
-            entries = [(entry.stat().st_mtime, entry.stat().st_size, entry) for entry in self.blobs.glob("[!.]*")]
+            entries = [(status.st_mtime, status.st_size, entry) for entry, status in _stats(self.blobs.glob("[!.]*"))]
             total = sum(size for _, size, _ in entries)
             for _, size, entry in sorted(entries):
                 if total <= limit:
                     break
+                if entry in keep:
+                    continue
                 with contextlib.suppress(FileNotFoundError):
                     entry.unlink()
                 total -= size
@@ -377,6 +385,15 @@ def localized(record: Record, root: str | Path) -> Record:
 
 def published(record: Record, root: str | Path) -> Record:
     return store_for(root).published(record) if is_remote(root) else record
+
+
+def _stats(paths: Any) -> list[tuple[Path, os.stat_result]]:
+    """Each path with its status, leaving out those another process removed meanwhile."""
+    found = []
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            found.append((path, path.stat()))
+    return found
 
 
 def _digest_key(info: dict[str, Any]) -> str:
