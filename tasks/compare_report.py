@@ -13,7 +13,7 @@ from markupsafe import Markup
 from convflow.catalog import schemas
 from convflow.catalog.comparisons import Comparison, VariantResult
 from convflow.core.context import RunContext
-from convflow.core.object_store import is_remote, store_for
+from convflow.core.object_store import shown_and_linked
 from convflow.core.records import StageRecord
 from convflow.core.run_log import artifact_key
 from convflow.core.stage import stage_task
@@ -255,9 +255,6 @@ def _publish_artifacts(comparison: Comparison, report_address: str, report_link:
 def compare_report(comparison: Comparison, run: RunContext) -> ComparisonReport:
     """Prefect task over write_comparison_report; also publishes the table, verdict and link artifacts."""
     report = write_comparison_report(comparison, run.stage_dir("comparison"))
-    # Where people find it: the file, or its URL when the root is an object store (this is its local copy).
-    address, link = report.report_html, Path(report.report_html).resolve().as_uri()
-    if is_remote(run.artifacts_root):
-        address = link = store_for(run.artifacts_root).to_url(report.report_html)
+    address, link = shown_and_linked(report.report_html, run.artifacts_root)
     _publish_artifacts(comparison, address, link)
     return report

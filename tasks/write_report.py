@@ -17,7 +17,7 @@ from markupsafe import Markup
 
 from convflow.core.context import RunContext
 from convflow.core.hashing import hash_json, sha256_file
-from convflow.core.object_store import is_remote, store_for
+from convflow.core.object_store import shown_and_linked
 from convflow.core.records import (
     DataChecks,
     Decision,
@@ -344,9 +344,6 @@ def write_report(
         checks=checks,
         decisions=decisions,
     )
-    # Where people find it: the file, or its URL when the root is an object store (this is its local copy).
-    address, link = report.report_html, Path(report.report_html).resolve().as_uri()
-    if is_remote(run.artifacts_root):
-        address = link = store_for(run.artifacts_root).to_url(report.report_html)
+    address, link = shown_and_linked(report.report_html, run.artifacts_root)
     _publish_artifacts(evaluation, run.pipeline, address, link)
     return report

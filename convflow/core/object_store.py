@@ -362,6 +362,15 @@ def local_copy(path: str | Path) -> Path:
     return store_containing(str(path)).pull(str(path)) if is_remote(path) else Path(path)
 
 
+def shown_and_linked(path: str | Path, root: str | Path) -> tuple[str, str]:
+    """Where people find a file this process wrote under `root`: (its path, its file:// link), or
+    for an object store's root its URL twice (the path here is only this machine's cached copy)."""
+    if is_remote(root):
+        url = store_for(root).to_url(path)
+        return url, url
+    return str(path), Path(path).resolve().as_uri()
+
+
 def upload_file(local: str | Path, url: str) -> str:
     """Upload one local file to `url` (any fsspec URL); returns the URL."""
     store = store_containing(url)
